@@ -1,0 +1,47 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "kmsfs",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "kmsfs", targets: ["kmsfs"]),
+        .library(name: "FUSEBridge", targets: ["FUSEBridge"]),
+        .library(name: "ChunkCipher", targets: ["ChunkCipher"]),
+        .library(name: "KeyManager", targets: ["KeyManager"]),
+        .library(name: "EncryptedFS", targets: ["EncryptedFS"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
+    ],
+    targets: [
+        .systemLibrary(name: "CFUSE", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
+        .systemLibrary(name: "COpenSSL", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
+        .target(name: "FUSEBridge", dependencies: [
+            "CFUSE",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "SystemPackage", package: "swift-system"),
+        ]),
+        .target(name: "ChunkCipher", dependencies: ["COpenSSL"]),
+        .target(name: "KeyManager", dependencies: [
+            "ChunkCipher", "COpenSSL",
+            .product(name: "GRDB", package: "GRDB.swift"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .target(name: "EncryptedFS", dependencies: [
+            "FUSEBridge", "ChunkCipher", "KeyManager",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "SystemPackage", package: "swift-system"),
+        ]),
+        .executableTarget(name: "kmsfs", dependencies: [
+            "EncryptedFS", "KeyManager", "ChunkCipher",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "kmsfs-bench", dependencies: ["ChunkCipher", "KeyManager"], path: "bench/Sources/kmsfs-bench"),
+        .testTarget(name: "ChunkCipherTests", dependencies: ["ChunkCipher"], exclude: ["Fixtures"]),
+    ]
+)

@@ -1,0 +1,111 @@
+import COpenSSL
+import Synchronization
+
+/// AES-256-GCM under one key through OpenSSL's EVP interface (AES-NI).
+///
+/// The key schedule is computed once; each seal or open borrows a ready
+/// context from a small pool and only sets the nonce, so the hot path neither
+/// allocates nor re-keys (STYLE.md: reused contexts run at `openssl speed`).
+public final class AESGCM: @unchecked Sendable {
+    /// Key bytes.
+    public static let keySize = 32
+
+    private let sealTemplate: OpaquePointer
+    private let openTemplate: OpaquePointer
+    private let sealPool = Mutex(ContextStack())
+    private let openPool = Mutex(ContextStack())
+
+    /// Prepares contexts for `key` (32 bytes); the key bytes are not kept.
+    public init(key: borrowing SecretKey) throws(CipherError) {
+        guard key.count == Self.keySize else { throw .invalidArgument("AES-256-GCM needs a 32-byte key, got \(key.count)") }
+        guard let seal = EVP_CIPHER_CTX_new(), let open = EVP_CIPHER_CTX_new() else { throw .openssl("EVP_CIPHER_CTX_new") }
+        sealTemplate = seal
+        openTemplate = open
+        let ok = key.withUnsafeBytes { raw -> Bool in
+            let k = raw.baseAddress!.assumingMemoryBound(to: UInt8.self)
+            return EVP_EncryptInit_ex(seal, EVP_aes_256_gcm(), nil, k, nil) == 1
+                && EVP_DecryptInit_ex(open, EVP_aes_256_gcm(), nil, k, nil) == 1
+        }
+        guard ok else { throw .openssl("EVP_CipherInit_ex(aes-256-gcm)") }
+    }
+
+    deinit {
+        // EVP_CIPHER_CTX_free cleanses the key schedule.
+        for ctx in sealPool.withLock({ $0.drain() }) { EVP_CIPHER_CTX_free(ctx) }
+        for ctx in openPool.withLock({ $0.drain() }) { EVP_CIPHER_CTX_free(ctx) }
+        EVP_CIPHER_CTX_free(sealTemplate)
+        EVP_CIPHER_CTX_free(openTemplate)
+    }
+
+    /// Encrypts `plaintext` into `ciphertext` (same length) and writes the
+    /// 16-byte tag into `tag`. `nonce` is 12 bytes and must never repeat
+    /// under this key.
+    public func seal(_ plaintext: UnsafeRawBufferPointer, nonce: UnsafeRawBufferPointer,
+                     additionalData: UnsafeRawBufferPointer,
+                     ciphertext: UnsafeMutableRawBufferPointer, tag: UnsafeMutableRawBufferPointer) throws(CipherError) {
+        guard nonce.count == ChunkLayout.nonceSize, tag.count == ChunkLayout.tagSize,
+              ciphertext.count >= plaintext.count else { throw .invalidArgument("seal buffer sizes") }
+        let ctx = try borrow(sealPool, template: sealTemplate)
+        defer { sealPool.withLock { $0.push(ctx) } }
+        var outLength: Int32 = 0
+        guard EVP_EncryptInit_ex(ctx, nil, nil, nil, nonce.baseAddress?.assumingMemoryBound(to: UInt8.self)) == 1,
+              additionalData.isEmpty || EVP_EncryptUpdate(ctx, nil, &outLength, bytes(additionalData), Int32(additionalData.count)) == 1,
+              plaintext.isEmpty || EVP_EncryptUpdate(ctx, mutableBytes(ciphertext), &outLength, bytes(plaintext), Int32(plaintext.count)) == 1,
+              EVP_EncryptFinal_ex(ctx, mutableBytes(ciphertext).map { $0 + plaintext.count }, &outLength) == 1,
+              EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, Int32(ChunkLayout.tagSize), tag.baseAddress) == 1
+        else { throw .openssl("AES-256-GCM seal") }
+    }
+
+    /// Decrypts and authenticates. Returns false (and wipes `plaintext`)
+    /// when the tag does not match: the bytes were changed or the key is
+    /// not theirs.
+    public func open(_ ciphertext: UnsafeRawBufferPointer, tag: UnsafeRawBufferPointer,
+                     nonce: UnsafeRawBufferPointer, additionalData: UnsafeRawBufferPointer,
+                     plaintext: UnsafeMutableRawBufferPointer) throws(CipherError) -> Bool {
+        guard nonce.count == ChunkLayout.nonceSize, tag.count == ChunkLayout.tagSize,
+              plaintext.count >= ciphertext.count else { throw .invalidArgument("open buffer sizes") }
+        let ctx = try borrow(openPool, template: openTemplate)
+        defer { openPool.withLock { $0.push(ctx) } }
+        var outLength: Int32 = 0
+        guard EVP_DecryptInit_ex(ctx, nil, nil, nil, nonce.baseAddress?.assumingMemoryBound(to: UInt8.self)) == 1,
+              additionalData.isEmpty || EVP_DecryptUpdate(ctx, nil, &outLength, bytes(additionalData), Int32(additionalData.count)) == 1,
+              ciphertext.isEmpty || EVP_DecryptUpdate(ctx, mutableBytes(plaintext), &outLength, bytes(ciphertext), Int32(ciphertext.count)) == 1,
+              EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, Int32(ChunkLayout.tagSize), UnsafeMutableRawPointer(mutating: tag.baseAddress)) == 1
+        else { throw .openssl("AES-256-GCM open") }
+        if EVP_DecryptFinal_ex(ctx, mutableBytes(plaintext).map { $0 + ciphertext.count }, &outLength) == 1 { return true }
+        if let base = plaintext.baseAddress { OPENSSL_cleanse(base, ciphertext.count) }
+        return false
+    }
+
+    private func borrow(_ pool: borrowing Mutex<ContextStack>, template: OpaquePointer) throws(CipherError) -> OpaquePointer {
+        if let ctx = pool.withLock({ $0.pop() }) { return ctx }
+        guard let ctx = EVP_CIPHER_CTX_new() else { throw .openssl("EVP_CIPHER_CTX_new") }
+        guard EVP_CIPHER_CTX_copy(ctx, template) == 1 else {
+            EVP_CIPHER_CTX_free(ctx)
+            throw .openssl("EVP_CIPHER_CTX_copy")
+        }
+        return ctx
+    }
+}
+
+/// The idle contexts of one key and direction.
+struct ContextStack: ~Copyable, @unchecked Sendable {
+    private var contexts: [OpaquePointer] = []
+    mutating func pop() -> OpaquePointer? { contexts.popLast() }
+    mutating func push(_ ctx: OpaquePointer) { contexts.append(ctx) }
+    mutating func drain() -> [OpaquePointer] { defer { contexts = [] }; return contexts }
+}
+
+@inline(__always) func bytes(_ buffer: UnsafeRawBufferPointer) -> UnsafePointer<UInt8>? {
+    buffer.baseAddress?.assumingMemoryBound(to: UInt8.self)
+}
+
+@inline(__always) func mutableBytes(_ buffer: UnsafeMutableRawBufferPointer) -> UnsafeMutablePointer<UInt8>? {
+    buffer.baseAddress?.assumingMemoryBound(to: UInt8.self)
+}
+
+/// Runs `body`, which throws only `CipherError`, through standard-library
+/// helpers that rethrow untyped errors, and restores the type.
+@inline(__always) func keepingCipherError<R>(_ body: () throws -> R) throws(CipherError) -> R {
+    do { return try body() } catch let error as CipherError { throw error } catch { throw .invalidArgument("\(error)") }
+}

@@ -1,0 +1,47 @@
+import COpenSSL
+
+/// HKDF-SHA256 and HMAC-SHA256 through OpenSSL, for subkeys with readable
+/// info strings (as gocryptfs's cryptocore does).
+public enum KeyDerivation {
+    /// Derives `count` bytes from `key` with HKDF-SHA256 (no salt) and `info`.
+    public static func hkdfSHA256(key: borrowing SecretKey, info: String, count: Int) throws(CipherError) -> SecretKey {
+        guard let ctx = EVP_PKEY_CTX_new_id(EVP_PKEY_HKDF, nil) else { throw .openssl("EVP_PKEY_CTX_new_id(HKDF)") }
+        defer { EVP_PKEY_CTX_free(ctx) }
+        let infoBytes = Array(info.utf8)
+        let configured = key.withUnsafeBytes { raw in
+            EVP_PKEY_derive_init(ctx) == 1
+                && EVP_PKEY_CTX_set_hkdf_md(ctx, EVP_sha256()) == 1
+                && EVP_PKEY_CTX_set1_hkdf_key(ctx, bytes(raw), Int32(raw.count)) == 1
+                && EVP_PKEY_CTX_add1_hkdf_info(ctx, infoBytes, Int32(infoBytes.count)) == 1
+        }
+        guard configured else { throw .openssl("HKDF setup") }
+        var failed = false
+        let derived = SecretKey(count: count) { out in
+            var length = out.count
+            failed = EVP_PKEY_derive(ctx, mutableBytes(out), &length) != 1 || length != out.count
+        }
+        if failed { throw .openssl("EVP_PKEY_derive(HKDF)") }
+        return derived
+    }
+
+    /// HMAC-SHA256 of `message` under `key`.
+    public static func hmacSHA256(key: borrowing SecretKey, message: [UInt8]) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: 32)
+        var length: UInt32 = 32
+        let ok = key.withUnsafeBytes { raw in
+            out.withUnsafeMutableBufferPointer { o in
+                HMAC(EVP_sha256(), raw.baseAddress, Int32(raw.count), message, message.count, o.baseAddress, &length) != nil
+            }
+        }
+        precondition(ok && length == 32, "HMAC-SHA256 failed")
+        return out
+    }
+
+    /// SHA-256 of `message`.
+    public static func sha256(_ message: [UInt8]) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: 32)
+        var length: UInt32 = 0
+        precondition(EVP_Digest(message, message.count, &out, &length, EVP_sha256(), nil) == 1, "SHA-256 failed")
+        return out
+    }
+}

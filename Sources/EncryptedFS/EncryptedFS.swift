@@ -1,0 +1,1 @@
+// EncryptedFS: filled by the mount issue (#4).

@@ -1,0 +1,1 @@
+// FUSEBridge: filled by the mount issue (#4).

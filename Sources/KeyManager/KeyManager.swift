@@ -1,0 +1,1 @@
+// KeyManager: filled by the KeyManager issue (#3).

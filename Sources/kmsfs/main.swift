@@ -1,0 +1,2 @@
+import ArgumentParser
+KMSFS.main()

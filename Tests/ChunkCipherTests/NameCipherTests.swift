@@ -1,0 +1,90 @@
+import Testing
+import ChunkCipher
+
+@Suite struct NameCipherTests {
+    let dirID = ID128(high: 1, low: 2)
+
+    func cipher(_ k: [UInt8] = pattern(32, seed: 11), dir: ID128? = nil) throws -> NameCipher {
+        try NameCipher(nameKey: key(k), directoryID: dir ?? dirID)
+    }
+
+    @Test("names round-trip, including unicode, dots and spaces", arguments: [
+        "a", "README.md", ".hidden", "..x", "with space", "名前.txt", "emoji 🎉", String(repeating: "n", count: 255),
+    ])
+    func roundTrip(_ name: String) throws {
+        let c = try cipher()
+        let encoded = try c.encrypt(name)
+        #expect(!encoded.contains(name) || name.count < 3)
+        #expect(encoded.allSatisfy { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" })
+        #expect(try c.decrypt(encoded) == name)
+    }
+
+    @Test("encryption is deterministic within a directory and differs across directories")
+    func determinism() throws {
+        let a = try cipher()
+        #expect(try a.encrypt("notes.txt") == a.encrypt("notes.txt"))
+        let sameKeyOtherDir = try cipher(dir: ID128(high: 1, low: 3))
+        #expect(try a.encrypt("notes.txt") != sameKeyOtherDir.encrypt("notes.txt"))
+        let otherKey = try cipher(pattern(32, seed: 12))
+        #expect(try a.encrypt("notes.txt") != otherKey.encrypt("notes.txt"))
+    }
+
+    @Test("a flipped bit anywhere in an encrypted name is rejected")
+    func flippedBit() throws {
+        let c = try cipher()
+        let raw = Base64URL.decode(try c.encrypt("secret-plan.pdf"))!
+        for i in 0..<(raw.count * 8) {
+            var damaged = raw
+            damaged[i / 8] ^= UInt8(1 << (i % 8))
+            #expect(cipherError { _ = try c.decrypt(Base64URL.encode(damaged)) } == .integrityFailure(.name))
+        }
+    }
+
+    @Test("a name moved from another directory is rejected")
+    func movedName() throws {
+        let other = try cipher(dir: ID128(high: 9, low: 9))
+        #expect(cipherError { _ = try cipher().decrypt(try! other.encrypt("x")) } == .integrityFailure(.name))
+    }
+
+    @Test("strings that are not encoded names are malformed")
+    func notEncoded() throws {
+        let c = try cipher()
+        for bad in ["", "abc", "has=pad", "plus+sign", "a/b"] {
+            guard case .malformed = cipherError({ _ = try c.decrypt(bad) }) else {
+                Issue.record("'\(bad)' should be malformed"); continue
+            }
+        }
+    }
+
+    @Test("names with '/' or NUL or empty are refused")
+    func invalidNames() throws {
+        let c = try cipher()
+        for bad in ["", "a/b", "nul\u{0}"] {
+            guard case .invalidArgument = cipherError({ _ = try c.encrypt(bad) }) else {
+                Issue.record("'\(bad)' should be refused"); continue
+            }
+        }
+    }
+
+    @Test("long names are hashed to a short stored name; short ones are kept")
+    func longNames() throws {
+        let c = try cipher()
+        let short = try c.encrypt("short")
+        #expect(LongName.storedName(for: short) == short)
+        let long = try c.encrypt(String(repeating: "x", count: 200))
+        #expect(long.utf8.count > 255)
+        let stored = LongName.storedName(for: long)
+        #expect(stored.hasPrefix(LongName.prefix))
+        #expect(stored.utf8.count <= 255)
+        #expect(LongName.isHashed(stored))
+        #expect(!LongName.isHashed(stored + LongName.sidecarSuffix))
+        #expect(LongName.storedName(for: long) == stored)
+    }
+
+    @Test("base64url rejects non-canonical forms")
+    func base64Canonical() {
+        #expect(Base64URL.decode(Base64URL.encode([0xFF, 0xEE])) == [0xFF, 0xEE])
+        // "_-8" decodes to the same bytes as "_-4" would not: trailing bits must be zero.
+        #expect(Base64URL.decode("__9") == nil)
+    }
+}

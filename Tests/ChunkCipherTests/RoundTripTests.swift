@@ -1,0 +1,105 @@
+import Testing
+import ChunkCipher
+
+@Suite struct RoundTripTests {
+    static let chunkSizes = [4096, 16384, 65536, 1 << 20]
+
+    @Test("boundary sizes round-trip at every chunk size", arguments: chunkSizes)
+    func boundarySizes(chunkSize: Int) throws {
+        let file = try TestFile(chunkSize: chunkSize)
+        for size in [0, 1, chunkSize - 1, chunkSize, chunkSize + 1, 3 * chunkSize, 3 * chunkSize + 17] {
+            let plaintext = pattern(size, seed: UInt64(size + chunkSize))
+            let sealed = try file.seal(plaintext)
+            #expect(sealed.count == file.cipher.layout.ciphertextSize(plaintextSize: size))
+            #expect(try file.open(sealed) == plaintext, "size \(size)")
+        }
+    }
+
+    @Test("random sizes up to 6 MiB round-trip, serial and parallel", arguments: chunkSizes)
+    func randomSizes(chunkSize: Int) throws {
+        var rng = SystemRandomNumberGenerator()
+        let file = try TestFile(chunkSize: chunkSize)
+        for _ in 0..<4 {
+            let size = Int.random(in: 0...(6 << 20), using: &rng)
+            let plaintext = pattern(size, seed: UInt64(size))
+            var body = [UInt8](repeating: 0, count: ChunkPipeline.ciphertextBytes(file.cipher.layout, plaintextSize: size))
+            for workers in [1, 2, 4] {
+                try plaintext.withUnsafeBytes { p in
+                    try body.withUnsafeMutableBytes { c in
+                        _ = try ChunkPipeline.seal(file.cipher, first: ChunkIndex(0), plaintext: p, into: c, workers: workers)
+                    }
+                }
+                var back = [UInt8](repeating: 0, count: size)
+                let n = try body.withUnsafeBytes { c in
+                    try back.withUnsafeMutableBytes { p in
+                        try ChunkPipeline.open(file.cipher, first: ChunkIndex(0), sealed: c, into: p, workers: workers)
+                    }
+                }
+                #expect(n == size)
+                #expect(back == plaintext, "size \(size) workers \(workers)")
+            }
+        }
+    }
+
+    @Test("a run starting at a later chunk index opens only at that index")
+    func runAtOffset() throws {
+        let file = try TestFile()
+        let plaintext = pattern(3 * 4096, seed: 5)
+        var body = [UInt8](repeating: 0, count: 3 * (4096 + 28))
+        try plaintext.withUnsafeBytes { p in
+            try body.withUnsafeMutableBytes { c in
+                _ = try ChunkPipeline.seal(file.cipher, first: ChunkIndex(10), plaintext: p, into: c)
+            }
+        }
+        var back = [UInt8](repeating: 0, count: plaintext.count)
+        let wrongIndex = cipherError {
+            _ = try body.withUnsafeBytes { c in try back.withUnsafeMutableBytes { p in
+                try ChunkPipeline.open(file.cipher, first: ChunkIndex(0), sealed: c, into: p) } }
+        }
+        #expect(wrongIndex == .integrityFailure(.chunk(ChunkIndex(0))))
+        try body.withUnsafeBytes { c in try back.withUnsafeMutableBytes { p in
+            _ = try ChunkPipeline.open(file.cipher, first: ChunkIndex(10), sealed: c, into: p) } }
+        #expect(back == plaintext)
+    }
+
+    @Test("sealing the same chunk twice gives different bytes (fresh nonces)")
+    func freshNonces() throws {
+        let file = try TestFile()
+        let plaintext = pattern(100, seed: 1)
+        #expect(try file.seal(plaintext) != file.seal(plaintext))
+    }
+}
+
+@Suite struct ChunkLayoutTests {
+    @Test("plaintext and ciphertext sizes are inverse", arguments: [4096, 65536])
+    func sizesInvert(chunkSize: Int) throws {
+        let layout = try ChunkLayout(chunkSize: chunkSize)
+        for size in [0, 1, 100, chunkSize - 1, chunkSize, chunkSize + 1, 10 * chunkSize + 5] {
+            #expect(try layout.plaintextSize(ciphertextSize: layout.ciphertextSize(plaintextSize: size)) == size)
+        }
+    }
+
+    @Test("sizes that cut a header or a chunk's overhead are malformed")
+    func impossibleSizes() throws {
+        let layout = try ChunkLayout(chunkSize: 4096)
+        for size in [0, 383, 384 + 1, 384 + 28, 384 + 4124 + 28] {
+            #expect(throws: CipherError.self) { try layout.plaintextSize(ciphertextSize: size) }
+        }
+    }
+
+    @Test("chunk sizes must be powers of two within 4 KiB...1 MiB")
+    func chunkSizeBounds() {
+        for bad in [0, 2048, 5000, 2 << 20] {
+            #expect(throws: CipherError.self) { try ChunkLayout(chunkSize: bad) }
+        }
+    }
+
+    @Test("chunks covering a byte range")
+    func covering() throws {
+        let layout = try ChunkLayout(chunkSize: 4096)
+        #expect(layout.chunks(covering: 0..<1) == ChunkIndex(0)..<ChunkIndex(1))
+        #expect(layout.chunks(covering: 4095..<4097) == ChunkIndex(0)..<ChunkIndex(2))
+        #expect(layout.chunks(covering: 8192..<12288) == ChunkIndex(2)..<ChunkIndex(3))
+        #expect(layout.chunks(covering: 5..<5).isEmpty)
+    }
+}

@@ -1,0 +1,118 @@
+// kmsfs-bench: micro-benchmarks of the library layers, compared in the same
+// run with OpenSSL's own `openssl speed`. Usage: kmsfs-bench cipher [MiB]
+import ChunkCipher
+import Dispatch
+import Foundation
+
+func now() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
+
+/// Best of three runs: the machine's other load only ever slows a run down.
+func bestOf3(chunkSize: Int, totalBytes: Int, open: Bool, lanes: Int) throws -> Double {
+    try (0..<3).map { _ in try measure(chunkSize: chunkSize, totalBytes: totalBytes, open: open, lanes: lanes) }.max() ?? 0
+}
+
+/// MB/s (10^6 bytes) of sealing or opening `totalBytes` in `chunkSize` chunks.
+func measure(chunkSize: Int, totalBytes: Int, open: Bool, lanes: Int) throws -> Double {
+    let layout = try ChunkLayout(chunkSize: chunkSize)
+    let cipher = try FileCipher(key: .random(), fileID: .random(), layout: layout)
+    // A 1 MiB run per lane (cache-resident, as openssl speed's buffer is), reused: measures the cipher, not the allocator or page faults.
+    let runChunks = max(1, (1 << 20) / chunkSize)
+    let plain = [UInt8](repeating: 0x5A, count: runChunks * chunkSize)
+    var sealedRuns = [[UInt8]]()
+    var outputs = [[UInt8]]()
+    for _ in 0..<lanes {
+        var s = [UInt8](repeating: 0, count: runChunks * layout.sealedChunkSize)
+        try plain.withUnsafeBytes { p in try s.withUnsafeMutableBytes { o in
+            _ = try ChunkPipeline.seal(cipher, first: ChunkIndex(0), plaintext: p, into: o, workers: 1) } }
+        sealedRuns.append(s)
+        outputs.append([UInt8](repeating: 0, count: open ? plain.count : s.count))
+    }
+    let rounds = max(1, totalBytes / (runChunks * chunkSize) / lanes)
+    let start = now()
+    nonisolated(unsafe) var outs = outputs
+    let runs = sealedRuns
+    let failures = Atomic()
+    DispatchQueue.concurrentPerform(iterations: lanes) { lane in
+        runs[lane].withUnsafeBytes { sealed in
+            outs[lane].withUnsafeMutableBytes { out in
+                plain.withUnsafeBytes { p in
+                    for _ in 0..<rounds {
+                        do {
+                            if open {
+                                _ = try ChunkPipeline.open(cipher, first: ChunkIndex(0), sealed: sealed, into: out, workers: 1)
+                            } else {
+                                _ = try ChunkPipeline.seal(cipher, first: ChunkIndex(0), plaintext: p, into: out, workers: 1)
+                            }
+                        } catch { failures.bump() }
+                    }
+                }
+            }
+        }
+    }
+    let elapsed = now() - start
+    precondition(failures.value == 0, "cipher failures during benchmark")
+    return Double(rounds * lanes * runChunks * chunkSize) / elapsed / 1e6
+}
+
+final class Atomic: @unchecked Sendable {
+    private let lock = NSLock()
+    private var count = 0
+    func bump() { lock.lock(); count += 1; lock.unlock() }
+    var value: Int { lock.lock(); defer { lock.unlock() }; return count }
+}
+
+/// `openssl speed -evp aes-256-gcm` single-core MB/s for one buffer size.
+func opensslSpeed(bytes: Int, decrypt: Bool) -> Double? {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
+    process.arguments = ["speed", "-elapsed", "-mr", "-seconds", "1", "-bytes", String(bytes)]
+        + (decrypt ? ["-decrypt"] : []) + ["-evp", "aes-256-gcm"]
+    let pipe = Pipe()
+    process.standardOutput = pipe
+    process.standardError = FileHandle.nullDevice
+    guard (try? process.run()) != nil else { return nil }
+    let data = pipe.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    let text = String(decoding: data, as: UTF8.self)
+    // "+F:<n>:AES-256-GCM:<bytes per second>"
+    for line in text.split(separator: "\n") where line.hasPrefix("+F:") {
+        if let value = line.split(separator: ":").last.flatMap({ Double($0) }) { return value / 1e6 }
+    }
+    return nil
+}
+
+func cipherBench(totalMiB: Int) throws {
+    let total = totalMiB << 20
+    let cores = ProcessInfo.processInfo.activeProcessorCount
+    print("kmsfs cipher benchmark: \(totalMiB) MiB per cell (best of 3), \(cores) cores, MB/s = 10^6 bytes/s")
+    print("chunk     seal-1t   open-1t  seal-all  open-all  openssl-enc  openssl-dec  seal/ossl  open/ossl")
+    var at64: (seal: Double, open: Double, speedup: Double) = (0, 0, 0)
+    for kib in [4, 16, 64, 256] {
+        let size = kib * 1024
+        let seal1 = try bestOf3(chunkSize: size, totalBytes: total, open: false, lanes: 1)
+        let open1 = try bestOf3(chunkSize: size, totalBytes: total, open: true, lanes: 1)
+        let sealN = try bestOf3(chunkSize: size, totalBytes: total, open: false, lanes: cores)
+        let openN = try bestOf3(chunkSize: size, totalBytes: total, open: true, lanes: cores)
+        let osslEnc = opensslSpeed(bytes: size, decrypt: false) ?? .nan
+        let osslDec = opensslSpeed(bytes: size, decrypt: true) ?? .nan
+        let row = [seal1, open1, sealN, openN, osslEnc, osslDec].map { String(format: "%9.0f", $0) }.joined(separator: " ")
+        print(String(format: "%3d KiB ", kib) + row + String(format: "      %5.2fx      %5.2fx", seal1 / osslEnc, open1 / osslDec))
+        if kib == 64 {
+            at64 = (seal1 / osslEnc, open1 / osslDec, (sealN + openN) / (seal1 + open1))
+        }
+    }
+    print(String(format: "cipher: seal %.2fx open %.2fx of openssl at 64 KiB; parallel speedup %.2fx", at64.seal, at64.open, at64.speedup))
+}
+
+let arguments = CommandLine.arguments.dropFirst()
+switch arguments.first {
+case "cipher":
+    try cipherBench(totalMiB: arguments.dropFirst().first.flatMap { Int($0) } ?? 256)
+default:
+    print("usage: kmsfs-bench cipher [MiB]")
+    exit(2)
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs the Debian packages kmsfs builds, tests and benchmarks with, when
+# any is missing. Safe to run again: it does nothing when all are present.
+set -euo pipefail
+packages=(pkg-config libssl-dev libsqlite3-dev sqlite3 fuse3 libfuse3-dev attr git python3 util-linux "$@")
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    if [ "$(id -u)" -ne 0 ]; then sudo=sudo; else sudo=; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
