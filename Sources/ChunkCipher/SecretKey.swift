@@ -61,7 +61,7 @@ public struct SecretKey: ~Copyable, @unchecked Sendable {
     }
 
     /// Lends the key bytes for the duration of `body`; do not let them escape.
-    public func withUnsafeBytes<R, E: Error>(_ body: (UnsafeRawBufferPointer) throws(E) -> R) throws(E) -> R {
+    public func withUnsafeBytes<R: ~Copyable, E: Error>(_ body: (UnsafeRawBufferPointer) throws(E) -> R) throws(E) -> R {
         try body(UnsafeRawBufferPointer(start: base, count: count))
     }
 

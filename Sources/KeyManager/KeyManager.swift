@@ -1,1 +1,287 @@
-// KeyManager: filled by the KeyManager issue (#3).
+import ChunkCipher
+import GRDB
+import Logging
+import Synchronization
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// Settings fixed when a filesystem is created.
+public struct FilesystemOptions: Sendable {
+    public var chunkSize: Int
+    public var plaintextNames: Bool
+    public var scrypt: ScryptParameters
+
+    public init(chunkSize: Int = 16384, plaintextNames: Bool = false, scrypt: ScryptParameters = .strong) {
+        self.chunkSize = chunkSize
+        self.plaintextNames = plaintextNames
+        self.scrypt = scrypt
+    }
+}
+
+/// Whether a wrapped key protects a file's contents or a directory's names.
+public enum ObjectKind: String, Sendable, Codable {
+    case file
+    case directory
+}
+
+/// A fresh data key and the header fields that carry it wrapped.
+public struct DataKey: ~Copyable {
+    public var key: SecretKey
+    public var keyID: KeyID
+    public var version: KeyVersion
+    public var wrapped: [UInt8]
+}
+
+/// Master keys and everything about their life, in a SQLite keystore under
+/// `CIPHERDIR/.kmsfs/`. The filesystem calls the envelope API
+/// (`generateDataKey`, `decryptDataKey`, `reencryptDataKey`); the admin plane
+/// calls the rest. Safe to use from many threads and from several processes
+/// on one keystore (SQLite WAL, busy timeout).
+public final class KeyManager: @unchecked Sendable {
+    /// The filesystem this keystore belongs to; bound into every wrap.
+    public let filesystemID: ID128
+    /// Plaintext bytes per chunk, fixed at init.
+    public let chunkSize: Int
+    /// Whether names are stored in plaintext (debugging and benchmarks).
+    public let plaintextNames: Bool
+    /// The keystore directory (`CIPHERDIR/.kmsfs`).
+    public let directory: String
+
+    let db: DatabasePool
+    let clock: @Sendable () -> Double
+    let logger = Logger(label: "kmsfs.keymanager")
+    /// The key-encryption key derived from the passphrase (key schedule only).
+    let kek: AESGCM
+    /// Keys path MACs and sealed paths of bindings.
+    let metadataKey: SecretKey
+    private let caches = Mutex(Caches())
+    /// How long a cached key record is trusted before re-reading it, so a
+    /// change made by another process takes effect within this time.
+    static let recordTTL = 0.5
+
+    struct Caches: ~Copyable {
+        var records: [KeyID: (record: KeyRecord, fetchedAt: Double)] = [:]
+        var wrappers: [VersionRef: AESGCM] = [:]
+    }
+
+    struct VersionRef: Hashable {
+        var key: KeyID
+        var version: KeyVersion
+    }
+
+    /// The file name of the keystore inside its directory.
+    public static let databaseName = "keystore.db"
+
+    // MARK: Opening
+
+    /// Creates a new keystore in `directory` with the default key
+    /// `alias/default` bound to the root, administered by `creator` and root.
+    public static func create(in directory: String, passphrase: borrowing SecretKey, options: FilesystemOptions,
+                              creator: Principal, clock: @escaping @Sendable () -> Double = KeyManager.systemClock) throws(KeyManagerError) -> KeyManager {
+        do throws(CipherError) { _ = try ChunkLayout(chunkSize: options.chunkSize) } catch { throw .invalidArgument(error.description) }
+        let path = directory + "/" + databaseName
+        if FileManager.default.fileExists(atPath: path) { throw .keystoreExists(path) }
+        do {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
+                                                    attributes: [.posixPermissions: 0o700])
+        } catch { throw .database("cannot create \(directory): \(error.localizedDescription)") }
+        let fsID = ID128.random()
+        let salt = SecureRandom.bytes(32)
+        let kekKey = try options.scrypt.deriveKey(passphrase: passphrase, salt: salt)
+        let kek = try AESGCM.make(kekKey)
+        let metadataKey = SecretKey.random()
+        let pool = try openPool(path, readonly: false)
+        do {
+            try KeystoreSchema.migrator.migrate(pool)
+            try pool.write { db in
+                let check = try fsID.bytes.withUnsafeBytes { try KeyWrap.seal($0, under: kek, context: kekCheckContext(fsID)) }
+                let wrappedMeta = try metadataKey.withUnsafeBytes { try KeyWrap.seal($0, under: kek, context: metadataKeyContext(fsID)) }
+                let meta: [(String, DatabaseValueConvertible)] = [
+                    ("format", "kmsfs-keystore-1"), ("fs_id", fsID.hex), ("chunk_size", options.chunkSize),
+                    ("plaintext_names", options.plaintextNames ? 1 : 0), ("scrypt_logn", Int(options.scrypt.logN)),
+                    ("scrypt_r", Int(options.scrypt.r)), ("scrypt_p", Int(options.scrypt.p)), ("salt", Data(salt)),
+                    ("kek_check", Data(check)), ("metadata_key", Data(wrappedMeta)), ("created_at", clock()),
+                ]
+                for (name, value) in meta {
+                    try db.execute(sql: "INSERT INTO meta (name, value) VALUES (?, ?)", arguments: [name, value])
+                }
+            }
+        } catch let error as KeyManagerError { throw error } catch { throw .database("\(error)") }
+        let manager = KeyManager(directory: directory, db: pool, fsID: fsID, chunkSize: options.chunkSize,
+                                 plaintextNames: options.plaintextNames, kek: kek, metadataKey: metadataKey, clock: clock)
+        let key = try manager.createKey(spec: .aes256, description: "default key of this filesystem",
+                                        aliases: ["alias/default"], by: creator)
+        try manager.bind(path: "/", to: key.keyID.rawValue.hex, by: creator)
+        return manager
+    }
+
+    /// Opens and unlocks an existing keystore. A wrong passphrase, a damaged
+    /// file or one from a newer kmsfs is a clear error and changes nothing.
+    public static func open(in directory: String, passphrase: borrowing SecretKey,
+                            clock: @escaping @Sendable () -> Double = KeyManager.systemClock) throws(KeyManagerError) -> KeyManager {
+        let path = directory + "/" + databaseName
+        guard FileManager.default.fileExists(atPath: path) else { throw .keystoreNotFound(directory) }
+        // Every check runs on a read-only connection: a wrong passphrase, a
+        // damaged file or a newer schema leave the keystore as it was.
+        let meta: [String: DatabaseValue]
+        do {
+            var readonly = Configuration()
+            readonly.readonly = true
+            readonly.busyMode = .timeout(30)
+            let probe = try DatabaseQueue(path: path, configuration: readonly)
+            defer { try? probe.close() }
+            meta = try probe.read { db in
+                guard try db.tableExists("grdb_migrations") else { throw KeyManagerError.keystoreCorrupt("no schema") }
+                if try KeystoreSchema.migrator.hasBeenSuperseded(db) {
+                    let applied = try KeystoreSchema.migrator.appliedIdentifiers(db).sorted().joined(separator: ", ")
+                    throw KeyManagerError.keystoreFromNewerVersion("schema \(applied)")
+                }
+                let integrity = try String.fetchOne(db, sql: "PRAGMA quick_check") ?? "no answer"
+                guard integrity == "ok" else { throw KeyManagerError.keystoreCorrupt(integrity) }
+                var meta = [String: DatabaseValue]()
+                for row in try Row.fetchAll(db, sql: "SELECT name, value FROM meta") { meta[row["name"]] = row["value"] as DatabaseValue }
+                return meta
+            }
+        } catch let error as KeyManagerError { throw error } catch let error as DatabaseError {
+            throw .keystoreCorrupt(error.message ?? "\(error.resultCode)")
+        } catch { throw .keystoreCorrupt("\(error)") }
+        guard let fsHex = String.fromDatabaseValue(meta["fs_id"] ?? .null), let fsID = ID128(hex: fsHex),
+              let chunkSize = Int.fromDatabaseValue(meta["chunk_size"] ?? .null),
+              let logN = Int.fromDatabaseValue(meta["scrypt_logn"] ?? .null),
+              let r = Int.fromDatabaseValue(meta["scrypt_r"] ?? .null), let p = Int.fromDatabaseValue(meta["scrypt_p"] ?? .null),
+              let salt = Data.fromDatabaseValue(meta["salt"] ?? .null),
+              let check = Data.fromDatabaseValue(meta["kek_check"] ?? .null),
+              let wrappedMeta = Data.fromDatabaseValue(meta["metadata_key"] ?? .null),
+              let plainNames = Int.fromDatabaseValue(meta["plaintext_names"] ?? .null) else {
+            throw .keystoreCorrupt("filesystem settings are missing")
+        }
+        let scrypt = ScryptParameters(logN: UInt8(clamping: logN), r: UInt32(clamping: r), p: UInt32(clamping: p))
+        let kekKey = try scrypt.deriveKey(passphrase: passphrase, salt: [UInt8](salt))
+        let kek = try AESGCM.make(kekKey)
+        guard let checked = try KeyWrap.open([UInt8](check), under: kek, context: kekCheckContext(fsID)) else {
+            throw .wrongPassphrase
+        }
+        _ = consume checked
+        guard let metadataKey = try KeyWrap.open([UInt8](wrappedMeta), under: kek, context: metadataKeyContext(fsID)) else {
+            throw .keystoreCorrupt("the metadata key does not open under this passphrase")
+        }
+        let pool = try openPool(path, readonly: false)
+        do { try KeystoreSchema.migrator.migrate(pool) } catch { throw .database("\(error)") }
+        return KeyManager(directory: directory, db: pool, fsID: fsID, chunkSize: chunkSize, plaintextNames: plainNames != 0,
+                          kek: kek, metadataKey: metadataKey, clock: clock)
+    }
+
+    private init(directory: String, db: DatabasePool, fsID: ID128, chunkSize: Int, plaintextNames: Bool,
+                 kek: AESGCM, metadataKey: consuming SecretKey, clock: @escaping @Sendable () -> Double) {
+        self.directory = directory
+        self.db = db
+        self.filesystemID = fsID
+        self.chunkSize = chunkSize
+        self.plaintextNames = plaintextNames
+        self.kek = kek
+        self.metadataKey = metadataKey
+        self.clock = clock
+    }
+
+    static func openPool(_ path: String, readonly: Bool) throws(KeyManagerError) -> DatabasePool {
+        var config = Configuration()
+        config.busyMode = .timeout(30)
+        config.readonly = readonly
+        config.label = "kmsfs-keystore"
+        config.prepareDatabase { db in
+            try db.execute(sql: "PRAGMA synchronous = NORMAL")
+        }
+        do {
+            let pool = try DatabasePool(path: path, configuration: config)
+            return pool
+        } catch let error as DatabaseError {
+            throw .keystoreCorrupt(error.message ?? "\(error.resultCode)")
+        } catch { throw .keystoreCorrupt("\(error)") }
+    }
+
+    /// Seconds since 1970 from the system clock.
+    public static let systemClock: @Sendable () -> Double = { Date().timeIntervalSince1970 }
+
+    static func kekCheckContext(_ fs: ID128) -> [UInt8] { Array("kmsfs/v1/kek-check".utf8) + fs.bytes }
+    static func metadataKeyContext(_ fs: ID128) -> [UInt8] { Array("kmsfs/v1/metadata-key".utf8) + fs.bytes }
+    static func materialContext(_ key: KeyID, _ version: KeyVersion) -> [UInt8] {
+        var out = Array("kmsfs/v1/cmk".utf8) + key.rawValue.bytes
+        withUnsafeBytes(of: version.rawValue.bigEndian) { out.append(contentsOf: $0) }
+        return out
+    }
+
+    /// The encryption context of a wrapped data key: ids, never paths.
+    func dataKeyContext(object: ID128, key: KeyID, version: KeyVersion) -> [UInt8] {
+        var out = Array("kmsfs/v1/dek".utf8) + filesystemID.bytes + object.bytes + key.rawValue.bytes
+        withUnsafeBytes(of: version.rawValue.bigEndian) { out.append(contentsOf: $0) }
+        return out
+    }
+
+    // MARK: Database helpers
+
+    func write<T>(_ body: (Database) throws -> T) throws(KeyManagerError) -> T {
+        do { return try db.write(body) } catch let error as KeyManagerError { throw error } catch { throw .database("\(error)") }
+    }
+
+    func read<T>(_ body: (Database) throws -> T) throws(KeyManagerError) -> T {
+        do { return try db.read(body) } catch let error as KeyManagerError { throw error } catch { throw .database("\(error)") }
+    }
+
+    func invalidate(_ key: KeyID) {
+        caches.withLock { $0.records[key] = nil }
+    }
+
+    func forgetWrappers(_ key: KeyID) {
+        caches.withLock { caches in
+            caches.records[key] = nil
+            caches.wrappers = caches.wrappers.filter { $0.key.key != key }
+        }
+    }
+
+    /// The key's record, from a cache trusted for `recordTTL` seconds.
+    func record(_ key: KeyID) throws(KeyManagerError) -> KeyRecord {
+        let now = clock()
+        if let cached = caches.withLock({ $0.records[key] }), abs(now - cached.fetchedAt) < Self.recordTTL {
+            return cached.record
+        }
+        let fresh = try read { db in try KeyRecord.fetch(db, key) }
+        caches.withLock { $0.records[key] = (fresh, now) }
+        return fresh
+    }
+
+    /// The AES-GCM wrapper of one version of an ENCRYPT_DECRYPT key.
+    func wrapper(_ key: KeyID, _ version: KeyVersion) throws(KeyManagerError) -> AESGCM {
+        let ref = VersionRef(key: key, version: version)
+        if let cached = caches.withLock({ $0.wrappers[ref] }) { return cached }
+        let material: Data? = try read { db in
+            try Data.fetchOne(db, sql: "SELECT material FROM key_versions WHERE key_id = ? AND version = ? AND retired = 0",
+                              arguments: [key.rawValue.hex, version.rawValue])
+        }
+        guard let material else { throw .versionNotFound(key: key.rawValue.hex, version: version) }
+        guard let secret = try KeyWrap.open([UInt8](material), under: kek, context: Self.materialContext(key, version)) else {
+            throw .keystoreCorrupt("the material of key \(key) version \(version) does not open")
+        }
+        let aead = try AESGCM.make(secret)
+        caches.withLock { $0.wrappers[ref] = aead }
+        return aead
+    }
+}
+
+/// Lifts a CipherError-throwing call into KeyManagerError.
+@inline(__always) func cipherCall<T>(_ body: () throws(CipherError) -> T) throws(KeyManagerError) -> T {
+    do throws(CipherError) { return try body() } catch { throw .crypto(error.description) }
+}
+
+extension AESGCM {
+    static func make(_ key: borrowing SecretKey) throws(KeyManagerError) -> AESGCM {
+        try cipherCall { () throws(CipherError) in try AESGCM(key: key) }
+    }
+}
+
+/// Restores the KeyManagerError type through standard-library helpers that rethrow untyped.
+@inline(__always) func keepingKeyManagerError<R>(_ body: () throws -> R) throws(KeyManagerError) -> R {
+    do { return try body() } catch let error as KeyManagerError { throw error } catch { throw .crypto("\(error)") }
+}

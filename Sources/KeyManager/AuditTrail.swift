@@ -1,0 +1,88 @@
+import ChunkCipher
+import GRDB
+
+/// One audit event. Records are hash-chained: each stores the previous
+/// record's hash, so an edit, a deletion or a reordering breaks the chain.
+public struct AuditEvent: Sendable {
+    public var event: String
+    public var outcome: String
+    public var key: KeyID?
+    public var version: KeyVersion?
+    public var principal: Principal?
+    public var object: ID128?
+    public var error: String?
+
+    public init(_ event: String, outcome: String = "success", key: KeyID? = nil, version: KeyVersion? = nil,
+                principal: Principal? = nil, object: ID128? = nil, error: String? = nil) {
+        self.event = event
+        self.outcome = outcome
+        self.key = key
+        self.version = version
+        self.principal = principal
+        self.object = object
+        self.error = error
+    }
+}
+
+enum AuditTrail {
+    /// Appends `event` inside the caller's transaction.
+    static func append(_ db: Database, _ e: AuditEvent, at time: Double) throws {
+        let previous = try Data.fetchOne(db, sql: "SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1") ?? Data(count: 32)
+        let fields: [String] = [
+            String(time), e.event, e.outcome, e.key?.rawValue.hex ?? "", e.version.map { String($0.rawValue) } ?? "",
+            e.principal.map { String($0.uid) } ?? "", e.principal.map { String($0.gid) } ?? "",
+            e.principal.map { String($0.pid) } ?? "", e.principal?.processName ?? "", e.object?.hex ?? "", e.error ?? "",
+        ]
+        let canonical = Array(fields.joined(separator: "\u{1F}").utf8)
+        let hash = KeyDerivation.sha256([UInt8](previous) + canonical)
+        try db.execute(sql: """
+            INSERT INTO audit_log (time, event, outcome, key_id, key_version, uid, gid, pid, process, object_id, error, prev_hash, hash)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            """, arguments: [time, e.event, e.outcome, e.key?.rawValue.hex, e.version.map { Int($0.rawValue) },
+                             e.principal.map { Int($0.uid) }, e.principal.map { Int($0.gid) }, e.principal.map { Int($0.pid) },
+                             e.principal?.processName, e.object?.hex, e.error, previous, Data(hash)])
+    }
+}
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+extension KeyManager {
+    /// Records an event in its own transaction (denials, failures).
+    public func audit(_ event: AuditEvent) {
+        do {
+            try db.write { db in try AuditTrail.append(db, event, at: clock()) }
+        } catch {
+            logger.error("audit record could not be written", metadata: ["event": .string(event.event), "error": .string("\(error)")])
+        }
+    }
+
+    /// The newest audit records, oldest first.
+    public func recentAudit(limit: Int = 20) throws(KeyManagerError) -> [AuditRecord] {
+        try read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM (SELECT * FROM audit_log ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+                             arguments: [limit]).map(AuditRecord.init(row:))
+        }
+    }
+}
+
+/// A stored audit record as listed.
+public struct AuditRecord: Sendable, Codable {
+    public var seq: Int64
+    public var time: Double
+    public var event: String
+    public var outcome: String
+    public var keyID: String?
+    public var keyVersion: Int?
+    public var uid: Int?
+    public var objectID: String?
+    public var error: String?
+
+    init(row: Row) {
+        seq = row["seq"]; time = row["time"]; event = row["event"]; outcome = row["outcome"]
+        keyID = row["key_id"]; keyVersion = row["key_version"]; uid = row["uid"]; objectID = row["object_id"]; error = row["error"]
+    }
+}

@@ -1,0 +1,111 @@
+import ChunkCipher
+import GRDB
+
+/// The envelope API the filesystem calls: data keys are generated here,
+/// wrapped by the current version of a master key with the encryption
+/// context (filesystem id, object id, key id, version) as additional data,
+/// and recorded in the usage index so deletion and rekeying know who needs
+/// which version.
+extension KeyManager {
+    /// A fresh 256-bit data key for a new file or directory, wrapped by the
+    /// current version of `key`, after checking policy (encrypt) and state.
+    public func generateDataKey(for object: ID128, kind: ObjectKind, key: KeyID, principal: Principal) throws(KeyManagerError) -> DataKey {
+        let rec = try record(key)
+        try authorize(principal, .encrypt, rec)
+        do { try check(.generateDataKey, rec) } catch {
+            audit(AuditEvent("GenerateDataKey", outcome: "refused", key: key, principal: principal, object: object, error: error.description))
+            throw error
+        }
+        let version = rec.metadata.currentVersion
+        let wrapping = try wrapper(key, version)
+        let dek = SecretKey.random()
+        let wrapped = try dek.withUnsafeBytes { (raw) throws(KeyManagerError) in
+            try KeyWrap.seal(raw, under: wrapping, context: dataKeyContext(object: object, key: key, version: version))
+        }
+        try recordUsage(object, kind: kind, key: key, version: version)
+        return DataKey(key: dek, keyID: key, version: version, wrapped: wrapped)
+    }
+
+    /// Unwraps a data key for `object` after checking policy (decrypt) and
+    /// state. A wrong context or altered bytes give `unwrapFailed`.
+    public func decryptDataKey(_ wrapped: [UInt8], for object: ID128, key: KeyID, version: KeyVersion,
+                               principal: Principal) throws(KeyManagerError) -> SecretKey {
+        let rec = try record(key)
+        try authorize(principal, .decrypt, rec)
+        do { try check(.unwrapDataKey, rec) } catch {
+            audit(AuditEvent("Decrypt", outcome: "refused", key: key, version: version, principal: principal, object: object, error: error.description))
+            throw error
+        }
+        let wrapping = try wrapper(key, version)
+        guard let dek = try KeyWrap.open(wrapped, under: wrapping, context: dataKeyContext(object: object, key: key, version: version)) else {
+            let error = KeyManagerError.unwrapFailed(key: rec.displayName, version: version)
+            audit(AuditEvent("Decrypt", outcome: "integrity-failure", key: key, version: version, principal: principal, object: object, error: error.description))
+            throw error
+        }
+        return dek
+    }
+
+    /// Rewraps a data key from its key version onto the current version of
+    /// `target` (the same key after a rotation, or a successor), updating the
+    /// usage index. The data key itself does not change.
+    public func reencryptDataKey(_ wrapped: [UInt8], for object: ID128, kind: ObjectKind, from key: KeyID, version: KeyVersion,
+                                 to target: KeyID, principal: Principal) throws(KeyManagerError) -> (key: KeyID, version: KeyVersion, wrapped: [UInt8]) {
+        let source = try record(key)
+        let destination = try record(target)
+        try authorize(principal, .decrypt, source)
+        try authorize(principal, .encrypt, destination)
+        try check(.rewrapFrom, source)
+        try check(.rewrapTo, destination)
+        let sourceWrapper = try wrapper(key, version)
+        guard let dek = try KeyWrap.open(wrapped, under: sourceWrapper, context: dataKeyContext(object: object, key: key, version: version)) else {
+            throw .unwrapFailed(key: source.displayName, version: version)
+        }
+        let newVersion = destination.metadata.currentVersion
+        let rewrapped = try dek.withUnsafeBytes { (raw) throws(KeyManagerError) in
+            try KeyWrap.seal(raw, under: try wrapper(target, newVersion), context: dataKeyContext(object: object, key: target, version: newVersion))
+        }
+        try recordUsage(object, kind: kind, key: target, version: newVersion)
+        return (target, newVersion, rewrapped)
+    }
+
+    /// Records that `object`'s data key is wrapped by `key` `version`.
+    public func recordUsage(_ object: ID128, kind: ObjectKind, key: KeyID, version: KeyVersion) throws(KeyManagerError) {
+        try write { db in
+            try db.execute(sql: """
+                INSERT INTO usage (object_id, kind, key_id, version, updated_at) VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT(object_id) DO UPDATE SET kind = excluded.kind, key_id = excluded.key_id,
+                    version = excluded.version, updated_at = excluded.updated_at
+                """, arguments: [object.hex, kind.rawValue, key.rawValue.hex, version.rawValue, clock()])
+        }
+    }
+
+    /// Forgets `object` (its file or directory is gone).
+    public func forgetUsage(_ object: ID128) throws(KeyManagerError) {
+        try write { db in try db.execute(sql: "DELETE FROM usage WHERE object_id = ?", arguments: [object.hex]) }
+    }
+
+    /// How many files and directories each version of a key wraps.
+    public func usage(of reference: String) throws(KeyManagerError) -> [KeyVersion: Int] {
+        let id = try resolve(reference)
+        return try read { db in
+            var out = [KeyVersion: Int]()
+            for row in try Row.fetchAll(db, sql: "SELECT version, COUNT(*) AS n FROM usage WHERE key_id = ? GROUP BY version",
+                                        arguments: [id.rawValue.hex]) {
+                out[KeyVersion(rawValue: UInt32(row["version"] as Int))] = row["n"]
+            }
+            return out
+        }
+    }
+
+    /// The objects whose data keys a key (optionally one version) wraps.
+    public func objects(using reference: String, version: KeyVersion? = nil) throws(KeyManagerError) -> [(object: ID128, kind: ObjectKind, version: KeyVersion)] {
+        let id = try resolve(reference)
+        return try read { db in
+            try Row.fetchAll(db, sql: "SELECT object_id, kind, version FROM usage WHERE key_id = ? AND (? IS NULL OR version = ?) ORDER BY object_id",
+                             arguments: [id.rawValue.hex, version.map { Int($0.rawValue) }, version.map { Int($0.rawValue) }]).compactMap { row in
+                guard let object = ID128(hex: row["object_id"]), let kind = ObjectKind(rawValue: row["kind"]) else { return nil }
+                return (object, kind, KeyVersion(rawValue: UInt32(row["version"] as Int)))
+            }
+        }
+    }
+}

@@ -1,0 +1,428 @@
+import ChunkCipher
+import GRDB
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// Limits of AWS KMS that kmsfs keeps.
+public enum KeyLimits {
+    public static let rotationDays = 90...2560
+    public static let defaultRotationDays = 365
+    public static let deletionWindowDays = 7...30
+    public static let defaultDeletionWindowDays = 30
+}
+
+/// What a periodic schedule check did.
+public struct ScheduleReport: Sendable, Equatable {
+    public var rotated: [KeyID] = []
+    public var destroyed: [KeyID] = []
+    /// Keys whose deletion window ended but which are still referenced, with the count.
+    public var blocked: [KeyID: Int] = [:]
+}
+
+extension KeyManager {
+    // MARK: Resolving
+
+    /// The key named by a 32-hex-digit id or an alias (`alias/…`).
+    public func resolve(_ reference: String) throws(KeyManagerError) -> KeyID {
+        if let id = KeyID(hex: reference) {
+            _ = try record(id)
+            return id
+        }
+        let alias = reference.hasPrefix("alias/") ? reference : "alias/" + reference
+        let hex: String? = try read { db in try String.fetchOne(db, sql: "SELECT key_id FROM aliases WHERE alias = ?", arguments: [alias]) }
+        guard let hex, let id = KeyID(hex: hex) else { throw .keyNotFound(reference) }
+        return id
+    }
+
+    /// Refuses unless `action` is allowed in the key's state; returns the outcome.
+    @discardableResult
+    func check(_ action: LifecycleAction, _ record: KeyRecord) throws(KeyManagerError) -> LifecycleOutcome {
+        let outcome = KeyLifecycle.outcome(of: action, in: record.state, key: record.displayName)
+        if case .refused(let remedy) = outcome {
+            throw .invalidState(key: record.displayName, state: record.state, operation: action.rawValue,
+                                since: record.metadata.stateChangedAt, remedy: remedy)
+        }
+        return outcome
+    }
+
+    // MARK: Creating and listing
+
+    /// Creates a master key, Enabled, with version 1. AES keys rotate
+    /// automatically every `rotationDays` (default 365; nil turns it off).
+    @discardableResult
+    public func createKey(spec: KeySpec = .aes256, description: String = "", aliases: [String] = [],
+                          tags: [String: String] = [:], rotationDays: Int? = KeyLimits.defaultRotationDays,
+                          by principal: Principal) throws(KeyManagerError) -> KeyMetadata {
+        for alias in aliases { try Self.validate(alias: alias) }
+        for (name, value) in tags { try Self.validate(tag: name, value: value) }
+        let rotation = spec == .aes256 ? rotationDays : nil
+        if let days = rotation, !KeyLimits.rotationDays.contains(days) {
+            throw .invalidArgument("rotation period \(days) days is outside \(KeyLimits.rotationDays.lowerBound)–\(KeyLimits.rotationDays.upperBound)")
+        }
+        let id = KeyID.random()
+        let now = clock()
+        let (material, publicKey) = try newMaterial(spec, id: id, version: KeyVersion(rawValue: 1))
+        try write { db in
+            try db.execute(sql: """
+                INSERT INTO keys (id, spec, state, description, created_at, state_changed_at, current_version, rotation_days, last_rotated_at)
+                VALUES (?, ?, 'Enabled', ?, ?, ?, 1, ?, ?)
+                """, arguments: [id.rawValue.hex, spec.rawValue, description, now, now, rotation, now])
+            try db.execute(sql: "INSERT INTO key_versions (key_id, version, created_at, material, public_key) VALUES (?, 1, ?, ?, ?)",
+                           arguments: [id.rawValue.hex, now, Data(material), publicKey.map { Data($0) }])
+            for alias in aliases {
+                guard try Int.fetchOne(db, sql: "SELECT 1 FROM aliases WHERE alias = ?", arguments: [alias]) == nil else {
+                    throw KeyManagerError.invalidArgument("alias \(alias) is already in use; pick another or move it with `kmsfs key alias`")
+                }
+                try db.execute(sql: "INSERT INTO aliases (alias, key_id) VALUES (?, ?)", arguments: [alias, id.rawValue.hex])
+            }
+            for (name, value) in tags {
+                try db.execute(sql: "INSERT INTO tags (key_id, name, value) VALUES (?, ?, ?)", arguments: [id.rawValue.hex, name, value])
+            }
+            var subjects: Set<PolicySubject> = [.uid(0), .uid(principal.uid)]
+            if principal.uid == 0 { subjects = [.uid(0)] }
+            for op in KeyOperation.allCases {
+                for subject in subjects {
+                    try db.execute(sql: "INSERT OR IGNORE INTO policies (key_id, operation, subject) VALUES (?, ?, ?)",
+                                   arguments: [id.rawValue.hex, op.rawValue, subject.description])
+                }
+            }
+            try AuditTrail.append(db, AuditEvent("CreateKey", key: id, version: KeyVersion(rawValue: 1), principal: principal), at: now)
+        }
+        return try record(id).metadata
+    }
+
+    /// New wrapped material for a key version (and the public key of a key pair).
+    func newMaterial(_ spec: KeySpec, id: KeyID, version: KeyVersion) throws(KeyManagerError) -> ([UInt8], [UInt8]?) {
+        let context = Self.materialContext(id, version)
+        if spec == .aes256 {
+            let secret = SecretKey.random()
+            return (try secret.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: kek, context: context) }, nil)
+        }
+        let pair = try AsymmetricKeys.generate(spec)
+        let wrapped = try pair.privateKey.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: kek, context: context) }
+        return (wrapped, pair.publicKey)
+    }
+
+    /// All keys, optionally only those in `state` or carrying tag `name=value`.
+    public func listKeys(state: KeyState? = nil, tag: (name: String, value: String)? = nil) throws(KeyManagerError) -> [KeyMetadata] {
+        let all = try read { db in try KeyRecord.fetchAll(db) }.map(\.metadata)
+        return all.filter { key in
+            if let state, key.state != state { return false }
+            if let tag, key.tags[tag.name] != tag.value { return false }
+            return true
+        }
+    }
+
+    /// A key's metadata, versions with their usage, and policy.
+    public func describe(_ reference: String) throws(KeyManagerError) -> (metadata: KeyMetadata, versions: [KeyVersionInfo], policy: [KeyOperation: [String]]) {
+        let id = try resolve(reference)
+        invalidate(id)
+        let rec = try record(id)
+        let versions: [KeyVersionInfo] = try read { db in
+            try Row.fetchAll(db, sql: """
+                SELECT v.version, v.created_at, v.retired, (SELECT COUNT(*) FROM usage u WHERE u.key_id = v.key_id AND u.version = v.version) AS n
+                FROM key_versions v WHERE v.key_id = ? ORDER BY v.version
+                """, arguments: [id.rawValue.hex]).map { row in
+                KeyVersionInfo(version: KeyVersion(rawValue: UInt32(row["version"] as Int)), createdAt: row["created_at"],
+                               retired: (row["retired"] as Int) != 0, usageCount: row["n"])
+            }
+        }
+        let policy = rec.policy.mapValues { $0.map(\.description).sorted() }
+        return (rec.metadata, versions, policy)
+    }
+
+    // MARK: Lifecycle
+
+    /// Makes a new version current for new data keys; older versions keep decrypting.
+    @discardableResult
+    public func rotate(_ reference: String, by principal: Principal) throws(KeyManagerError) -> KeyVersion {
+        let id = try resolve(reference)
+        let rec = try authorizeAdmin(principal, id)
+        guard rec.metadata.spec == .aes256 else {
+            throw .invalidArgument("key \(rec.displayName) is \(rec.metadata.spec.rawValue): only AES_256 keys rotate; create a new signing key instead")
+        }
+        try check(.rotate, rec)
+        return try rotateUnchecked(rec, principal: principal, event: "RotateKey")
+    }
+
+    func rotateUnchecked(_ rec: KeyRecord, principal: Principal?, event: String) throws(KeyManagerError) -> KeyVersion {
+        let now = clock()
+        let next = KeyVersion(rawValue: rec.metadata.currentVersion.rawValue + 1)
+        let (material, _) = try newMaterial(.aes256, id: rec.id, version: next)
+        try write { db in
+            // Re-check inside the transaction: another process may have rotated.
+            let current = try Int.fetchOne(db, sql: "SELECT current_version FROM keys WHERE id = ?", arguments: [rec.id.rawValue.hex])
+            guard current == Int(rec.metadata.currentVersion.rawValue) else { return }
+            try db.execute(sql: "INSERT INTO key_versions (key_id, version, created_at, material) VALUES (?, ?, ?, ?)",
+                           arguments: [rec.id.rawValue.hex, next.rawValue, now, Data(material)])
+            try db.execute(sql: "UPDATE keys SET current_version = ?, last_rotated_at = ? WHERE id = ?",
+                           arguments: [next.rawValue, now, rec.id.rawValue.hex])
+            try AuditTrail.append(db, AuditEvent(event, key: rec.id, version: next, principal: principal), at: now)
+        }
+        invalidate(rec.id)
+        return try record(rec.id).metadata.currentVersion
+    }
+
+    /// Turns automatic rotation on with a period in days, or off with nil.
+    public func setRotation(_ reference: String, days: Int?, by principal: Principal) throws(KeyManagerError) {
+        let id = try resolve(reference)
+        let rec = try authorizeAdmin(principal, id)
+        guard rec.metadata.spec == .aes256 else { throw .invalidArgument("only AES_256 keys rotate") }
+        if let days, !KeyLimits.rotationDays.contains(days) {
+            throw .invalidArgument("rotation period \(days) days is outside \(KeyLimits.rotationDays.lowerBound)–\(KeyLimits.rotationDays.upperBound)")
+        }
+        try write { db in
+            try db.execute(sql: "UPDATE keys SET rotation_days = ? WHERE id = ?", arguments: [days, id.rawValue.hex])
+            try AuditTrail.append(db, AuditEvent(days == nil ? "DisableKeyRotation" : "EnableKeyRotation", key: id, principal: principal), at: clock())
+        }
+        invalidate(id)
+    }
+
+    /// Enables a Disabled key, or undeprecates a Deprecated one.
+    public func enable(_ reference: String, by principal: Principal) throws(KeyManagerError) {
+        try transition(reference, .enable, event: "EnableKey", by: principal) { _ in "successor = NULL" }
+    }
+
+    /// Disables a key: no new files, no opens, until enabled again.
+    public func disable(_ reference: String, by principal: Principal) throws(KeyManagerError) {
+        try transition(reference, .disable, event: "DisableKey", by: principal) { _ in nil }
+    }
+
+    /// Schedules destruction after a window of 7–30 days (default 30).
+    public func scheduleDeletion(_ reference: String, days: Int = KeyLimits.defaultDeletionWindowDays,
+                                 by principal: Principal) throws(KeyManagerError) -> Double {
+        guard KeyLimits.deletionWindowDays.contains(days) else {
+            throw .invalidArgument("deletion window \(days) days is outside 7–30")
+        }
+        let date = clock() + Double(days) * 86_400
+        try transition(reference, .scheduleDeletion, event: "ScheduleKeyDeletion", by: principal) { _ in "deletion_date = \(date)" }
+        return date
+    }
+
+    /// Cancels a scheduled deletion; the key is left Disabled.
+    public func cancelDeletion(_ reference: String, by principal: Principal) throws(KeyManagerError) {
+        try transition(reference, .cancelDeletion, event: "CancelKeyDeletion", by: principal) { _ in "deletion_date = NULL" }
+    }
+
+    /// Deprecates a key in favour of `successor`: no new data keys; its files
+    /// are to move to the successor (DESIGN.md §7).
+    public func deprecate(_ reference: String, successor: String, by principal: Principal) throws(KeyManagerError) {
+        let next = try resolve(successor)
+        let nextRecord = try record(next)
+        let id = try resolve(reference)
+        guard next != id else { throw .invalidArgument("a key cannot succeed itself") }
+        guard nextRecord.metadata.spec == .aes256 else { throw .invalidArgument("the successor must be an AES_256 key") }
+        try check(.rewrapTo, nextRecord)
+        try transition(reference, .deprecate, event: "DeprecateKey", by: principal) { _ in "successor = '\(next.rawValue.hex)'" }
+    }
+
+    /// Applies a lifecycle action: policy, table check, state change and audit in one transaction.
+    private func transition(_ reference: String, _ action: LifecycleAction, event: String, by principal: Principal,
+                            extra: (KeyRecord) -> String?) throws(KeyManagerError) {
+        let id = try resolve(reference)
+        invalidate(id)
+        let rec = try authorizeAdmin(principal, id)
+        let outcome: LifecycleOutcome
+        do { outcome = try check(action, rec) } catch {
+            audit(AuditEvent(event, outcome: "refused", key: id, principal: principal, error: error.description))
+            throw error
+        }
+        guard case .allowed(let newState) = outcome else { return }
+        let now = clock()
+        let set = ["state = '\(newState.rawValue)'", "state_changed_at = \(now)", extra(rec)].compactMap { $0 }.joined(separator: ", ")
+        try write { db in
+            try db.execute(sql: "UPDATE keys SET \(set) WHERE id = ? AND state = ?", arguments: [id.rawValue.hex, rec.state.rawValue])
+            guard db.changesCount == 1 else { throw KeyManagerError.database("key \(rec.displayName) changed meanwhile; try again") }
+            try AuditTrail.append(db, AuditEvent(event, key: id, principal: principal), at: now)
+        }
+        invalidate(id)
+    }
+
+    /// Retires an old version no data key needs any more; it decrypts nothing after.
+    public func retireVersion(_ reference: String, version: KeyVersion, by principal: Principal) throws(KeyManagerError) {
+        let id = try resolve(reference)
+        let rec = try authorizeAdmin(principal, id)
+        guard version != rec.metadata.currentVersion else {
+            throw .invalidArgument("version \(version) is the current version of \(rec.displayName); rotate first")
+        }
+        try write { db in
+            let n = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM usage WHERE key_id = ? AND version = ?",
+                                     arguments: [id.rawValue.hex, version.rawValue]) ?? 0
+            guard n == 0 else { throw KeyManagerError.versionInUse(key: rec.displayName, version: version, references: n) }
+            try db.execute(sql: "UPDATE key_versions SET retired = 1, material = NULL WHERE key_id = ? AND version = ?",
+                           arguments: [id.rawValue.hex, version.rawValue])
+            guard db.changesCount == 1 else { throw KeyManagerError.versionNotFound(key: rec.displayName, version: version) }
+            try AuditTrail.append(db, AuditEvent("RetireKeyVersion", key: id, version: version, principal: principal), at: clock())
+        }
+        forgetWrappers(id)
+    }
+
+    /// Runs due automatic rotations and ends deletion windows. A key whose
+    /// window ended is destroyed only if no file or directory references any
+    /// of its versions and no directory is bound to it; otherwise it stays
+    /// pending and is reported.
+    public func runSchedules() throws(KeyManagerError) -> ScheduleReport {
+        var report = ScheduleReport()
+        let now = clock()
+        for rec in try read({ db in try KeyRecord.fetchAll(db) }) {
+            if rec.state == .enabled, let due = rec.metadata.nextRotationAt, due <= now {
+                _ = try rotateUnchecked(rec, principal: nil, event: "RotateKeyAutomatically")
+                report.rotated.append(rec.id)
+            }
+            if rec.state == .pendingDeletion, let date = rec.metadata.deletionDate, date <= now {
+                let references = try read { db in
+                    (try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM usage WHERE key_id = ?", arguments: [rec.id.rawValue.hex]) ?? 0)
+                        + (try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM bindings WHERE key_id = ?", arguments: [rec.id.rawValue.hex]) ?? 0)
+                }
+                if references > 0 {
+                    report.blocked[rec.id] = references
+                    audit(AuditEvent("DeleteKey", outcome: "refused", key: rec.id,
+                                     error: KeyManagerError.deletionBlocked(key: rec.displayName, references: references).description))
+                    continue
+                }
+                try write { db in
+                    try db.execute(sql: "UPDATE key_versions SET material = NULL, retired = 1 WHERE key_id = ?", arguments: [rec.id.rawValue.hex])
+                    try db.execute(sql: "UPDATE keys SET state = 'Destroyed', state_changed_at = ? WHERE id = ?", arguments: [now, rec.id.rawValue.hex])
+                    try db.execute(sql: "DELETE FROM aliases WHERE key_id = ?", arguments: [rec.id.rawValue.hex])
+                    try AuditTrail.append(db, AuditEvent("DeleteKey", key: rec.id), at: now)
+                }
+                // Overwrite freed pages so the material is gone from the file, not just unlinked.
+                do { try db.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA wal_checkpoint(TRUNCATE)") } } catch {}
+                forgetWrappers(rec.id)
+                report.destroyed.append(rec.id)
+            }
+        }
+        return report
+    }
+
+    // MARK: Aliases and tags
+
+    /// Points `alias` at a key (creating or moving it).
+    public func setAlias(_ alias: String, to reference: String, by principal: Principal) throws(KeyManagerError) {
+        try Self.validate(alias: alias)
+        let id = try resolve(reference)
+        _ = try authorizeAdmin(principal, id)
+        try write { db in
+            try db.execute(sql: "INSERT INTO aliases (alias, key_id) VALUES (?, ?) ON CONFLICT(alias) DO UPDATE SET key_id = excluded.key_id",
+                           arguments: [alias, id.rawValue.hex])
+            try AuditTrail.append(db, AuditEvent("UpdateAlias", key: id, principal: principal), at: clock())
+        }
+        invalidate(id)
+    }
+
+    /// Removes an alias.
+    public func deleteAlias(_ alias: String, by principal: Principal) throws(KeyManagerError) {
+        let id = try resolve(alias)
+        _ = try authorizeAdmin(principal, id)
+        try write { db in
+            try db.execute(sql: "DELETE FROM aliases WHERE alias = ?", arguments: [alias])
+            try AuditTrail.append(db, AuditEvent("DeleteAlias", key: id, principal: principal), at: clock())
+        }
+        invalidate(id)
+    }
+
+    /// Sets (or with nil removes) a tag such as `env=prod`.
+    public func setTag(_ reference: String, name: String, value: String?, by principal: Principal) throws(KeyManagerError) {
+        let id = try resolve(reference)
+        _ = try authorizeAdmin(principal, id)
+        if let value { try Self.validate(tag: name, value: value) }
+        try write { db in
+            if let value {
+                try db.execute(sql: "INSERT INTO tags (key_id, name, value) VALUES (?, ?, ?) ON CONFLICT(key_id, name) DO UPDATE SET value = excluded.value",
+                               arguments: [id.rawValue.hex, name, value])
+            } else {
+                try db.execute(sql: "DELETE FROM tags WHERE key_id = ? AND name = ?", arguments: [id.rawValue.hex, name])
+            }
+            try AuditTrail.append(db, AuditEvent(value == nil ? "UntagResource" : "TagResource", key: id, principal: principal), at: clock())
+        }
+        invalidate(id)
+    }
+
+    static func validate(alias: String) throws(KeyManagerError) {
+        let body = alias.dropFirst("alias/".count)
+        guard alias.hasPrefix("alias/"), !body.isEmpty, body.count <= 250,
+              body.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "/_-".contains($0)) }) else {
+            throw .invalidArgument("alias '\(alias)' must look like alias/NAME with letters, digits, '/', '_' or '-'")
+        }
+    }
+
+    static func validate(tag name: String, value: String) throws(KeyManagerError) {
+        guard !name.isEmpty, name.count <= 128, value.count <= 256, !name.contains("=") else {
+            throw .invalidArgument("tag '\(name)=\(value)' must be NAME=VALUE with a 1–128 character name")
+        }
+    }
+
+    // MARK: Passphrase
+
+    /// Rewraps every master-key version (and the keystore's own keys) under a
+    /// key derived from `newPassphrase`. Nothing else is rewritten. An old
+    /// copy of the keystore still opens with the old passphrase.
+    public func changePassphrase(to newPassphrase: borrowing SecretKey, scrypt: ScryptParameters? = nil,
+                                 by principal: Principal) throws(KeyManagerError) {
+        let stored: ScryptParameters = try read { db in
+            let logN = try Int.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'scrypt_logn'") ?? 16
+            let r = try Int.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'scrypt_r'") ?? 8
+            let p = try Int.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'scrypt_p'") ?? 1
+            return ScryptParameters(logN: UInt8(logN), r: UInt32(r), p: UInt32(p))
+        }
+        let params = scrypt ?? stored
+        let salt = SecureRandom.bytes(32)
+        let newKEK = try AESGCM.make(try params.deriveKey(passphrase: newPassphrase, salt: salt))
+        let fs = filesystemID
+        try write { db in
+            for row in try Row.fetchAll(db, sql: "SELECT key_id, version, material FROM key_versions WHERE material IS NOT NULL") {
+                guard let id = KeyID(hex: row["key_id"]) else { continue }
+                let version = KeyVersion(rawValue: UInt32(row["version"] as Int))
+                let context = Self.materialContext(id, version)
+                let wrapped: Data = row["material"]
+                guard let secret = try KeyWrap.open([UInt8](wrapped), under: kek, context: context) else {
+                    throw KeyManagerError.keystoreCorrupt("material of key \(id) version \(version) does not open")
+                }
+                let rewrapped = try secret.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: newKEK, context: context) }
+                try db.execute(sql: "UPDATE key_versions SET material = ? WHERE key_id = ? AND version = ?",
+                               arguments: [Data(rewrapped), id.rawValue.hex, version.rawValue])
+            }
+            let check = try fs.bytes.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: newKEK, context: Self.kekCheckContext(fs)) }
+            let meta = try metadataKey.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: newKEK, context: Self.metadataKeyContext(fs)) }
+            for (name, value) in [("salt", Data(salt)), ("kek_check", Data(check)), ("metadata_key", Data(meta))] {
+                try db.execute(sql: "UPDATE meta SET value = ? WHERE name = ?", arguments: [value, name])
+            }
+            try db.execute(sql: "UPDATE meta SET value = ? WHERE name = 'scrypt_logn'", arguments: [Int(params.logN)])
+            try AuditTrail.append(db, AuditEvent("ChangePassphrase", principal: principal), at: clock())
+        }
+        do { try db.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA wal_checkpoint(TRUNCATE)") } } catch {}
+    }
+
+    // MARK: Signing
+
+    /// Signs `message` with the current version of a SIGN_VERIFY key.
+    public func sign(_ message: [UInt8], with reference: String, by principal: Principal) throws(KeyManagerError) -> (version: KeyVersion, signature: [UInt8]) {
+        let id = try resolve(reference)
+        let rec = try record(id)
+        guard rec.metadata.usage == .signVerify else { throw .invalidArgument("key \(rec.displayName) is not a SIGN_VERIFY key") }
+        try authorize(principal, .encrypt, rec)
+        try check(.generateDataKey, rec)
+        let version = rec.metadata.currentVersion
+        let wrapped: Data? = try read { db in
+            try Data.fetchOne(db, sql: "SELECT material FROM key_versions WHERE key_id = ? AND version = ?", arguments: [id.rawValue.hex, version.rawValue])
+        }
+        guard let wrapped, let privateKey = try KeyWrap.open([UInt8](wrapped), under: kek, context: Self.materialContext(id, version)) else {
+            throw .versionNotFound(key: rec.displayName, version: version)
+        }
+        return (version, try AsymmetricKeys.sign(message, privateKey: privateKey, spec: rec.metadata.spec))
+    }
+
+    /// Verifies a signature made by `sign` (public key only; any state but Destroyed).
+    public func verify(_ message: [UInt8], signature: [UInt8], key reference: String, version: KeyVersion) throws(KeyManagerError) -> Bool {
+        let id = try resolve(reference)
+        let rec = try record(id)
+        let publicKey: Data? = try read { db in
+            try Data.fetchOne(db, sql: "SELECT public_key FROM key_versions WHERE key_id = ? AND version = ?", arguments: [id.rawValue.hex, version.rawValue])
+        }
+        guard let publicKey else { throw .versionNotFound(key: rec.displayName, version: version) }
+        return AsymmetricKeys.verify(message, signature: signature, publicKey: [UInt8](publicKey), spec: rec.metadata.spec)
+    }
+}

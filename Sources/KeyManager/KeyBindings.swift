@@ -1,0 +1,86 @@
+import ChunkCipher
+import GRDB
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// Directory bindings: a plaintext directory path governs which master key
+/// wraps the data keys of new files beneath it (nearest ancestor wins). Paths
+/// are stored as an HMAC (for lookup) and sealed (for listing), so the
+/// keystore holds no plaintext names. A binding follows the path, not the
+/// directory: renaming a bound directory leaves the binding at the old path.
+extension KeyManager {
+    /// Normalises `/a//b/` to `/a/b`.
+    public static func normalize(path: String) -> String {
+        "/" + path.split(separator: "/").filter { $0 != "." && !$0.isEmpty }.joined(separator: "/")
+    }
+
+    private func pathMAC(_ path: String) -> Data {
+        Data(KeyDerivation.hmacSHA256(key: metadataKey, message: Array("kmsfs/v1/binding".utf8) + Array(path.utf8)))
+    }
+
+    /// Binds a directory path to a key.
+    public func bind(path: String, to reference: String, by principal: Principal) throws(KeyManagerError) {
+        let id = try resolve(reference)
+        let rec = try authorizeAdmin(principal, id)
+        guard rec.metadata.spec == .aes256 else { throw .invalidArgument("only AES_256 keys can govern files") }
+        try check(.generateDataKey, rec)
+        let normalized = Self.normalize(path: path)
+        let sealer = try AESGCM.make(metadataKey)
+        let pathBytes = Array(normalized.utf8)
+        let sealed = try keepingKeyManagerError {
+            try pathBytes.withUnsafeBytes { raw in try KeyWrap.seal(raw, under: sealer, context: Array("kmsfs/v1/binding-path".utf8)) }
+        }
+        try write { db in
+            try db.execute(sql: """
+                INSERT INTO bindings (path_mac, path_sealed, key_id) VALUES (?, ?, ?)
+                ON CONFLICT(path_mac) DO UPDATE SET key_id = excluded.key_id, path_sealed = excluded.path_sealed
+                """, arguments: [pathMAC(normalized), Data(sealed), id.rawValue.hex])
+            try AuditTrail.append(db, AuditEvent("BindKey", key: id, principal: principal), at: clock())
+        }
+    }
+
+    /// Removes the binding of a path (the root's binding cannot be removed, only moved).
+    public func unbind(path: String, by principal: Principal) throws(KeyManagerError) {
+        let normalized = Self.normalize(path: path)
+        guard normalized != "/" else { throw .invalidArgument("the root must stay bound; bind it to another key instead") }
+        let mac = pathMAC(normalized)
+        let hex: String? = try read { db in try String.fetchOne(db, sql: "SELECT key_id FROM bindings WHERE path_mac = ?", arguments: [mac]) }
+        guard let hex, let id = KeyID(hex: hex) else { throw .invalidArgument("\(normalized) is not bound") }
+        _ = try authorizeAdmin(principal, id)
+        try write { db in
+            try db.execute(sql: "DELETE FROM bindings WHERE path_mac = ?", arguments: [mac])
+            try AuditTrail.append(db, AuditEvent("UnbindKey", key: id, principal: principal), at: clock())
+        }
+    }
+
+    /// The key governing new files in directory `path`: its own binding or its nearest bound ancestor's.
+    public func boundKey(forDirectory path: String) throws(KeyManagerError) -> KeyID {
+        var components = Self.normalize(path: path).split(separator: "/").map(String.init)
+        while true {
+            let candidate = "/" + components.joined(separator: "/")
+            let mac = pathMAC(candidate)
+            let hex: String? = try read { db in try String.fetchOne(db, sql: "SELECT key_id FROM bindings WHERE path_mac = ?", arguments: [mac]) }
+            if let hex, let id = KeyID(hex: hex) { return id }
+            guard !components.isEmpty else { throw .keystoreCorrupt("the root directory has no key binding") }
+            components.removeLast()
+        }
+    }
+
+    /// All bindings as (path, key), sorted by path.
+    public func listBindings() throws(KeyManagerError) -> [(path: String, key: KeyID)] {
+        let sealer = try AESGCM.make(metadataKey)
+        let rows: [(Data, String)] = try read { db in
+            try Row.fetchAll(db, sql: "SELECT path_sealed, key_id FROM bindings").map { ($0["path_sealed"], $0["key_id"]) }
+        }
+        var out = [(path: String, key: KeyID)]()
+        for (sealed, hex) in rows {
+            guard let id = KeyID(hex: hex), let secret = try KeyWrap.open([UInt8](sealed), under: sealer, context: Array("kmsfs/v1/binding-path".utf8)) else { continue }
+            let path = secret.withUnsafeBytes { String(decoding: $0, as: UTF8.self) }
+            out.append((path, id))
+        }
+        return out.sorted { $0.path < $1.path }
+    }
+}

@@ -1,0 +1,68 @@
+import ChunkCipher
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// Errors of the key manager. Each message names the key, its state and what
+/// to do; none carries key material.
+public enum KeyManagerError: Error, Equatable, Sendable, CustomStringConvertible {
+    case wrongPassphrase
+    case keystoreNotFound(String)
+    case keystoreExists(String)
+    case keystoreCorrupt(String)
+    case keystoreFromNewerVersion(String)
+    case keyNotFound(String)
+    /// The operation is not allowed in the key's current state.
+    case invalidState(key: String, state: KeyState, operation: String, since: Double, remedy: String)
+    case accessDenied(key: String, principal: Principal, operation: KeyOperation)
+    case invalidArgument(String)
+    case deletionBlocked(key: String, references: Int)
+    case unwrapFailed(key: String, version: KeyVersion)
+    case versionNotFound(key: String, version: KeyVersion)
+    case versionInUse(key: String, version: KeyVersion, references: Int)
+    case crypto(String)
+    case database(String)
+
+    public var description: String {
+        switch self {
+        case .wrongPassphrase:
+            return "wrong passphrase: the keystore was not unlocked and nothing was changed"
+        case .keystoreNotFound(let path):
+            return "no kmsfs keystore at \(path); run `kmsfs init` first"
+        case .keystoreExists(let path):
+            return "\(path) already holds a kmsfs keystore; refusing to overwrite it"
+        case .keystoreCorrupt(let why):
+            return "the keystore is damaged (\(why)); restore it from a backup"
+        case .keystoreFromNewerVersion(let why):
+            return "the keystore was written by a newer kmsfs (\(why)); upgrade kmsfs to open it"
+        case .keyNotFound(let key):
+            return "no key \(key); `kmsfs key list` shows the keys"
+        case .invalidState(let key, let state, let operation, let since, let remedy):
+            return "cannot \(operation) key \(key): it is \(state.rawValue) since \(Self.date(since)); \(remedy)"
+        case .accessDenied(let key, let principal, let operation):
+            return "access denied: \(principal) may not \(operation.rawValue) with key \(key); "
+                + "an administrator can grant it with `kmsfs key policy \(key) --grant \(operation.rawValue) uid:\(principal.uid)`"
+        case .invalidArgument(let why):
+            return why
+        case .deletionBlocked(let key, let references):
+            return "key \(key) was not destroyed: \(references) file(s) or directories still use it; "
+                + "rekey them (`kmsfs rekey start --key \(key)`) and deletion completes on the next check"
+        case .unwrapFailed(let key, let version):
+            return "the data key could not be unwrapped with key \(key) version \(version): the header was altered or belongs elsewhere"
+        case .versionNotFound(let key, let version):
+            return "key \(key) has no version \(version)"
+        case .versionInUse(let key, let version, let references):
+            return "key \(key) version \(version) still wraps \(references) data key(s); rekey them before retiring it"
+        case .crypto(let what):
+            return "cryptographic failure: \(what)"
+        case .database(let what):
+            return "keystore error: \(what)"
+        }
+    }
+
+    static func date(_ t: Double) -> String {
+        Date(timeIntervalSince1970: t).formatted(.iso8601)
+    }
+}

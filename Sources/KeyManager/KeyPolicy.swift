@@ -1,0 +1,50 @@
+import ChunkCipher
+import GRDB
+
+extension KeyManager {
+    /// Throws `accessDenied` (and audits the denial) unless the key's policy
+    /// grants `operation` to the principal's uid or gid, or to anyone.
+    public func authorize(_ principal: Principal, _ operation: KeyOperation, key: KeyID) throws(KeyManagerError) {
+        try authorize(principal, operation, try record(key))
+    }
+
+    func authorize(_ principal: Principal, _ operation: KeyOperation, _ rec: KeyRecord) throws(KeyManagerError) {
+        if rec.policy[operation, default: []].contains(where: { $0.matches(principal) }) { return }
+        let error = KeyManagerError.accessDenied(key: rec.displayName, principal: principal, operation: operation)
+        audit(AuditEvent("Authorize", outcome: "denied", key: rec.id, principal: principal, error: error.description))
+        throw error
+    }
+
+    func authorizeAdmin(_ principal: Principal, _ key: KeyID) throws(KeyManagerError) -> KeyRecord {
+        let rec = try record(key)
+        try authorize(principal, .administer, rec)
+        return rec
+    }
+
+    /// Grants `operation` on a key to a subject (`uid:N`, `gid:N` or `*`).
+    public func grant(_ operation: KeyOperation, to subject: PolicySubject, on reference: String, by principal: Principal) throws(KeyManagerError) {
+        let id = try resolve(reference)
+        _ = try authorizeAdmin(principal, id)
+        try write { db in
+            try db.execute(sql: "INSERT OR IGNORE INTO policies (key_id, operation, subject) VALUES (?, ?, ?)",
+                           arguments: [id.rawValue.hex, operation.rawValue, subject.description])
+            try AuditTrail.append(db, AuditEvent("PutKeyPolicy", key: id, principal: principal, error: "grant \(operation.rawValue) \(subject)"), at: clock())
+        }
+        invalidate(id)
+    }
+
+    /// Revokes a grant. The last administrator cannot be removed.
+    public func revoke(_ operation: KeyOperation, from subject: PolicySubject, on reference: String, by principal: Principal) throws(KeyManagerError) {
+        let id = try resolve(reference)
+        let rec = try authorizeAdmin(principal, id)
+        if operation == .administer, rec.policy[.administer, default: []] == [subject] {
+            throw .invalidArgument("\(subject) is the last administrator of key \(rec.displayName); grant another first")
+        }
+        try write { db in
+            try db.execute(sql: "DELETE FROM policies WHERE key_id = ? AND operation = ? AND subject = ?",
+                           arguments: [id.rawValue.hex, operation.rawValue, subject.description])
+            try AuditTrail.append(db, AuditEvent("PutKeyPolicy", key: id, principal: principal, error: "revoke \(operation.rawValue) \(subject)"), at: clock())
+        }
+        invalidate(id)
+    }
+}
