@@ -1,0 +1,74 @@
+import ArgumentParser
+import ChunkCipher
+import Foundation
+import KeyManager
+
+struct Init: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Create an encrypted filesystem in CIPHERDIR, with its keystore and the default key alias/default.")
+
+    @Argument(help: "The directory that will hold the ciphertext (created if missing, must be empty).")
+    var cipherdir: String
+
+    @OptionGroup var passphrase: PassphraseOptions
+
+    @Option(help: "Plaintext bytes per chunk: a power of two from 4096 to 1048576.")
+    var chunkSize: Int = FilesystemOptions().chunkSize
+
+    @Flag(help: "Store file names unencrypted (debugging and benchmarks only).")
+    var plaintextNames = false
+
+    @Option(help: ArgumentHelp("log2 of scrypt's cost N (default 16).", visibility: .hidden))
+    var kdfLogN: UInt8 = ScryptParameters.strong.logN
+
+    func validate() throws {
+        guard ChunkLayout.allowedChunkSizes.contains(chunkSize), chunkSize & (chunkSize - 1) == 0 else {
+            throw ValidationError("--chunk-size must be a power of two from 4096 to 1048576")
+        }
+        guard (10...22).contains(kdfLogN) else { throw ValidationError("--kdf-log-n must be 10…22") }
+    }
+
+    func run() throws {
+        let fm = FileManager.default
+        var isDir: ObjCBool = false
+        if fm.fileExists(atPath: cipherdir, isDirectory: &isDir) {
+            guard isDir.boolValue else { throw ValidationError("\(cipherdir) is not a directory") }
+            let entries = try fm.contentsOfDirectory(atPath: cipherdir)
+            guard entries.isEmpty else { throw ValidationError("\(cipherdir) is not empty; kmsfs init needs an empty directory") }
+        } else {
+            try fm.createDirectory(atPath: cipherdir, withIntermediateDirectories: true)
+        }
+        let secret = try passphrase.read(prompt: "New passphrase: ", confirm: true)
+        let options = FilesystemOptions(chunkSize: chunkSize, plaintextNames: plaintextNames, scrypt: ScryptParameters(logN: kdfLogN))
+        let keystore = URL(fileURLWithPath: cipherdir).standardizedFileURL.path + "/.kmsfs"
+        let manager = try KeyManager.create(in: keystore, passphrase: secret, options: options, creator: caller, clock: Clock.current)
+        let key = try manager.resolve("alias/default")
+        print("created kmsfs filesystem \(manager.filesystemID) in \(cipherdir)")
+        print("chunk size \(chunkSize) bytes, names \(plaintextNames ? "in plaintext" : "encrypted (AES-256-SIV)")")
+        print("default key \(key) (alias/default) bound to /")
+    }
+}
+
+struct Passwd: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Change the passphrase: rewraps the master-key material only; no file is rewritten.",
+        discussion: """
+            An old copy of the keystore still opens with the old passphrase. To revoke \
+            access for real, rotate the keys and rekey the files.
+            """)
+
+    @Argument(help: "The CIPHERDIR.")
+    var cipherdir: String
+
+    @OptionGroup var passphrase: PassphraseOptions
+
+    @Option(help: "Read the new passphrase from this file.")
+    var newPassphraseFile: String?
+
+    func run() throws {
+        let manager = try KeyManager.open(in: try Paths.keystore(of: cipherdir), passphrase: passphrase.read(), clock: Clock.current)
+        let fresh = try PassphraseReader.read(file: newPassphraseFile, command: nil, prompt: "New passphrase: ", confirm: true)
+        try manager.changePassphrase(to: fresh, by: caller)
+        print("passphrase changed; every master key was rewrapped, no file was rewritten")
+    }
+}

@@ -1,0 +1,308 @@
+import ArgumentParser
+import ChunkCipher
+import Foundation
+import KeyManager
+
+extension KeySpec: ExpressibleByArgument {
+    public init?(argument: String) { self.init(argument: argument) }
+    public static var allValueStrings: [String] { allCases.map(\.rawValue) }
+}
+
+extension KeyState: ExpressibleByArgument {
+    public init?(argument: String) {
+        guard let state = KeyState.allCases.first(where: { $0.rawValue.lowercased() == argument.lowercased() }) else { return nil }
+        self = state
+    }
+}
+
+extension KeyOperation: ExpressibleByArgument {}
+
+/// `NAME=VALUE`.
+struct Tag: ExpressibleByArgument {
+    var name: String
+    var value: String
+    init?(argument: String) {
+        let parts = argument.split(separator: "=", maxSplits: 1)
+        guard parts.count == 2 else { return nil }
+        name = String(parts[0])
+        value = String(parts[1])
+    }
+}
+
+struct KeyCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "key",
+        abstract: "Manage master keys: create, rotate, enable, disable, delete, deprecate, aliases, tags, policy, bindings.",
+        subcommands: [Create.self, List.self, Describe.self, Rotate.self, Rotation.self, Enable.self, Disable.self,
+                      ScheduleDeletion.self, CancelDeletion.self, Deprecate.self, Usage.self, Alias.self, TagCommand.self,
+                      Policy.self, Bind.self, RetireVersion.self])
+
+    struct Create: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create a master key (AES_256 by default).")
+        @OptionGroup var fs: FilesystemOption
+        @Option(name: .customLong("alias"), help: "An alias such as alias/prod (repeatable).") var aliases: [String] = []
+        @Option(help: "What the key is for.") var description = ""
+        @Option(name: .customLong("tag"), help: "A tag NAME=VALUE, e.g. env=prod (repeatable).") var tags: [Tag] = []
+        @Option(help: "AES_256, RSA_2048, RSA_3072, RSA_4096, ECC_NIST_P256 or ECC_NIST_P384.") var spec: KeySpec = .aes256
+        @Option(help: "Automatic rotation period in days, 90–2560.") var rotationDays: Int = 365
+        @Flag(help: "Create without automatic rotation.") var noRotation = false
+        @OptionGroup var output: JSONOption
+
+        func run() throws {
+            let manager = try fs.open()
+            let key = try manager.createKey(spec: spec, description: description, aliases: aliases,
+                                            tags: Dictionary(tags.map { ($0.name, $0.value) }, uniquingKeysWith: { $1 }),
+                                            rotationDays: noRotation ? nil : rotationDays, by: caller)
+            if output.json { try Output.json(key) } else { print(key.keyID) }
+        }
+    }
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List master keys.")
+        @OptionGroup var fs: FilesystemOption
+        @Option(help: "Only keys in this state.") var state: KeyState?
+        @Option(help: "Only keys with this tag NAME=VALUE.") var tag: Tag?
+        @OptionGroup var output: JSONOption
+
+        func run() throws {
+            let keys = try fs.open().listKeys(state: state, tag: tag.map { ($0.name, $0.value) })
+            if output.json { try Output.json(keys); return }
+            Output.table(["KEY ID", "ALIASES", "SPEC", "STATE", "VERSION", "ROTATION", "TAGS"], keys.map { k in
+                [k.keyID.rawValue.hex, k.aliases.joined(separator: ","), k.spec.rawValue, k.state.rawValue,
+                 String(k.currentVersion.rawValue), k.rotationPeriodDays.map { "\($0)d" } ?? "off",
+                 k.tags.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")]
+            })
+        }
+    }
+
+    struct Describe: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show a key: state, versions with their usage, rotation, deletion date, policy.")
+        @OptionGroup var fs: FilesystemOption
+        @Argument(help: "Key id or alias.") var key: String
+        @OptionGroup var output: JSONOption
+
+        struct Description: Encodable {
+            var metadata: KeyMetadata
+            var versions: [KeyVersionInfo]
+            var policy: [String: [String]]
+            var nextRotationAt: Double?
+        }
+
+        func run() throws {
+            let (metadata, versions, policy) = try fs.open().describe(key)
+            if output.json {
+                try Output.json(Description(metadata: metadata, versions: versions,
+                                            policy: Dictionary(uniqueKeysWithValues: policy.map { ($0.key.rawValue, $0.value) }),
+                                            nextRotationAt: metadata.nextRotationAt))
+                return
+            }
+            print("key id:        \(metadata.keyID)")
+            print("aliases:       \(metadata.aliases.joined(separator: ", "))")
+            print("description:   \(metadata.description)")
+            print("spec / usage:  \(metadata.spec.rawValue) / \(metadata.usage.rawValue)")
+            print("state:         \(metadata.state.rawValue) since \(Output.date(metadata.stateChangedAt))")
+            if let successor = metadata.successor { print("successor:     \(successor)") }
+            if let deletion = metadata.deletionDate, metadata.state == .pendingDeletion { print("deletion date: \(Output.date(deletion))") }
+            print("created:       \(Output.date(metadata.createdAt))")
+            print("rotation:      \(metadata.rotationPeriodDays.map { "every \($0) days, next \(Output.date(metadata.nextRotationAt))" } ?? "off")")
+            print("tags:          \(metadata.tags.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ", "))")
+            for op in KeyOperation.allCases {
+                print("may \(op.rawValue):".padding(toLength: 15, withPad: " ", startingAt: 0) + (policy[op] ?? []).joined(separator: ", "))
+            }
+            print("")
+            Output.table(["VERSION", "CREATED", "STATUS", "FILES+DIRS"], versions.map { v in
+                [String(v.version.rawValue), Output.date(v.createdAt),
+                 v.version == metadata.currentVersion ? "current" : (v.retired ? "retired" : "decrypt-only"), String(v.usageCount)]
+            })
+        }
+    }
+
+    struct Rotate: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Rotate a key now: a new version wraps new data keys; old versions keep decrypting.")
+        @OptionGroup var fs: FilesystemOption
+        @Argument(help: "Key id or alias.") var key: String
+        func run() throws {
+            let version = try fs.open().rotate(key, by: caller)
+            print("\(key) rotated; current version is \(version)")
+        }
+    }
+
+    struct Rotation: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Set or turn off automatic rotation.")
+        @OptionGroup var fs: FilesystemOption
+        @Argument(help: "Key id or alias.") var key: String
+        @Option(help: "Rotate every N days (90–2560).") var days: Int?
+        @Flag(help: "Turn automatic rotation off.") var off = false
+        func validate() throws {
+            guard (days == nil) != off else { throw ValidationError("give exactly one of --days N or --off") }
+        }
+        func run() throws {
+            try fs.open().setRotation(key, days: off ? nil : days, by: caller)
+            print(off ? "automatic rotation of \(key) is off" : "\(key) rotates every \(days!) days")
+        }
+    }
+
+    struct Enable: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Enable a Disabled key, or undeprecate a Deprecated one.")
+        @OptionGroup var fs: FilesystemOption
+        @Argument(help: "Key id or alias.") var key: String
+        func run() throws { try fs.open().enable(key, by: caller); print("\(key) is Enabled") }
+    }
+
+    struct Disable: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Disable a key: its files can be neither created nor opened until it is enabled.")
+        @OptionGroup var fs: FilesystemOption
+        @Argument(help: "Key id or alias.") var key: String
+        func run() throws { try fs.open().disable(key, by: caller); print("\(key) is Disabled") }
+    }
+
+    struct ScheduleDeletion: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Schedule a key's destruction after a 7–30 day window; it is destroyed only when no file needs it.")
+        @OptionGroup var fs: FilesystemOption
+        @Argument(help: "Key id or alias.") var key: String
+        @Option(help: "Days before destruction (7–30).") var days: Int = 30
+        func run() throws {
+            let date = try fs.open().scheduleDeletion(key, days: days, by: caller)
+            print("\(key) is PendingDeletion; it will be destroyed after \(Output.date(date)) if no file still uses it")
+        }
+    }
+
+    struct CancelDeletion: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Cancel a scheduled deletion; the key is left Disabled.")
+        @OptionGroup var fs: FilesystemOption
+        @Argument(help: "Key id or alias.") var key: String
+        func run() throws { try fs.open().cancelDeletion(key, by: caller); print("deletion of \(key) cancelled; it is Disabled") }
+    }
+
+    struct Deprecate: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Deprecate a key in favour of a successor: decrypt-only until its files move.")
+        @OptionGroup var fs: FilesystemOption
+        @Argument(help: "Key id or alias.") var key: String
+        @Option(help: "The key that replaces it.") var successor: String
+        func run() throws {
+            try fs.open().deprecate(key, successor: successor, by: caller)
+            print("\(key) is Deprecated; new data goes to \(successor)")
+        }
+    }
+
+    struct Usage: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Count the files and directories each version of a key wraps.")
+        @OptionGroup var fs: FilesystemOption
+        @Argument(help: "Key id or alias.") var key: String
+        @Flag(help: "Also list the object ids.") var objects = false
+        @OptionGroup var output: JSONOption
+
+        struct Report: Encodable {
+            var key: String
+            var total: Int
+            var versions: [String: Int]
+            var objects: [String]?
+        }
+
+        func run() throws {
+            let manager = try fs.open()
+            let usage = try manager.usage(of: key)
+            let ids = objects ? try manager.objects(using: key).map { "\($0.object.hex) \($0.kind.rawValue) v\($0.version)" } : nil
+            let report = Report(key: key, total: usage.values.reduce(0, +),
+                                versions: Dictionary(uniqueKeysWithValues: usage.map { (String($0.key.rawValue), $0.value) }), objects: ids)
+            if output.json { try Output.json(report); return }
+            print("\(key): \(report.total) file(s) and directories")
+            Output.table(["VERSION", "COUNT"], usage.sorted { $0.key < $1.key }.map { [String($0.key.rawValue), String($0.value)] })
+            for line in ids ?? [] { print(line) }
+        }
+    }
+
+    struct Alias: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Point an alias at a key, or delete it.")
+        @OptionGroup var fs: FilesystemOption
+        @Argument(help: "The alias, alias/NAME.") var alias: String
+        @Argument(help: "Key id or alias to point it at.") var key: String?
+        @Flag(help: "Delete the alias.") var delete = false
+        func validate() throws {
+            guard (key == nil) == delete else { throw ValidationError("give a KEY to point the alias at, or --delete") }
+        }
+        func run() throws {
+            let manager = try fs.open()
+            if delete { try manager.deleteAlias(alias, by: caller); print("deleted \(alias)") } else {
+                try manager.setAlias(alias, to: key!, by: caller); print("\(alias) → \(key!)")
+            }
+        }
+    }
+
+    struct TagCommand: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "tag", abstract: "Set or remove tags on a key.")
+        @OptionGroup var fs: FilesystemOption
+        @Argument(help: "Key id or alias.") var key: String
+        @Argument(help: "Tags NAME=VALUE to set.") var tags: [Tag] = []
+        @Option(help: "A tag name to remove (repeatable).") var remove: [String] = []
+        func run() throws {
+            let manager = try fs.open()
+            for tag in tags { try manager.setTag(key, name: tag.name, value: tag.value, by: caller) }
+            for name in remove { try manager.setTag(key, name: name, value: nil, by: caller) }
+            print("tags of \(key): " + (try manager.describe(key).metadata.tags.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ", ")))
+        }
+    }
+
+    struct Policy: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Show or change which uids/gids may encrypt, decrypt or administer with a key.",
+            discussion: "SUBJECT is uid:N, gid:N or * (anyone). Example: kmsfs key policy alias/prod --grant decrypt gid:100 --fs DIR")
+        @OptionGroup var fs: FilesystemOption
+        @Argument(help: "Key id or alias.") var key: String
+        @Option(parsing: .upToNextOption, help: "OPERATION SUBJECT to grant.") var grant: [String] = []
+        @Option(parsing: .upToNextOption, help: "OPERATION SUBJECT to revoke.") var revoke: [String] = []
+
+        func pair(_ values: [String]) throws -> (KeyOperation, PolicySubject)? {
+            if values.isEmpty { return nil }
+            guard values.count == 2, let op = KeyOperation(rawValue: values[0]), let subject = PolicySubject(argument: values[1]) else {
+                throw ValidationError("expected OPERATION SUBJECT, e.g. `decrypt uid:1000` (operations: encrypt, decrypt, administer)")
+            }
+            return (op, subject)
+        }
+
+        func run() throws {
+            let manager = try fs.open()
+            if let (op, subject) = try pair(grant) { try manager.grant(op, to: subject, on: key, by: caller) }
+            if let (op, subject) = try pair(revoke) { try manager.revoke(op, from: subject, on: key, by: caller) }
+            let policy = try manager.describe(key).policy
+            for op in KeyOperation.allCases { print("\(op.rawValue): \((policy[op] ?? []).joined(separator: " "))") }
+        }
+    }
+
+    struct Bind: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Make a key govern new files under a directory path (nearest bound ancestor wins); without arguments, list bindings.")
+        @OptionGroup var fs: FilesystemOption
+        @Argument(help: "Directory path inside the filesystem, e.g. /prod.") var path: String?
+        @Argument(help: "Key id or alias.") var key: String?
+        @Flag(help: "Remove the binding of PATH.") var unbind = false
+
+        func run() throws {
+            let manager = try fs.open()
+            switch (path, key, unbind) {
+            case (let path?, let key?, false):
+                try manager.bind(path: path, to: key, by: caller)
+                print("\(KeyManager.normalize(path: path)) → \(key)")
+            case (let path?, nil, true):
+                try manager.unbind(path: path, by: caller)
+                print("unbound \(KeyManager.normalize(path: path))")
+            case (nil, nil, false):
+                Output.table(["PATH", "KEY"], try manager.listBindings().map { [$0.path, $0.key.rawValue.hex] })
+            default:
+                throw ValidationError("use `key bind PATH KEY`, `key bind PATH --unbind`, or `key bind` to list")
+            }
+        }
+    }
+
+    struct RetireVersion: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Retire an old key version that no file uses any more.")
+        @OptionGroup var fs: FilesystemOption
+        @Argument(help: "Key id or alias.") var key: String
+        @Argument(help: "The version to retire.") var version: UInt32
+        func run() throws {
+            try fs.open().retireVersion(key, version: KeyVersion(rawValue: version), by: caller)
+            print("\(key) version \(version) retired")
+        }
+    }
+}

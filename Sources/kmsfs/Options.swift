@@ -1,0 +1,100 @@
+import ArgumentParser
+import ChunkCipher
+import Foundation
+import KeyManager
+
+/// Where the passphrase comes from: a file, a command, or a prompt without echo. Never argv.
+struct PassphraseOptions: ParsableArguments {
+    @Option(name: .long, help: "Read the passphrase from this file (first line).")
+    var passphraseFile: String?
+
+    @Option(name: .long, help: "Run this command and read the passphrase from its standard output.")
+    var extpass: String?
+
+    /// Reads the passphrase into locked memory.
+    func read(prompt: String = "Passphrase: ", confirm: Bool = false) throws -> SecretKey {
+        try PassphraseReader.read(file: passphraseFile, command: extpass, prompt: prompt, confirm: confirm)
+    }
+}
+
+/// `--fs PATH`: the CIPHERDIR (or, once mounted, the MOUNTPOINT).
+struct FilesystemOption: ParsableArguments {
+    @Option(name: .long, help: "The filesystem: its CIPHERDIR.")
+    var fs: String
+
+    @OptionGroup var passphrase: PassphraseOptions
+
+    /// Opens the keystore of `--fs` and runs due rotations and deletions.
+    func open() throws -> KeyManager {
+        let keystore = try Paths.keystore(of: fs)
+        let manager = try KeyManager.open(in: keystore, passphrase: passphrase.read(), clock: Clock.current)
+        let report = try manager.runSchedules()
+        for key in report.rotated { Output.note("rotated key \(key) automatically (its period had passed)") }
+        for key in report.destroyed { Output.note("destroyed key \(key): its deletion window ended") }
+        for (key, n) in report.blocked {
+            Output.note(KeyManagerError.deletionBlocked(key: key.rawValue.hex, references: n).description)
+        }
+        return manager
+    }
+}
+
+struct JSONOption: ParsableArguments {
+    @Flag(name: .long, help: "Print JSON instead of a table.")
+    var json = false
+}
+
+enum Paths {
+    /// `CIPHERDIR/.kmsfs`, after checking it exists.
+    static func keystore(of path: String) throws -> String {
+        let dir = URL(fileURLWithPath: path).standardizedFileURL.path + "/.kmsfs"
+        guard FileManager.default.fileExists(atPath: dir + "/" + KeyManager.databaseName) else {
+            throw ValidationError("\(path) is not a kmsfs CIPHERDIR (no .kmsfs/\(KeyManager.databaseName)); run `kmsfs init \(path)` first")
+        }
+        return dir
+    }
+}
+
+/// The principal running this command.
+var caller: Principal {
+    Principal(uid: getuid(), gid: getgid(), pid: getpid(), processName: "kmsfs")
+}
+
+enum Clock {
+    /// The system clock; debug builds honour KMSFS_TEST_NOW (seconds since 1970)
+    /// so end-to-end tests can move time. Release builds ignore it.
+    static var current: @Sendable () -> Double {
+        #if DEBUG
+        if let text = ProcessInfo.processInfo.environment["KMSFS_TEST_NOW"], let now = Double(text) {
+            return { now }
+        }
+        #endif
+        return KeyManager.systemClock
+    }
+}
+
+enum Output {
+    /// A line on stderr (notes and errors; stdout stays machine-readable).
+    static func note(_ text: String) {
+        FileHandle.standardError.write(Data((text + "\n").utf8))
+    }
+
+    static func json<T: Encodable>(_ value: T) throws {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        print(String(decoding: try encoder.encode(value), as: UTF8.self))
+    }
+
+    static func date(_ t: Double?) -> String {
+        guard let t else { return "-" }
+        return Date(timeIntervalSince1970: t).formatted(.iso8601)
+    }
+
+    /// A plain aligned table.
+    static func table(_ header: [String], _ rows: [[String]]) {
+        let widths = header.indices.map { i in ([header[i]] + rows.map { $0[i] }).map(\.count).max() ?? 0 }
+        for row in [header] + rows {
+            print(zip(row, widths).map { $0.padding(toLength: $1, withPad: " ", startingAt: 0) }.joined(separator: "  ")
+                .trimmingCharacters(in: .whitespaces))
+        }
+    }
+}

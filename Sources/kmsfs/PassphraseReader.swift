@@ -1,0 +1,77 @@
+import ArgumentParser
+import ChunkCipher
+import Foundation
+
+/// Reads passphrases straight into locked memory from a file, a command's
+/// output, or the terminal with echo off.
+enum PassphraseReader {
+    static func read(file: String?, command: String?, prompt: String, confirm: Bool) throws -> SecretKey {
+        var raw: [UInt8]
+        if let file {
+            guard let data = FileManager.default.contents(atPath: file) else {
+                throw ValidationError("cannot read passphrase file \(file)")
+            }
+            raw = [UInt8](data)
+        } else if let command {
+            raw = try run(command)
+        } else {
+            raw = try prompted(prompt)
+            if confirm {
+                var again = try prompted("Repeat: ")
+                defer { wipe(&again) }
+                guard again == raw else {
+                    wipe(&raw)
+                    throw ValidationError("the passphrases differ; nothing was changed")
+                }
+            }
+        }
+        defer { wipe(&raw) }
+        // The first line is the passphrase, as gocryptfs reads it.
+        let line = raw.prefix { $0 != 0x0A && $0 != 0x0D }
+        guard !line.isEmpty else { throw ValidationError("the passphrase is empty") }
+        guard line.count <= 1024 else { throw ValidationError("the passphrase is longer than 1024 bytes") }
+        return SecretKey(copying: Array(line))
+    }
+
+    private static func wipe(_ bytes: inout [UInt8]) {
+        for i in bytes.indices { bytes[i] = 0 }
+    }
+
+    private static func run(_ command: String) throws -> [UInt8] {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/sh")
+        process.arguments = ["-c", command]
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        try process.run()
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else {
+            throw ValidationError("--extpass command exited with status \(process.terminationStatus)")
+        }
+        return [UInt8](data)
+    }
+
+    /// Reads a line from /dev/tty with echo off.
+    private static func prompted(_ prompt: String) throws -> [UInt8] {
+        let fd = open("/dev/tty", O_RDWR)
+        guard fd >= 0 else {
+            throw ValidationError("no terminal to ask for the passphrase; use --passphrase-file or --extpass")
+        }
+        defer { close(fd) }
+        _ = prompt.withCString { write(fd, $0, strlen($0)) }
+        var saved = termios()
+        tcgetattr(fd, &saved)
+        var quiet = saved
+        quiet.c_lflag &= ~tcflag_t(ECHO)
+        tcsetattr(fd, TCSAFLUSH, &quiet)
+        defer {
+            tcsetattr(fd, TCSAFLUSH, &saved)
+            _ = write(fd, "\n", 1)
+        }
+        var out = [UInt8]()
+        var byte: UInt8 = 0
+        while Glibc.read(fd, &byte, 1) == 1 && byte != 0x0A { out.append(byte) }
+        return out
+    }
+}
