@@ -2,7 +2,7 @@
 SWIFT ?= swift
 export PATH := /opt/swift/usr/bin:$(PATH)
 
-.PHONY: all deps build release test bench-cipher clean
+.PHONY: all deps build release test bench-cipher bench-keys clean
 
 all: build
 
@@ -24,6 +24,11 @@ test: deps
 bench-cipher: deps
 	$(SWIFT) build -c release --product kmsfs-bench
 	.build/release/kmsfs-bench cipher
+
+## Envelope unwraps per second and the scrypt unlock time (release build).
+bench-keys: deps
+	$(SWIFT) build -c release --product kmsfs-bench
+	.build/release/kmsfs-bench keymanager
 
 clean:
 	rm -rf .build

@@ -1,6 +1,7 @@
 // kmsfs-bench: micro-benchmarks of the library layers, compared in the same
 // run with OpenSSL's own `openssl speed`. Usage: kmsfs-bench cipher [MiB]
 import ChunkCipher
+import KeyManager
 import Dispatch
 import Foundation
 
@@ -108,11 +109,48 @@ func cipherBench(totalMiB: Int) throws {
     print(String(format: "cipher: seal %.2fx open %.2fx of openssl at 64 KiB; parallel speedup %.2fx", at64.seal, at64.open, at64.speedup))
 }
 
+/// Envelope unwraps per second and the scrypt unlock time at the default cost.
+func keyManagerBench() throws {
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("kmsfs-bench-\(UUID().uuidString)").path
+    defer { try? FileManager.default.removeItem(atPath: dir) }
+    let principal = Principal(uid: getuid(), gid: getgid())
+    let phrase = Array("benchmark passphrase".utf8)
+    var start = now()
+    let created = try KeyManager.create(in: dir, passphrase: SecretKey(copying: phrase), options: FilesystemOptions(), creator: principal)
+    let createSeconds = now() - start
+    _ = created
+    start = now()
+    let manager = try KeyManager.open(in: dir, passphrase: SecretKey(copying: phrase))
+    let unlock = now() - start
+    let key = try manager.resolve("alias/default")
+    var wrapped = [(ID128, KeyVersion, [UInt8])]()
+    start = now()
+    for _ in 0..<2000 {
+        let object = ID128.random()
+        let dek = try manager.generateDataKey(for: object, kind: .file, key: key, principal: principal)
+        wrapped.append((object, dek.version, dek.wrapped))
+    }
+    let generatePerSecond = 2000 / (now() - start)
+    start = now()
+    var n = 0
+    while now() - start < 2 {
+        let (object, version, blob) = wrapped[n % wrapped.count]
+        _ = try manager.decryptDataKey(blob, for: object, key: key, version: version, principal: principal)
+        n += 1
+    }
+    let unwrapPerSecond = Double(n) / (now() - start)
+    print(String(format: "scrypt N=2^%d: init %.2f s, unlock %.2f s", ScryptParameters.strong.logN, createSeconds, unlock))
+    print(String(format: "keymanager: %.0f unwraps/s, %.0f data keys generated/s (each recorded in the usage index); unlock %.2f s",
+                 unwrapPerSecond, generatePerSecond, unlock))
+}
+
 let arguments = CommandLine.arguments.dropFirst()
 switch arguments.first {
+case "keymanager":
+    try keyManagerBench()
 case "cipher":
     try cipherBench(totalMiB: arguments.dropFirst().first.flatMap { Int($0) } ?? 256)
 default:
-    print("usage: kmsfs-bench cipher [MiB]")
+    print("usage: kmsfs-bench cipher [MiB] | keymanager")
     exit(2)
 }
