@@ -19,6 +19,7 @@ let package = Package(
     ],
     targets: [
         .systemLibrary(name: "CFUSE", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
+        .systemLibrary(name: "CLinux"),
         .systemLibrary(name: "COpenSSL", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
         .target(name: "FUSEBridge", dependencies: [
             "CFUSE",
@@ -32,12 +33,12 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "EncryptedFS", dependencies: [
-            "FUSEBridge", "ChunkCipher", "KeyManager",
+            "FUSEBridge", "ChunkCipher", "KeyManager", "CLinux",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "SystemPackage", package: "swift-system"),
         ]),
         .executableTarget(name: "kmsfs", dependencies: [
-            "EncryptedFS", "KeyManager", "ChunkCipher",
+            "EncryptedFS", "KeyManager", "ChunkCipher", "FUSEBridge", "CLinux",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),

@@ -109,3 +109,20 @@ extension KeyManager {
         }
     }
 }
+
+extension KeyManager {
+    /// Checks, without unwrapping anything, that `principal` may still use a
+    /// key whose data key is already in memory: policy, then state. The mount
+    /// calls this on every request that uses a cached key, so a disabled key
+    /// or a revoked grant takes effect at once.
+    public func checkUse(_ principal: Principal, _ operation: KeyOperation, key: KeyID, object: ID128? = nil) throws(KeyManagerError) {
+        let rec = try record(key)
+        try authorize(principal, operation, rec)
+        let action: LifecycleAction = operation == .encrypt ? .generateDataKey : .unwrapDataKey
+        do { try check(action, rec) } catch {
+            audit(AuditEvent(operation == .encrypt ? "GenerateDataKey" : "Decrypt", outcome: "refused", key: key,
+                             principal: principal, object: object, error: error.description))
+            throw error
+        }
+    }
+}

@@ -93,6 +93,10 @@ public final class KeyManager: @unchecked Sendable {
         let kekKey = try options.scrypt.deriveKey(passphrase: passphrase, salt: salt)
         let kek = try AESGCM.make(kekKey)
         let metadataKey = SecretKey.random()
+        // Owner-only: SQLite gives the -wal and -shm files the same mode.
+        guard FileManager.default.createFile(atPath: path, contents: nil, attributes: [.posixPermissions: 0o600]) else {
+            throw .database("cannot create \(path)")
+        }
         let pool = try openPool(path, readonly: false)
         do {
             try KeystoreSchema.migrator.migrate(pool)

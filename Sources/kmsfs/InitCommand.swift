@@ -1,5 +1,6 @@
 import ArgumentParser
 import ChunkCipher
+import EncryptedFS
 import Foundation
 import KeyManager
 
@@ -42,6 +43,7 @@ struct Init: ParsableCommand {
         let options = FilesystemOptions(chunkSize: chunkSize, plaintextNames: plaintextNames, scrypt: ScryptParameters(logN: kdfLogN))
         let keystore = URL(fileURLWithPath: cipherdir).standardizedFileURL.path + "/.kmsfs"
         let manager = try KeyManager.create(in: keystore, passphrase: secret, options: options, creator: caller, clock: Clock.current)
+        try EncryptedFileSystem.initializeRoot(cipherdir: cipherdir, keyManager: manager, principal: caller)
         let key = try manager.resolve("alias/default")
         print("created kmsfs filesystem \(manager.filesystemID) in \(cipherdir)")
         print("chunk size \(chunkSize) bytes, names \(plaintextNames ? "in plaintext" : "encrypted (AES-256-SIV)")")

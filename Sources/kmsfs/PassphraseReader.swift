@@ -33,6 +33,22 @@ enum PassphraseReader {
         return SecretKey(copying: Array(line))
     }
 
+    /// Reads a passphrase written to a pipe by the parent process.
+    static func read(fd: Int32) throws -> SecretKey {
+        var raw = [UInt8]()
+        var chunk = [UInt8](repeating: 0, count: 1024)
+        while true {
+            let n = Glibc.read(fd, &chunk, chunk.count)
+            if n <= 0 { break }
+            raw.append(contentsOf: chunk[0..<n])
+        }
+        close(fd)
+        wipe(&chunk)
+        defer { wipe(&raw) }
+        guard !raw.isEmpty else { throw ValidationError("no passphrase on descriptor \(fd)") }
+        return SecretKey(copying: raw)
+    }
+
     private static func wipe(_ bytes: inout [UInt8]) {
         for i in bytes.indices { bytes[i] = 0 }
     }

@@ -1,0 +1,42 @@
+// Linux-only system calls and constants that Swift's Glibc module hides
+// behind _GNU_SOURCE. Thin wrappers, no logic.
+#ifndef KMSFS_CLINUX_SHIM_H
+#define KMSFS_CLINUX_SHIM_H
+
+#include <sys/syscall.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+static const int KMSFS_O_PATH = 010000000;
+static const short KMSFS_POSIX_SPAWN_SETSID = 0x80;
+static const int KMSFS_AT_EMPTY_PATH = 0x1000;
+static const unsigned int KMSFS_RENAME_NOREPLACE = 1;
+static const unsigned int KMSFS_RENAME_EXCHANGE = 2;
+static const long KMSFS_UTIME_NOW = (1l << 30) - 1l;
+static const long KMSFS_UTIME_OMIT = (1l << 30) - 2l;
+
+/// renameat2(2); glibc declares it only under _GNU_SOURCE.
+static inline int kmsfs_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned int flags) {
+    return (int)syscall(SYS_renameat2, olddirfd, oldpath, newdirfd, newpath, flags);
+}
+
+#include <fcntl.h>
+
+/// pipe2(2) with O_CLOEXEC; glibc declares pipe2 only under _GNU_SOURCE.
+static inline int kmsfs_pipe_cloexec(int fds[2]) {
+    return (int)syscall(SYS_pipe2, fds, O_CLOEXEC);
+}
+
+#include <sys/prctl.h>
+#include <sys/resource.h>
+
+/// Keeps key material out of core dumps: no core file, and not dumpable
+/// (prctl is variadic, so Swift cannot call it).
+static inline int kmsfs_disable_core_dumps(void) {
+    struct rlimit none = { 0, 0 };
+    int a = setrlimit(RLIMIT_CORE, &none);
+    int b = prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    return a == 0 && b == 0 ? 0 : -1;
+}
+
+#endif

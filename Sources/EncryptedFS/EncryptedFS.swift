@@ -1,1 +1,0 @@
-// EncryptedFS: filled by the mount issue (#4).

@@ -1,0 +1,699 @@
+import ChunkCipher
+import FUSEBridge
+import KeyManager
+import Logging
+import CLinux
+import SystemPackage
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Counters for `kmsfs status`.
+public struct FilesystemStatistics: Sendable, Codable {
+    public var openFiles: Int
+    public var nodes: Int
+    public var bytesRead: Int
+    public var bytesWritten: Int
+    public var integrityFailures: Int
+    public var deniedRequests: Int
+}
+
+/// The encrypted filesystem: maps the plaintext tree onto CIPHERDIR, one
+/// ciphertext file per plaintext file, names encrypted per directory, data
+/// keys from the key manager, policy checked with each request's uid/gid.
+/// Testable without a mount: call the `FileSystem` operations directly.
+public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
+    public let cipherdir: String
+    public let keyManager: KeyManager
+    let layout: ChunkLayout
+    let plaintextNames: Bool
+    let nodes: NodeTable
+    let logger = Logger(label: "kmsfs.fs")
+    /// Seconds the kernel may cache attributes and names.
+    let timeout: Double = 1.0
+    let runningAsRoot = geteuid() == 0
+
+    private struct OpenState: ~Copyable {
+        var files: [InodeKey: OpenFile] = [:]
+        var handles: [UInt64: OpenFile] = [:]
+        var directories: [UInt64: [DirectoryEntry]] = [:]
+        var next: UInt64 = 1
+    }
+    private let open = Mutex(OpenState())
+    private let bytesRead = Atomic<Int>(0)
+    private let bytesWritten = Atomic<Int>(0)
+    private let integrityFailures = Atomic<Int>(0)
+    private let denied = Atomic<Int>(0)
+
+    /// Names in CIPHERDIR beginning with this belong to kmsfs, never to the user.
+    static let reservedPrefix = ".kmsfs"
+
+    /// Opens the filesystem rooted at `cipherdir` (already initialised).
+    public init(cipherdir: String, keyManager: KeyManager) throws {
+        self.cipherdir = cipherdir
+        self.keyManager = keyManager
+        self.layout = try ChunkLayout(chunkSize: keyManager.chunkSize)
+        self.plaintextNames = keyManager.plaintextNames
+        let fd = try Syscall.openat(AT_FDCWD, cipherdir, KMSFS_O_PATH | O_DIRECTORY)
+        let st = try Syscall.fstat(fd)
+        nodes = NodeTable(root: Node(id: .root, fd: fd, key: InodeKey(st), type: S_IFDIR, parent: nil, name: ""))
+    }
+
+    /// Writes the root directory's keys; `kmsfs init` calls this once.
+    public static func initializeRoot(cipherdir: String, keyManager: KeyManager, principal: Principal) throws {
+        let fd = try Syscall.openat(AT_FDCWD, cipherdir, KMSFS_O_PATH | O_DIRECTORY)
+        defer { close(fd) }
+        let layout = try ChunkLayout(chunkSize: keyManager.chunkSize)
+        _ = try DirectoryKeys.create(in: fd, key: try keyManager.boundKey(forDirectory: "/"), keyManager: keyManager,
+                                     principal: principal, layout: layout, isRoot: true)
+    }
+
+    public var statistics: FilesystemStatistics {
+        FilesystemStatistics(openFiles: open.withLock { $0.files.count }, nodes: nodes.count,
+                             bytesRead: bytesRead.load(ordering: .relaxed), bytesWritten: bytesWritten.load(ordering: .relaxed),
+                             integrityFailures: integrityFailures.load(ordering: .relaxed), deniedRequests: denied.load(ordering: .relaxed))
+    }
+
+    // MARK: Helpers
+
+    func principal(_ context: RequestContext) -> Principal {
+        Principal(uid: context.uid, gid: context.gid, pid: context.pid)
+    }
+
+    /// Runs a key-manager call, turning its refusal into the errno of DESIGN.md §10.
+    func keys<T: ~Copyable>(_ body: () throws(KeyManagerError) -> T) throws(Errno) -> T {
+        do throws(KeyManagerError) { return try body() } catch {
+            if case .accessDenied = error { denied.add(1, ordering: .relaxed) }
+            logger.notice("key refused", metadata: ["error": .string(error.description)])
+            throw Errno(error)
+        }
+    }
+
+    /// The keys of a directory node, checking the caller may use them.
+    func directoryKeys(_ node: Node, _ context: RequestContext) throws(Errno) -> DirectoryKeys {
+        guard node.isDirectory else { throw .notDirectory }
+        let who = principal(context)
+        let loaded = try nodes.keys(of: node) { () throws(Errno) in
+            try DirectoryKeys.load(from: node.fd, keyManager: keyManager, principal: who, layout: layout,
+                                   isRoot: node.id == .root, logger: logger)
+        }
+        try keys { () throws(KeyManagerError) in try keyManager.checkUse(who, .decrypt, key: loaded.keyID, object: loaded.directoryID) }
+        return loaded
+    }
+
+    func volumeKeys(_ context: RequestContext) throws(Errno) -> VolumeKeys {
+        guard let volume = try directoryKeys(try nodes.node(.root), context).volume else { throw .ioError }
+        return volume
+    }
+
+    /// The name stored in CIPHERDIR for plaintext `name` in directory `node`.
+    func storedName(_ name: String, in node: Node, _ context: RequestContext) throws(Errno) -> String {
+        guard !name.isEmpty, name != ".", name != ".." else { throw .invalidArgument }
+        if plaintextNames {
+            guard !name.hasPrefix(Self.reservedPrefix) else { throw .notPermitted }
+            return name
+        }
+        let dir = try directoryKeys(node, context)
+        do throws(CipherError) { return LongName.storedName(for: try dir.names.encrypt(name)) } catch { throw .invalidArgument }
+    }
+
+    /// For a hashed long name, writes the sidecar holding the full encoded name.
+    func writeSidecar(_ stored: String, plaintext name: String, in node: Node, _ context: RequestContext) throws(Errno) {
+        guard !plaintextNames, LongName.isHashed(stored) else { return }
+        let names = try directoryKeys(node, context).names
+        let encoded: String
+        do throws(CipherError) { encoded = try names.encrypt(name) } catch { throw .ioError }
+        let fd = try Syscall.openat(node.fd, stored + LongName.sidecarSuffix, O_WRONLY | O_CREAT | O_TRUNC, 0o400)
+        defer { close(fd) }
+        try Syscall.pwrite(fd, Array(encoded.utf8), at: 0)
+    }
+
+    func removeSidecar(_ stored: String, in node: Node) {
+        guard LongName.isHashed(stored) else { return }
+        unlinkat(node.fd, stored + LongName.sidecarSuffix, 0)
+    }
+
+    /// The plaintext name of a stored entry, or nil for kmsfs's own files and undecryptable names.
+    func plaintextName(_ stored: String, in node: Node, keys dir: DirectoryKeys?) -> String? {
+        if stored.hasPrefix(Self.reservedPrefix) {
+            guard LongName.isHashed(stored), let dir else { return nil }
+            guard let fd = try? Syscall.openat(node.fd, stored + LongName.sidecarSuffix, O_RDONLY) else { return nil }
+            defer { close(fd) }
+            let encoded = String(decoding: (try? Syscall.pread(fd, count: 4096, at: 0)) ?? [], as: UTF8.self)
+            guard LongName.storedName(for: encoded) == stored else { return nil }
+            return try? dir.names.decrypt(encoded)
+        }
+        if plaintextNames { return stored }
+        guard let dir else { return nil }
+        do throws(CipherError) { return try dir.names.decrypt(stored) } catch {
+            logger.warning("skipping an entry whose name does not decrypt", metadata: ["directory": "\(dir.directoryID)", "error": "\(error)"])
+            return nil
+        }
+    }
+
+    /// Backing attributes turned into what the application sees.
+    func plaintextAttributes(_ st: stat, symlinkTarget: () -> String?) -> stat {
+        var out = st
+        switch st.st_mode & S_IFMT {
+        case S_IFREG:
+            out.st_size = off_t((try? layout.plaintextSize(ciphertextSize: Int(st.st_size))) ?? 0)
+        case S_IFLNK:
+            if let target = symlinkTarget() { out.st_size = off_t(target.utf8.count) }
+        default: break
+        }
+        return out
+    }
+
+    func entry(_ node: Node, _ st: stat, _ context: RequestContext) -> EntryReply {
+        let attributes = plaintextAttributes(st) { node.isSymlink ? try? self.decryptedTarget(of: node, context) : nil }
+        return EntryReply(node: node.id, attributes: attributes, attributeTimeout: timeout, entryTimeout: timeout)
+    }
+
+    func decryptedTarget(of node: Node, _ context: RequestContext) throws(Errno) -> String {
+        let stored = try Syscall.readlinkat(node.fd, "")
+        if plaintextNames { return stored }
+        let volume = try volumeKeys(context)
+        do throws(CipherError) { return try volume.symlinks.openText(stored) } catch {
+            integrityFailure(error, object: nil, what: "symlink target")
+            throw .ioError
+        }
+    }
+
+    func integrityFailure(_ error: CipherError, object: ID128?, what: String, key: KeyID? = nil) {
+        integrityFailures.add(1, ordering: .relaxed)
+        logger.error("integrity failure", metadata: ["what": .string(what), "object": .string(object?.hex ?? "-"), "error": .string(error.description)])
+        keyManager.audit(AuditEvent("IntegrityFailure", outcome: "failure", key: key, object: object, error: "\(what): \(error)"))
+    }
+
+    /// Gives a new entry to the requesting user when the daemon runs as root.
+    func adopt(_ parent: Node, _ stored: String, _ context: RequestContext) {
+        guard runningAsRoot, context.uid != 0 || context.gid != 0 else { return }
+        fchownat(parent.fd, stored, context.uid, context.gid, AT_SYMLINK_NOFOLLOW)
+    }
+
+    /// The file id in the header of a backing regular file, if readable.
+    func fileID(parent: Node, stored: String) -> ID128? {
+        guard let fd = try? Syscall.openat(parent.fd, stored, O_RDONLY | O_NOFOLLOW) else { return nil }
+        defer { close(fd) }
+        guard let raw = try? Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0),
+              let header = try? FileHeader(decoding: raw) else { return nil }
+        return header.fileID.rawValue
+    }
+
+    // MARK: Names and attributes
+
+    public func lookup(_ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno) -> EntryReply {
+        let dir = try nodes.node(parent)
+        let stored = try storedName(name, in: dir, context)
+        let st = try Syscall.fstatat(dir.fd, stored)
+        let node = try nodes.remember(parentFD: dir.fd, storedName: stored, st: st, parent: parent, name: name)
+        return entry(node, st, context)
+    }
+
+    public func forget(_ node: NodeID, _ count: UInt64) {
+        nodes.forget(node, count)
+    }
+
+    public func getattr(_ id: NodeID, _ context: RequestContext) throws(Errno) -> (stat, Double) {
+        let node = try nodes.node(id)
+        let st = try Syscall.fstatat(node.fd, "", flags: KMSFS_AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)
+        return (entry(node, st, context).attributes, timeout)
+    }
+
+    public func setattr(_ id: NodeID, _ changes: AttributeChanges, handle: UInt64?, _ context: RequestContext) throws(Errno) -> (stat, Double) {
+        let node = try nodes.node(id)
+        if let mode = changes.mode, !node.isSymlink {
+            try Syscall.call { chmod(node.procPath, mode & 0o7777) }
+        }
+        if changes.uid != nil || changes.gid != nil {
+            let uid = changes.uid ?? uid_t.max, gid = changes.gid ?? gid_t.max
+            try Syscall.call { fchownat(node.fd, "", uid, gid, KMSFS_AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) }
+        }
+        if let size = changes.size {
+            guard node.isRegular else { throw node.isDirectory ? .isDirectory : .invalidArgument }
+            guard size >= 0 else { throw .invalidArgument }
+            if let handle, let file = open.withLock({ $0.handles[handle] }) {
+                try file.truncate(to: Int(size))
+            } else {
+                let file = try openFile(node, flags: O_RDWR, context)
+                defer { releaseFile(file) }
+                try file.truncate(to: Int(size))
+            }
+        }
+        if changes.accessTime != nil || changes.modificationTime != nil {
+            func spec(_ change: TimeChange?) -> timespec {
+                switch change {
+                case nil: return timespec(tv_sec: 0, tv_nsec: Int(KMSFS_UTIME_OMIT))
+                case .now: return timespec(tv_sec: 0, tv_nsec: Int(KMSFS_UTIME_NOW))
+                case .at(let t): return t
+                }
+            }
+            var times = [spec(changes.accessTime), spec(changes.modificationTime)]
+            if node.isSymlink {
+                try Syscall.call { utimensat(node.fd, "", &times, KMSFS_AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) }
+            } else {
+                try Syscall.call { utimensat(AT_FDCWD, node.procPath, &times, 0) }
+            }
+        }
+        return try getattr(id, context)
+    }
+
+    public func readlink(_ id: NodeID, _ context: RequestContext) throws(Errno) -> String {
+        let node = try nodes.node(id)
+        guard node.isSymlink else { throw .invalidArgument }
+        return try decryptedTarget(of: node, context)
+    }
+
+    public func statfs(_ id: NodeID) throws(Errno) -> statvfs {
+        let root = try nodes.node(.root)
+        var info = statvfs()
+        try Syscall.call { fstatvfs(root.fd, &info) }
+        info.f_namemax = 255
+        return info
+    }
+
+    // MARK: Creating and removing
+
+    public func mknod(_ parent: NodeID, _ name: String, mode: mode_t, device: dev_t, _ context: RequestContext) throws(Errno) -> EntryReply {
+        switch mode & S_IFMT {
+        case S_IFREG:
+            let (entry, opened) = try create(parent, name, mode: mode, flags: O_WRONLY, context)
+            release(entry.node, handle: opened.handle)
+            return entry
+        case S_IFIFO, S_IFSOCK:
+            let dir = try nodes.node(parent)
+            let stored = try storedName(name, in: dir, context)
+            try writeSidecar(stored, plaintext: name, in: dir, context)
+            try Syscall.call { mknodat(dir.fd, stored, mode, 0) }
+            adopt(dir, stored, context)
+            return try lookup(parent, name, context)
+        default:
+            throw .notPermitted
+        }
+    }
+
+    public func mkdir(_ parent: NodeID, _ name: String, mode: mode_t, _ context: RequestContext) throws(Errno) -> EntryReply {
+        let dir = try nodes.node(parent)
+        let stored = try storedName(name, in: dir, context)
+        let parentPath = nodes.path(of: parent)
+        let path = parentPath == "/" ? "/" + name : parentPath + "/" + name
+        let key = try keys { () throws(KeyManagerError) in try keyManager.boundKey(forDirectory: path) }
+        try writeSidecar(stored, plaintext: name, in: dir, context)
+        // The daemon needs to write .kmsfs.dir; the mode is set after.
+        try Syscall.call { mkdirat(dir.fd, stored, 0o700) }
+        do throws(Errno) {
+            let fd = try Syscall.openat(dir.fd, stored, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
+            defer { close(fd) }
+            _ = try DirectoryKeys.create(in: fd, key: key, keyManager: keyManager, principal: principal(context),
+                                         layout: layout, isRoot: false)
+            try Syscall.call { fchmodat(dir.fd, stored, mode & 0o7777, 0) }
+        } catch {
+            unlinkat(dir.fd, stored + "/" + DirectoryKeys.fileName, 0)
+            unlinkat(dir.fd, stored, AT_REMOVEDIR)
+            removeSidecar(stored, in: dir)
+            throw error
+        }
+        adopt(dir, stored, context)
+        return try lookup(parent, name, context)
+    }
+
+    public func symlink(target: String, _ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno) -> EntryReply {
+        let dir = try nodes.node(parent)
+        let stored = try storedName(name, in: dir, context)
+        let sealed: String
+        if plaintextNames { sealed = target } else {
+            let volume = try volumeKeys(context)
+            do throws(CipherError) { sealed = try volume.symlinks.sealText(target) } catch { throw .ioError }
+        }
+        guard sealed.utf8.count < Int(PATH_MAX) else { throw .fileNameTooLong }
+        try writeSidecar(stored, plaintext: name, in: dir, context)
+        try Syscall.call { symlinkat(sealed, dir.fd, stored) }
+        adopt(dir, stored, context)
+        return try lookup(parent, name, context)
+    }
+
+    public func link(_ id: NodeID, _ newParent: NodeID, _ newName: String, _ context: RequestContext) throws(Errno) -> EntryReply {
+        let node = try nodes.node(id)
+        let dir = try nodes.node(newParent)
+        guard !node.isDirectory else { throw .notPermitted }
+        let stored = try storedName(newName, in: dir, context)
+        try writeSidecar(stored, plaintext: newName, in: dir, context)
+        if node.isSymlink {
+            try Syscall.call { linkat(node.fd, "", dir.fd, stored, KMSFS_AT_EMPTY_PATH) }
+        } else {
+            try Syscall.call { linkat(AT_FDCWD, node.procPath, dir.fd, stored, AT_SYMLINK_FOLLOW) }
+        }
+        return try lookup(newParent, newName, context)
+    }
+
+    public func unlink(_ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno) {
+        let dir = try nodes.node(parent)
+        let stored = try storedName(name, in: dir, context)
+        let st = try Syscall.fstatat(dir.fd, stored)
+        guard st.st_mode & S_IFMT != S_IFDIR else { throw .isDirectory }
+        let lastLink = st.st_mode & S_IFMT == S_IFREG && st.st_nlink == 1
+        let object = lastLink ? fileID(parent: dir, stored: stored) : nil
+        try Syscall.call { unlinkat(dir.fd, stored, 0) }
+        removeSidecar(stored, in: dir)
+        if let object { try? keyManager.forgetUsage(object) }
+    }
+
+    public func rmdir(_ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno) {
+        let dir = try nodes.node(parent)
+        let stored = try storedName(name, in: dir, context)
+        let object = try removeDirectoryKeys(dir, stored)
+        do throws(Errno) {
+            try Syscall.call { unlinkat(dir.fd, stored, AT_REMOVEDIR) }
+        } catch {
+            logger.error("rmdir failed after its keys were removed", metadata: ["error": "\(error)"])
+            throw error
+        }
+        removeSidecar(stored, in: dir)
+        if let object { try? keyManager.forgetUsage(object) }
+    }
+
+    /// Checks a backing directory holds nothing but its `.kmsfs.dir`, removes
+    /// that, and returns the directory id (ENOTEMPTY otherwise).
+    private func removeDirectoryKeys(_ parent: Node, _ stored: String) throws(Errno) -> ID128? {
+        let fd = try Syscall.openat(parent.fd, stored, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
+        defer { close(fd) }
+        let entries = try Syscall.listDirectory(fd)
+        guard entries.allSatisfy({ $0.name == DirectoryKeys.fileName }) else { throw .directoryNotEmpty }
+        let object = fileID(parent: Node(id: NodeID(rawValue: 0), fd: dup(fd), key: InodeKey(stat()), type: S_IFDIR, parent: nil, name: ""),
+                            stored: DirectoryKeys.fileName)
+        if !entries.isEmpty { try Syscall.call { unlinkat(fd, DirectoryKeys.fileName, 0) } }
+        return object
+    }
+
+    public func rename(_ parent: NodeID, _ name: String, _ newParent: NodeID, _ newName: String, flags: UInt32,
+                       _ context: RequestContext) throws(Errno) {
+        let from = try nodes.node(parent)
+        let to = try nodes.node(newParent)
+        let oldStored = try storedName(name, in: from, context)
+        let newStored = try storedName(newName, in: to, context)
+        let moving = try Syscall.fstatat(from.fd, oldStored)
+        var replacedObject: ID128?
+        if flags & (KMSFS_RENAME_EXCHANGE) == 0, let target = try? Syscall.fstatat(to.fd, newStored) {
+            if flags & (KMSFS_RENAME_NOREPLACE) != 0 { throw .fileExists }
+            switch target.st_mode & S_IFMT {
+            case S_IFDIR:
+                guard moving.st_mode & S_IFMT == S_IFDIR else { throw .isDirectory }
+                replacedObject = try removeDirectoryKeys(to, newStored)
+            case S_IFREG where target.st_nlink == 1 && InodeKey(target) != InodeKey(moving):
+                replacedObject = fileID(parent: to, stored: newStored)
+            default: break
+            }
+        }
+        try writeSidecar(newStored, plaintext: newName, in: to, context)
+        try Syscall.call { kmsfs_renameat2(from.fd, oldStored, to.fd, newStored, flags) }
+        if flags & (KMSFS_RENAME_EXCHANGE) != 0 {
+            try writeSidecar(oldStored, plaintext: name, in: from, context)
+        } else if oldStored != newStored || from.id != to.id {
+            removeSidecar(oldStored, in: from)
+        }
+        nodes.moved(InodeKey(moving), to: newParent, name: newName)
+        if let replacedObject { try? keyManager.forgetUsage(replacedObject) }
+    }
+
+    // MARK: Directories
+
+    public func opendir(_ id: NodeID, _ context: RequestContext) throws(Errno) -> UInt64 {
+        let node = try nodes.node(id)
+        let dir = plaintextNames ? nil : try directoryKeys(node, context)
+        var entries = [DirectoryEntry(name: ".", inode: node.key.inode, type: S_IFDIR, nextOffset: 1),
+                       DirectoryEntry(name: "..", inode: UInt64((try? Syscall.fstatat(node.fd, "..").st_ino) ?? 1), type: S_IFDIR, nextOffset: 2)]
+        for raw in try Syscall.listDirectory(node.fd) {
+            guard let name = plaintextName(raw.name, in: node, keys: dir) else { continue }
+            entries.append(DirectoryEntry(name: name, inode: raw.inode, type: mode_t(raw.type) << 12,
+                                          nextOffset: Int64(entries.count + 1)))
+        }
+        return open.withLock { s in
+            let handle = s.next
+            s.next += 1
+            s.directories[handle] = entries
+            return handle
+        }
+    }
+
+    public func readdir(_ id: NodeID, handle: UInt64, offset: Int64, _ add: (DirectoryEntry) -> Bool) throws(Errno) {
+        guard let entries = open.withLock({ $0.directories[handle] }) else { throw .badFileDescriptor }
+        var i = Int(offset)
+        while i < entries.count, add(entries[i]) { i += 1 }
+    }
+
+    public func releasedir(_ id: NodeID, handle: UInt64) {
+        open.withLock { _ = $0.directories.removeValue(forKey: handle) }
+    }
+
+    // MARK: Files
+
+    public func create(_ parent: NodeID, _ name: String, mode: mode_t, flags: Int32, _ context: RequestContext) throws(Errno) -> (EntryReply, OpenReply) {
+        let dir = try nodes.node(parent)
+        let stored = try storedName(name, in: dir, context)
+        let key = try keys { () throws(KeyManagerError) in try keyManager.boundKey(forDirectory: nodes.path(of: parent)) }
+        let fileID = FileID.random()
+        let who = principal(context)
+        let dataKey = try keys { () throws(KeyManagerError) in
+            try keyManager.generateDataKey(for: fileID.rawValue, kind: .file, key: key, principal: who)
+        }
+        var header = FileHeader(chunkSizeLog2: layout.chunkSizeLog2, fileID: fileID, keyID: dataKey.keyID,
+                                keyVersion: dataKey.version, wrappedKey: dataKey.wrapped)
+        let cipher: FileCipher
+        let headerBytes: [UInt8]
+        do throws(CipherError) {
+            cipher = try FileCipher(key: dataKey.key, fileID: fileID, layout: layout)
+            try cipher.seal(header: &header, plaintextSize: 0)
+            headerBytes = try header.encoded()
+        } catch {
+            try? keyManager.forgetUsage(fileID.rawValue)
+            throw .ioError
+        }
+        try writeSidecar(stored, plaintext: name, in: dir, context)
+        let fd: Int32
+        do throws(Errno) {
+            fd = try Syscall.openat(dir.fd, stored, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, mode & 0o7777)
+        } catch {
+            try? keyManager.forgetUsage(fileID.rawValue)
+            throw error
+        }
+        let file: OpenFile
+        do throws(Errno) {
+            try Syscall.pwrite(fd, headerBytes, at: 0)
+            file = try OpenFile(fd: fd, writable: true, header: header, cipher: cipher, onIntegrityFailure: failureHandler(fileID, key))
+        } catch {
+            unlinkat(dir.fd, stored, 0)
+            try? keyManager.forgetUsage(fileID.rawValue)
+            throw error
+        }
+        adopt(dir, stored, context)
+        let st = try Syscall.fstat(fd)
+        let handle = open.withLock { s -> UInt64 in
+            let key = InodeKey(st)
+            let shared = s.files[key] ?? file
+            s.files[key] = shared
+            shared.handles += 1
+            let h = s.next
+            s.next += 1
+            s.handles[h] = shared
+            return h
+        }
+        let node = try nodes.remember(parentFD: dir.fd, storedName: stored, st: st, parent: parent, name: name)
+        return (entry(node, st, context), OpenReply(handle: handle))
+    }
+
+    func failureHandler(_ fileID: FileID, _ key: KeyID) -> @Sendable (CipherError) -> Void {
+        { [weak self] error in self?.integrityFailure(error, object: fileID.rawValue, what: "file", key: key) }
+    }
+
+    /// The shared open state of a regular file, opening and authenticating it
+    /// if no handle holds it; checks policy and key state either way.
+    func openFile(_ node: Node, flags: Int32, _ context: RequestContext) throws(Errno) -> OpenFile {
+        guard node.isRegular else { throw node.isDirectory ? .isDirectory : .invalidArgument }
+        let who = principal(context)
+        if let shared = open.withLock({ s -> OpenFile? in
+            guard let f = s.files[node.key] else { return nil }
+            f.handles += 1
+            return f
+        }) {
+            do throws(Errno) {
+                try keys { () throws(KeyManagerError) in try keyManager.checkUse(who, .decrypt, key: shared.keyID, object: shared.fileID.rawValue) }
+                if !shared.writable, flags & O_ACCMODE != O_RDONLY { throw Errno.permissionDenied }
+            } catch {
+                releaseFile(shared)
+                throw error
+            }
+            return shared
+        }
+        var writable = true
+        var fd: Int32
+        do throws(Errno) { fd = try Syscall.openat(AT_FDCWD, node.procPath, O_RDWR) } catch {
+            guard error == .permissionDenied || error == .readOnlyFileSystem else { throw error }
+            writable = false
+            fd = try Syscall.openat(AT_FDCWD, node.procPath, O_RDONLY)
+        }
+        let header: FileHeader
+        do throws(Errno) {
+            let raw = try Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0)
+            do throws(CipherError) { header = try FileHeader(decoding: raw) } catch {
+                integrityFailure(error, object: nil, what: "file header")
+                throw Errno.ioError
+            }
+        } catch {
+            close(fd)
+            throw error
+        }
+        let file: OpenFile
+        do throws(Errno) {
+            let dataKey = try keys { () throws(KeyManagerError) in
+                try keyManager.decryptDataKey(header.wrappedKey, for: header.fileID.rawValue, key: header.keyID,
+                                              version: header.keyVersion, principal: who)
+            }
+            let cipher: FileCipher
+            do throws(CipherError) { cipher = try FileCipher(key: dataKey, fileID: header.fileID, layout: layout) } catch { throw Errno.ioError }
+            file = try OpenFile(fd: fd, writable: writable, header: header, cipher: cipher,
+                                onIntegrityFailure: failureHandler(header.fileID, header.keyID))
+        } catch {
+            close(fd)
+            throw error
+        }
+        if !writable, flags & O_ACCMODE != O_RDONLY { throw .permissionDenied }
+        return open.withLock { s in
+            let shared = s.files[node.key] ?? file
+            s.files[node.key] = shared
+            shared.handles += 1
+            return shared
+        }
+    }
+
+    /// Drops one handle's hold; the last one closes the file and frees its key.
+    func releaseFile(_ file: OpenFile) {
+        open.withLock { s in
+            file.handles -= 1
+            if file.handles <= 0, let key = s.files.first(where: { $0.value === file })?.key {
+                s.files[key] = nil
+            }
+        }
+    }
+
+    public func open(_ id: NodeID, flags: Int32, _ context: RequestContext) throws(Errno) -> OpenReply {
+        let node = try nodes.node(id)
+        let file = try openFile(node, flags: flags, context)
+        if flags & O_TRUNC != 0 {
+            do throws(Errno) { try file.truncate(to: 0) } catch {
+                releaseFile(file)
+                throw error
+            }
+        }
+        let handle = open.withLock { s -> UInt64 in
+            let h = s.next
+            s.next += 1
+            s.handles[h] = file
+            return h
+        }
+        return OpenReply(handle: handle)
+    }
+
+    func file(_ handle: UInt64) throws(Errno) -> OpenFile {
+        guard let file = open.withLock({ $0.handles[handle] }) else { throw .badFileDescriptor }
+        return file
+    }
+
+    public func read(_ id: NodeID, handle: UInt64, size: Int, offset: Int64, _ reply: (UnsafeRawBufferPointer) -> Void) throws(Errno) {
+        let file = try file(handle)
+        try file.read(offset: Int(offset), count: size) { bytes in
+            bytesRead.add(bytes.count, ordering: .relaxed)
+            reply(bytes)
+        }
+    }
+
+    public func write(_ id: NodeID, handle: UInt64, data: UnsafeRawBufferPointer, offset: Int64, _ context: RequestContext) throws(Errno) -> Int {
+        let file = try file(handle)
+        let n = try file.write(data, at: Int(offset))
+        bytesWritten.add(n, ordering: .relaxed)
+        return n
+    }
+
+    public func fsync(_ id: NodeID, handle: UInt64, dataOnly: Bool) throws(Errno) {
+        try file(handle).sync(dataOnly: dataOnly)
+    }
+
+    public func release(_ id: NodeID, handle: UInt64) {
+        guard let file = open.withLock({ $0.handles.removeValue(forKey: handle) }) else { return }
+        releaseFile(file)
+    }
+
+    public func fallocate(_ id: NodeID, handle: UInt64, mode: Int32, offset: Int64, length: Int64, _ context: RequestContext) throws(Errno) {
+        guard mode == 0 else { throw .notSupported }
+        let file = try file(handle)
+        let end = Int(offset + length)
+        if end > file.size { try file.truncate(to: end) }
+    }
+
+    // MARK: Extended attributes
+
+    static let xattrPrefix = "user.kmsfs."
+
+    func backingXattrName(_ name: String, _ context: RequestContext) throws(Errno) -> String {
+        guard name.hasPrefix("user.") else { throw .notSupported }
+        if plaintextNames { return name }
+        let volume = try volumeKeys(context)
+        do throws(CipherError) { return Self.xattrPrefix + (try volume.xattrNames.encrypt(name)) } catch { throw .invalidArgument }
+    }
+
+    public func setxattr(_ id: NodeID, _ name: String, value: UnsafeRawBufferPointer, flags: Int32, _ context: RequestContext) throws(Errno) {
+        let node = try nodes.node(id)
+        let backing = try backingXattrName(name, context)
+        var sealed = Array(value)
+        if !plaintextNames {
+            let volume = try volumeKeys(context)
+            do throws(CipherError) { sealed = try volume.xattrValues.seal(sealed, context: Array(name.utf8)) } catch { throw .ioError }
+        }
+        try Syscall.call { CLinux.setxattr(node.procPath, backing, sealed, sealed.count, flags) }
+    }
+
+    public func getxattr(_ id: NodeID, _ name: String, _ context: RequestContext) throws(Errno) -> [UInt8] {
+        let node = try nodes.node(id)
+        guard name.hasPrefix("user.") else { throw .noData }
+        let backing = try backingXattrName(name, context)
+        let size = try Syscall.call { CLinux.getxattr(node.procPath, backing, nil, 0) }
+        var raw = [UInt8](repeating: 0, count: size)
+        let n = try Syscall.call { CLinux.getxattr(node.procPath, backing, &raw, raw.count) }
+        raw.removeLast(raw.count - n)
+        if plaintextNames { return raw }
+        let volume = try volumeKeys(context)
+        do throws(CipherError) { return try volume.xattrValues.open(raw, context: Array(name.utf8)) } catch {
+            integrityFailure(error, object: nil, what: "extended attribute")
+            throw .ioError
+        }
+    }
+
+    public func listxattr(_ id: NodeID, _ context: RequestContext) throws(Errno) -> [String] {
+        let node = try nodes.node(id)
+        guard !node.isSymlink else { return [] }
+        let size = try Syscall.call { CLinux.listxattr(node.procPath, nil, 0) }
+        var raw = [CChar](repeating: 0, count: size)
+        let n = try Syscall.call { CLinux.listxattr(node.procPath, &raw, raw.count) }
+        let names = raw[0..<n].split(separator: 0).map { String(decoding: $0.map { UInt8(bitPattern: $0) }, as: UTF8.self) }
+        if plaintextNames { return names.filter { $0.hasPrefix("user.") } }
+        let volume = try volumeKeys(context)
+        return names.compactMap { backing in
+            guard backing.hasPrefix(Self.xattrPrefix) else { return nil }
+            return try? volume.xattrNames.decrypt(String(backing.dropFirst(Self.xattrPrefix.count)))
+        }
+    }
+
+    public func removexattr(_ id: NodeID, _ name: String, _ context: RequestContext) throws(Errno) {
+        let node = try nodes.node(id)
+        guard name.hasPrefix("user.") else { throw .noData }
+        let backing = try backingXattrName(name, context)
+        try Syscall.call { CLinux.removexattr(node.procPath, backing) }
+    }
+
+    public func destroy() {
+        open.withLock { s in
+            s.handles.removeAll()
+            s.files.removeAll()
+        }
+    }
+}

@@ -1,0 +1,152 @@
+import FUSEBridge
+import CLinux
+import SystemPackage
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Identity of a backing inode.
+struct InodeKey: Hashable {
+    var device: UInt64
+    var inode: UInt64
+    init(_ st: stat) {
+        device = UInt64(st.st_dev)
+        inode = UInt64(st.st_ino)
+    }
+}
+
+/// One inode the kernel knows about: an `KMSFS_O_PATH` descriptor of its backing
+/// entry (so renames elsewhere never invalidate it, as in libfuse's
+/// passthrough_ll), its lookup count, and for directories the plaintext
+/// name and parent (for key bindings) and the directory's keys once loaded.
+final class Node: @unchecked Sendable {
+    let id: NodeID
+    let fd: Int32
+    let key: InodeKey
+    let type: mode_t
+    // Guarded by the table's lock.
+    var lookups: UInt64 = 0
+    var parent: NodeID?
+    var name: String
+    var keys: DirectoryKeys?
+
+    init(id: NodeID, fd: Int32, key: InodeKey, type: mode_t, parent: NodeID?, name: String) {
+        self.id = id
+        self.fd = fd
+        self.key = key
+        self.type = type
+        self.parent = parent
+        self.name = name
+    }
+
+    deinit { close(fd) }
+
+    var isDirectory: Bool { type == S_IFDIR }
+    var isRegular: Bool { type == S_IFREG }
+    var isSymlink: Bool { type == S_IFLNK }
+    /// A path through /proc that reopens the backing entry with real access modes.
+    var procPath: String { "/proc/self/fd/\(fd)" }
+}
+
+/// NodeID → Node, with lookup counting and inode de-duplication (hard links
+/// share one node).
+final class NodeTable: Sendable {
+    private struct State: ~Copyable {
+        var nodes: [NodeID: Node] = [:]
+        var byInode: [InodeKey: NodeID] = [:]
+        var next: UInt64 = 2
+    }
+    private let state = Mutex(State())
+
+    init(root: Node) {
+        root.lookups = UInt64.max / 2
+        state.withLock { s in
+            s.nodes[root.id] = root
+            s.byInode[root.key] = root.id
+        }
+    }
+
+    func node(_ id: NodeID) throws(Errno) -> Node {
+        guard let node = state.withLock({ $0.nodes[id] }) else { throw Errno(rawValue: ESTALE) }
+        return node
+    }
+
+    /// The node of `name` in `parent` (already `fstatat`-ed as `st`), its
+    /// lookup count raised by one. Opens an `KMSFS_O_PATH` descriptor for a new one.
+    func remember(parentFD: Int32, storedName: String, st: stat, parent: NodeID, name: String) throws(Errno) -> Node {
+        let key = InodeKey(st)
+        if let existing = state.withLock({ s -> Node? in
+            guard let id = s.byInode[key], let node = s.nodes[id] else { return nil }
+            node.lookups += 1
+            if node.isDirectory { node.parent = parent; node.name = name }
+            return node
+        }) { return existing }
+        let fd = try Syscall.openat(parentFD, storedName, KMSFS_O_PATH | O_NOFOLLOW)
+        let fresh = try Syscall.fstat(fd)
+        guard InodeKey(fresh) == key else {
+            close(fd)
+            throw .noSuchFileOrDirectory // replaced between stat and open
+        }
+        return state.withLock { s in
+            if let id = s.byInode[key], let node = s.nodes[id] {
+                close(fd)
+                node.lookups += 1
+                return node
+            }
+            let node = Node(id: NodeID(rawValue: s.next), fd: fd, key: key, type: st.st_mode & S_IFMT, parent: parent, name: name)
+            s.next += 1
+            node.lookups = 1
+            s.nodes[node.id] = node
+            s.byInode[key] = node.id
+            return node
+        }
+    }
+
+    /// Lowers a node's lookup count; at zero the node is dropped.
+    func forget(_ id: NodeID, _ count: UInt64) {
+        state.withLock { s in
+            guard let node = s.nodes[id], id != .root else { return }
+            node.lookups = node.lookups > count ? node.lookups - count : 0
+            if node.lookups == 0 {
+                s.nodes[id] = nil
+                if s.byInode[node.key] == id { s.byInode[node.key] = nil }
+            }
+        }
+    }
+
+    /// Records that a directory moved.
+    func moved(_ key: InodeKey, to parent: NodeID, name: String) {
+        state.withLock { s in
+            guard let id = s.byInode[key], let node = s.nodes[id], node.isDirectory else { return }
+            node.parent = parent
+            node.name = name
+        }
+    }
+
+    /// The plaintext path of a directory node, "/" for the root.
+    func path(of id: NodeID) -> String {
+        state.withLock { s in
+            var parts: [String] = []
+            var current = id
+            while current != .root, let node = s.nodes[current], let parent = node.parent {
+                parts.append(node.name)
+                current = parent
+            }
+            return "/" + parts.reversed().joined(separator: "/")
+        }
+    }
+
+    /// The directory keys cached on a node, or those `load` returns (cached then).
+    func keys(of node: Node, load: () throws(Errno) -> DirectoryKeys) throws(Errno) -> DirectoryKeys {
+        if let keys = state.withLock({ _ in node.keys }) { return keys }
+        let loaded = try load()
+        return state.withLock { _ in
+            if let keys = node.keys { return keys }
+            node.keys = loaded
+            return loaded
+        }
+    }
+
+    var count: Int { state.withLock { $0.nodes.count } }
+}

@@ -1,0 +1,222 @@
+import ChunkCipher
+import CLinux
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A reader-writer lock: reads of a file run together, writes alone.
+final class ReadWriteLock: @unchecked Sendable {
+    private let lock = UnsafeMutablePointer<pthread_rwlock_t>.allocate(capacity: 1)
+    init() { pthread_rwlock_init(lock, nil) }
+    deinit {
+        pthread_rwlock_destroy(lock)
+        lock.deallocate()
+    }
+    func reading<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        pthread_rwlock_rdlock(lock)
+        defer { pthread_rwlock_unlock(lock) }
+        return try body()
+    }
+    func writing<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        pthread_rwlock_wrlock(lock)
+        defer { pthread_rwlock_unlock(lock) }
+        return try body()
+    }
+}
+
+/// One open regular file, shared by every handle open on its inode: the
+/// backing descriptor, the data key's cipher and the authenticated header.
+/// Chunks are read and written through the parallel pipeline; the header's
+/// length seal follows every size change (chunks first when growing, seal
+/// first when shrinking: docs/FORMAT.md §4).
+final class OpenFile: @unchecked Sendable {
+    let fd: Int32
+    let writable: Bool
+    let cipher: FileCipher
+    let layout: ChunkLayout
+    private(set) var header: FileHeader
+    /// Plaintext size; guarded by `lock`.
+    private(set) var size: Int
+    private var sealedLength: Int
+    let lock = ReadWriteLock()
+    /// Handles open on it; guarded by the filesystem's open-file table.
+    var handles = 0
+    /// Called with the error when a chunk fails authentication (audit, counters).
+    let onIntegrityFailure: @Sendable (CipherError) -> Void
+
+    var fileID: FileID { cipher.fileID }
+    var keyID: KeyID { header.keyID }
+
+    /// Authenticates `header` against the key and the size on disk.
+    init(fd: Int32, writable: Bool, header: FileHeader, cipher: FileCipher,
+         onIntegrityFailure: @escaping @Sendable (CipherError) -> Void) throws(Errno) {
+        self.fd = fd
+        self.writable = writable
+        self.cipher = cipher
+        self.layout = cipher.layout
+        self.header = header
+        self.onIntegrityFailure = onIntegrityFailure
+        let diskSize = Int(try Syscall.fstat(fd).st_size)
+        do throws(CipherError) {
+            sealedLength = try cipher.verify(header: header)
+            size = try cipher.checkLength(ciphertextSize: diskSize, sealedLength: sealedLength)
+        } catch {
+            onIntegrityFailure(error)
+            throw .ioError
+        }
+    }
+
+    deinit { close(fd) }
+
+    // MARK: Reading
+
+    /// Reads up to `count` bytes at `offset` and passes them to `reply`.
+    func read(offset: Int, count: Int, _ reply: (UnsafeRawBufferPointer) -> Void) throws(Errno) {
+        try lock.reading { () throws(Errno) in
+            guard offset < size, count > 0 else { reply(UnsafeRawBufferPointer(start: nil, count: 0)); return }
+            let end = min(size, offset + count)
+            let chunks = layout.chunks(covering: offset..<end)
+            let base = layout.plaintextOffset(of: chunks.lowerBound)
+            let plainCount = min(size, layout.plaintextOffset(of: chunks.upperBound)) - base
+            let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: plainCount, alignment: 16)
+            defer { plain.deallocate() }
+            try readChunks(chunks.lowerBound, plaintextCount: plainCount, into: plain)
+            reply(UnsafeRawBufferPointer(rebasing: plain[(offset - base)..<(end - base)]))
+        }
+    }
+
+    /// Reads and opens the chunks from `first` holding `plaintextCount` bytes.
+    private func readChunks(_ first: ChunkIndex, plaintextCount: Int, into plain: UnsafeMutableRawBufferPointer) throws(Errno) {
+        let sealedCount = ChunkPipeline.ciphertextBytes(layout, plaintextSize: plaintextCount)
+        let sealed = UnsafeMutableRawBufferPointer.allocate(byteCount: sealedCount, alignment: 16)
+        defer { sealed.deallocate() }
+        let got = try Syscall.pread(fd, sealed, at: layout.ciphertextOffset(of: first))
+        guard got == sealedCount else {
+            // The file shrank under us: cut outside the mount.
+            onIntegrityFailure(.truncated(expectedPlaintextSize: size, actualPlaintextSize: layout.plaintextOffset(of: first) + got))
+            throw .ioError
+        }
+        do throws(CipherError) {
+            try ChunkPipeline.open(cipher, first: first, sealed: UnsafeRawBufferPointer(sealed), into: plain)
+        } catch {
+            onIntegrityFailure(error)
+            throw .ioError
+        }
+    }
+
+    // MARK: Writing
+
+    /// Writes `data` at `offset`, filling any gap after the end with sealed zeros.
+    func write(_ data: UnsafeRawBufferPointer, at offset: Int) throws(Errno) -> Int {
+        guard writable else { throw .badFileDescriptor }
+        return try lock.writing { () throws(Errno) in
+            if offset > size { try extend(to: offset) }
+            try writeRange(data, at: offset)
+            return data.count
+        }
+    }
+
+    /// Sets the size: shrinking re-seals the length first, growing appends sealed zeros.
+    func truncate(to newSize: Int) throws(Errno) {
+        guard writable else { throw .badFileDescriptor }
+        try lock.writing { () throws(Errno) in
+            if newSize > size {
+                try extend(to: newSize)
+            } else if newSize < size {
+                try shrink(to: newSize)
+            }
+        }
+    }
+
+    /// Extends with zeros to `newSize`, a megabyte at a time (sparse files
+    /// are stored as sealed zero chunks, never as holes).
+    private func extend(to newSize: Int) throws(Errno) {
+        let step = max(layout.chunkSize, 1 << 20)
+        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: step, alignment: 16)
+        defer { zeros.deallocate() }
+        zeros.initializeMemory(as: UInt8.self, repeating: 0)
+        while size < newSize {
+            // Align segments to chunk boundaries after the first.
+            let n = min(newSize - size, step - size % layout.chunkSize)
+            try writeRange(UnsafeRawBufferPointer(rebasing: zeros[0..<n]), at: size)
+        }
+    }
+
+    /// Re-seals the chunks that `[offset, offset + data.count)` touches
+    /// (reading back the old bytes of a partly covered first and last
+    /// chunk), writes them in one pwrite, then re-seals the length if the
+    /// file grew. `offset` is at most `size`.
+    private func writeRange(_ data: UnsafeRawBufferPointer, at offset: Int) throws(Errno) {
+        guard !data.isEmpty else { return }
+        let end = offset + data.count
+        let newSize = max(size, end)
+        let chunks = layout.chunks(covering: offset..<end)
+        let base = layout.plaintextOffset(of: chunks.lowerBound)
+        let plainCount = min(newSize, layout.plaintextOffset(of: chunks.upperBound)) - base
+        let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: plainCount, alignment: 16)
+        defer { plain.deallocate() }
+        // Old bytes before the write in the first chunk.
+        if offset > base {
+            let n = layout.plaintextCount(of: chunks.lowerBound, plaintextSize: size)
+            try readChunks(chunks.lowerBound, plaintextCount: n, into: UnsafeMutableRawBufferPointer(rebasing: plain[0..<n]))
+        }
+        // Old bytes after the write in the last chunk.
+        let last = chunks.upperBound.advanced(by: -1)
+        let lastStart = layout.plaintextOffset(of: last)
+        if end < min(size, lastStart + layout.chunkSize), last != chunks.lowerBound || offset == base {
+            let n = layout.plaintextCount(of: last, plaintextSize: size)
+            try readChunks(last, plaintextCount: n, into: UnsafeMutableRawBufferPointer(rebasing: plain[(lastStart - base)..<(lastStart - base + n)]))
+        }
+        UnsafeMutableRawBufferPointer(rebasing: plain[(offset - base)..<(end - base)]).copyMemory(from: data)
+        let sealedCount = ChunkPipeline.ciphertextBytes(layout, plaintextSize: plainCount)
+        let sealed = UnsafeMutableRawBufferPointer.allocate(byteCount: sealedCount, alignment: 16)
+        defer { sealed.deallocate() }
+        do throws(CipherError) {
+            try ChunkPipeline.seal(cipher, first: chunks.lowerBound, plaintext: UnsafeRawBufferPointer(plain), into: sealed)
+        } catch { throw .ioError }
+        try Syscall.pwrite(fd, UnsafeRawBufferPointer(sealed), at: layout.ciphertextOffset(of: chunks.lowerBound))
+        size = newSize
+        if size > sealedLength { try persistLength(size) }
+    }
+
+    private func shrink(to newSize: Int) throws(Errno) {
+        // Seal the smaller length first: a crash before the cut reads as the old, longer file.
+        try persistLength(newSize)
+        let keep = newSize % layout.chunkSize
+        if keep == 0 {
+            try Syscall.call { ftruncate(fd, off_t(layout.ciphertextSize(plaintextSize: newSize))) }
+        } else {
+            let index = ChunkIndex(newSize / layout.chunkSize)
+            let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: layout.chunkSize, alignment: 16)
+            defer { plain.deallocate() }
+            let old = layout.plaintextCount(of: index, plaintextSize: size)
+            try readChunks(index, plaintextCount: old, into: UnsafeMutableRawBufferPointer(rebasing: plain[0..<old]))
+            let sealed = UnsafeMutableRawBufferPointer.allocate(byteCount: keep + ChunkLayout.overhead, alignment: 16)
+            defer { sealed.deallocate() }
+            do throws(CipherError) {
+                try cipher.sealChunk(index, plaintext: UnsafeRawBufferPointer(rebasing: plain[0..<keep]), into: sealed)
+            } catch { throw .ioError }
+            try Syscall.call { ftruncate(fd, off_t(layout.ciphertextSize(plaintextSize: newSize))) }
+            try Syscall.pwrite(fd, UnsafeRawBufferPointer(sealed), at: layout.ciphertextOffset(of: index))
+        }
+        size = newSize
+    }
+
+    /// Re-seals the header with plaintext length `length` and writes it.
+    private func persistLength(_ length: Int) throws(Errno) {
+        let bytes: [UInt8]
+        do throws(CipherError) {
+            try cipher.seal(header: &header, plaintextSize: length)
+            bytes = try header.encoded()
+        } catch { throw .ioError }
+        try Syscall.pwrite(fd, bytes, at: 0)
+        sealedLength = length
+    }
+
+    /// Flushes to stable storage.
+    func sync(dataOnly: Bool) throws(Errno) {
+        let fd = self.fd
+        try Syscall.call { dataOnly ? fdatasync(fd) : fsync(fd) }
+    }
+}

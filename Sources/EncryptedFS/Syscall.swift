@@ -1,0 +1,102 @@
+import CLinux
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The one funnel for the *at() system calls swift-system does not wrap:
+/// each retries EINTR and throws the `Errno` it failed with.
+enum Syscall {
+    @discardableResult
+    static func call<T: BinaryInteger>(_ body: () -> T) throws(Errno) -> T {
+        while true {
+            let result = body()
+            if result != -1 { return result }
+            let error = errno
+            if error != EINTR { throw Errno(rawValue: error) }
+        }
+    }
+
+    static func openat(_ dir: Int32, _ name: String, _ flags: Int32, _ mode: mode_t = 0) throws(Errno) -> Int32 {
+        try call { Glibc.openat(dir, name, flags | O_CLOEXEC, mode) }
+    }
+
+    static func fstatat(_ dir: Int32, _ name: String, flags: Int32 = AT_SYMLINK_NOFOLLOW) throws(Errno) -> stat {
+        var st = stat()
+        try call { Glibc.fstatat(dir, name, &st, flags) }
+        return st
+    }
+
+    static func fstat(_ fd: Int32) throws(Errno) -> stat {
+        var st = stat()
+        try call { Glibc.fstat(fd, &st) }
+        return st
+    }
+
+    /// Reads exactly `buffer.count` bytes unless the file ends first; returns the count read.
+    static func pread(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws(Errno) -> Int {
+        var done = 0
+        while done < buffer.count {
+            let n = try call { Glibc.pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset + done)) }
+            if n == 0 { break }
+            done += n
+        }
+        return done
+    }
+
+    /// Writes all of `buffer` at `offset`.
+    static func pwrite(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, at offset: Int) throws(Errno) {
+        var done = 0
+        while done < buffer.count {
+            let n = try call { Glibc.pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset + done)) }
+            done += n
+        }
+    }
+
+    /// Writes an array at `offset`.
+    static func pwrite(_ fd: Int32, _ bytes: [UInt8], at offset: Int) throws(Errno) {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, bytes.count), alignment: 16)
+        defer { buffer.deallocate() }
+        buffer.copyBytes(from: bytes)
+        try pwrite(fd, UnsafeRawBufferPointer(rebasing: buffer[0..<bytes.count]), at: offset)
+    }
+
+    /// Reads up to `count` bytes at `offset` (fewer at the end of the file).
+    static func pread(_ fd: Int32, count: Int, at offset: Int) throws(Errno) -> [UInt8] {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, count), alignment: 16)
+        defer { buffer.deallocate() }
+        let n = try pread(fd, UnsafeMutableRawBufferPointer(rebasing: buffer[0..<count]), at: offset)
+        return Array(buffer[0..<n])
+    }
+
+    static func readlinkat(_ dir: Int32, _ name: String) throws(Errno) -> String {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let n = try call { Glibc.readlinkat(dir, name, &buffer, buffer.count - 1) }
+        return String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    /// The names in a directory (without "." and ".."), with their d_type.
+    static func listDirectory(_ dirFD: Int32) throws(Errno) -> [(name: String, type: UInt8, inode: UInt64)] {
+        let fd = try openat(dirFD, ".", O_RDONLY | O_DIRECTORY)
+        guard let dir = fdopendir(fd) else {
+            let error = errno
+            close(fd)
+            throw Errno(rawValue: error)
+        }
+        defer { closedir(dir) }
+        var out: [(String, UInt8, UInt64)] = []
+        while true {
+            errno = 0
+            guard let entry = Glibc.readdir(dir) else {
+                if errno != 0 { throw Errno(rawValue: errno) }
+                break
+            }
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(cString: raw.bindMemory(to: CChar.self).baseAddress!)
+            }
+            if name == "." || name == ".." { continue }
+            out.append((name, entry.pointee.d_type, UInt64(entry.pointee.d_ino)))
+        }
+        return out
+    }
+}

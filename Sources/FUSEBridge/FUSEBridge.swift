@@ -1,1 +1,0 @@
-// FUSEBridge: filled by the mount issue (#4).

@@ -1,0 +1,149 @@
+import CFUSE
+import SystemPackage
+
+/// A FUSE node id (the kernel's handle for an inode). 1 is the root.
+public struct NodeID: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+    public var rawValue: UInt64
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+    /// The root directory of the mount.
+    public static let root = NodeID(rawValue: UInt64(FUSE_ROOT_ID))
+    public var description: String { String(rawValue) }
+}
+
+/// Who made a request: the caller's uid, gid, pid and umask.
+public struct RequestContext: Sendable {
+    public var uid: UInt32
+    public var gid: UInt32
+    public var pid: Int32
+    public var umask: UInt32
+
+    public init(uid: UInt32, gid: UInt32, pid: Int32, umask: UInt32 = 0o022) {
+        self.uid = uid
+        self.gid = gid
+        self.pid = pid
+        self.umask = umask
+    }
+}
+
+/// A reply to lookup, mkdir, create, symlink and link: a node and its attributes.
+public struct EntryReply {
+    public var node: NodeID
+    public var generation: UInt64 = 0
+    public var attributes: stat
+    public var attributeTimeout: Double
+    public var entryTimeout: Double
+
+    public init(node: NodeID, attributes: stat, attributeTimeout: Double, entryTimeout: Double) {
+        self.node = node
+        self.attributes = attributes
+        self.attributeTimeout = attributeTimeout
+        self.entryTimeout = entryTimeout
+    }
+}
+
+/// A reply to open and create.
+public struct OpenReply: Sendable {
+    public var handle: UInt64
+    public var directIO = false
+    public var keepCache = false
+    public init(handle: UInt64, directIO: Bool = false, keepCache: Bool = false) {
+        self.handle = handle
+        self.directIO = directIO
+        self.keepCache = keepCache
+    }
+}
+
+/// A time to set: a given instant or "now".
+public enum TimeChange: Sendable {
+    case now
+    case at(timespec)
+}
+
+/// The attribute changes of a setattr request; nil fields are unchanged.
+public struct AttributeChanges: Sendable {
+    public var mode: mode_t?
+    public var uid: uid_t?
+    public var gid: gid_t?
+    public var size: Int64?
+    public var accessTime: TimeChange?
+    public var modificationTime: TimeChange?
+    public init() {}
+}
+
+/// One directory entry for readdir.
+public struct DirectoryEntry: Sendable {
+    public var name: String
+    public var inode: UInt64
+    public var type: mode_t
+    /// The offset of the entry after this one.
+    public var nextOffset: Int64
+    public init(name: String, inode: UInt64, type: mode_t, nextOffset: Int64) {
+        self.name = name
+        self.inode = inode
+        self.type = type
+        self.nextOffset = nextOffset
+    }
+}
+
+/// The operations of a low-level FUSE filesystem, typed. Every operation
+/// throws an `Errno`; `FUSEBridge` turns it into the reply in one place.
+/// Operations left out reply ENOSYS.
+public protocol FileSystem: AnyObject, Sendable {
+    func lookup(_ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno) -> EntryReply
+    func forget(_ node: NodeID, _ count: UInt64)
+    func getattr(_ node: NodeID, _ context: RequestContext) throws(Errno) -> (stat, Double)
+    func setattr(_ node: NodeID, _ changes: AttributeChanges, handle: UInt64?, _ context: RequestContext) throws(Errno) -> (stat, Double)
+    func readlink(_ node: NodeID, _ context: RequestContext) throws(Errno) -> String
+    func mknod(_ parent: NodeID, _ name: String, mode: mode_t, device: dev_t, _ context: RequestContext) throws(Errno) -> EntryReply
+    func mkdir(_ parent: NodeID, _ name: String, mode: mode_t, _ context: RequestContext) throws(Errno) -> EntryReply
+    func unlink(_ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno)
+    func rmdir(_ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno)
+    func symlink(target: String, _ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno) -> EntryReply
+    func rename(_ parent: NodeID, _ name: String, _ newParent: NodeID, _ newName: String, flags: UInt32, _ context: RequestContext) throws(Errno)
+    func link(_ node: NodeID, _ newParent: NodeID, _ newName: String, _ context: RequestContext) throws(Errno) -> EntryReply
+    func open(_ node: NodeID, flags: Int32, _ context: RequestContext) throws(Errno) -> OpenReply
+    /// Reads up to `size` bytes at `offset` and hands them to `reply` (valid only during the call).
+    func read(_ node: NodeID, handle: UInt64, size: Int, offset: Int64, _ reply: (UnsafeRawBufferPointer) -> Void) throws(Errno)
+    func write(_ node: NodeID, handle: UInt64, data: UnsafeRawBufferPointer, offset: Int64, _ context: RequestContext) throws(Errno) -> Int
+    func flush(_ node: NodeID, handle: UInt64, _ context: RequestContext) throws(Errno)
+    func release(_ node: NodeID, handle: UInt64)
+    func fsync(_ node: NodeID, handle: UInt64, dataOnly: Bool) throws(Errno)
+    func opendir(_ node: NodeID, _ context: RequestContext) throws(Errno) -> UInt64
+    /// Lists entries from `offset`; `add` returns false when the reply buffer is full.
+    func readdir(_ node: NodeID, handle: UInt64, offset: Int64, _ add: (DirectoryEntry) -> Bool) throws(Errno)
+    func releasedir(_ node: NodeID, handle: UInt64)
+    func statfs(_ node: NodeID) throws(Errno) -> statvfs
+    func setxattr(_ node: NodeID, _ name: String, value: UnsafeRawBufferPointer, flags: Int32, _ context: RequestContext) throws(Errno)
+    func getxattr(_ node: NodeID, _ name: String, _ context: RequestContext) throws(Errno) -> [UInt8]
+    func listxattr(_ node: NodeID, _ context: RequestContext) throws(Errno) -> [String]
+    func removexattr(_ node: NodeID, _ name: String, _ context: RequestContext) throws(Errno)
+    func create(_ parent: NodeID, _ name: String, mode: mode_t, flags: Int32, _ context: RequestContext) throws(Errno) -> (EntryReply, OpenReply)
+    func fallocate(_ node: NodeID, handle: UInt64, mode: Int32, offset: Int64, length: Int64, _ context: RequestContext) throws(Errno)
+    /// Called once when the session ends.
+    func destroy()
+}
+
+extension FileSystem {
+    public func forget(_ node: NodeID, _ count: UInt64) {}
+    public func setattr(_ node: NodeID, _ changes: AttributeChanges, handle: UInt64?, _ context: RequestContext) throws(Errno) -> (stat, Double) { throw .noFunction }
+    public func readlink(_ node: NodeID, _ context: RequestContext) throws(Errno) -> String { throw .noFunction }
+    public func mknod(_ parent: NodeID, _ name: String, mode: mode_t, device: dev_t, _ context: RequestContext) throws(Errno) -> EntryReply { throw .noFunction }
+    public func mkdir(_ parent: NodeID, _ name: String, mode: mode_t, _ context: RequestContext) throws(Errno) -> EntryReply { throw .noFunction }
+    public func unlink(_ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno) { throw .noFunction }
+    public func rmdir(_ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno) { throw .noFunction }
+    public func symlink(target: String, _ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno) -> EntryReply { throw .noFunction }
+    public func rename(_ parent: NodeID, _ name: String, _ newParent: NodeID, _ newName: String, flags: UInt32, _ context: RequestContext) throws(Errno) { throw .noFunction }
+    public func link(_ node: NodeID, _ newParent: NodeID, _ newName: String, _ context: RequestContext) throws(Errno) -> EntryReply { throw .noFunction }
+    public func write(_ node: NodeID, handle: UInt64, data: UnsafeRawBufferPointer, offset: Int64, _ context: RequestContext) throws(Errno) -> Int { throw .readOnlyFileSystem }
+    public func flush(_ node: NodeID, handle: UInt64, _ context: RequestContext) throws(Errno) {}
+    public func release(_ node: NodeID, handle: UInt64) {}
+    public func fsync(_ node: NodeID, handle: UInt64, dataOnly: Bool) throws(Errno) {}
+    public func releasedir(_ node: NodeID, handle: UInt64) {}
+    public func setxattr(_ node: NodeID, _ name: String, value: UnsafeRawBufferPointer, flags: Int32, _ context: RequestContext) throws(Errno) { throw .notSupported }
+    public func getxattr(_ node: NodeID, _ name: String, _ context: RequestContext) throws(Errno) -> [UInt8] { throw .notSupported }
+    public func listxattr(_ node: NodeID, _ context: RequestContext) throws(Errno) -> [String] { [] }
+    public func removexattr(_ node: NodeID, _ name: String, _ context: RequestContext) throws(Errno) { throw .notSupported }
+    public func create(_ parent: NodeID, _ name: String, mode: mode_t, flags: Int32, _ context: RequestContext) throws(Errno) -> (EntryReply, OpenReply) { throw .noFunction }
+    public func fallocate(_ node: NodeID, handle: UInt64, mode: Int32, offset: Int64, length: Int64, _ context: RequestContext) throws(Errno) { throw .notSupported }
+    public func destroy() {}
+}

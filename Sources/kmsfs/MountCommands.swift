@@ -1,0 +1,167 @@
+import ArgumentParser
+import ChunkCipher
+import CLinux
+import EncryptedFS
+import Foundation
+import FUSEBridge
+import KeyManager
+import Logging
+
+struct Mount: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Mount CIPHERDIR at MOUNTPOINT: applications read and write plaintext there.",
+        discussion: """
+            Runs in the background once the filesystem is mounted, unless -f is given. \
+            Unmount with `kmsfs umount MOUNTPOINT` (or SIGINT/SIGTERM to a foreground mount).
+            """)
+
+    @Argument(help: "The encrypted directory made by `kmsfs init`.") var cipherdir: String
+    @Argument(help: "An empty directory to mount on.") var mountpoint: String
+    @OptionGroup var passphrase: PassphraseOptions
+    @Flag(name: .customShort("f"), help: "Stay in the foreground.") var foreground = false
+    @Option(name: .customShort("o"), help: "Mount options, comma-separated: allow_other, ro, default_permissions, max_read=N, …")
+    var options: [String] = []
+    @Option(help: "FUSE worker threads.") var threads = 4
+    @Option(help: ArgumentHelp("Read the passphrase from this file descriptor (used when daemonising).", visibility: .private))
+    var passphraseFD: Int32?
+    @Option(help: ArgumentHelp("Write the mount outcome to this file descriptor.", visibility: .private))
+    var notifyFD: Int32?
+
+    func run() throws {
+        let cipher = URL(fileURLWithPath: cipherdir).standardizedFileURL.path
+        let mount = URL(fileURLWithPath: mountpoint).standardizedFileURL.path
+        let keystore = try Paths.keystore(of: cipher)
+        let secret = try passphraseFD.map { try PassphraseReader.read(fd: $0) } ?? passphrase.read()
+        if !foreground {
+            try Daemon.spawn(passphrase: secret, arguments: [cipher, mount, "-f"] + options.flatMap { ["-o", $0] } + ["--threads", String(threads)])
+            return
+        }
+        let notify = notifyFD
+        do {
+            kmsfs_disable_core_dumps()
+            let manager = try KeyManager.open(in: keystore, passphrase: secret, clock: Clock.current)
+            _ = consume secret
+            _ = try manager.runSchedules()
+            let fs = try EncryptedFileSystem(cipherdir: cipher, keyManager: manager)
+            var mountOptions = ["fsname=\(cipher)", "subtype=kmsfs", "default_permissions"]
+            mountOptions += options.flatMap { $0.split(separator: ",").map(String.init) }
+            let session = try FUSESession(fileSystem: fs, mountpoint: mount, options: mountOptions)
+            try session.mount()
+            if let notify { Daemon.report(notify, "ok") }
+            try session.run(threads: threads)
+        } catch {
+            let message = (error as? KeyManagerError)?.description ?? "\(error)"
+            if let notify { Daemon.report(notify, message) }
+            throw error
+        }
+    }
+}
+
+struct Unmount: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "umount", abstract: "Unmount a kmsfs mount.")
+    @Argument(help: "The mountpoint.") var mountpoint: String
+
+    func run() throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/fusermount3")
+        process.arguments = ["-u", mountpoint]
+        try process.run()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else { throw ExitCode(process.terminationStatus) }
+    }
+}
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show whether a filesystem is mounted, where, and (with the passphrase) its keys.")
+    @Option(help: "The CIPHERDIR or MOUNTPOINT.") var fs: String
+    @OptionGroup var passphrase: PassphraseOptions
+    @OptionGroup var output: JSONOption
+
+    struct Report: Encodable {
+        var cipherdir: String?
+        var mounted: Bool
+        var mountpoint: String?
+        var keys: [KeyMetadata]?
+    }
+
+    func run() throws {
+        let path = URL(fileURLWithPath: fs).standardizedFileURL.path
+        let mount = MountTable.kmsfsMounts().first { $0.source == path || $0.mountpoint == path }
+        let cipherdir = mount?.source ?? path
+        var report = Report(cipherdir: cipherdir, mounted: mount != nil, mountpoint: mount?.mountpoint)
+        if passphrase.passphraseFile != nil || passphrase.extpass != nil {
+            report.keys = try KeyManager.open(in: try Paths.keystore(of: cipherdir), passphrase: passphrase.read()).listKeys()
+        }
+        if output.json { try Output.json(report); return }
+        print("cipherdir:  \(cipherdir)")
+        print("mounted:    \(report.mounted ? "yes, at \(mount!.mountpoint)" : "no")")
+        for key in report.keys ?? [] {
+            print("key:        \(key.aliases.first ?? key.keyID.rawValue.hex) \(key.state.rawValue) v\(key.currentVersion)")
+        }
+    }
+}
+
+/// The kernel's list of kmsfs mounts.
+enum MountTable {
+    static func kmsfsMounts() -> [(source: String, mountpoint: String)] {
+        guard let text = try? String(contentsOfFile: "/proc/self/mounts", encoding: .utf8) else { return [] }
+        return text.split(separator: "\n").compactMap { line in
+            let f = line.split(separator: " ")
+            guard f.count >= 3, f[2] == "fuse.kmsfs" else { return nil }
+            func unescape(_ s: Substring) -> String { s.replacingOccurrences(of: "\\040", with: " ") }
+            return (unescape(f[0]), unescape(f[1]))
+        }
+    }
+}
+
+/// Running in the background the way gocryptfs does: never fork once threads
+/// exist; re-execute ourselves in the foreground as a child and wait for it
+/// to say the mount is ready (or why it failed).
+enum Daemon {
+    static func spawn(passphrase: borrowing SecretKey, arguments: [String]) throws {
+        var secretPipe: [Int32] = [0, 0], notifyPipe: [Int32] = [0, 0]
+        // Close-on-exec, so the child holds only the copies dup2 gives it as fds 3 and 4
+        // (otherwise it would never see end-of-file on the passphrase).
+        guard kmsfs_pipe_cloexec(&secretPipe) == 0, kmsfs_pipe_cloexec(&notifyPipe) == 0 else { throw ValidationError("cannot create pipes") }
+        let argv = ["kmsfs", "mount"] + arguments + ["--passphrase-fd", "3", "--notify-fd", "4"]
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_adddup2(&actions, secretPipe[0], 3)
+        posix_spawn_file_actions_adddup2(&actions, notifyPipe[1], 4)
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        posix_spawnattr_setflags(&attributes, KMSFS_POSIX_SPAWN_SETSID)
+        var cArgs = argv.map { strdup($0) } + [nil]
+        defer { cArgs.forEach { free($0) } }
+        var pid: pid_t = 0
+        let status = posix_spawn(&pid, "/proc/self/exe", &actions, &attributes, &cArgs, environ)
+        close(secretPipe[0])
+        close(notifyPipe[1])
+        guard status == 0 else {
+            close(secretPipe[1]); close(notifyPipe[0])
+            throw ValidationError("cannot start the mount daemon: \(String(cString: strerror(status)))")
+        }
+        passphrase.withUnsafeBytes { raw in _ = write(secretPipe[1], raw.baseAddress, raw.count) }
+        close(secretPipe[1])
+        var reply = [UInt8]()
+        var byte: UInt8 = 0
+        while read(notifyPipe[0], &byte, 1) == 1 { reply.append(byte) }
+        close(notifyPipe[0])
+        let message = String(decoding: reply, as: UTF8.self)
+        guard message == "ok" else {
+            var childStatus: Int32 = 0
+            waitpid(pid, &childStatus, 0)
+            throw ValidationError(message.isEmpty ? "the mount daemon exited without mounting" : message)
+        }
+    }
+
+    static func report(_ fd: Int32, _ message: String) {
+        _ = message.withCString { write(fd, $0, strlen($0)) }
+        close(fd)
+    }
+}
