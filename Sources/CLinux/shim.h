@@ -27,6 +27,12 @@ static inline int kmsfs_pipe_cloexec(int fds[2]) {
     return (int)syscall(SYS_pipe2, fds, O_CLOEXEC);
 }
 
+/// Closes every descriptor from `first` up (close_range(2), Linux 5.9+), so a
+/// daemon keeps none of the pipes its parent happened to inherit.
+static inline int kmsfs_close_from(unsigned int first) {
+    return (int)syscall(SYS_close_range, first, ~0U, 0);
+}
+
 #include <sys/prctl.h>
 #include <sys/resource.h>
 

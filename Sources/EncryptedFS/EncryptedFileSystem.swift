@@ -110,6 +110,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     /// The name stored in CIPHERDIR for plaintext `name` in directory `node`.
     func storedName(_ name: String, in node: Node, _ context: RequestContext) throws(Errno) -> String {
         guard !name.isEmpty, name != ".", name != ".." else { throw .invalidArgument }
+        guard name.utf8.count <= 255 else { throw .fileNameTooLong }
         if plaintextNames {
             guard !name.hasPrefix(Self.reservedPrefix) else { throw .notPermitted }
             return name

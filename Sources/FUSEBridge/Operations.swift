@@ -1,6 +1,7 @@
 import CFUSE
 import SystemPackage
 
+
 /// Holds the filesystem for the C callbacks, which reach it through
 /// `fuse_req_userdata`.
 final class FileSystemBox {
@@ -264,7 +265,7 @@ enum Operations {
         ops.listxattr = { req, ino, size in
             Operations.reply(req) { () throws(Errno) in
                 let names = try Operations.fileSystem(req).listxattr(NodeID(rawValue: ino), Operations.context(req))
-                let packed = names.flatMap { Array($0.utf8) + [0] }
+                let packed: [UInt8] = names.flatMap { Array($0.utf8) + [UInt8(0)] }
                 if size == 0 { fuse_reply_xattr(req, packed.count); return }
                 guard packed.count <= size else { throw Errno(rawValue: ERANGE) }
                 packed.withUnsafeBytes { _ = fuse_reply_buf(req, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }

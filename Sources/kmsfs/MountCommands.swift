@@ -28,6 +28,11 @@ struct Mount: ParsableCommand {
     var notifyFD: Int32?
 
     func run() throws {
+        if notifyFD != nil {
+            // Daemon child: hold nothing but stdio and our two pipes, or a
+            // caller waiting for end-of-file on a pipe it shared would hang.
+            _ = kmsfs_close_from(5)
+        }
         let cipher = URL(fileURLWithPath: cipherdir).standardizedFileURL.path
         let mount = URL(fileURLWithPath: mountpoint).standardizedFileURL.path
         let keystore = try Paths.keystore(of: cipher)

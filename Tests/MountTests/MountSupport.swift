@@ -1,0 +1,109 @@
+import Foundation
+import Testing
+
+let repositoryRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+/// The kmsfs binary built by `swift build` (make test builds it first).
+let kmsfsBinary: String = ProcessInfo.processInfo.environment["KMSFS_BIN"]
+    ?? repositoryRoot.appendingPathComponent(".build/debug/kmsfs").path
+
+struct Output {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+    var ok: Bool { status == 0 }
+}
+
+/// Runs a shell script with `bash -euo pipefail`; returns status and output.
+@discardableResult
+func sh(_ script: String, environment: [String: String] = [:]) throws -> Output {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/bin/bash")
+    process.arguments = ["-euo", "pipefail", "-c", script]
+    var env = ProcessInfo.processInfo.environment
+    for (k, v) in environment { env[k] = v }
+    process.environment = env
+    // stderr goes to a file so a chatty child can never block on a full pipe.
+    let errPath = FileManager.default.temporaryDirectory.appendingPathComponent("kmsfs-stderr-\(UUID().uuidString)").path
+    FileManager.default.createFile(atPath: errPath, contents: nil)
+    defer { try? FileManager.default.removeItem(atPath: errPath) }
+    let out = Pipe()
+    process.standardOutput = out
+    process.standardError = FileHandle(forWritingAtPath: errPath)
+    process.standardInput = FileHandle.nullDevice
+    try process.run()
+    let outData = out.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    let errData = FileManager.default.contents(atPath: errPath) ?? Data()
+    return Output(status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
+                  stderr: String(decoding: errData, as: UTF8.self))
+}
+
+/// Quotes a string for the shell.
+func q(_ s: String) -> String { "'" + s.replacingOccurrences(of: "'", with: "'\\''") + "'" }
+
+/// A freshly initialised and mounted kmsfs in a temporary directory. It
+/// unmounts and removes everything when released, on failure too.
+final class MountedFS {
+    let root: String
+    var cipherdir: String { root + "/cipher" }
+    var mountpoint: String { root + "/mnt" }
+    var passphraseFile: String { root + "/passphrase" }
+    var keystore: String { cipherdir + "/.kmsfs/keystore.db" }
+    private(set) var mounted = false
+
+    init(mountOptions: [String] = [], initOptions: [String] = []) throws {
+        root = FileManager.default.temporaryDirectory.appendingPathComponent("kmsfs-mnt-\(UUID().uuidString.prefix(8))").path
+        try FileManager.default.createDirectory(atPath: root + "/mnt", withIntermediateDirectories: true)
+        try "mount test passphrase\n".write(toFile: passphraseFile, atomically: true, encoding: .utf8)
+        let made = try kmsfs(["init", cipherdir, "--kdf-log-n", "10"] + initOptions)
+        precondition(made.ok, "init failed: \(made.stderr)")
+        try mount(options: mountOptions)
+    }
+
+    deinit {
+        if mounted { _ = try? sh("fusermount3 -u \(q(mountpoint)) 2>/dev/null || fusermount3 -uz \(q(mountpoint))") }
+        try? FileManager.default.removeItem(atPath: root)
+    }
+
+    /// Runs kmsfs with this filesystem's passphrase file.
+    @discardableResult
+    func kmsfs(_ arguments: [String]) throws -> Output {
+        try sh(([kmsfsBinary] + arguments + ["--passphrase-file", passphraseFile]).map(q).joined(separator: " "))
+    }
+
+    /// Runs `kmsfs key …` against this filesystem.
+    @discardableResult
+    func key(_ arguments: [String]) throws -> Output {
+        try kmsfs(["key"] + arguments + ["--fs", cipherdir])
+    }
+
+    func mount(options: [String] = []) throws {
+        let result = try kmsfs(["mount", cipherdir, mountpoint] + options.flatMap { ["-o", $0] })
+        #expect(result.ok, "mount failed: \(result.stderr)")
+        mounted = result.ok
+    }
+
+    func unmount() throws {
+        let result = try sh("fusermount3 -u \(q(mountpoint))")
+        #expect(result.ok, "unmount failed: \(result.stderr)")
+        mounted = false
+    }
+
+    /// Runs a script inside the mountpoint (`$M`), with `$C` the cipherdir and `$T` a scratch dir.
+    @discardableResult
+    func run(_ script: String) throws -> Output {
+        try FileManager.default.createDirectory(atPath: root + "/tmp", withIntermediateDirectories: true)
+        return try sh("cd \(q(mountpoint)); M=\(q(mountpoint)); C=\(q(cipherdir)); T=\(q(root + "/tmp")); K=\(q(kmsfsBinary)); P=\(q(passphraseFile))\n" + script)
+    }
+
+    /// Runs Python code inside the mountpoint; `M`, `C` and `T` are set as variables.
+    @discardableResult
+    func python(_ code: String) throws -> Output {
+        try FileManager.default.createDirectory(atPath: root + "/tmp", withIntermediateDirectories: true)
+        let file = root + "/tmp/script-\(UUID().uuidString.prefix(6)).py"
+        let prelude = "import os, sys, errno\nM = \(q(mountpoint))\nC = \(q(cipherdir))\nT = \(q(root + "/tmp"))\nos.chdir(M)\n"
+        try (prelude + code).write(toFile: file, atomically: true, encoding: .utf8)
+        return try sh("python3 \(q(file))")
+    }
+}

@@ -1,0 +1,102 @@
+import Foundation
+import Testing
+
+/// POSIX semantics with their errno cases, driven from Python.
+@Suite(.serialized) struct PosixTests {
+    @Test("rename, hard links, symlinks, xattrs, truncate, sparse files and their errno cases")
+    func semantics() throws {
+        let fs = try MountedFS()
+        let r = try fs.python("""
+            def expect_errno(code, fn, *args):
+                try:
+                    fn(*args)
+                except OSError as e:
+                    assert e.errno == code, f"{fn.__name__}{args}: errno {e.errno} != {code}"
+                    return
+                raise AssertionError(f"{fn.__name__}{args} did not fail")
+
+            open("a", "w").write("alpha")
+            os.mkdir("d"); os.mkdir("d/sub")
+            os.rename("a", "d/a2")                      # across directories
+            assert open("d/a2").read() == "alpha"
+            open("b", "w").write("beta")
+            os.rename("b", "d/a2")                      # over an existing file
+            assert open("d/a2").read() == "beta"
+            expect_errno(errno.ENOENT, os.rename, "missing", "x")
+            expect_errno(errno.ENOTEMPTY, os.rmdir, "d")
+            expect_errno(errno.EISDIR, os.unlink, "d")
+            expect_errno(errno.ENOTDIR, os.rmdir, "d/a2")
+            expect_errno(errno.EEXIST, os.mkdir, "d")
+            os.mkdir("e"); os.rename("e", "d/sub2")     # directory move
+            assert sorted(os.listdir("d")) == ["a2", "sub", "sub2"], os.listdir("d")
+
+            os.link("d/a2", "hard")
+            assert os.stat("hard").st_nlink == 2 and os.stat("hard").st_ino == os.stat("d/a2").st_ino
+            open("hard", "a").write("+more")
+            assert open("d/a2").read() == "beta+more"
+            expect_errno(errno.EEXIST, os.link, "d/a2", "hard")
+            os.unlink("d/a2"); assert open("hard").read() == "beta+more"
+
+            target = "../some/where/" + "t" * 300
+            os.symlink(target, "link")
+            assert os.readlink("link") == target
+            assert os.lstat("link").st_size == len(target)
+            os.symlink("hard", "rel"); assert open("rel").read() == "beta+more"
+            expect_errno(errno.EEXIST, os.symlink, "x", "link")
+
+            os.setxattr("hard", "user.color", b"blue")
+            assert os.getxattr("hard", "user.color") == b"blue"
+            assert "user.color" in os.listxattr("hard")
+            os.removexattr("hard", "user.color")
+            expect_errno(errno.ENODATA, os.getxattr, "hard", "user.color")
+            expect_errno(errno.EOPNOTSUPP, os.setxattr, "hard", "trusted.x", b"1")
+
+            with open("t", "wb") as f: f.write(b"x" * 100000)
+            os.truncate("t", 40000); assert open("t", "rb").read() == b"x" * 40000
+            os.truncate("t", 50001); assert open("t", "rb").read() == b"x" * 40000 + b"\\0" * 10001
+            with open("t", "r+b") as f:
+                f.truncate(16384); f.seek(0, 2); assert f.tell() == 16384
+            with open("sparse", "wb") as f:
+                f.seek(3 * 1024 * 1024 + 5); f.write(b"end")
+            data = open("sparse", "rb").read()
+            assert len(data) == 3 * 1024 * 1024 + 8 and data[:-3] == b"\\0" * (3 * 1024 * 1024 + 5) and data[-3:] == b"end"
+
+            os.chmod("t", 0o600); assert os.stat("t").st_mode & 0o777 == 0o600
+            os.utime("t", (1000000000, 1500000000)); assert os.stat("t").st_mtime == 1500000000
+
+            long = "L" * 240 + ".txt"
+            open(long, "w").write("long name")
+            assert open(long).read() == "long name" and long in os.listdir(".")
+            os.rename(long, "short"); assert "short" in os.listdir(".") and long not in os.listdir(".")
+            expect_errno(errno.ENAMETOOLONG, open, "N" * 256, "w")
+            print("ok")
+            """)
+        #expect(r.ok, "\(r.stderr)")
+        #expect(r.stdout.contains("ok"))
+        let leftovers = try sh("find \(q(fs.cipherdir)) -name '.kmsfs.L.*' | wc -l")
+        #expect(leftovers.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "0", "long-name files left behind")
+    }
+
+    @Test("a file unlinked or renamed over while open keeps working until closed")
+    func openAfterUnlink() throws {
+        let fs = try MountedFS()
+        let r = try fs.python("""
+            open("victim", "w").write("original")
+            f = open("victim", "r+")
+            os.unlink("victim")
+            assert not os.path.exists("victim")
+            f.seek(0, 2); f.write(" and more"); f.flush()
+            f.seek(0); assert f.read() == "original and more"
+            f.close()
+            open("x", "w").write("old x")
+            g = open("x")
+            open("y", "w").write("new y")
+            os.rename("y", "x")
+            assert g.read() == "old x"
+            g.close()
+            assert open("x").read() == "new y"
+            print("ok")
+            """)
+        #expect(r.ok, "\(r.stderr)")
+    }
+}
