@@ -1,0 +1,123 @@
+import Foundation
+import Testing
+
+/// Tampering, key state and key policy on a live mount.
+@Suite(.serialized) struct SecurityTests {
+    @Test("a tampered chunk reads as EIO, the rest of the file and the filesystem keep working, and the failure is audited with the file id")
+    func tamperedChunk() throws {
+        let fs = try MountedFS()
+        let setup = try fs.run("""
+            head -c $((5 * 16384)) /dev/urandom > $T/ref
+            cp $T/ref "$M/victim"; echo fine > "$M/other"
+            f=$(find "$C" -path "$C/.kmsfs" -prune -o -type f -size +80k -print | head -1)
+            # the file id is header bytes 8..23
+            od -An -tx1 -j8 -N16 "$f" | tr -d ' \\n'; echo
+            # flip one byte inside chunk 2
+            printf '\\xff' | dd of="$f" bs=1 seek=$((384 + 2 * (16384 + 28) + 100)) conv=notrunc status=none
+            """)
+        #expect(setup.ok, "\(setup.stderr)")
+        let fileID = setup.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(fileID.count == 32)
+        let r = try fs.python("""
+            ref = open(os.path.join(T, "ref"), "rb").read()
+            fd = os.open("victim", os.O_RDONLY)
+            assert os.pread(fd, 16384, 0) == ref[:16384], "chunk 0 must read"
+            assert os.pread(fd, 16384, 4 * 16384) == ref[4 * 16384:], "chunk 4 must read"
+            try:
+                os.pread(fd, 100, 2 * 16384 + 50); raise AssertionError("tampered chunk returned data")
+            except OSError as e:
+                assert e.errno == errno.EIO, e
+            try:
+                open("victim", "rb").read(); raise AssertionError("whole-file read returned data")
+            except OSError as e:
+                assert e.errno == errno.EIO, e
+            os.close(fd)
+            assert open("other").read() == "fine\\n"
+            open("after", "w").write("still writable")
+            print("ok")
+            """)
+        #expect(r.ok, "\(r.stderr)")
+        let audit = try sh("sqlite3 \(q(fs.keystore)) \"SELECT object_id FROM audit_log WHERE event = 'IntegrityFailure'\"")
+        #expect(audit.stdout.split(separator: "\n").contains(Substring(fileID)), "audit: \(audit.stdout) \(audit.stderr)")
+    }
+
+    @Test("a tampered header or a truncated file reads as EIO")
+    func tamperedHeaderAndTruncation() throws {
+        let fs = try MountedFS()
+        let r = try fs.run("""
+            head -c 100000 /dev/urandom > "$M/h"; head -c 100000 /dev/urandom > "$M/t"
+            for f in $(find "$C" -path "$C/.kmsfs" -prune -o -type f -size +90k -print); do
+              if [ -z "${first:-}" ]; then first=$f
+                printf '\\x01' | dd of="$f" bs=1 seek=50 conv=notrunc status=none   # key id byte
+              else
+                truncate -s $((384 + 2 * (16384 + 28))) "$f"                        # cut at a chunk boundary
+              fi
+            done
+            for name in h t; do
+              if cat "$M/$name" > /dev/null 2> $T/err; then echo "$name read"; else grep -o 'Input/output error' $T/err; fi
+            done
+            """)
+        #expect(r.ok, "\(r.stderr)")
+        #expect(r.stdout.split(separator: "\n") == ["Input/output error", "Input/output error"])
+    }
+
+    @Test("disabling a key makes the next open fail with EKEYREVOKED within a second; enabling restores it; both audited")
+    func disabledKey() throws {
+        let fs = try MountedFS()
+        #expect(try fs.run("echo data > \"$M/file\"").ok)
+        #expect(try fs.key(["disable", "alias/default"]).ok)
+        let denied = try fs.python("""
+            import time
+            deadline = time.monotonic() + 1.0
+            while True:
+                try:
+                    open("file").read()
+                except OSError as e:
+                    if e.errno == errno.EKEYREVOKED: print("revoked"); break
+                    raise
+                if time.monotonic() > deadline: raise AssertionError("still readable after 1 s")
+            """)
+        #expect(denied.ok, "\(denied.stderr)")
+        #expect(denied.stdout.contains("revoked"))
+        #expect(try fs.key(["enable", "alias/default"]).ok)
+        let back = try fs.python("""
+            import time
+            deadline = time.monotonic() + 1.0
+            while True:
+                try:
+                    assert open("file").read() == "data\\n"; print("back"); break
+                except OSError as e:
+                    if e.errno != errno.EKEYREVOKED or time.monotonic() > deadline: raise
+            """)
+        #expect(back.ok, "\(back.stderr)")
+        let audit = try sh("sqlite3 \(q(fs.keystore)) \"SELECT event || ':' || outcome FROM audit_log\"")
+        #expect(audit.stdout.contains("DisableKey:success") && audit.stdout.contains("EnableKey:success"))
+        #expect(audit.stdout.contains(":refused"), "the refused open is audited")
+    }
+
+    @Test("a uid outside the key policy gets EACCES (allow_other, setpriv), and the denial is audited")
+    func deniedUID() throws {
+        let fs = try MountedFS(mountOptions: ["allow_other"])
+        let r = try fs.run("""
+            echo secret > "$M/file"; chmod 644 "$M/file"; chmod 755 "$M" "$(dirname "$M")"
+            if setpriv --reuid=4242 --regid=4242 --clear-groups cat "$M/file" 2> $T/err; then echo "read it"; fi
+            grep -o 'Permission denied' $T/err | head -1
+            cat "$M/file"
+            """)
+        #expect(r.ok, "\(r.stderr)")
+        #expect(r.stdout.split(separator: "\n") == ["Permission denied", "secret"])
+        let audit = try sh("sqlite3 \(q(fs.keystore)) \"SELECT count(*) FROM audit_log WHERE outcome = 'denied' AND uid = 4242\"")
+        #expect((Int(audit.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0) >= 1)
+        // A grant lets the uid in.
+        #expect(try fs.key(["policy", "alias/default", "--grant", "decrypt", "uid:4242"]).ok)
+        let granted = try fs.python("""
+            import subprocess, time
+            deadline = time.monotonic() + 1.0
+            while True:
+                p = subprocess.run(["setpriv", "--reuid=4242", "--regid=4242", "--clear-groups", "cat", "file"], capture_output=True)
+                if p.returncode == 0: print(p.stdout.decode().strip()); break
+                if time.monotonic() > deadline: raise AssertionError(p.stderr)
+            """)
+        #expect(granted.stdout.contains("secret"), "\(granted.stderr)")
+    }
+}
