@@ -2,7 +2,7 @@
 SWIFT ?= swift
 export PATH := /opt/swift/usr/bin:$(PATH)
 
-.PHONY: all deps build release test bench-cipher bench-keys clean
+.PHONY: all deps build release test demo man bench bench-cipher bench-keys clean
 
 all: build
 
@@ -15,10 +15,21 @@ build: deps
 release: deps
 	$(SWIFT) build -c release
 
-## Builds everything and runs the whole test suite.
+## Builds everything and runs the whole test suite (mounts real FUSE filesystems).
 test: deps
 	$(SWIFT) build --build-tests
+	scripts/man.sh --check
 	$(SWIFT) test
+
+## Builds and shows the main job end to end on a scratch filesystem.
+demo: deps
+	$(SWIFT) build --product kmsfs
+	scripts/demo.sh
+
+## Regenerates man/ from the command definitions.
+man: deps
+	$(SWIFT) build --product kmsfs
+	scripts/man.sh
 
 ## Seals and opens 256 MiB at 4–256 KiB chunks against `openssl speed` (release build).
 bench-cipher: deps
