@@ -36,6 +36,12 @@ bench-cipher: deps
 	$(SWIFT) build -c release --product kmsfs-bench
 	.build/release/kmsfs-bench cipher
 
+## Filesystem workloads on kmsfs, gocryptfs and a plaintext FUSE passthrough (needs root).
+bench: deps
+	scripts/install-deps.sh gocryptfs bc linux-source-6.1
+	$(SWIFT) build -c release --product kmsfs
+	bench/fs-bench.sh
+
 ## Envelope unwraps per second and the scrypt unlock time (release build).
 bench-keys: deps
 	$(SWIFT) build -c release --product kmsfs-bench
