@@ -70,6 +70,7 @@ extension KeyManager {
 
     /// Records that `object`'s data key is wrapped by `key` `version`.
     public func recordUsage(_ object: ID128, kind: ObjectKind, key: KeyID, version: KeyVersion) throws(KeyManagerError) {
+        if let journal { return try journal.append(.record(object, kind, key, version, clock())) }
         try write { db in
             try db.execute(sql: """
                 INSERT INTO usage (object_id, kind, key_id, version, updated_at) VALUES (?, ?, ?, ?, ?)
@@ -81,11 +82,13 @@ extension KeyManager {
 
     /// Forgets `object` (its file or directory is gone).
     public func forgetUsage(_ object: ID128) throws(KeyManagerError) {
+        if let journal { return try journal.append(.forget(object)) }
         try write { db in try db.execute(sql: "DELETE FROM usage WHERE object_id = ?", arguments: [object.hex]) }
     }
 
     /// How many files and directories each version of a key wraps.
     public func usage(of reference: String) throws(KeyManagerError) -> [KeyVersion: Int] {
+        try flushUsage()
         let id = try resolve(reference)
         return try read { db in
             var out = [KeyVersion: Int]()
@@ -99,6 +102,7 @@ extension KeyManager {
 
     /// The objects whose data keys a key (optionally one version) wraps.
     public func objects(using reference: String, version: KeyVersion? = nil) throws(KeyManagerError) -> [(object: ID128, kind: ObjectKind, version: KeyVersion)] {
+        try flushUsage()
         let id = try resolve(reference)
         return try read { db in
             try Row.fetchAll(db, sql: "SELECT object_id, kind, version FROM usage WHERE key_id = ? AND (? IS NULL OR version = ?) ORDER BY object_id",

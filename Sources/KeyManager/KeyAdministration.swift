@@ -20,6 +20,8 @@ public struct ScheduleReport: Sendable, Equatable {
     public var destroyed: [KeyID] = []
     /// Keys whose deletion window ended but which are still referenced, with the count.
     public var blocked: [KeyID: Int] = [:]
+    /// Keys not destroyed because a mount died before flushing the usage index.
+    public var unverified: [KeyID] = []
 }
 
 extension KeyManager {
@@ -120,6 +122,7 @@ extension KeyManager {
     public func describe(_ reference: String) throws(KeyManagerError) -> (metadata: KeyMetadata, versions: [KeyVersionInfo], policy: [KeyOperation: [String]]) {
         let id = try resolve(reference)
         invalidate(id)
+        try flushUsage()
         let rec = try record(id)
         let versions: [KeyVersionInfo] = try read { db in
             try Row.fetchAll(db, sql: """
@@ -245,6 +248,7 @@ extension KeyManager {
     public func retireVersion(_ reference: String, version: KeyVersion, by principal: Principal) throws(KeyManagerError) {
         let id = try resolve(reference)
         let rec = try authorizeAdmin(principal, id)
+        try flushUsage()
         guard version != rec.metadata.currentVersion else {
             throw .invalidArgument("version \(version) is the current version of \(rec.displayName); rotate first")
         }
@@ -267,6 +271,8 @@ extension KeyManager {
     public func runSchedules() throws(KeyManagerError) -> ScheduleReport {
         var report = ScheduleReport()
         let now = clock()
+        try flushUsage()
+        let indexIncomplete = try usageIndexMayBeIncomplete()
         for rec in try read({ db in try KeyRecord.fetchAll(db) }) {
             if rec.state == .enabled, let due = rec.metadata.nextRotationAt, due <= now {
                 _ = try rotateUnchecked(rec, principal: nil, event: "RotateKeyAutomatically")
@@ -281,6 +287,12 @@ extension KeyManager {
                     report.blocked[rec.id] = references
                     audit(AuditEvent("DeleteKey", outcome: "refused", key: rec.id,
                                      error: KeyManagerError.deletionBlocked(key: rec.displayName, references: references).description))
+                    continue
+                }
+                if indexIncomplete {
+                    report.unverified.append(rec.id)
+                    audit(AuditEvent("DeleteKey", outcome: "refused", key: rec.id,
+                                     error: "a mount ended without flushing the usage index; it may miss files of this key"))
                     continue
                 }
                 try write { db in

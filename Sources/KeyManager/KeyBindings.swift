@@ -40,6 +40,7 @@ extension KeyManager {
                 """, arguments: [pathMAC(normalized), Data(sealed), id.rawValue.hex])
             try AuditTrail.append(db, AuditEvent("BindKey", key: id, principal: principal), at: clock())
         }
+        caches.withLock { $0.bindings = nil }
     }
 
     /// Removes the binding of a path (the root's binding cannot be removed, only moved).
@@ -54,19 +55,33 @@ extension KeyManager {
             try db.execute(sql: "DELETE FROM bindings WHERE path_mac = ?", arguments: [mac])
             try AuditTrail.append(db, AuditEvent("UnbindKey", key: id, principal: principal), at: clock())
         }
+        caches.withLock { $0.bindings = nil }
     }
 
-    /// The key governing new files in directory `path`: its own binding or its nearest bound ancestor's.
+    /// The key governing new files in directory `path`: its own binding or
+    /// its nearest bound ancestor's. Bindings are cached for `recordTTL`.
     public func boundKey(forDirectory path: String) throws(KeyManagerError) -> KeyID {
+        let bindings = try bindingMap()
         var components = Self.normalize(path: path).split(separator: "/").map(String.init)
         while true {
-            let candidate = "/" + components.joined(separator: "/")
-            let mac = pathMAC(candidate)
-            let hex: String? = try read { db in try String.fetchOne(db, sql: "SELECT key_id FROM bindings WHERE path_mac = ?", arguments: [mac]) }
-            if let hex, let id = KeyID(hex: hex) { return id }
+            if let id = bindings[pathMAC("/" + components.joined(separator: "/"))] { return id }
             guard !components.isEmpty else { throw .keystoreCorrupt("the root directory has no key binding") }
             components.removeLast()
         }
+    }
+
+    private func bindingMap() throws(KeyManagerError) -> [Data: KeyID] {
+        let now = clock()
+        if let cached = caches.withLock({ $0.bindings }), abs(now - cached.fetchedAt) < Self.recordTTL { return cached.map }
+        let map: [Data: KeyID] = try read { db in
+            var map = [Data: KeyID]()
+            for row in try Row.fetchAll(db, sql: "SELECT path_mac, key_id FROM bindings") {
+                if let id = KeyID(hex: row["key_id"]) { map[row["path_mac"]] = id }
+            }
+            return map
+        }
+        caches.withLock { $0.bindings = (map, now) }
+        return map
     }
 
     /// All bindings as (path, key), sorted by path.

@@ -57,7 +57,7 @@ public final class KeyManager: @unchecked Sendable {
     let kek: AESGCM
     /// Keys path MACs and sealed paths of bindings.
     let metadataKey: SecretKey
-    private let caches = Mutex(Caches())
+    let caches = Mutex(Caches())
     /// How long a cached key record is trusted before re-reading it, so a
     /// change made by another process takes effect within this time.
     static let recordTTL = 0.5
@@ -65,6 +65,9 @@ public final class KeyManager: @unchecked Sendable {
     struct Caches: ~Copyable {
         var records: [KeyID: (record: KeyRecord, fetchedAt: Double)] = [:]
         var wrappers: [VersionRef: AESGCM] = [:]
+        /// Binding path MAC → key, re-read after `recordTTL`.
+        var bindings: (map: [Data: KeyID], fetchedAt: Double)?
+        var journal: UsageJournal?
     }
 
     struct VersionRef: Hashable {

@@ -47,6 +47,8 @@ struct Mount: ParsableCommand {
             let manager = try KeyManager.open(in: keystore, passphrase: secret, clock: Clock.current)
             _ = consume secret
             _ = try manager.runSchedules()
+            try manager.startBatchingUsage()
+            defer { try? manager.stopBatchingUsage() }
             let fs = try EncryptedFileSystem(cipherdir: cipher, keyManager: manager)
             var mountOptions = ["fsname=\(cipher)", "subtype=kmsfs", "default_permissions"]
             mountOptions += options.flatMap { $0.split(separator: ",").map(String.init) }

@@ -31,6 +31,9 @@ struct FilesystemOption: ParsableArguments {
         let report = try manager.runSchedules()
         for key in report.rotated { Output.note("rotated key \(key) automatically (its period had passed)") }
         for key in report.destroyed { Output.note("destroyed key \(key): its deletion window ended") }
+        for key in report.unverified {
+            Output.note("key \(key) was not destroyed: a mount ended without flushing the usage index, which may miss files of this key")
+        }
         for (key, n) in report.blocked {
             Output.note(KeyManagerError.deletionBlocked(key: key.rawValue.hex, references: n).description)
         }

@@ -1,0 +1,106 @@
+import ChunkCipher
+import Dispatch
+import GRDB
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Group commit for the usage index while a filesystem is mounted: creates
+/// and unlinks append here, and one transaction writes a batch every 100 ms
+/// (or at 512 changes, or before anything reads the index). A crash can lose
+/// at most the last batch; the journal marks the keystore while it runs, and
+/// a key is never destroyed while a journal that died unflushed may have
+/// lost entries (docs/KEYS.md).
+final class UsageJournal: @unchecked Sendable {
+    enum Change {
+        case record(ID128, ObjectKind, KeyID, KeyVersion, Double)
+        case forget(ID128)
+    }
+
+    private let pending = Mutex<[Change]>([])
+    /// Held for a whole flush so batches commit in the order they were taken.
+    private let flushing = Mutex<Void>(())
+    private let db: DatabasePool
+    private var timer: DispatchSourceTimer?
+    static let batchSize = 512
+
+    init(db: DatabasePool, interval: Double) {
+        self.db = db
+        let timer = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "kmsfs.usage-journal"))
+        timer.schedule(deadline: .now() + interval, repeating: interval)
+        timer.setEventHandler { [weak self] in try? self?.flush() }
+        timer.resume()
+        self.timer = timer
+    }
+
+    func append(_ change: Change) throws(KeyManagerError) {
+        let count = pending.withLock { $0.append(change); return $0.count }
+        if count >= Self.batchSize { try flush() }
+    }
+
+    /// Writes everything appended so far in one transaction.
+    func flush() throws(KeyManagerError) {
+        do {
+            try flushing.withLock { _ in
+                let batch = pending.withLock { batch -> [Change] in defer { batch.removeAll(keepingCapacity: true) }; return batch }
+                guard !batch.isEmpty else { return }
+                try db.write { db in
+                    let insert = try db.cachedStatement(sql: """
+                        INSERT INTO usage (object_id, kind, key_id, version, updated_at) VALUES (?, ?, ?, ?, ?)
+                        ON CONFLICT(object_id) DO UPDATE SET kind = excluded.kind, key_id = excluded.key_id,
+                            version = excluded.version, updated_at = excluded.updated_at
+                        """)
+                    let delete = try db.cachedStatement(sql: "DELETE FROM usage WHERE object_id = ?")
+                    for change in batch {
+                        switch change {
+                        case .record(let object, let kind, let key, let version, let time):
+                            try insert.execute(arguments: [object.hex, kind.rawValue, key.rawValue.hex, version.rawValue, time])
+                        case .forget(let object):
+                            try delete.execute(arguments: [object.hex])
+                        }
+                    }
+                }
+            }
+        } catch { throw .database("usage index: \(error)") }
+    }
+
+    func stop() {
+        timer?.cancel()
+        timer = nil
+    }
+}
+
+extension KeyManager {
+    /// Starts group-committing usage-index changes (the mount daemon calls
+    /// this); marks the keystore with this process's id until `stopBatchingUsage`.
+    public func startBatchingUsage(interval: Double = 0.1) throws(KeyManagerError) {
+        try write { db in
+            try db.execute(sql: "INSERT OR REPLACE INTO meta (name, value) VALUES ('usage_journal_pid', ?)", arguments: [Int(getpid())])
+        }
+        caches.withLock { $0.journal = UsageJournal(db: db, interval: interval) }
+    }
+
+    /// Flushes and stops batching; the keystore's index is complete again.
+    public func stopBatchingUsage() throws(KeyManagerError) {
+        guard let journal = caches.withLock({ c -> UsageJournal? in defer { c.journal = nil }; return c.journal }) else { return }
+        journal.stop()
+        try journal.flush()
+        try write { db in try db.execute(sql: "DELETE FROM meta WHERE name = 'usage_journal_pid'") }
+    }
+
+    /// Writes pending usage changes now (before anything reads the index).
+    public func flushUsage() throws(KeyManagerError) {
+        try caches.withLock({ $0.journal })?.flush()
+    }
+
+    var journal: UsageJournal? { caches.withLock { $0.journal } }
+
+    /// Whether a mount that batched usage changes died without flushing, so
+    /// the index may miss entries and no key may be destroyed on its word.
+    func usageIndexMayBeIncomplete() throws(KeyManagerError) -> Bool {
+        let pid: Int? = try read { db in try Int.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'usage_journal_pid'") }
+        guard let pid, pid != Int(getpid()) else { return false }
+        return kill(pid_t(pid), 0) != 0 && errno == ESRCH
+    }
+}
