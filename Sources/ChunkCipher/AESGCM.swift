@@ -10,6 +10,10 @@ public final class AESGCM: @unchecked Sendable {
     /// Key bytes.
     public static let keySize = 32
 
+    /// Fetched once: passing EVP_aes_256_gcm() makes OpenSSL 3 look the
+    /// algorithm up by name on every init.
+    nonisolated(unsafe) private static let cipher: OpaquePointer? = EVP_CIPHER_fetch(nil, "AES-256-GCM", nil)
+
     private let sealTemplate: OpaquePointer
     private let openTemplate: OpaquePointer
     private let sealPool = Mutex(ContextStack())
@@ -21,10 +25,11 @@ public final class AESGCM: @unchecked Sendable {
         guard let seal = EVP_CIPHER_CTX_new(), let open = EVP_CIPHER_CTX_new() else { throw .openssl("EVP_CIPHER_CTX_new") }
         sealTemplate = seal
         openTemplate = open
+        guard let cipher = Self.cipher else { throw .openssl("AES-256-GCM is not available") }
         let ok = key.withUnsafeBytes { raw -> Bool in
             let k = raw.baseAddress!.assumingMemoryBound(to: UInt8.self)
-            return EVP_EncryptInit_ex(seal, EVP_aes_256_gcm(), nil, k, nil) == 1
-                && EVP_DecryptInit_ex(open, EVP_aes_256_gcm(), nil, k, nil) == 1
+            return EVP_EncryptInit_ex(seal, cipher, nil, k, nil) == 1
+                && EVP_DecryptInit_ex(open, cipher, nil, k, nil) == 1
         }
         guard ok else { throw .openssl("EVP_CipherInit_ex(aes-256-gcm)") }
     }

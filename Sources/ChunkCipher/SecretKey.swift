@@ -77,7 +77,8 @@ public struct SecretKey: ~Copyable, @unchecked Sendable {
     }
 
     deinit {
-        OPENSSL_cleanse(base, pageBytes)
+        // Only the first `count` bytes were ever written (the page was zeroed at allocation).
+        OPENSSL_cleanse(base, count)
         _ = munlock(base, pageBytes)
         free(base)
     }

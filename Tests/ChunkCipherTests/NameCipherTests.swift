@@ -88,3 +88,26 @@ import ChunkCipher
         #expect(Base64URL.decode("__9") == nil)
     }
 }
+
+@Suite struct Base64URLTests {
+    @Test("matches RFC 4648 §10 test vectors in the URL-safe alphabet, unpadded")
+    func vectors() {
+        let cases = ["": "", "f": "Zg", "fo": "Zm8", "foo": "Zm9v", "foob": "Zm9vYg", "fooba": "Zm9vYmE", "foobar": "Zm9vYmFy"]
+        for (plain, encoded) in cases {
+            #expect(Base64URL.encode(Array(plain.utf8)) == encoded)
+            #expect(Base64URL.decode(encoded) == Array(plain.utf8))
+        }
+        #expect(Base64URL.encode([0xFB, 0xFF, 0xBF]) == "-_-_")
+    }
+
+    @Test("random bytes round-trip; invalid characters and lengths are refused")
+    func roundTrip() {
+        for n in 0..<70 {
+            let bytes = pattern(n, seed: UInt64(n + 1))
+            #expect(Base64URL.decode(Base64URL.encode(bytes)) == bytes)
+        }
+        for bad in ["A", "Zm9v=", "Zm+v", "Zm/v", "Zm9", "Zh"] where bad != "Zm9" {
+            #expect(Base64URL.decode(bad) == nil, "\(bad)")
+        }
+    }
+}

@@ -369,3 +369,38 @@ extension String.UTF8View {
         guard case .invalidArgument = keyError({ try km.rotate("alias/signer", by: owner) }) else { Issue.record("signer rotated"); return }
     }
 }
+
+@Suite struct UsageJournalTests {
+    @Test("batched usage changes are flushed before the index is read, and in order")
+    func batching() throws {
+        let km = try Scratch().create()
+        try km.startBatchingUsage(interval: 60)
+        let key = try km.resolve("alias/default")
+        let objects = (0..<10).map { _ in ID128.random() }
+        for o in objects { _ = try km.generateDataKey(for: o, kind: .file, key: key, principal: owner) }
+        for o in objects.prefix(4) { try km.forgetUsage(o) }
+        // Not yet in the database...
+        let stored: Int = try km.db.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM usage WHERE kind = 'file'")! }
+        #expect(stored == 0)
+        // ...but every reader of the index flushes first.
+        #expect(try km.usage(of: "alias/default")[KeyVersion(rawValue: 1)] == 6)
+        try km.stopBatchingUsage()
+        let marker: Int? = try km.db.read { db in try Int.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'usage_journal_pid'") }
+        #expect(marker == nil)
+    }
+
+    @Test("a key is not destroyed while a dead mount's journal may have lost usage entries")
+    func deadJournalBlocksDeletion() throws {
+        let scratch = Scratch()
+        let km = try scratch.create()
+        let key = try km.createKey(aliases: ["alias/old"], by: owner).keyID
+        // A mount that was killed: its marker names a process that no longer exists.
+        try km.db.write { db in try db.execute(sql: "INSERT OR REPLACE INTO meta (name, value) VALUES ('usage_journal_pid', 999999)") }
+        _ = try km.scheduleDeletion("alias/old", days: 7, by: owner)
+        scratch.clock.advance(days: 8)
+        let report = try km.runSchedules()
+        #expect(report.unverified == [key])
+        #expect(report.destroyed.isEmpty)
+        #expect(try km.describe(key.rawValue.hex).metadata.state == .pendingDeletion)
+    }
+}
