@@ -8,49 +8,55 @@ import Testing
     @Test("random concurrent operations leave the mount identical to a plain-directory twin")
     func randomTwin() throws {
         let fs = try MountedFS()
+        // Independent worker processes (not a fork-based pool, which can
+        // deadlock on locks held at fork time): each owns one subtree.
+        try """
+            import os, random, sys, errno
+            M, TWIN, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+            rng = random.Random(seed)
+            roots = [os.path.join(M, f"w{seed}"), os.path.join(TWIN, f"w{seed}")]
+            for r in roots: os.makedirs(r)
+            for step in range(300):
+                op = rng.choice(["create", "write", "write", "truncate", "rename", "link", "unlink", "mkdir"])
+                sub = rng.choice(["", "d1/", "d2/"])
+                path = sub + f"f{rng.randrange(40)}"
+                data = rng.randbytes(rng.choice([0, 1, 100, 4096, 16383, 16384, 16385, 70000]))
+                offset = rng.randrange(0, 90000)
+                size = rng.randrange(0, 60000)
+                other = rng.choice(["", "d1/", "d2/"]) + f"f{rng.randrange(40)}"
+                results = []
+                for root in roots:
+                    p = os.path.join(root, path)
+                    try:
+                        if op == "mkdir":
+                            os.makedirs(os.path.join(root, sub or "d1"), exist_ok=True)
+                        elif op == "create":
+                            with open(p, "wb") as f: f.write(data)
+                        elif op == "write":
+                            fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o644)
+                            os.pwrite(fd, data, offset); os.close(fd)
+                        elif op == "truncate":
+                            os.truncate(p, size)
+                        elif op == "rename":
+                            os.rename(p, os.path.join(root, other))
+                        elif op == "link":
+                            os.link(p, os.path.join(root, other))
+                        elif op == "unlink":
+                            os.unlink(p)
+                        results.append("ok")
+                    except OSError as e:
+                        results.append(e.errno)
+                assert results[0] == results[1], f"seed {seed} step {step} {op} {path}: mount {results[0]} twin {results[1]}"
+            """.write(toFile: fs.root + "/worker.py", atomically: true, encoding: .utf8)
+        let workers = try fs.run("""
+            mkdir -p $T/twin
+            pids=()
+            for seed in 0 1 2 3 4 5; do python3 ../worker.py "$M" $T/twin $seed & pids+=($!); done
+            for p in "${pids[@]}"; do wait $p; done
+            """)
+        #expect(workers.ok, "\(workers.stderr)")
         let r = try fs.python("""
-            import random, hashlib, multiprocessing
-            TWIN = os.path.join(T, "twin")
-            os.makedirs(TWIN, exist_ok=True)
-
-            def worker(seed):
-                rng = random.Random(seed)
-                roots = [os.path.join(M, f"w{seed}"), os.path.join(TWIN, f"w{seed}")]
-                for r in roots: os.makedirs(r)
-                names = []
-                for step in range(300):
-                    op = rng.choice(["create", "write", "write", "truncate", "rename", "link", "unlink", "mkdir"])
-                    name = f"f{rng.randrange(40)}"
-                    sub = rng.choice(["", "d1/", "d2/"])
-                    path = sub + name
-                    data = rng.randbytes(rng.choice([0, 1, 100, 4096, 16383, 16384, 16385, 70000]))
-                    offset = rng.randrange(0, 90000)
-                    size = rng.randrange(0, 60000)
-                    other = rng.choice(["", "d1/", "d2/"]) + f"f{rng.randrange(40)}"
-                    results = []
-                    for root in roots:
-                        p = os.path.join(root, path)
-                        try:
-                            if op == "mkdir":
-                                os.makedirs(os.path.join(root, sub or "d1"), exist_ok=True); results.append("ok"); continue
-                            if op == "create":
-                                with open(p, "wb") as f: f.write(data)
-                            elif op == "write":
-                                fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o644)
-                                os.pwrite(fd, data, offset); os.close(fd)
-                            elif op == "truncate":
-                                os.truncate(p, size)
-                            elif op == "rename":
-                                os.rename(p, os.path.join(root, other))
-                            elif op == "link":
-                                os.link(p, os.path.join(root, other))
-                            elif op == "unlink":
-                                os.unlink(p)
-                            results.append("ok")
-                        except OSError as e:
-                            results.append(e.errno)
-                    assert results[0] == results[1], f"seed {seed} step {step} {op} {path}: mount {results[0]} twin {results[1]}"
-
+            import hashlib
             def snapshot(top):
                 out = {}
                 for d, dirs, files in os.walk(top):
@@ -61,10 +67,7 @@ import Testing
                     for n in dirs:
                         out[os.path.relpath(os.path.join(d, n), top) + "/"] = "dir"
                 return out
-
-            with multiprocessing.Pool(6) as pool:
-                pool.map(worker, range(6))
-            a, b = snapshot(M), snapshot(TWIN)
+            a, b = snapshot(M), snapshot(os.path.join(T, "twin"))
             assert a == b, f"trees differ: {sorted(set(a.items()) ^ set(b.items()))[:5]}"
             print(len(a))
             """)
