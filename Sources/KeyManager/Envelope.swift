@@ -17,10 +17,9 @@ extension KeyManager {
             throw error
         }
         let version = rec.metadata.currentVersion
-        let wrapping = try wrapper(key, version)
         let dek = SecretKey.random()
-        let wrapped = try dek.withUnsafeBytes { (raw) throws(KeyManagerError) in
-            try KeyWrap.seal(raw, under: wrapping, context: dataKeyContext(object: object, key: key, version: version))
+        let wrapped = try provider.wrapDataKey(dek, key: key, version: version, context: dataKeyContext(object: object, key: key, version: version)) {
+            () throws(KeyManagerError) in try storedMaterial(key, version)
         }
         try recordUsage(object, kind: kind, key: key, version: version)
         return DataKey(key: dek, keyID: key, version: version, wrapped: wrapped)
@@ -36,8 +35,8 @@ extension KeyManager {
             audit(AuditEvent("Decrypt", outcome: "refused", key: key, version: version, principal: principal, object: object, error: error.description))
             throw error
         }
-        let wrapping = try wrapper(key, version)
-        guard let dek = try KeyWrap.open(wrapped, under: wrapping, context: dataKeyContext(object: object, key: key, version: version)) else {
+        guard let dek = try provider.unwrapDataKey(wrapped, key: key, version: version, context: dataKeyContext(object: object, key: key, version: version),
+                                                   stored: { () throws(KeyManagerError) in try storedMaterial(key, version) }) else {
             let error = KeyManagerError.unwrapFailed(key: rec.displayName, version: version)
             audit(AuditEvent("Decrypt", outcome: "integrity-failure", key: key, version: version, principal: principal, object: object, error: error.description))
             throw error
@@ -56,13 +55,14 @@ extension KeyManager {
         try authorize(principal, .encrypt, destination)
         try check(.rewrapFrom, source)
         try check(.rewrapTo, destination)
-        let sourceWrapper = try wrapper(key, version)
-        guard let dek = try KeyWrap.open(wrapped, under: sourceWrapper, context: dataKeyContext(object: object, key: key, version: version)) else {
+        guard let dek = try provider.unwrapDataKey(wrapped, key: key, version: version, context: dataKeyContext(object: object, key: key, version: version),
+                                                   stored: { () throws(KeyManagerError) in try storedMaterial(key, version) }) else {
             throw .unwrapFailed(key: source.displayName, version: version)
         }
         let newVersion = destination.metadata.currentVersion
-        let rewrapped = try dek.withUnsafeBytes { (raw) throws(KeyManagerError) in
-            try KeyWrap.seal(raw, under: try wrapper(target, newVersion), context: dataKeyContext(object: object, key: target, version: newVersion))
+        let rewrapped = try provider.wrapDataKey(dek, key: target, version: newVersion,
+                                                 context: dataKeyContext(object: object, key: target, version: newVersion)) {
+            () throws(KeyManagerError) in try storedMaterial(target, newVersion)
         }
         try recordUsage(object, kind: kind, key: target, version: newVersion)
         return (target, newVersion, rewrapped)

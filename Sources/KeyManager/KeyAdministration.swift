@@ -96,16 +96,10 @@ extension KeyManager {
         return try record(id).metadata
     }
 
-    /// New wrapped material for a key version (and the public key of a key pair).
+    /// New material for a key version (and the public key of a key pair), from the provider.
     func newMaterial(_ spec: KeySpec, id: KeyID, version: KeyVersion) throws(KeyManagerError) -> ([UInt8], [UInt8]?) {
-        let context = Self.materialContext(id, version)
-        if spec == .aes256 {
-            let secret = SecretKey.random()
-            return (try secret.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: kek, context: context) }, nil)
-        }
-        let pair = try AsymmetricKeys.generate(spec)
-        let wrapped = try pair.privateKey.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: kek, context: context) }
-        return (wrapped, pair.publicKey)
+        let material = try provider.createVersion(spec: spec, key: id, version: version)
+        return (material.stored, material.publicKey)
     }
 
     /// All keys, optionally only those in `state` or carrying tag `name=value`.
@@ -405,6 +399,7 @@ extension KeyManager {
             try db.execute(sql: "UPDATE meta SET value = ? WHERE name = 'scrypt_logn'", arguments: [Int(params.logN)])
             try AuditTrail.append(db, AuditEvent("ChangePassphrase", principal: principal), at: clock())
         }
+        local.replaceKEK(newKEK)
         do { try db.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA wal_checkpoint(TRUNCATE)") } } catch {}
     }
 
@@ -421,10 +416,8 @@ extension KeyManager {
         let wrapped: Data? = try read { db in
             try Data.fetchOne(db, sql: "SELECT material FROM key_versions WHERE key_id = ? AND version = ?", arguments: [id.rawValue.hex, version.rawValue])
         }
-        guard let wrapped, let privateKey = try KeyWrap.open([UInt8](wrapped), under: kek, context: Self.materialContext(id, version)) else {
-            throw .versionNotFound(key: rec.displayName, version: version)
-        }
-        return (version, try AsymmetricKeys.sign(message, privateKey: privateKey, spec: rec.metadata.spec))
+        guard let wrapped else { throw .versionNotFound(key: rec.displayName, version: version) }
+        return (version, try provider.sign(message, spec: rec.metadata.spec, key: id, version: version, stored: [UInt8](wrapped)))
     }
 
     /// Verifies a signature made by `sign` (public key only; any state but Destroyed).

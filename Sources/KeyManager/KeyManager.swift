@@ -53,8 +53,12 @@ public final class KeyManager: @unchecked Sendable {
     let db: DatabasePool
     let clock: @Sendable () -> Double
     let logger = Logger(label: "kmsfs.keymanager")
+    /// Holds the master-key material (the passphrase-protected keystore).
+    let local: LocalKeyProvider
+    /// The provider the envelope API wraps and unwraps with.
+    public var provider: any KeyProvider { local }
     /// The key-encryption key derived from the passphrase (key schedule only).
-    let kek: AESGCM
+    var kek: AESGCM { local.kek }
     /// Keys path MACs and sealed paths of bindings.
     let metadataKey: SecretKey
     let caches = Mutex(Caches())
@@ -64,15 +68,9 @@ public final class KeyManager: @unchecked Sendable {
 
     struct Caches: ~Copyable {
         var records: [KeyID: (record: KeyRecord, fetchedAt: Double)] = [:]
-        var wrappers: [VersionRef: AESGCM] = [:]
         /// Binding path MAC → key, re-read after `recordTTL`.
         var bindings: (map: [Data: KeyID], fetchedAt: Double)?
         var journal: UsageJournal?
-    }
-
-    struct VersionRef: Hashable {
-        var key: KeyID
-        var version: KeyVersion
     }
 
     /// The file name of the keystore inside its directory.
@@ -188,7 +186,7 @@ public final class KeyManager: @unchecked Sendable {
         self.filesystemID = fsID
         self.chunkSize = chunkSize
         self.plaintextNames = plaintextNames
-        self.kek = kek
+        self.local = LocalKeyProvider(kek: kek)
         self.metadataKey = metadataKey
         self.clock = clock
     }
@@ -215,9 +213,7 @@ public final class KeyManager: @unchecked Sendable {
     static func kekCheckContext(_ fs: ID128) -> [UInt8] { Array("kmsfs/v1/kek-check".utf8) + fs.bytes }
     static func metadataKeyContext(_ fs: ID128) -> [UInt8] { Array("kmsfs/v1/metadata-key".utf8) + fs.bytes }
     static func materialContext(_ key: KeyID, _ version: KeyVersion) -> [UInt8] {
-        var out = Array("kmsfs/v1/cmk".utf8) + key.rawValue.bytes
-        withUnsafeBytes(of: version.rawValue.bigEndian) { out.append(contentsOf: $0) }
-        return out
+        LocalKeyProvider.materialContext(key, version)
     }
 
     /// The encryption context of a wrapped data key: ids, never paths.
@@ -242,10 +238,8 @@ public final class KeyManager: @unchecked Sendable {
     }
 
     func forgetWrappers(_ key: KeyID) {
-        caches.withLock { caches in
-            caches.records[key] = nil
-            caches.wrappers = caches.wrappers.filter { $0.key.key != key }
-        }
+        invalidate(key)
+        provider.forget(key: key)
     }
 
     /// The key's record, from a cache trusted for `recordTTL` seconds.
@@ -259,21 +253,14 @@ public final class KeyManager: @unchecked Sendable {
         return fresh
     }
 
-    /// The AES-GCM wrapper of one version of an ENCRYPT_DECRYPT key.
-    func wrapper(_ key: KeyID, _ version: KeyVersion) throws(KeyManagerError) -> AESGCM {
-        let ref = VersionRef(key: key, version: version)
-        if let cached = caches.withLock({ $0.wrappers[ref] }) { return cached }
+    /// The stored blob of a live (not retired) version, for the provider.
+    func storedMaterial(_ key: KeyID, _ version: KeyVersion) throws(KeyManagerError) -> [UInt8] {
         let material: Data? = try read { db in
             try Data.fetchOne(db, sql: "SELECT material FROM key_versions WHERE key_id = ? AND version = ? AND retired = 0",
                               arguments: [key.rawValue.hex, version.rawValue])
         }
         guard let material else { throw .versionNotFound(key: key.rawValue.hex, version: version) }
-        guard let secret = try KeyWrap.open([UInt8](material), under: kek, context: Self.materialContext(key, version)) else {
-            throw .keystoreCorrupt("the material of key \(key) version \(version) does not open")
-        }
-        let aead = try AESGCM.make(secret)
-        caches.withLock { $0.wrappers[ref] = aead }
-        return aead
+        return [UInt8](material)
     }
 }
 
