@@ -45,6 +45,7 @@ let package = Package(
         .executableTarget(name: "kmsfs-bench", dependencies: ["ChunkCipher", "KeyManager"], path: "bench/Sources/kmsfs-bench"),
         .testTarget(name: "ChunkCipherTests", dependencies: ["ChunkCipher"], exclude: ["Fixtures"]),
         .testTarget(name: "MountTests"),
+        .testTarget(name: "FUSEBridgeTests", dependencies: ["FUSEBridge", .product(name: "SystemPackage", package: "swift-system")]),
         .testTarget(name: "EncryptedFSTests", dependencies: [
             "EncryptedFS", "FUSEBridge", "KeyManager", "ChunkCipher",
             .product(name: "SystemPackage", package: "swift-system"),

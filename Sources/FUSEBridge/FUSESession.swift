@@ -22,7 +22,7 @@ public enum MountError: Error, CustomStringConvertible {
 
 /// A mounted FUSE filesystem served by a multi-threaded session loop.
 /// SIGINT, SIGTERM and SIGHUP end the loop and unmount cleanly.
-public final class FUSESession {
+public final class FUSESession: @unchecked Sendable {
     private let box: FileSystemBox
     private var session: OpaquePointer?
     private let mountpoint: String
