@@ -33,6 +33,18 @@ static inline int kmsfs_close_from(unsigned int first) {
     return (int)syscall(SYS_close_range, first, ~0U, 0);
 }
 
+#include <sys/socket.h>
+
+/// The uid, gid and pid of a Unix-socket peer (SO_PEERCRED; struct ucred is
+/// hidden behind _GNU_SOURCE, so its layout is spelled out here).
+static inline int kmsfs_peer_credentials(int fd, unsigned int *uid, unsigned int *gid, int *pid) {
+    struct { int pid; unsigned int uid; unsigned int gid; } cred;
+    socklen_t length = sizeof cred;
+    if (getsockopt(fd, SOL_SOCKET, 17 /* SO_PEERCRED */, &cred, &length) != 0) return -1;
+    *uid = cred.uid; *gid = cred.gid; *pid = cred.pid;
+    return 0;
+}
+
 #include <sys/prctl.h>
 #include <sys/resource.h>
 

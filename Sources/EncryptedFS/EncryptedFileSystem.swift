@@ -69,6 +69,8 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
                                      principal: principal, layout: layout, isRoot: true)
     }
 
+    var openFileKeys: [KeyID] { open.withLock { $0.files.values.map(\.keyID) } }
+
     public var statistics: FilesystemStatistics {
         FilesystemStatistics(openFiles: open.withLock { $0.files.count }, nodes: nodes.count,
                              bytesRead: bytesRead.load(ordering: .relaxed), bytesWritten: bytesWritten.load(ordering: .relaxed),

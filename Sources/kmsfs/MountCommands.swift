@@ -54,6 +54,13 @@ struct Mount: ParsableCommand {
             mountOptions += options.flatMap { $0.split(separator: ",").map(String.init) }
             let session = try FUSESession(fileSystem: fs, mountpoint: mount, options: mountOptions)
             try session.mount()
+            let started = Date().timeIntervalSince1970
+            let control = try ControlServer(directory: keystore) { [fs] in
+                MountStatus(cipherdir: cipher, mountpoint: mount, pid: getpid(), startedAt: started,
+                            statistics: fs.statistics, keysInUse: fs.keysInUse)
+            }
+            control.start()
+            defer { control.stop() }
             if let notify { Daemon.report(notify, "ok") }
             try session.run(threads: threads)
         } catch {
@@ -79,15 +86,17 @@ struct Unmount: ParsableCommand {
 }
 
 struct Status: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Show whether a filesystem is mounted, where, and (with the passphrase) its keys.")
+    static let configuration = CommandConfiguration(
+        abstract: "Show whether a filesystem is mounted, where, its open files, bytes and errors, and (with the passphrase) its keys.")
     @Option(help: "The CIPHERDIR or MOUNTPOINT.") var fs: String
     @OptionGroup var passphrase: PassphraseOptions
     @OptionGroup var output: JSONOption
 
     struct Report: Encodable {
-        var cipherdir: String?
+        var cipherdir: String
         var mounted: Bool
         var mountpoint: String?
+        var daemon: MountStatus?
         var keys: [KeyMetadata]?
     }
 
@@ -96,14 +105,25 @@ struct Status: ParsableCommand {
         let mount = MountTable.kmsfsMounts().first { $0.source == path || $0.mountpoint == path }
         let cipherdir = mount?.source ?? path
         var report = Report(cipherdir: cipherdir, mounted: mount != nil, mountpoint: mount?.mountpoint)
+        if mount != nil { report.daemon = try? ControlServer.query(directory: cipherdir + "/.kmsfs") }
         if passphrase.passphraseFile != nil || passphrase.extpass != nil {
             report.keys = try KeyManager.open(in: try Paths.keystore(of: cipherdir), passphrase: passphrase.read()).listKeys()
         }
         if output.json { try Output.json(report); return }
-        print("cipherdir:  \(cipherdir)")
-        print("mounted:    \(report.mounted ? "yes, at \(mount!.mountpoint)" : "no")")
+        print("cipherdir:      \(cipherdir)")
+        print("mounted:        \(report.mounted ? "yes, at \(mount!.mountpoint)" : "no")")
+        if let d = report.daemon {
+            let s = d.statistics
+            print("daemon:         pid \(d.pid), up since \(Output.date(d.startedAt))")
+            print("open files:     \(s.openFiles) (\(s.nodes) inodes known)")
+            print("bytes:          \(s.bytesRead) read, \(s.bytesWritten) written")
+            print("errors:         \(s.integrityFailures) integrity failures, \(s.deniedRequests) denied requests")
+            print("keys in use:    \(d.keysInUse.isEmpty ? "-" : d.keysInUse.joined(separator: ", "))")
+        } else if report.mounted {
+            print("daemon:         not answering on \(cipherdir)/.kmsfs/\(ControlServer.socketName) (run as root or the mounting user)")
+        }
         for key in report.keys ?? [] {
-            print("key:        \(key.aliases.first ?? key.keyID.rawValue.hex) \(key.state.rawValue) v\(key.currentVersion)")
+            print("key:            \(key.aliases.first ?? key.keyID.rawValue.hex) \(key.state.rawValue) v\(key.currentVersion)")
         }
     }
 }

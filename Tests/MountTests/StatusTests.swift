@@ -1,0 +1,32 @@
+import Foundation
+import Testing
+
+@Suite(.serialized) struct StatusTests {
+    @Test("kmsfs status reports the mount, open files, bytes and keys in use from the daemon; other uids are refused")
+    func status() throws {
+        let fs = try MountedFS()
+        let r = try fs.run("""
+            head -c 100000 /dev/urandom > "$M/f"
+            exec 7< "$M/f"
+            "$K" status --fs "$M" --json
+            exec 7<&-
+            """)
+        #expect(r.ok, "\(r.stderr)")
+        let report = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any] ?? [:]
+        #expect(report["mounted"] as? Bool == true)
+        #expect(report["mountpoint"] as? String == fs.mountpoint)
+        let daemon = report["daemon"] as? [String: Any] ?? [:]
+        let stats = daemon["statistics"] as? [String: Any] ?? [:]
+        #expect(stats["openFiles"] as? Int == 1)
+        #expect((stats["bytesWritten"] as? Int ?? 0) >= 100000)
+        #expect((daemon["keysInUse"] as? [String])?.count == 1)
+        let other = try fs.run("chmod 755 \"$C\" \"$C/.kmsfs\"; setpriv --reuid=4242 --regid=4242 --clear-groups \"$K\" status --fs \"$C\" --json")
+        let seen = try JSONSerialization.jsonObject(with: Data(other.stdout.utf8)) as? [String: Any] ?? [:]
+        #expect(seen["mounted"] as? Bool == true)
+        #expect(seen["daemon"] == nil, "a uid that is neither root nor the daemon's owner gets no statistics")
+        try fs.unmount()
+        let after = try sh("\(q(kmsfsBinary)) status --fs \(q(fs.cipherdir)) --json")
+        #expect(after.stdout.contains("\"mounted\" : false"))
+        #expect(!FileManager.default.fileExists(atPath: fs.cipherdir + "/.kmsfs/control.sock"))
+    }
+}
