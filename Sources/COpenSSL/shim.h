@@ -28,4 +28,22 @@ static inline int kmsfs_rsa_keygen_bits(EVP_PKEY_CTX *ctx, int bits) {
     return EVP_PKEY_CTX_set_rsa_keygen_bits(ctx, bits);
 }
 
+#include <openssl/core_names.h>
+
+/// An HMAC-SHA256 context with its digest set and no key: callers dup it and
+/// init with their key, so no algorithm is looked up by name per call. The
+/// OSSL_PARAM array holds raw pointers, so it is built here, not in Swift.
+static inline EVP_MAC_CTX *kmsfs_hmac_sha256_template(void) {
+    EVP_MAC *mac = EVP_MAC_fetch(NULL, "HMAC", NULL);
+    if (mac == NULL) return NULL;
+    EVP_MAC_CTX *ctx = EVP_MAC_CTX_new(mac);
+    EVP_MAC_free(mac);
+    if (ctx == NULL) return NULL;
+    OSSL_PARAM params[2];
+    params[0] = OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, (char *)"SHA256", 0);
+    params[1] = OSSL_PARAM_construct_end();
+    if (EVP_MAC_CTX_set_params(ctx, params) != 1) { EVP_MAC_CTX_free(ctx); return NULL; }
+    return ctx;
+}
+
 #endif

@@ -24,13 +24,20 @@ public enum KeyDerivation {
         return derived
     }
 
-    /// HMAC-SHA256 of `message` under `key`.
+    nonisolated(unsafe) private static let hmacTemplate: OpaquePointer? = kmsfs_hmac_sha256_template()
+
+    /// HMAC-SHA256 of `message` under `key` (a copy of a prepared context:
+    /// the one-shot HMAC() looks both algorithms up by name on every call).
     public static func hmacSHA256(key: borrowing SecretKey, message: [UInt8]) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: 32)
-        var length: UInt32 = 32
+        var length = 0
+        guard let ctx = EVP_MAC_CTX_dup(hmacTemplate) else { preconditionFailure("HMAC-SHA256 context") }
+        defer { EVP_MAC_CTX_free(ctx) }
         let ok = key.withUnsafeBytes { raw in
             out.withUnsafeMutableBufferPointer { o in
-                HMAC(EVP_sha256(), raw.baseAddress, Int32(raw.count), message, message.count, o.baseAddress, &length) != nil
+                EVP_MAC_init(ctx, raw.baseAddress?.assumingMemoryBound(to: UInt8.self), raw.count, nil) == 1
+                    && EVP_MAC_update(ctx, message, message.count) == 1
+                    && EVP_MAC_final(ctx, o.baseAddress, &length, 32) == 1
             }
         }
         precondition(ok && length == 32, "HMAC-SHA256 failed")

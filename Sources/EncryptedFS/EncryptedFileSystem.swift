@@ -195,9 +195,10 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         fchownat(parent.fd, stored, context.uid, context.gid, AT_SYMLINK_NOFOLLOW)
     }
 
-    /// The file id in the header of a backing regular file, if readable.
-    func fileID(parent: Node, stored: String) -> ID128? {
-        guard let fd = try? Syscall.openat(parent.fd, stored, O_RDONLY | O_NOFOLLOW) else { return nil }
+    /// The object id in the header of a backing file (a regular file, or a
+    /// directory's `.kmsfs.dir`), if readable.
+    func fileID(in directoryFD: Int32, stored: String) -> ID128? {
+        guard let fd = try? Syscall.openat(directoryFD, stored, O_RDONLY | O_NOFOLLOW) else { return nil }
         defer { close(fd) }
         guard let raw = try? Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0),
               let header = try? FileHeader(decoding: raw) else { return nil }
@@ -356,7 +357,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         let st = try Syscall.fstatat(dir.fd, stored)
         guard st.st_mode & S_IFMT != S_IFDIR else { throw .isDirectory }
         let lastLink = st.st_mode & S_IFMT == S_IFREG && st.st_nlink == 1
-        let object = lastLink ? fileID(parent: dir, stored: stored) : nil
+        let object = lastLink ? fileID(in: dir.fd, stored: stored) : nil
         try Syscall.call { unlinkat(dir.fd, stored, 0) }
         removeSidecar(stored, in: dir)
         if let object { try? keyManager.forgetUsage(object) }
@@ -383,8 +384,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         defer { close(fd) }
         let entries = try Syscall.listDirectory(fd)
         guard entries.allSatisfy({ $0.name == DirectoryKeys.fileName }) else { throw .directoryNotEmpty }
-        let object = fileID(parent: Node(id: NodeID(rawValue: 0), fd: dup(fd), key: InodeKey(stat()), type: S_IFDIR, parent: nil, name: ""),
-                            stored: DirectoryKeys.fileName)
+        let object = fileID(in: fd, stored: DirectoryKeys.fileName)
         if !entries.isEmpty { try Syscall.call { unlinkat(fd, DirectoryKeys.fileName, 0) } }
         return object
     }
@@ -404,7 +404,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
                 guard moving.st_mode & S_IFMT == S_IFDIR else { throw .isDirectory }
                 replacedObject = try removeDirectoryKeys(to, newStored)
             case S_IFREG where target.st_nlink == 1 && InodeKey(target) != InodeKey(moving):
-                replacedObject = fileID(parent: to, stored: newStored)
+                replacedObject = fileID(in: to.fd, stored: newStored)
             default: break
             }
         }

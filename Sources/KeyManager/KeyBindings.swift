@@ -40,7 +40,7 @@ extension KeyManager {
                 """, arguments: [pathMAC(normalized), Data(sealed), id.rawValue.hex])
             try AuditTrail.append(db, AuditEvent("BindKey", key: id, principal: principal), at: clock())
         }
-        caches.withLock { $0.bindings = nil }
+        caches.withLock { $0.bindings = nil; $0.boundKeys = [:] }
     }
 
     /// Removes the binding of a path (the root's binding cannot be removed, only moved).
@@ -55,16 +55,20 @@ extension KeyManager {
             try db.execute(sql: "DELETE FROM bindings WHERE path_mac = ?", arguments: [mac])
             try AuditTrail.append(db, AuditEvent("UnbindKey", key: id, principal: principal), at: clock())
         }
-        caches.withLock { $0.bindings = nil }
+        caches.withLock { $0.bindings = nil; $0.boundKeys = [:] }
     }
 
     /// The key governing new files in directory `path`: its own binding or
     /// its nearest bound ancestor's. Bindings are cached for `recordTTL`.
     public func boundKey(forDirectory path: String) throws(KeyManagerError) -> KeyID {
         let bindings = try bindingMap()
+        if let known = caches.withLock({ $0.boundKeys[path] }) { return known }
         var components = Self.normalize(path: path).split(separator: "/").map(String.init)
         while true {
-            if let id = bindings[pathMAC("/" + components.joined(separator: "/"))] { return id }
+            if let id = bindings[pathMAC("/" + components.joined(separator: "/"))] {
+                caches.withLock { $0.boundKeys[path] = id }
+                return id
+            }
             guard !components.isEmpty else { throw .keystoreCorrupt("the root directory has no key binding") }
             components.removeLast()
         }
@@ -80,7 +84,10 @@ extension KeyManager {
             }
             return map
         }
-        caches.withLock { $0.bindings = (map, now) }
+        caches.withLock {
+            $0.bindings = (map, now)
+            $0.boundKeys = [:]
+        }
         return map
     }
 

@@ -70,6 +70,8 @@ public final class KeyManager: @unchecked Sendable {
         var records: [KeyID: (record: KeyRecord, fetchedAt: Double)] = [:]
         /// Binding path MAC → key, re-read after `recordTTL`.
         var bindings: (map: [Data: KeyID], fetchedAt: Double)?
+        /// Directory path → governing key, valid as long as `bindings`.
+        var boundKeys: [String: KeyID] = [:]
         var journal: UsageJournal?
     }
 
