@@ -569,8 +569,12 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         }
     }
 
-    /// Drops one handle's hold; the last one closes the file and frees its key.
+    /// Drops one handle's hold; the last one seals the length, closes the
+    /// file and frees its key.
     func releaseFile(_ file: OpenFile) {
+        do throws(Errno) { try file.sealLength() } catch {
+            logger.error("could not seal a file's length at release", metadata: ["file": "\(file.fileID)", "error": "\(error)"])
+        }
         open.withLock { s in
             file.handles -= 1
             if file.handles <= 0, let key = s.files.first(where: { $0.value === file })?.key {
@@ -615,6 +619,10 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         let n = try file.write(data, at: Int(offset))
         bytesWritten.add(n, ordering: .relaxed)
         return n
+    }
+
+    public func flush(_ id: NodeID, handle: UInt64, _ context: RequestContext) throws(Errno) {
+        try file(handle).sealLength()
     }
 
     public func fsync(_ id: NodeID, handle: UInt64, dataOnly: Bool) throws(Errno) {
@@ -694,6 +702,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     }
 
     public func destroy() {
+        for file in open.withLock({ Array($0.files.values) }) { try? file.sealLength() }
         open.withLock { s in
             s.handles.removeAll()
             s.files.removeAll()

@@ -27,9 +27,11 @@ final class ReadWriteLock: @unchecked Sendable {
 
 /// One open regular file, shared by every handle open on its inode: the
 /// backing descriptor, the data key's cipher and the authenticated header.
-/// Chunks are read and written through the parallel pipeline; the header's
-/// length seal follows every size change (chunks first when growing, seal
-/// first when shrinking: docs/FORMAT.md §4).
+/// Chunks are read and written through the parallel pipeline. The header's
+/// length seal follows size changes with the crash ordering of
+/// docs/FORMAT.md §4: growth is sealed when the file is flushed, synced or
+/// released (after its chunks are on disk), shrinking is sealed at once,
+/// before the cut.
 final class OpenFile: @unchecked Sendable {
     let fd: Int32
     let writable: Bool
@@ -39,6 +41,10 @@ final class OpenFile: @unchecked Sendable {
     /// Plaintext size; guarded by `lock`.
     private(set) var size: Int
     private var sealedLength: Int
+    /// The plaintext of the file's partial last chunk, kept while writing so
+    /// that appends in pieces smaller than a chunk do not read and open it
+    /// again each time. Guarded by `lock`.
+    private var tail: (index: ChunkIndex, bytes: [UInt8])?
     let lock = ReadWriteLock()
     /// Handles open on it; guarded by the filesystem's open-file table.
     var handles = 0
@@ -159,14 +165,14 @@ final class OpenFile: @unchecked Sendable {
         // Old bytes before the write in the first chunk.
         if offset > base {
             let n = layout.plaintextCount(of: chunks.lowerBound, plaintextSize: size)
-            try readChunks(chunks.lowerBound, plaintextCount: n, into: UnsafeMutableRawBufferPointer(rebasing: plain[0..<n]))
+            try oldChunk(chunks.lowerBound, count: n, into: UnsafeMutableRawBufferPointer(rebasing: plain[0..<n]))
         }
         // Old bytes after the write in the last chunk.
         let last = chunks.upperBound.advanced(by: -1)
         let lastStart = layout.plaintextOffset(of: last)
         if end < min(size, lastStart + layout.chunkSize), last != chunks.lowerBound || offset == base {
             let n = layout.plaintextCount(of: last, plaintextSize: size)
-            try readChunks(last, plaintextCount: n, into: UnsafeMutableRawBufferPointer(rebasing: plain[(lastStart - base)..<(lastStart - base + n)]))
+            try oldChunk(last, count: n, into: UnsafeMutableRawBufferPointer(rebasing: plain[(lastStart - base)..<(lastStart - base + n)]))
         }
         UnsafeMutableRawBufferPointer(rebasing: plain[(offset - base)..<(end - base)]).copyMemory(from: data)
         let sealedCount = ChunkPipeline.ciphertextBytes(layout, plaintextSize: plainCount)
@@ -177,10 +183,38 @@ final class OpenFile: @unchecked Sendable {
         } catch { throw .ioError }
         try Syscall.pwrite(fd, UnsafeRawBufferPointer(sealed), at: layout.ciphertextOffset(of: chunks.lowerBound))
         size = newSize
-        if size > sealedLength { try persistLength(size) }
+        // Remember the new partial last chunk for the next append.
+        let endChunk = ChunkIndex(size / layout.chunkSize)
+        let endCount = size % layout.chunkSize
+        if endCount > 0, endChunk >= chunks.lowerBound, endChunk < chunks.upperBound {
+            let start = layout.plaintextOffset(of: endChunk) - base
+            tail = (endChunk, Array(UnsafeRawBufferPointer(rebasing: plain[start..<(start + endCount)])))
+        } else if endCount == 0 || tail?.index != endChunk {
+            tail = nil
+        }
+    }
+
+    /// The old plaintext of chunk `index` (`count` bytes): from the cached
+    /// tail when it is that chunk, else read and opened from disk.
+    private func oldChunk(_ index: ChunkIndex, count: Int, into out: UnsafeMutableRawBufferPointer) throws(Errno) {
+        if let tail, tail.index == index, tail.bytes.count == count {
+            tail.bytes.withUnsafeBytes { out.copyMemory(from: $0) }
+            return
+        }
+        try readChunks(index, plaintextCount: count, into: out)
+    }
+
+    /// Seals the current length into the header if the file grew since the
+    /// last seal (on flush, fsync and release: the chunks are already written).
+    func sealLength() throws(Errno) {
+        guard writable else { return }
+        try lock.writing { () throws(Errno) in
+            if size > sealedLength { try persistLength(size) }
+        }
     }
 
     private func shrink(to newSize: Int) throws(Errno) {
+        tail = nil
         // Seal the smaller length first: a crash before the cut reads as the old, longer file.
         try persistLength(newSize)
         let keep = newSize % layout.chunkSize
@@ -216,6 +250,7 @@ final class OpenFile: @unchecked Sendable {
 
     /// Flushes to stable storage.
     func sync(dataOnly: Bool) throws(Errno) {
+        try sealLength()
         let fd = self.fd
         try Syscall.call { dataOnly ? fdatasync(fd) : fsync(fd) }
     }
