@@ -30,3 +30,34 @@ import Testing
         #expect(!FileManager.default.fileExists(atPath: fs.cipherdir + "/.kmsfs/control.sock"))
     }
 }
+
+@Suite(.serialized) struct CrashTests {
+    @Test("a daemon killed with SIGKILL mid-append leaves every file readable after remount, with what had been written")
+    func killedMidAppend() throws {
+        let fs = try MountedFS()
+        let r = try fs.python("""
+            import json, signal, subprocess, time
+            open("done", "wb").write(b"sealed and closed" * 1000)
+            fd = os.open("growing", os.O_WRONLY | os.O_CREAT, 0o644)
+            written = b""
+            for i in range(7):
+                piece = os.urandom(10000)
+                os.write(fd, piece); written += piece
+            open(os.path.join(T, "expected"), "wb").write(written)
+            status = json.loads(subprocess.run([os.environ.get("KMSFS", "kmsfs"), "status", "--fs", M, "--json"],
+                                               capture_output=True, check=True).stdout)
+            os.kill(status["daemon"]["pid"], signal.SIGKILL)
+            print("killed")
+            """.replacingOccurrences(of: "os.environ.get(\"KMSFS\", \"kmsfs\")", with: "\"\(kmsfsBinary)\""))
+        #expect(r.ok, "\(r.stderr)")
+        _ = try sh("fusermount3 -uz \(q(fs.mountpoint))")
+        try fs.mount()
+        let after = try fs.run("""
+            cmp "$M/growing" "$T/expected"
+            [ "$(head -c 17 "$M/done")" = "sealed and closed" ]
+            echo ok
+            """)
+        #expect(after.ok, "\(after.stderr)")
+        #expect(after.stdout.contains("ok"))
+    }
+}
