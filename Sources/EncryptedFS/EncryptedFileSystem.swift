@@ -396,6 +396,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         let oldStored = try storedName(name, in: from, context)
         let newStored = try storedName(newName, in: to, context)
         let moving = try Syscall.fstatat(from.fd, oldStored)
+        let exchanged = flags & (KMSFS_RENAME_EXCHANGE) != 0 ? try Syscall.fstatat(to.fd, newStored) : nil
         var replacedObject: ID128?
         if flags & (KMSFS_RENAME_EXCHANGE) == 0, let target = try? Syscall.fstatat(to.fd, newStored) {
             if flags & (KMSFS_RENAME_NOREPLACE) != 0 { throw .fileExists }
@@ -416,6 +417,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             removeSidecar(oldStored, in: from)
         }
         nodes.moved(InodeKey(moving), to: newParent, name: newName)
+        if let exchanged { nodes.moved(InodeKey(exchanged), to: parent, name: name) }
         if let replacedObject { try? keyManager.forgetUsage(replacedObject) }
     }
 
@@ -485,6 +487,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             try Syscall.pwrite(fd, headerBytes, at: 0)
             file = try OpenFile(fd: fd, writable: true, header: header, cipher: cipher, onIntegrityFailure: failureHandler(fileID, key))
         } catch {
+            close(fd)
             unlinkat(dir.fd, stored, 0)
             try? keyManager.forgetUsage(fileID.rawValue)
             throw error
@@ -492,9 +495,8 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         adopt(dir, stored, context)
         let st = try Syscall.fstat(fd)
         let handle = open.withLock { s -> UInt64 in
-            let key = InodeKey(st)
-            let shared = s.files[key] ?? file
-            s.files[key] = shared
+            let shared = s.files[file.inode] ?? file
+            s.files[file.inode] = shared
             shared.handles += 1
             let h = s.next
             s.next += 1
@@ -562,8 +564,8 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         }
         if !writable, flags & O_ACCMODE != O_RDONLY { throw .permissionDenied }
         return open.withLock { s in
-            let shared = s.files[node.key] ?? file
-            s.files[node.key] = shared
+            let shared = s.files[file.inode] ?? file
+            s.files[file.inode] = shared
             shared.handles += 1
             return shared
         }
@@ -577,8 +579,8 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         }
         open.withLock { s in
             file.handles -= 1
-            if file.handles <= 0, let key = s.files.first(where: { $0.value === file })?.key {
-                s.files[key] = nil
+            if file.handles <= 0, s.files[file.inode] === file {
+                s.files[file.inode] = nil
             }
         }
     }

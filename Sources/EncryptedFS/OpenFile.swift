@@ -34,6 +34,8 @@ final class ReadWriteLock: @unchecked Sendable {
 /// before the cut.
 final class OpenFile: @unchecked Sendable {
     let fd: Int32
+    /// The backing inode, the key of the filesystem's open-file table.
+    let inode: InodeKey
     let writable: Bool
     let cipher: FileCipher
     let layout: ChunkLayout
@@ -58,12 +60,13 @@ final class OpenFile: @unchecked Sendable {
     init(fd: Int32, writable: Bool, header: FileHeader, cipher: FileCipher,
          onIntegrityFailure: @escaping @Sendable (CipherError) -> Void) throws(Errno) {
         self.fd = fd
+        self.inode = InodeKey(try Syscall.fstat(fd))
         self.writable = writable
         self.cipher = cipher
         self.layout = cipher.layout
         self.header = header
         self.onIntegrityFailure = onIntegrityFailure
-        let diskSize = Int(try Syscall.fstat(fd).st_size)
+        let diskSize = Int(try Syscall.fstat(fd).st_size)  // fresh: it may differ from the inode stat above
         do throws(CipherError) {
             sealedLength = try cipher.verify(header: header)
             size = try cipher.checkLength(ciphertextSize: diskSize, sealedLength: sealedLength)
