@@ -118,7 +118,14 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             return name
         }
         let dir = try directoryKeys(node, context)
-        do throws(CipherError) { return LongName.storedName(for: try dir.names.encrypt(name)) } catch { throw .invalidArgument }
+        if let known = node.storedNames.withLock({ $0[name] }) { return known }
+        let stored: String
+        do throws(CipherError) { stored = LongName.storedName(for: try dir.names.encrypt(name)) } catch { throw .invalidArgument }
+        node.storedNames.withLock { cache in
+            if cache.count >= Node.storedNamesLimit { cache.removeAll(keepingCapacity: true) }
+            cache[name] = stored
+        }
+        return stored
     }
 
     /// For a hashed long name, writes the sidecar holding the full encoded name.

@@ -30,6 +30,12 @@ final class Node: @unchecked Sendable {
     var parent: NodeID?
     var name: String
     var keys: DirectoryKeys?
+    /// Plaintext name → stored name for this directory. Name encryption is
+    /// deterministic under the directory's key, so entries never go stale;
+    /// the cache only spares a lookup's name being encrypted again by the
+    /// create, unlink or rename that follows it.
+    let storedNames = Mutex<[String: String]>([:])
+    static let storedNamesLimit = 4096
 
     init(id: NodeID, fd: Int32, key: InodeKey, type: mode_t, parent: NodeID?, name: String) {
         self.id = id
