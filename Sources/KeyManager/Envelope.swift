@@ -11,6 +11,9 @@ extension KeyManager {
     /// current version of `key`, after checking policy (encrypt) and state.
     public func generateDataKey(for object: ID128, kind: ObjectKind, key: KeyID, principal: Principal) throws(KeyManagerError) -> DataKey {
         let rec = try record(key)
+        guard rec.metadata.usage == .encryptDecrypt else {
+            throw .invalidArgument("key \(rec.displayName) is a \(rec.metadata.spec.rawValue) SIGN_VERIFY key; data keys need an AES_256 key")
+        }
         try authorize(principal, .encrypt, rec)
         do { try check(.generateDataKey, rec) } catch {
             audit(AuditEvent("GenerateDataKey", outcome: "refused", key: key, principal: principal, object: object, error: error.description))
