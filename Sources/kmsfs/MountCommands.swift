@@ -36,6 +36,9 @@ struct Mount: ParsableCommand {
         let cipher = URL(fileURLWithPath: cipherdir).standardizedFileURL.path
         let mount = URL(fileURLWithPath: mountpoint).standardizedFileURL.path
         let keystore = try Paths.keystore(of: cipher)
+        if passphraseFD == nil, let existing = MountTable.kmsfsMounts().first(where: { $0.source == cipher || $0.mountpoint == mount }) {
+            throw Failure("\(existing.source) is already mounted at \(existing.mountpoint); unmount it first with `kmsfs umount \(existing.mountpoint)`")
+        }
         let secret = try passphraseFD.map { try PassphraseReader.read(fd: $0) } ?? passphrase.read()
         if !foreground {
             try Daemon.spawn(passphrase: secret, arguments: [cipher, mount, "-f"] + options.flatMap { ["-o", $0] } + ["--threads", String(threads)])
@@ -171,7 +174,7 @@ enum Daemon {
         close(notifyPipe[1])
         guard status == 0 else {
             close(secretPipe[1]); close(notifyPipe[0])
-            throw ValidationError("cannot start the mount daemon: \(String(cString: strerror(status)))")
+            throw Failure("cannot start the mount daemon: \(String(cString: strerror(status)))")
         }
         passphrase.withUnsafeBytes { raw in _ = write(secretPipe[1], raw.baseAddress, raw.count) }
         close(secretPipe[1])
@@ -183,7 +186,7 @@ enum Daemon {
         guard message == "ok" else {
             var childStatus: Int32 = 0
             waitpid(pid, &childStatus, 0)
-            throw ValidationError(message.isEmpty ? "the mount daemon exited without mounting" : message)
+            throw Failure(message.isEmpty ? "the mount daemon exited without mounting" : message)
         }
     }
 

@@ -46,12 +46,19 @@ struct JSONOption: ParsableArguments {
     var json = false
 }
 
+/// A failure to report as one line on stderr, without the usage text that
+/// ArgumentParser prints for invalid arguments.
+struct Failure: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
+
 enum Paths {
     /// `CIPHERDIR/.kmsfs`, after checking it exists.
     static func keystore(of path: String) throws -> String {
         let dir = URL(fileURLWithPath: path).standardizedFileURL.path + "/.kmsfs"
         guard FileManager.default.fileExists(atPath: dir + "/" + KeyManager.databaseName) else {
-            throw ValidationError("\(path) is not a kmsfs CIPHERDIR (no .kmsfs/\(KeyManager.databaseName)); run `kmsfs init \(path)` first")
+            throw Failure("\(path) is not a kmsfs CIPHERDIR (no .kmsfs/\(KeyManager.databaseName)); run `kmsfs init \(path)` first")
         }
         return dir
     }

@@ -31,6 +31,23 @@ import Testing
     }
 }
 
+@Suite(.serialized) struct MountErrorTests {
+    @Test("mounting an already mounted CIPHERDIR, or with a wrong passphrase, fails with one clear line and exit status 1")
+    func refusals() throws {
+        let fs = try MountedFS()
+        let again = try fs.kmsfs(["mount", fs.cipherdir, fs.root + "/tmp"])
+        #expect(again.status == 1)
+        #expect(again.stderr.contains("already mounted at \(fs.mountpoint)"))
+        #expect(!again.stderr.contains("Usage:"))
+        try fs.unmount()
+        try "wrong\n".write(toFile: fs.root + "/wrong", atomically: true, encoding: .utf8)
+        let wrong = try sh("\(q(kmsfsBinary)) mount \(q(fs.cipherdir)) \(q(fs.mountpoint)) --passphrase-file \(q(fs.root + "/wrong"))")
+        #expect(wrong.status == 1)
+        #expect(wrong.stderr.trimmingCharacters(in: .whitespacesAndNewlines) == "kmsfs: wrong passphrase: the keystore was not unlocked and nothing was changed")
+        #expect(!(try String(contentsOfFile: "/proc/self/mounts", encoding: .utf8)).contains(fs.mountpoint))
+    }
+}
+
 @Suite(.serialized) struct CrashTests {
     @Test("a daemon killed with SIGKILL mid-append leaves every file readable after remount, with what had been written")
     func killedMidAppend() throws {
