@@ -51,8 +51,21 @@ import Foundation
 #endif
 
 extension KeyManager {
-    /// Records an event in its own transaction (denials, failures).
+    /// Records an event: while mounted, successes are batched with the usage
+    /// journal (written within 100 ms) and anything else is flushed at once;
+    /// unmounted, each event is its own transaction.
     public func audit(_ event: AuditEvent) {
+        if let journal {
+            do throws(KeyManagerError) {
+                try journal.append(.audit(event, clock()))
+                // Denials, refusals and integrity failures are written at once;
+                // only routine successes wait for the batch.
+                if event.outcome != "success" { try journal.flush() }
+            } catch {
+                logger.error("audit record could not be written", metadata: ["event": .string(event.event), "error": .string("\(error)")])
+            }
+            return
+        }
         do {
             try db.write { db in try AuditTrail.append(db, event, at: clock()) }
         } catch {
@@ -62,7 +75,8 @@ extension KeyManager {
 
     /// The newest audit records, oldest first.
     public func recentAudit(limit: Int = 20) throws(KeyManagerError) -> [AuditRecord] {
-        try read { db in
+        try flushUsage()
+        return try read { db in
             try Row.fetchAll(db, sql: "SELECT * FROM (SELECT * FROM audit_log ORDER BY seq DESC LIMIT ?) ORDER BY seq",
                              arguments: [limit]).map(AuditRecord.init(row:))
         }

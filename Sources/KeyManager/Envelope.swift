@@ -25,6 +25,7 @@ extension KeyManager {
             () throws(KeyManagerError) in try storedMaterial(key, version)
         }
         try recordUsage(object, kind: kind, key: key, version: version)
+        audit(AuditEvent("GenerateDataKey", key: key, version: version, principal: principal, object: object))
         return DataKey(key: dek, keyID: key, version: version, wrapped: wrapped)
     }
 
@@ -44,6 +45,7 @@ extension KeyManager {
             audit(AuditEvent("Decrypt", outcome: "integrity-failure", key: key, version: version, principal: principal, object: object, error: error.description))
             throw error
         }
+        audit(AuditEvent("Decrypt", key: key, version: version, principal: principal, object: object))
         return dek
     }
 

@@ -6,16 +6,18 @@ import Synchronization
 import Glibc
 #endif
 
-/// Group commit for the usage index while a filesystem is mounted: creates
-/// and unlinks append here, and one transaction writes a batch every 100 ms
-/// (or at 512 changes, or before anything reads the index). A crash can lose
-/// at most the last batch; the journal marks the keystore while it runs, and
-/// a key is never destroyed while a journal that died unflushed may have
-/// lost entries (docs/KEYS.md).
+/// Group commit for the usage index and the audit log while a filesystem is
+/// mounted: creates, unlinks and data-key events append here, and one
+/// transaction writes a batch every 100 ms (or at 512 changes, or before
+/// anything reads the index). A crash can lose at most the last batch; the
+/// journal marks the keystore while it runs, and a key is never destroyed
+/// while a journal that died unflushed may have lost usage entries
+/// (docs/KEYS.md).
 final class UsageJournal: @unchecked Sendable {
     enum Change {
         case record(ID128, ObjectKind, KeyID, KeyVersion, Double)
         case forget(ID128)
+        case audit(AuditEvent, Double)
     }
 
     private let pending = Mutex<[Change]>([])
@@ -58,11 +60,13 @@ final class UsageJournal: @unchecked Sendable {
                             try insert.execute(arguments: [object.hex, kind.rawValue, key.rawValue.hex, version.rawValue, time])
                         case .forget(let object):
                             try delete.execute(arguments: [object.hex])
+                        case .audit(let event, let time):
+                            try AuditTrail.append(db, event, at: time)
                         }
                     }
                 }
             }
-        } catch { throw .database("usage index: \(error)") }
+        } catch { throw .database("usage index and audit batch: \(error)") }
     }
 
     func stop() {

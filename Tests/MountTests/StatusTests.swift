@@ -31,6 +31,27 @@ import Testing
     }
 }
 
+@Suite(.serialized) struct AuditOnMountTests {
+    @Test("creating and opening a file through the mount leave GenerateDataKey and Decrypt records with its file id, once per open")
+    func dataKeyEventsAudited() throws {
+        let fs = try MountedFS()
+        let r = try fs.run("""
+            head -c 50000 /dev/urandom > "$M/f"
+            for i in 1 2 3; do cat "$M/f" > /dev/null; done
+            f=$(find "$C" -path "$C/.kmsfs" -prune -o -type f -size +40k -print | head -1)
+            od -An -tx1 -j8 -N16 "$f" | tr -d ' \n'
+            """)
+        #expect(r.ok, "\(r.stderr)")
+        let fileID = r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        try fs.unmount() // flushes the batch
+        let rows = try sh("sqlite3 \(q(fs.keystore)) \"SELECT event FROM audit_log WHERE object_id = '\(fileID)' AND outcome = 'success' ORDER BY seq\"")
+        let events = rows.stdout.split(separator: "\n")
+        #expect(events.first == "GenerateDataKey")
+        // One unwrap per open that found the file closed (each cat), none per chunk read.
+        #expect(events.filter { $0 == "Decrypt" }.count == 3, "\(events)")
+    }
+}
+
 @Suite(.serialized) struct MountErrorTests {
     @Test("mounting an already mounted CIPHERDIR, or with a wrong passphrase, fails with one clear line and exit status 1")
     func refusals() throws {

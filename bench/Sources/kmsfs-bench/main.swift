@@ -123,6 +123,9 @@ func keyManagerBench() throws {
     let manager = try KeyManager.open(in: dir, passphrase: SecretKey(copying: phrase))
     let unlock = now() - start
     let key = try manager.resolve("alias/default")
+    // As the mount runs it: usage index and audit records group-committed.
+    try manager.startBatchingUsage()
+    defer { try? manager.stopBatchingUsage() }
     var wrapped = [(ID128, KeyVersion, [UInt8])]()
     start = now()
     for _ in 0..<2000 {
@@ -140,7 +143,7 @@ func keyManagerBench() throws {
     }
     let unwrapPerSecond = Double(n) / (now() - start)
     print(String(format: "scrypt N=2^%d: init %.2f s, unlock %.2f s", ScryptParameters.strong.logN, createSeconds, unlock))
-    print(String(format: "keymanager: %.0f unwraps/s, %.0f data keys generated/s (each recorded in the usage index); unlock %.2f s",
+    print(String(format: "keymanager: %.0f unwraps/s, %.0f data keys generated/s (each audited and recorded in the usage index, group-committed); unlock %.2f s",
                  unwrapPerSecond, generatePerSecond, unlock))
 }
 
