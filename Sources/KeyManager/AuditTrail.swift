@@ -27,7 +27,14 @@ public struct AuditEvent: Sendable {
 enum AuditTrail {
     /// Appends `event` inside the caller's transaction.
     static func append(_ db: Database, _ e: AuditEvent, at time: Double) throws {
-        let previous = try Data.fetchOne(db, sql: "SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1") ?? Data(count: 32)
+        var previous: Data?
+        try append(db, e, at: time, previous: &previous)
+    }
+
+    /// Appends `event`, chaining to `previous` (read from the log when nil)
+    /// and leaving the new record's hash there for the next append of a batch.
+    static func append(_ db: Database, _ e: AuditEvent, at time: Double, previous chained: inout Data?) throws {
+        let previous = try chained ?? Data.fetchOne(db, sql: "SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1") ?? Data(count: 32)
         let fields: [String] = [
             String(time), e.event, e.outcome, e.key?.rawValue.hex ?? "", e.version.map { String($0.rawValue) } ?? "",
             e.principal.map { String($0.uid) } ?? "", e.principal.map { String($0.gid) } ?? "",
@@ -35,12 +42,13 @@ enum AuditTrail {
         ]
         let canonical = Array(fields.joined(separator: "\u{1F}").utf8)
         let hash = KeyDerivation.sha256([UInt8](previous) + canonical)
-        try db.execute(sql: """
+        try db.cachedStatement(sql: """
             INSERT INTO audit_log (time, event, outcome, key_id, key_version, uid, gid, pid, process, object_id, error, prev_hash, hash)
             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-            """, arguments: [time, e.event, e.outcome, e.key?.rawValue.hex, e.version.map { Int($0.rawValue) },
+            """).execute(arguments: [time, e.event, e.outcome, e.key?.rawValue.hex, e.version.map { Int($0.rawValue) },
                              e.principal.map { Int($0.uid) }, e.principal.map { Int($0.gid) }, e.principal.map { Int($0.pid) },
                              e.principal?.processName, e.object?.hex, e.error, previous, Data(hash)])
+        chained = Data(hash)
     }
 }
 

@@ -1,6 +1,11 @@
 import ChunkCipher
 import Dispatch
 import GRDB
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -54,6 +59,7 @@ final class UsageJournal: @unchecked Sendable {
                             version = excluded.version, updated_at = excluded.updated_at
                         """)
                     let delete = try db.cachedStatement(sql: "DELETE FROM usage WHERE object_id = ?")
+                    var chain: Data?
                     for change in batch {
                         switch change {
                         case .record(let object, let kind, let key, let version, let time):
@@ -61,7 +67,7 @@ final class UsageJournal: @unchecked Sendable {
                         case .forget(let object):
                             try delete.execute(arguments: [object.hex])
                         case .audit(let event, let time):
-                            try AuditTrail.append(db, event, at: time)
+                            try AuditTrail.append(db, event, at: time, previous: &chain)
                         }
                     }
                 }
