@@ -25,6 +25,11 @@ public struct AuditEvent: Sendable {
 }
 
 enum AuditTrail {
+    /// SHA-256(previous hash ‖ fields joined by U+001F): the link of the chain.
+    static func chainHash(previous: Data, fields: [String]) -> [UInt8] {
+        KeyDerivation.sha256([UInt8](previous) + Array(fields.joined(separator: "\u{1F}").utf8))
+    }
+
     /// Appends `event` inside the caller's transaction.
     static func append(_ db: Database, _ e: AuditEvent, at time: Double) throws {
         var previous: Data?
@@ -35,13 +40,11 @@ enum AuditTrail {
     /// and leaving the new record's hash there for the next append of a batch.
     static func append(_ db: Database, _ e: AuditEvent, at time: Double, previous chained: inout Data?) throws {
         let previous = try chained ?? Data.fetchOne(db, sql: "SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1") ?? Data(count: 32)
-        let fields: [String] = [
+        let hash = chainHash(previous: previous, fields: [
             String(time), e.event, e.outcome, e.key?.rawValue.hex ?? "", e.version.map { String($0.rawValue) } ?? "",
             e.principal.map { String($0.uid) } ?? "", e.principal.map { String($0.gid) } ?? "",
             e.principal.map { String($0.pid) } ?? "", e.principal?.processName ?? "", e.object?.hex ?? "", e.error ?? "",
-        ]
-        let canonical = Array(fields.joined(separator: "\u{1F}").utf8)
-        let hash = KeyDerivation.sha256([UInt8](previous) + canonical)
+        ])
         try db.cachedStatement(sql: """
             INSERT INTO audit_log (time, event, outcome, key_id, key_version, uid, gid, pid, process, object_id, error, prev_hash, hash)
             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -87,6 +90,57 @@ extension KeyManager {
         return try read { db in
             try Row.fetchAll(db, sql: "SELECT * FROM (SELECT * FROM audit_log ORDER BY seq DESC LIMIT ?) ORDER BY seq",
                              arguments: [limit]).map(AuditRecord.init(row:))
+        }
+    }
+}
+
+/// The outcome of checking the audit chain.
+public struct AuditVerification: Sendable, Codable, Equatable {
+    public var records: Int
+    /// The first record whose link or content does not verify.
+    public var firstBad: Int64?
+    public var problem: String?
+}
+
+extension KeyManager {
+    /// Recomputes the hash chain: an edited record fails its own hash; a
+    /// removed or reordered one breaks the next record's link. (Cutting
+    /// records off the end needs the signed digests, not built yet.)
+    public func verifyAudit() throws(KeyManagerError) -> AuditVerification {
+        try flushUsage()
+        return try read { db in
+            var previous = Data(count: 32)
+            var count = 0
+            let rows = try Row.fetchCursor(db, sql: "SELECT * FROM audit_log ORDER BY seq")
+            while let row = try rows.next() {
+                count += 1
+                let seq: Int64 = row["seq"]
+                let stored: Data = row["prev_hash"]
+                guard stored == previous else {
+                    return AuditVerification(records: count, firstBad: seq, problem: "record \(seq) does not follow the record before it (one was removed or reordered)")
+                }
+                func text(_ column: String) -> String {
+                    let value: DatabaseValue = row[column]
+                    switch value.storage {
+                    case .null: return ""
+                    case .int64(let n): return String(n)
+                    case .double(let d): return String(d)
+                    case .string(let t): return t
+                    case .blob(let b): return b.map { String(format: "%02x", $0) }.joined()
+                    }
+                }
+                let time: Double = row["time"]
+                let hash = AuditTrail.chainHash(previous: previous, fields: [
+                    String(time), text("event"), text("outcome"), text("key_id"), text("key_version"), text("uid"),
+                    text("gid"), text("pid"), text("process"), text("object_id"), text("error"),
+                ])
+                let recorded: Data = row["hash"]
+                guard Data(hash) == recorded else {
+                    return AuditVerification(records: count, firstBad: seq, problem: "record \(seq) was altered")
+                }
+                previous = recorded
+            }
+            return AuditVerification(records: count, firstBad: nil, problem: nil)
         }
     }
 }

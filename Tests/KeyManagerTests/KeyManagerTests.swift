@@ -420,3 +420,44 @@ extension String.UTF8View {
         #expect(try km.describe(key.rawValue.hex).metadata.state == .pendingDeletion)
     }
 }
+
+@Suite struct AuditChainTests {
+    func populated() throws -> (Scratch, KeyManager) {
+        let scratch = Scratch()
+        let km = try scratch.create()
+        for i in 0..<4 { try km.createKey(aliases: ["alias/a\(i)"], by: owner) }
+        _ = try? km.generateDataKey(for: .random(), kind: .file, key: try km.resolve("alias/a0"), principal: stranger)
+        return (scratch, km)
+    }
+
+    @Test("an untouched log verifies")
+    func intact() throws {
+        let (_, km) = try populated()
+        let result = try km.verifyAudit()
+        #expect(result.firstBad == nil)
+        #expect(result.records >= 7)
+    }
+
+    @Test("an edited, a removed and a reordered record are each found, by position")
+    func tampering() throws {
+        do {
+            let (_, km) = try populated()
+            try km.db.write { try $0.execute(sql: "UPDATE audit_log SET event = 'Forged' WHERE seq = 4") }
+            #expect(try km.verifyAudit() == AuditVerification(records: 4, firstBad: 4, problem: "record 4 was altered"))
+        }
+        do {
+            let (_, km) = try populated()
+            try km.db.write { try $0.execute(sql: "DELETE FROM audit_log WHERE seq = 3") }
+            #expect(try km.verifyAudit().firstBad == 4)
+        }
+        do {
+            let (_, km) = try populated()
+            try km.db.write { db in
+                try db.execute(sql: "UPDATE audit_log SET seq = 1000 WHERE seq = 2")
+                try db.execute(sql: "UPDATE audit_log SET seq = 2 WHERE seq = 5")
+                try db.execute(sql: "UPDATE audit_log SET seq = 5 WHERE seq = 1000")
+            }
+            #expect(try km.verifyAudit().firstBad == 2)
+        }
+    }
+}
