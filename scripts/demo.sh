@@ -55,6 +55,7 @@ kms key describe alias/default --fs "$cipher" | tail -4
 
 step "6. Latest key events from the audit log"
 kms audit list --limit 8 --fs "$cipher"
+kms audit verify --fs "$cipher"
 
 step "7. Unmount"
 "$K" umount "$mnt"
