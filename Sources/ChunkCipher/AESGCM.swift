@@ -82,6 +82,35 @@ public final class AESGCM: @unchecked Sendable {
         return false
     }
 
+    /// Bytes a box adds to its plaintext: the nonce before it and the tag after.
+    public static let boxOverhead = ChunkLayout.nonceSize + ChunkLayout.tagSize
+
+    /// Seals `plaintext` into `box` as `nonce(12, fresh random) ‖ ciphertext ‖
+    /// tag(16)` — the one layout of every sealed thing kmsfs stores (chunks,
+    /// the header's length seal, wrapped keys, names' companions).
+    public func sealBox(_ plaintext: UnsafeRawBufferPointer, additionalData: UnsafeRawBufferPointer,
+                        into box: UnsafeMutableRawBufferPointer) throws(CipherError) {
+        let n = plaintext.count, nonceEnd = ChunkLayout.nonceSize
+        guard box.count == n + Self.boxOverhead else { throw .invalidArgument("box of \(box.count) bytes for \(n)") }
+        let nonce = UnsafeMutableRawBufferPointer(rebasing: box[0..<nonceEnd])
+        SecureRandom.fill(nonce)
+        try seal(plaintext, nonce: UnsafeRawBufferPointer(nonce), additionalData: additionalData,
+                 ciphertext: UnsafeMutableRawBufferPointer(rebasing: box[nonceEnd..<(nonceEnd + n)]),
+                 tag: UnsafeMutableRawBufferPointer(rebasing: box[(nonceEnd + n)...]))
+    }
+
+    /// Opens a box made by `sealBox` into `plaintext` (at least
+    /// `box.count - 28` bytes). False when it does not authenticate.
+    public func openBox(_ box: UnsafeRawBufferPointer, additionalData: UnsafeRawBufferPointer,
+                        into plaintext: UnsafeMutableRawBufferPointer) throws(CipherError) -> Bool {
+        let nonceEnd = ChunkLayout.nonceSize, n = box.count - Self.boxOverhead
+        guard n >= 0 else { throw .malformed("sealed box of \(box.count) bytes") }
+        return try open(UnsafeRawBufferPointer(rebasing: box[nonceEnd..<(nonceEnd + n)]),
+                        tag: UnsafeRawBufferPointer(rebasing: box[(nonceEnd + n)...]),
+                        nonce: UnsafeRawBufferPointer(rebasing: box[0..<nonceEnd]), additionalData: additionalData,
+                        plaintext: plaintext)
+    }
+
     private func borrow(_ pool: borrowing Mutex<ContextStack>, template: OpaquePointer) throws(CipherError) -> OpaquePointer {
         if let ctx = pool.withLock({ $0.pop() }) { return ctx }
         guard let ctx = EVP_CIPHER_CTX_new() else { throw .openssl("EVP_CIPHER_CTX_new") }

@@ -36,13 +36,9 @@ public final class FileCipher: Sendable {
               output.count >= plaintext.count + ChunkLayout.overhead else {
             throw .invalidArgument("chunk of \(plaintext.count) bytes into \(output.count)")
         }
-        let nonce = UnsafeMutableRawBufferPointer(rebasing: output[0..<ChunkLayout.nonceSize])
-        SecureRandom.fill(nonce)
-        let body = UnsafeMutableRawBufferPointer(rebasing: output[ChunkLayout.nonceSize..<(ChunkLayout.nonceSize + plaintext.count)])
-        let tagStart = ChunkLayout.nonceSize + plaintext.count
-        let tag = UnsafeMutableRawBufferPointer(rebasing: output[tagStart..<(tagStart + ChunkLayout.tagSize)])
         try withChunkAdditionalData(index) { (ad) throws(CipherError) in
-            try aead.seal(plaintext, nonce: UnsafeRawBufferPointer(nonce), additionalData: ad, ciphertext: body, tag: tag)
+            try aead.sealBox(plaintext, additionalData: ad,
+                             into: UnsafeMutableRawBufferPointer(rebasing: output[0..<(plaintext.count + ChunkLayout.overhead)]))
         }
     }
 
@@ -57,11 +53,8 @@ public final class FileCipher: Sendable {
             throw .malformed("chunk \(index) has \(sealed.count) bytes on disk")
         }
         guard output.count >= count else { throw .invalidArgument("output of \(output.count) bytes for \(count)") }
-        let nonce = UnsafeRawBufferPointer(rebasing: sealed[0..<ChunkLayout.nonceSize])
-        let body = UnsafeRawBufferPointer(rebasing: sealed[ChunkLayout.nonceSize..<(ChunkLayout.nonceSize + count)])
-        let tag = UnsafeRawBufferPointer(rebasing: sealed[(ChunkLayout.nonceSize + count)...])
         let authentic = try withChunkAdditionalData(index) { (ad) throws(CipherError) in
-            try aead.open(body, tag: tag, nonce: nonce, additionalData: ad, plaintext: output)
+            try aead.openBox(sealed, additionalData: ad, into: output)
         }
         guard authentic else { throw .integrityFailure(.chunk(index)) }
         return count
@@ -92,17 +85,11 @@ public final class FileCipher: Sendable {
         size.putBigEndian(UInt64(plaintextSize), at: 0, width: 8)
         let ad = Self.lengthSealLabel + encoded[0..<FormatV1.lengthSealOffset]
         try keepingCipherError {
-          try seal.withUnsafeMutableBytes { out in
-            let nonce = UnsafeMutableRawBufferPointer(rebasing: out[0..<12])
-            SecureRandom.fill(nonce)
-            try size.withUnsafeBytes { plain in
-                try ad.withUnsafeBytes { adBytes in
-                    try aead.seal(plain, nonce: UnsafeRawBufferPointer(nonce), additionalData: adBytes,
-                                  ciphertext: UnsafeMutableRawBufferPointer(rebasing: out[12..<20]),
-                                  tag: UnsafeMutableRawBufferPointer(rebasing: out[20..<36]))
+            try seal.withUnsafeMutableBytes { box in
+                try size.withUnsafeBytes { plain in
+                    try ad.withUnsafeBytes { adBytes in try aead.sealBox(plain, additionalData: adBytes, into: box) }
                 }
             }
-          }
         }
         header.lengthSeal = seal
         encoded.removeAll()
@@ -125,14 +112,11 @@ public final class FileCipher: Sendable {
         var size = [UInt8](repeating: 0, count: 8)
         let seal = header.lengthSeal
         let authentic = try keepingCipherError {
-          try seal.withUnsafeBytes { s -> Bool in
-            try ad.withUnsafeBytes { adBytes -> Bool in
-                try size.withUnsafeMutableBytes { plain -> Bool in
-                    try aead.open(UnsafeRawBufferPointer(rebasing: s[12..<20]), tag: UnsafeRawBufferPointer(rebasing: s[20..<36]),
-                                  nonce: UnsafeRawBufferPointer(rebasing: s[0..<12]), additionalData: adBytes, plaintext: plain)
+            try seal.withUnsafeBytes { box -> Bool in
+                try ad.withUnsafeBytes { adBytes -> Bool in
+                    try size.withUnsafeMutableBytes { plain -> Bool in try aead.openBox(box, additionalData: adBytes, into: plain) }
                 }
             }
-          }
         }
         guard authentic else { throw .integrityFailure(.header) }
         let length = size.bigEndian(at: 0, width: 8)

@@ -104,10 +104,6 @@ public struct FileHeader: Hashable, Sendable {
         self.lengthSeal = Array(b[FormatV1.lengthSealOffset..<FormatV1.headerSize])
     }
 
-    /// The chunk layout the header declares.
-    public func layout() throws(CipherError) -> ChunkLayout {
-        try ChunkLayout(chunkSizeLog2: chunkSizeLog2)
-    }
 }
 
 extension Array where Element == UInt8 {

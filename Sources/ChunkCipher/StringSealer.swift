@@ -14,17 +14,12 @@ public final class StringSealer: Sendable {
 
     /// Seals bytes, binding `context` (e.g. an attribute name) as additional data.
     public func seal(_ plain: [UInt8], context: [UInt8] = []) throws(CipherError) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: 12 + plain.count + 16)
+        var out = [UInt8](repeating: 0, count: plain.count + AESGCM.boxOverhead)
         let ad = label + [0] + context
         try keepingCipherError {
-            try out.withUnsafeMutableBytes { o in
-                SecureRandom.fill(UnsafeMutableRawBufferPointer(rebasing: o[0..<12]))
+            try out.withUnsafeMutableBytes { box in
                 try plain.withUnsafeBytes { p in
-                    try ad.withUnsafeBytes { a in
-                        try aead.seal(p, nonce: UnsafeRawBufferPointer(rebasing: o[0..<12]), additionalData: a,
-                                      ciphertext: UnsafeMutableRawBufferPointer(rebasing: o[12..<(12 + plain.count)]),
-                                      tag: UnsafeMutableRawBufferPointer(rebasing: o[(12 + plain.count)...]))
-                    }
+                    try ad.withUnsafeBytes { a in try aead.sealBox(p, additionalData: a, into: box) }
                 }
             }
         }
@@ -33,17 +28,13 @@ public final class StringSealer: Sendable {
 
     /// Opens what `seal` made; `integrityFailure(.name)` if changed or under another context.
     public func open(_ sealed: [UInt8], context: [UInt8] = []) throws(CipherError) -> [UInt8] {
-        guard sealed.count >= 28 else { throw .malformed("sealed value of \(sealed.count) bytes") }
-        var plain = [UInt8](repeating: 0, count: sealed.count - 28)
+        guard sealed.count >= AESGCM.boxOverhead else { throw .malformed("sealed value of \(sealed.count) bytes") }
+        var plain = [UInt8](repeating: 0, count: sealed.count - AESGCM.boxOverhead)
         let ad = label + [0] + context
         let ok = try keepingCipherError {
-            try sealed.withUnsafeBytes { s in
+            try sealed.withUnsafeBytes { box in
                 try plain.withUnsafeMutableBytes { p in
-                    try ad.withUnsafeBytes { a in
-                        try aead.open(UnsafeRawBufferPointer(rebasing: s[12..<(s.count - 16)]),
-                                      tag: UnsafeRawBufferPointer(rebasing: s[(s.count - 16)...]),
-                                      nonce: UnsafeRawBufferPointer(rebasing: s[0..<12]), additionalData: a, plaintext: p)
-                    }
+                    try ad.withUnsafeBytes { a in try aead.openBox(box, additionalData: a, into: p) }
                 }
             }
         }

@@ -40,15 +40,10 @@ public struct ScryptParameters: Sendable, Equatable, Codable {
 /// `nonce(12) ‖ GCM(secret) ‖ tag(16)`, additional data naming what it is.
 enum KeyWrap {
     static func seal(_ secret: UnsafeRawBufferPointer, under wrapping: AESGCM, context: [UInt8]) throws(KeyManagerError) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: 12 + secret.count + 16)
+        var out = [UInt8](repeating: 0, count: secret.count + AESGCM.boxOverhead)
         do {
-            try out.withUnsafeMutableBytes { o in
-                SecureRandom.fill(UnsafeMutableRawBufferPointer(rebasing: o[0..<12]))
-                try context.withUnsafeBytes { ad in
-                    try wrapping.seal(secret, nonce: UnsafeRawBufferPointer(rebasing: o[0..<12]), additionalData: ad,
-                                      ciphertext: UnsafeMutableRawBufferPointer(rebasing: o[12..<(12 + secret.count)]),
-                                      tag: UnsafeMutableRawBufferPointer(rebasing: o[(12 + secret.count)...]))
-                }
+            try out.withUnsafeMutableBytes { box in
+                try context.withUnsafeBytes { ad in try wrapping.sealBox(secret, additionalData: ad, into: box) }
             }
         } catch { throw .crypto("key wrap failed") }
         return out
@@ -57,18 +52,13 @@ enum KeyWrap {
     /// Opens a wrapped secret straight into locked memory; nil when the tag
     /// does not match (wrong wrapping key, other context, or altered bytes).
     static func open(_ wrapped: [UInt8], under wrapping: AESGCM, context: [UInt8]) throws(KeyManagerError) -> SecretKey? {
-        guard wrapped.count > 28 else { return nil }
+        guard wrapped.count > AESGCM.boxOverhead else { return nil }
         var authentic = false
         var failure = false
-        let secret = SecretKey(count: wrapped.count - 28) { out in
-            wrapped.withUnsafeBytes { w in
+        let secret = SecretKey(count: wrapped.count - AESGCM.boxOverhead) { out in
+            wrapped.withUnsafeBytes { box in
                 context.withUnsafeBytes { ad in
-                    do {
-                        authentic = try wrapping.open(UnsafeRawBufferPointer(rebasing: w[12..<(w.count - 16)]),
-                                                      tag: UnsafeRawBufferPointer(rebasing: w[(w.count - 16)...]),
-                                                      nonce: UnsafeRawBufferPointer(rebasing: w[0..<12]),
-                                                      additionalData: ad, plaintext: out)
-                    } catch { failure = true }
+                    do { authentic = try wrapping.openBox(box, additionalData: ad, into: out) } catch { failure = true }
                 }
             }
         }

@@ -20,8 +20,9 @@ import KeyManager
         #expect(metadata["state"] as? String == "Enabled")
         #expect(metadata["description"] as? String == "production data")
         #expect((described["versions"] as? [[String: Any]])?.count == 1)
-        let bindings = try s.key(["bind"])
-        #expect(bindings.stdout.contains("/ ") || bindings.stdout.contains("/  "))
+        let defaultID = (list.first { ($0["aliases"] as? [String])?.first == "alias/default" }?["keyID"] as? String) ?? "?"
+        let bindings = try s.key(["bind"]).stdout.split(separator: "\n").map { $0.split(separator: " ").map(String.init) }
+        #expect(bindings.dropFirst().map { $0 } == [["/", defaultID]], "init binds the root, and only it, to alias/default")
     }
 
     @Test("rotate, disable, refused rotate with a message naming key, state and remedy, enable")

@@ -106,7 +106,8 @@ import ChunkCipher
             let bytes = pattern(n, seed: UInt64(n + 1))
             #expect(Base64URL.decode(Base64URL.encode(bytes)) == bytes)
         }
-        for bad in ["A", "Zm9v=", "Zm+v", "Zm/v", "Zm9", "Zh"] where bad != "Zm9" {
+        // Wrong length, padding, the standard alphabet's +/, and non-zero trailing bits ("Zm9", "Zh").
+        for bad in ["A", "Zm9v=", "Zm+v", "Zm/v", "Zm9", "Zh"] {
             #expect(Base64URL.decode(bad) == nil, "\(bad)")
         }
     }
