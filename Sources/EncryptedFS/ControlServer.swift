@@ -26,29 +26,60 @@ public struct MountStatus: Codable, Sendable {
     }
 }
 
+/// A command line the daemon ran on behalf of a peer, and what it printed.
+public struct ForwardedResult: Codable, Sendable {
+    public var code: Int32
+    public var stdout: String
+    public var stderr: String
+    public init(code: Int32, stdout: String, stderr: String) {
+        self.code = code
+        self.stdout = stdout
+        self.stderr = stderr
+    }
+}
+
 /// The daemon's local control socket, `CIPHERDIR/.kmsfs/control.sock`.
-/// Callers are authenticated by their peer credentials (SO_PEERCRED): root
-/// and the uid the daemon runs as. One JSON request per line, one JSON reply.
-/// Today it answers `status`; the admin plane builds on it.
+/// Callers are authenticated by their peer credentials (SO_PEERCRED), never
+/// by anything they send. One JSON request per line, one JSON reply.
+///
+/// - `status` answers root and the uid the daemon runs as.
+/// - `run` executes an admin command line (`kmsfs key …`, `audit …`,
+///   `rekey …`) inside the daemon, as the peer: the `admit` closure decides
+///   who may use the admin plane at all (and records refusals), and each
+///   key operation then checks the key's policy for that principal.
+///
+/// The socket is world-connectable (mode 0666 inside the traverse-only
+/// `.kmsfs`), because admins named by key policy need not be root; the peer
+/// credentials are what count. Requests are served one at a time.
 public final class ControlServer: @unchecked Sendable {
     public static let socketName = "control.sock"
     private let path: String
     private let listener: Int32
     private let status: @Sendable () -> MountStatus
+    private let admit: @Sendable (Principal) -> Bool
+    private let execute: @Sendable ([String], Principal) -> ForwardedResult
     private let logger = Logger(label: "kmsfs.control")
     private var thread: Thread?
 
-    struct Request: Codable { var command: String }
+    struct Request: Codable {
+        var command: String
+        var arguments: [String]?
+    }
     struct Reply: Codable {
         var ok: Bool
         var error: String?
         var status: MountStatus?
+        var result: ForwardedResult?
     }
 
     /// Listens on `directory/control.sock` (replacing a stale socket).
-    public init(directory: String, status: @escaping @Sendable () -> MountStatus) throws {
+    public init(directory: String, status: @escaping @Sendable () -> MountStatus,
+                admit: @escaping @Sendable (Principal) -> Bool = { _ in false },
+                execute: @escaping @Sendable ([String], Principal) -> ForwardedResult = { _, _ in ForwardedResult(code: 1, stdout: "", stderr: "not supported\n") }) throws {
         path = directory + "/" + Self.socketName
         self.status = status
+        self.admit = admit
+        self.execute = execute
         unlink(path)
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw POSIXError(.init(rawValue: errno) ?? .EIO) }
@@ -56,7 +87,8 @@ public final class ControlServer: @unchecked Sendable {
         let bound = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
-        guard bound == 0, chmod(path, 0o600) == 0, listen(fd, 16) == 0 else {
+        // Connectable by anyone who can reach it; who may do what is decided per request.
+        guard bound == 0, chmod(path, 0o666) == 0, chmod(directory, 0o711) == 0, listen(fd, 16) == 0 else {
             let error = errno
             close(fd)
             throw POSIXError(.init(rawValue: error) ?? .EIO)
@@ -93,28 +125,44 @@ public final class ControlServer: @unchecked Sendable {
     private func handle(_ client: Int32) {
         var uid: UInt32 = 0, gid: UInt32 = 0, pid: Int32 = 0
         guard kmsfs_peer_credentials(client, &uid, &gid, &pid) == 0 else { return }
-        guard uid == 0 || uid == geteuid() else {
-            logger.notice("control request refused", metadata: ["uid": "\(uid)"])
-            send(client, Reply(ok: false, error: "uid \(uid) may not use this mount's control socket"))
-            return
-        }
+        let peer = Principal(uid: uid, gid: gid, pid: pid, processName: Self.processName(pid))
+        let privileged = uid == 0 || uid == geteuid()
         var line = [UInt8]()
         var byte: UInt8 = 0
-        while line.count < 65536, read(client, &byte, 1) == 1, byte != 0x0A { line.append(byte) }
+        while line.count < 1 << 20, read(client, &byte, 1) == 1, byte != 0x0A { line.append(byte) }
         guard let request = try? JSONDecoder().decode(Request.self, from: Data(line)) else {
             send(client, Reply(ok: false, error: "malformed request"))
             return
         }
         switch request.command {
-        case "status": send(client, Reply(ok: true, status: status()))
-        default: send(client, Reply(ok: false, error: "unknown command \(request.command)"))
+        case "status" where privileged:
+            send(client, Reply(ok: true, status: status()))
+        case "run" where privileged || admit(peer):
+            send(client, Reply(ok: true, result: execute(request.arguments ?? [], peer)))
+        case "status", "run":
+            logger.notice("control request refused", metadata: ["uid": "\(uid)", "command": .string(request.command)])
+            send(client, Reply(ok: false, error: "uid \(uid) may not administer this filesystem: no key policy grants it administer"))
+        default:
+            send(client, Reply(ok: false, error: "unknown command \(request.command)"))
         }
+    }
+
+    static func processName(_ pid: Int32) -> String? {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8) else { return nil }
+        return text.trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
     private func send(_ client: Int32, _ reply: Reply) {
         guard var data = try? JSONEncoder().encode(reply) else { return }
         data.append(0x0A)
-        _ = data.withUnsafeBytes { write(client, $0.baseAddress, $0.count) }
+        data.withUnsafeBytes { raw in
+            var offset = 0
+            while offset < raw.count {
+                let n = write(client, raw.baseAddress! + offset, raw.count - offset)
+                if n <= 0 { return }
+                offset += n
+            }
+        }
     }
 
     /// The socket address of `path`, or nil if it is too long for sun_path.
@@ -130,8 +178,8 @@ public final class ControlServer: @unchecked Sendable {
         return address
     }
 
-    /// Asks a running daemon for its status; nil when no daemon answers.
-    public static func query(directory: String) throws -> MountStatus? {
+    /// Sends one request to the daemon serving `directory`; nil when none answers.
+    static func exchange(directory: String, _ request: Request) throws -> Reply? {
         let path = directory + "/" + socketName
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { return nil }
@@ -141,20 +189,52 @@ public final class ControlServer: @unchecked Sendable {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
         guard connected == 0 else { return nil }
-        var request = try JSONEncoder().encode(Request(command: "status"))
-        request.append(0x0A)
-        _ = request.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        var data = try JSONEncoder().encode(request)
+        data.append(0x0A)
+        _ = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
         var response = [UInt8]()
-        var buffer = [UInt8](repeating: 0, count: 4096)
+        var buffer = [UInt8](repeating: 0, count: 65536)
         while true {
             let n = read(fd, &buffer, buffer.count)
             if n <= 0 { break }
             response.append(contentsOf: buffer[0..<n])
         }
-        let reply = try JSONDecoder().decode(Reply.self, from: Data(response))
+        return try JSONDecoder().decode(Reply.self, from: Data(response))
+    }
+
+    /// Asks a running daemon for its status; nil when no daemon answers.
+    public static func query(directory: String) throws -> MountStatus? {
+        guard let reply = try exchange(directory: directory, Request(command: "status")) else { return nil }
         guard reply.ok else { throw POSIXError(.EACCES) }
         return reply.status
     }
+
+    /// Whether a daemon answers on `directory`'s control socket.
+    public static func isServing(directory: String) -> Bool {
+        let path = directory + "/" + socketName
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        guard var address = Self.address(path) else { return false }
+        return withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        } == 0
+    }
+
+    /// Runs `arguments` (a kmsfs command line without the program name) in the
+    /// daemon serving `directory`. nil when no daemon answers; throws the
+    /// daemon's refusal as `ControlRefusal`.
+    public static func forward(directory: String, arguments: [String]) throws -> ForwardedResult? {
+        guard let reply = try exchange(directory: directory, Request(command: "run", arguments: arguments)) else { return nil }
+        guard reply.ok, let result = reply.result else { throw ControlRefusal(message: reply.error ?? "refused") }
+        return result
+    }
+}
+
+/// The daemon refused a control request.
+public struct ControlRefusal: Error, CustomStringConvertible {
+    public var message: String
+    public var description: String { message }
 }
 
 extension EncryptedFileSystem {

@@ -48,3 +48,19 @@ extension KeyManager {
         invalidate(id)
     }
 }
+
+extension KeyManager {
+    /// Whether some key's policy lets `principal` administer it: the test a
+    /// live mount applies before running an admin command for a peer (each
+    /// key operation then checks its own key's policy). A refusal is audited.
+    public func admitAdministrator(_ principal: Principal) -> Bool {
+        let subjects = (try? read { db in
+            try String.fetchAll(db, sql: "SELECT DISTINCT subject FROM policies WHERE operation = ?",
+                                arguments: [KeyOperation.administer.rawValue])
+        }) ?? []
+        if subjects.compactMap(PolicySubject.init(argument:)).contains(where: { $0.matches(principal) }) { return true }
+        audit(AuditEvent("AdminAccess", outcome: "denied", principal: principal,
+                         error: "uid \(principal.uid) administers no key; control socket request refused"))
+        return false
+    }
+}

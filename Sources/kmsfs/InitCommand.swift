@@ -45,9 +45,9 @@ struct Init: ParsableCommand {
         let manager = try KeyManager.create(in: keystore, passphrase: secret, options: options, creator: caller, clock: Clock.current)
         try EncryptedFileSystem.initializeRoot(cipherdir: cipherdir, keyManager: manager, principal: caller)
         let key = try manager.resolve("alias/default")
-        print("created kmsfs filesystem \(manager.filesystemID) in \(cipherdir)")
-        print("chunk size \(chunkSize) bytes, names \(plaintextNames ? "in plaintext" : "encrypted (AES-256-SIV)")")
-        print("default key \(key) (alias/default) bound to /")
+        Output.line("created kmsfs filesystem \(manager.filesystemID) in \(cipherdir)")
+        Output.line("chunk size \(chunkSize) bytes, names \(plaintextNames ? "in plaintext" : "encrypted (AES-256-SIV)")")
+        Output.line("default key \(key) (alias/default) bound to /")
     }
 }
 
@@ -71,6 +71,6 @@ struct Passwd: ParsableCommand {
         let manager = try KeyManager.open(in: try Paths.keystore(of: cipherdir), passphrase: passphrase.read(), clock: Clock.current)
         let fresh = try PassphraseReader.read(file: newPassphraseFile, command: nil, prompt: "New passphrase: ", confirm: true)
         try manager.changePassphrase(to: fresh, by: caller)
-        print("passphrase changed; every master key was rewrapped, no file was rewritten")
+        Output.line("passphrase changed; every master key was rewrapped, no file was rewritten")
     }
 }

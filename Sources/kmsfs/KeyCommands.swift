@@ -53,7 +53,7 @@ struct KeyCommand: ParsableCommand {
             let key = try manager.createKey(spec: spec, description: description, aliases: aliases,
                                             tags: Dictionary(tags.map { ($0.name, $0.value) }, uniquingKeysWith: { $1 }),
                                             rotationDays: noRotation ? nil : rotationDays, by: caller)
-            if output.json { try Output.json(key) } else { print(key.keyID) }
+            if output.json { try Output.json(key) } else { Output.line("\(key.keyID)") }
         }
     }
 
@@ -96,20 +96,20 @@ struct KeyCommand: ParsableCommand {
                                             nextRotationAt: metadata.nextRotationAt))
                 return
             }
-            print("key id:        \(metadata.keyID)")
-            print("aliases:       \(metadata.aliases.joined(separator: ", "))")
-            print("description:   \(metadata.description)")
-            print("spec / usage:  \(metadata.spec.rawValue) / \(metadata.usage.rawValue)")
-            print("state:         \(metadata.state.rawValue) since \(Output.date(metadata.stateChangedAt))")
-            if let successor = metadata.successor { print("successor:     \(successor)") }
-            if let deletion = metadata.deletionDate, metadata.state == .pendingDeletion { print("deletion date: \(Output.date(deletion))") }
-            print("created:       \(Output.date(metadata.createdAt))")
-            print("rotation:      \(metadata.rotationPeriodDays.map { "every \($0) days, next \(Output.date(metadata.nextRotationAt))" } ?? "off")")
-            print("tags:          \(metadata.tags.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ", "))")
+            Output.line("key id:        \(metadata.keyID)")
+            Output.line("aliases:       \(metadata.aliases.joined(separator: ", "))")
+            Output.line("description:   \(metadata.description)")
+            Output.line("spec / usage:  \(metadata.spec.rawValue) / \(metadata.usage.rawValue)")
+            Output.line("state:         \(metadata.state.rawValue) since \(Output.date(metadata.stateChangedAt))")
+            if let successor = metadata.successor { Output.line("successor:     \(successor)") }
+            if let deletion = metadata.deletionDate, metadata.state == .pendingDeletion { Output.line("deletion date: \(Output.date(deletion))") }
+            Output.line("created:       \(Output.date(metadata.createdAt))")
+            Output.line("rotation:      \(metadata.rotationPeriodDays.map { "every \($0) days, next \(Output.date(metadata.nextRotationAt))" } ?? "off")")
+            Output.line("tags:          \(metadata.tags.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ", "))")
             for op in KeyOperation.allCases {
-                print("may \(op.rawValue):".padding(toLength: 15, withPad: " ", startingAt: 0) + (policy[op] ?? []).joined(separator: ", "))
+                Output.line("may \(op.rawValue):".padding(toLength: 15, withPad: " ", startingAt: 0) + (policy[op] ?? []).joined(separator: ", "))
             }
-            print("")
+            Output.line("")
             Output.table(["VERSION", "CREATED", "STATUS", "FILES+DIRS"], versions.map { v in
                 [String(v.version.rawValue), Output.date(v.createdAt),
                  v.version == metadata.currentVersion ? "current" : (v.retired ? "retired" : "decrypt-only"), String(v.usageCount)]
@@ -123,7 +123,7 @@ struct KeyCommand: ParsableCommand {
         @Argument(help: "Key id or alias.") var key: String
         func run() throws {
             let version = try fs.open().rotate(key, by: caller)
-            print("\(key) rotated; current version is \(version)")
+            Output.line("\(key) rotated; current version is \(version)")
         }
     }
 
@@ -138,7 +138,7 @@ struct KeyCommand: ParsableCommand {
         }
         func run() throws {
             try fs.open().setRotation(key, days: off ? nil : days, by: caller)
-            print(off ? "automatic rotation of \(key) is off" : "\(key) rotates every \(days!) days")
+            Output.line(off ? "automatic rotation of \(key) is off" : "\(key) rotates every \(days!) days")
         }
     }
 
@@ -146,14 +146,14 @@ struct KeyCommand: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Enable a Disabled key, or undeprecate a Deprecated one.")
         @OptionGroup var fs: FilesystemOption
         @Argument(help: "Key id or alias.") var key: String
-        func run() throws { try fs.open().enable(key, by: caller); print("\(key) is Enabled") }
+        func run() throws { try fs.open().enable(key, by: caller); Output.line("\(key) is Enabled") }
     }
 
     struct Disable: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Disable a key: its files can be neither created nor opened until it is enabled.")
         @OptionGroup var fs: FilesystemOption
         @Argument(help: "Key id or alias.") var key: String
-        func run() throws { try fs.open().disable(key, by: caller); print("\(key) is Disabled") }
+        func run() throws { try fs.open().disable(key, by: caller); Output.line("\(key) is Disabled") }
     }
 
     struct ScheduleDeletion: ParsableCommand {
@@ -164,7 +164,7 @@ struct KeyCommand: ParsableCommand {
         @Option(help: "Days before destruction (7–30).") var days: Int = 30
         func run() throws {
             let date = try fs.open().scheduleDeletion(key, days: days, by: caller)
-            print("\(key) is PendingDeletion; it will be destroyed after \(Output.date(date)) if no file still uses it")
+            Output.line("\(key) is PendingDeletion; it will be destroyed after \(Output.date(date)) if no file still uses it")
         }
     }
 
@@ -172,7 +172,7 @@ struct KeyCommand: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Cancel a scheduled deletion; the key is left Disabled.")
         @OptionGroup var fs: FilesystemOption
         @Argument(help: "Key id or alias.") var key: String
-        func run() throws { try fs.open().cancelDeletion(key, by: caller); print("deletion of \(key) cancelled; it is Disabled") }
+        func run() throws { try fs.open().cancelDeletion(key, by: caller); Output.line("deletion of \(key) cancelled; it is Disabled") }
     }
 
     struct Deprecate: ParsableCommand {
@@ -182,7 +182,7 @@ struct KeyCommand: ParsableCommand {
         @Option(help: "The key that replaces it.") var successor: String
         func run() throws {
             try fs.open().deprecate(key, successor: successor, by: caller)
-            print("\(key) is Deprecated; new data goes to \(successor)")
+            Output.line("\(key) is Deprecated; new data goes to \(successor)")
         }
     }
 
@@ -207,9 +207,9 @@ struct KeyCommand: ParsableCommand {
             let report = Report(key: key, total: usage.values.reduce(0, +),
                                 versions: Dictionary(uniqueKeysWithValues: usage.map { (String($0.key.rawValue), $0.value) }), objects: ids)
             if output.json { try Output.json(report); return }
-            print("\(key): \(report.total) file(s) and directories")
+            Output.line("\(key): \(report.total) file(s) and directories")
             Output.table(["VERSION", "COUNT"], usage.sorted { $0.key < $1.key }.map { [String($0.key.rawValue), String($0.value)] })
-            for line in ids ?? [] { print(line) }
+            for line in ids ?? [] { Output.line(line) }
         }
     }
 
@@ -224,8 +224,8 @@ struct KeyCommand: ParsableCommand {
         }
         func run() throws {
             let manager = try fs.open()
-            if delete { try manager.deleteAlias(alias, by: caller); print("deleted \(alias)") } else {
-                try manager.setAlias(alias, to: key!, by: caller); print("\(alias) → \(key!)")
+            if delete { try manager.deleteAlias(alias, by: caller); Output.line("deleted \(alias)") } else {
+                try manager.setAlias(alias, to: key!, by: caller); Output.line("\(alias) → \(key!)")
             }
         }
     }
@@ -240,7 +240,7 @@ struct KeyCommand: ParsableCommand {
             let manager = try fs.open()
             for tag in tags { try manager.setTag(key, name: tag.name, value: tag.value, by: caller) }
             for name in remove { try manager.setTag(key, name: name, value: nil, by: caller) }
-            print("tags of \(key): " + (try manager.describe(key).metadata.tags.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ", ")))
+            Output.line("tags of \(key): " + (try manager.describe(key).metadata.tags.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ", ")))
         }
     }
 
@@ -266,7 +266,7 @@ struct KeyCommand: ParsableCommand {
             if let (op, subject) = try pair(grant) { try manager.grant(op, to: subject, on: key, by: caller) }
             if let (op, subject) = try pair(revoke) { try manager.revoke(op, from: subject, on: key, by: caller) }
             let policy = try manager.describe(key).policy
-            for op in KeyOperation.allCases { print("\(op.rawValue): \((policy[op] ?? []).joined(separator: " "))") }
+            for op in KeyOperation.allCases { Output.line("\(op.rawValue): \((policy[op] ?? []).joined(separator: " "))") }
         }
     }
 
@@ -283,10 +283,10 @@ struct KeyCommand: ParsableCommand {
             switch (path, key, unbind) {
             case (let path?, let key?, false):
                 try manager.bind(path: path, to: key, by: caller)
-                print("\(KeyManager.normalize(path: path)) → \(key)")
+                Output.line("\(KeyManager.normalize(path: path)) → \(key)")
             case (let path?, nil, true):
                 try manager.unbind(path: path, by: caller)
-                print("unbound \(KeyManager.normalize(path: path))")
+                Output.line("unbound \(KeyManager.normalize(path: path))")
             case (nil, nil, false):
                 Output.table(["PATH", "KEY"], try manager.listBindings().map { [$0.path, $0.key.rawValue.hex] })
             default:
@@ -302,7 +302,7 @@ struct KeyCommand: ParsableCommand {
         @Argument(help: "The version to retire.") var version: UInt32
         func run() throws {
             try fs.open().retireVersion(key, version: KeyVersion(rawValue: version), by: caller)
-            print("\(key) version \(version) retired")
+            Output.line("\(key) version \(version) retired")
         }
     }
 }

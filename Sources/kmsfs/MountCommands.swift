@@ -58,10 +58,12 @@ struct Mount: ParsableCommand {
             let session = try FUSESession(fileSystem: fs, mountpoint: mount, options: mountOptions)
             try session.mount()
             let started = Date().timeIntervalSince1970
-            let control = try ControlServer(directory: keystore) { [fs] in
+            let services = DaemonServices(filesystem: fs)
+            let control = try ControlServer(directory: keystore, status: { [fs] in
                 MountStatus(cipherdir: cipher, mountpoint: mount, pid: getpid(), startedAt: started,
                             statistics: fs.statistics, keysInUse: fs.keysInUse)
-            }
+            }, admit: { [manager] peer in manager.admitAdministrator(peer) },
+               execute: { [manager] arguments, peer in Invocation.runForwarded(arguments, as: peer, manager: manager, daemon: services) })
             control.start()
             defer { control.stop() }
             if let notify { Daemon.report(notify, "ok") }
@@ -113,20 +115,20 @@ struct Status: ParsableCommand {
             report.keys = try KeyManager.open(in: try Paths.keystore(of: cipherdir), passphrase: passphrase.read()).listKeys()
         }
         if output.json { try Output.json(report); return }
-        print("cipherdir:      \(cipherdir)")
-        print("mounted:        \(report.mounted ? "yes, at \(mount!.mountpoint)" : "no")")
+        Output.line("cipherdir:      \(cipherdir)")
+        Output.line("mounted:        \(report.mounted ? "yes, at \(mount!.mountpoint)" : "no")")
         if let d = report.daemon {
             let s = d.statistics
-            print("daemon:         pid \(d.pid), up since \(Output.date(d.startedAt))")
-            print("open files:     \(s.openFiles) (\(s.nodes) inodes known)")
-            print("bytes:          \(s.bytesRead) read, \(s.bytesWritten) written")
-            print("errors:         \(s.integrityFailures) integrity failures, \(s.deniedRequests) denied requests")
-            print("keys in use:    \(d.keysInUse.isEmpty ? "-" : d.keysInUse.joined(separator: ", "))")
+            Output.line("daemon:         pid \(d.pid), up since \(Output.date(d.startedAt))")
+            Output.line("open files:     \(s.openFiles) (\(s.nodes) inodes known)")
+            Output.line("bytes:          \(s.bytesRead) read, \(s.bytesWritten) written")
+            Output.line("errors:         \(s.integrityFailures) integrity failures, \(s.deniedRequests) denied requests")
+            Output.line("keys in use:    \(d.keysInUse.isEmpty ? "-" : d.keysInUse.joined(separator: ", "))")
         } else if report.mounted {
-            print("daemon:         not answering on \(cipherdir)/.kmsfs/\(ControlServer.socketName) (run as root or the mounting user)")
+            Output.line("daemon:         not answering on \(cipherdir)/.kmsfs/\(ControlServer.socketName) (run as root or the mounting user)")
         }
         for key in report.keys ?? [] {
-            print("key:            \(key.aliases.first ?? key.keyID.rawValue.hex) \(key.state.rawValue) v\(key.currentVersion)")
+            Output.line("key:            \(key.aliases.first ?? key.keyID.rawValue.hex) \(key.state.rawValue) v\(key.currentVersion)")
         }
     }
 }

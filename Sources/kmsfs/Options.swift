@@ -24,20 +24,31 @@ struct FilesystemOption: ParsableArguments {
 
     @OptionGroup var passphrase: PassphraseOptions
 
-    /// Opens the keystore of `--fs` and runs due rotations and deletions.
+    /// The key manager a command works with. Inside the mount daemon (a
+    /// forwarded command) it is the daemon's own. From a shell, against a
+    /// mounted filesystem, the whole command line is forwarded to the daemon,
+    /// its output printed and its exit code returned (this throws `ExitCode`
+    /// once it has); unmounted, the keystore is opened with the passphrase
+    /// and due rotations and deletions run.
     func open() throws -> KeyManager {
-        let keystore = try Paths.keystore(of: fs)
+        if let manager = Invocation.current.manager { return manager }
+        let cipherdir = try Paths.cipherdir(of: fs)
+        let keystore = try Paths.keystore(of: cipherdir)
+        try Invocation.forwardIfMounted(keystore: keystore, cipherdir: cipherdir)
         let manager = try KeyManager.open(in: keystore, passphrase: passphrase.read(), clock: Clock.current)
-        let report = try manager.runSchedules()
+        Self.report(try manager.runSchedules())
+        return manager
+    }
+
+    static func report(_ report: ScheduleReport) {
         for key in report.rotated { Output.note("rotated key \(key) automatically (its period had passed)") }
         for key in report.destroyed { Output.note("destroyed key \(key): its deletion window ended") }
         for key in report.unverified {
-            Output.note("key \(key) was not destroyed: a mount ended without flushing the usage index, which may miss files of this key")
+            Output.note("key \(key) was not destroyed: a mount ended without flushing the usage index, which may miss files of this key; run `kmsfs fsck`")
         }
         for (key, n) in report.blocked {
             Output.note(KeyManagerError.deletionBlocked(key: key.rawValue.hex, references: n).description)
         }
-        return manager
     }
 }
 
@@ -54,6 +65,14 @@ struct Failure: Error, CustomStringConvertible {
 }
 
 enum Paths {
+    /// The CIPHERDIR of `path`: the path itself, or the source of the kmsfs
+    /// mount whose MOUNTPOINT it is.
+    static func cipherdir(of path: String) throws -> String {
+        let absolute = URL(fileURLWithPath: path).standardizedFileURL.path
+        if let mount = MountTable.kmsfsMounts().first(where: { $0.mountpoint == absolute }) { return mount.source }
+        return absolute
+    }
+
     /// `CIPHERDIR/.kmsfs`, after checking it exists.
     static func keystore(of path: String) throws -> String {
         let dir = URL(fileURLWithPath: path).standardizedFileURL.path + "/.kmsfs"
@@ -65,9 +84,7 @@ enum Paths {
 }
 
 /// The principal running this command.
-var caller: Principal {
-    Principal(uid: getuid(), gid: getgid(), pid: getpid(), processName: "kmsfs")
-}
+var caller: Principal { Invocation.current.principal }
 
 enum Clock {
     /// The system clock; debug builds honour KMSFS_TEST_NOW (seconds since 1970)
@@ -85,13 +102,18 @@ enum Clock {
 enum Output {
     /// A line on stderr (notes and errors; stdout stays machine-readable).
     static func note(_ text: String) {
-        FileHandle.standardError.write(Data((text + "\n").utf8))
+        Invocation.current.write(text + "\n", error: true)
+    }
+
+    /// A line on stdout (or into a forwarded command's reply).
+    static func line(_ text: String = "") {
+        Invocation.current.write(text + "\n", error: false)
     }
 
     static func json<T: Encodable>(_ value: T) throws {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        print(String(decoding: try encoder.encode(value), as: UTF8.self))
+        Output.line(String(decoding: try encoder.encode(value), as: UTF8.self))
     }
 
     static func date(_ t: Double?) -> String {
@@ -103,7 +125,7 @@ enum Output {
     static func table(_ header: [String], _ rows: [[String]]) {
         let widths = header.indices.map { i in ([header[i]] + rows.map { $0[i] }).map(\.count).max() ?? 0 }
         for row in [header] + rows {
-            print(zip(row, widths).map { $0.padding(toLength: $1, withPad: " ", startingAt: 0) }.joined(separator: "  ")
+            Output.line(zip(row, widths).map { $0.padding(toLength: $1, withPad: " ", startingAt: 0) }.joined(separator: "  ")
                 .trimmingCharacters(in: .whitespaces))
         }
     }
