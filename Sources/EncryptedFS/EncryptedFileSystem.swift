@@ -41,6 +41,8 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         var next: UInt64 = 1
     }
     private let open = Mutex(OpenState())
+    /// Striped by inode: serialises making an inode's open state (see `openShared`).
+    private let creationLocks = (0..<64).map { _ in ReadWriteLock() }
     private let bytesRead = Atomic<Int>(0)
     private let bytesWritten = Atomic<Int>(0)
     private let integrityFailures = Atomic<Int>(0)
@@ -523,27 +525,69 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     func openFile(_ node: Node, flags: Int32, _ context: RequestContext) throws(Errno) -> OpenFile {
         guard node.isRegular else { throw node.isDirectory ? .isDirectory : .invalidArgument }
         let who = principal(context)
-        if let shared = open.withLock({ s -> OpenFile? in
-            guard let f = s.files[node.key] else { return nil }
-            f.handles += 1
-            return f
-        }) {
-            do throws(Errno) {
-                try keys { () throws(KeyManagerError) in try keyManager.checkUse(who, .decrypt, key: shared.keyID, object: shared.fileID.rawValue) }
-                if !shared.writable, flags & O_ACCMODE != O_RDONLY { throw Errno.permissionDenied }
-            } catch {
-                releaseFile(shared)
-                throw error
+        return try openShared(node.key) { () throws(Errno) -> OpenFile? in
+            if let shared = pinOpen(node.key) {
+                do throws(Errno) {
+                    try keys { () throws(KeyManagerError) in try keyManager.checkUse(who, .decrypt, key: shared.keyID, object: shared.fileID.rawValue) }
+                    if !shared.writable, flags & O_ACCMODE != O_RDONLY { throw Errno.permissionDenied }
+                } catch {
+                    releaseFile(shared)
+                    throw error
+                }
+                return shared
             }
+            return nil
+        } make: { () throws(Errno) -> OpenFile in
+            var writable = true
+            var fd: Int32
+            do throws(Errno) { fd = try Syscall.openat(AT_FDCWD, node.procPath, O_RDWR) } catch {
+                guard error == .permissionDenied || error == .readOnlyFileSystem else { throw error }
+                writable = false
+                fd = try Syscall.openat(AT_FDCWD, node.procPath, O_RDONLY)
+            }
+            let file = try makeOpenFile(fd: fd, writable: writable, principal: who)
+            if !writable, flags & O_ACCMODE != O_RDONLY { throw .permissionDenied }  // `file` closes fd
+            return file
+        }
+    }
+
+    /// The open state of inode `key`: the one in the table (`existing`, which
+    /// pins it) or, if none, a new one from `make`, put in the table. Both
+    /// run under the inode's creation lock, so a state built from the disk
+    /// can never be put in the table after another state for the same inode
+    /// was created, written through and dropped meanwhile (it would hold a
+    /// stale size and tail: two states of one file, each overwriting the other's chunks).
+    func openShared(_ key: InodeKey, existing: () throws(Errno) -> OpenFile?, make: () throws(Errno) -> OpenFile) throws(Errno) -> OpenFile {
+        try creationLocks[Int(key.inode % UInt64(creationLocks.count))].writing { () throws(Errno) -> OpenFile in
+            if let shared = try existing() { return shared }
+            return share(try make())
+        }
+    }
+
+    /// Puts `file` in the open-file table, or returns the one another thread
+    /// put there first; either way with one more handle.
+    func share(_ file: OpenFile) -> OpenFile {
+        open.withLock { s in
+            let shared = s.files[file.inode] ?? file
+            s.files[file.inode] = shared
+            shared.handles += 1
             return shared
         }
-        var writable = true
-        var fd: Int32
-        do throws(Errno) { fd = try Syscall.openat(AT_FDCWD, node.procPath, O_RDWR) } catch {
-            guard error == .permissionDenied || error == .readOnlyFileSystem else { throw error }
-            writable = false
-            fd = try Syscall.openat(AT_FDCWD, node.procPath, O_RDONLY)
+    }
+
+    /// The open file held for the backing inode of `fd`, with one more handle, if any.
+    func pinOpen(_ key: InodeKey) -> OpenFile? {
+        open.withLock { s in
+            guard let f = s.files[key] else { return nil }
+            f.handles += 1
+            return f
         }
+    }
+
+    /// Reads and authenticates the header of backing file `fd`, unwraps its
+    /// data key for `principal` and makes its open state (which owns `fd`;
+    /// on failure `fd` is closed).
+    func makeOpenFile(fd: Int32, writable: Bool, principal who: Principal) throws(Errno) -> OpenFile {
         let header: FileHeader
         do throws(Errno) {
             let raw = try Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0)
@@ -555,7 +599,6 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             close(fd)
             throw error
         }
-        let file: OpenFile
         do throws(Errno) {
             let dataKey = try keys { () throws(KeyManagerError) in
                 try keyManager.decryptDataKey(header.wrappedKey, for: header.fileID.rawValue, key: header.keyID,
@@ -563,18 +606,11 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             }
             let cipher: FileCipher
             do throws(CipherError) { cipher = try FileCipher(key: dataKey, fileID: header.fileID, layout: layout) } catch { throw Errno.ioError }
-            file = try OpenFile(fd: fd, writable: writable, header: header, cipher: cipher,
+            return try OpenFile(fd: fd, writable: writable, header: header, cipher: cipher,
                                 onIntegrityFailure: failureHandler(header.fileID, header.keyID))
         } catch {
             close(fd)
             throw error
-        }
-        if !writable, flags & O_ACCMODE != O_RDONLY { throw .permissionDenied }
-        return open.withLock { s in
-            let shared = s.files[file.inode] ?? file
-            s.files[file.inode] = shared
-            shared.handles += 1
-            return shared
         }
     }
 

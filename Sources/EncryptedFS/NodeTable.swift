@@ -1,3 +1,4 @@
+import ChunkCipher
 import FUSEBridge
 import CLinux
 import SystemPackage
@@ -65,7 +66,11 @@ final class NodeTable: Sendable {
     }
     private let state = Mutex(State())
 
+    /// The backing root directory (an O_PATH descriptor, open for the table's life).
+    let rootFD: Int32
+
     init(root: Node) {
+        rootFD = root.fd
         root.lookups = UInt64.max / 2
         state.withLock { s in
             s.nodes[root.id] = root
@@ -151,6 +156,14 @@ final class NodeTable: Sendable {
             if let keys = node.keys { return keys }
             node.keys = loaded
             return loaded
+        }
+    }
+
+    /// Drops the cached keys of the directory `directoryID` (its `.kmsfs.dir`
+    /// was rewrapped under another key), so the next use reloads them.
+    func dropKeys(ofDirectory directoryID: ID128) {
+        state.withLock { s in
+            for node in s.nodes.values where node.keys?.directoryID == directoryID { node.keys = nil }
         }
     }
 

@@ -37,7 +37,8 @@ final class OpenFile: @unchecked Sendable {
     /// The backing inode, the key of the filesystem's open-file table.
     let inode: InodeKey
     let writable: Bool
-    let cipher: FileCipher
+    /// Replaced only by a reencrypt, under the write lock.
+    private(set) var cipher: FileCipher
     let layout: ChunkLayout
     private(set) var header: FileHeader
     /// Plaintext size; guarded by `lock`.
@@ -249,6 +250,91 @@ final class OpenFile: @unchecked Sendable {
         } catch { throw .ioError }
         try Syscall.pwrite(fd, bytes, at: 0)
         sealedLength = length
+    }
+
+    // MARK: Rekeying (docs/FILESYSTEM.md, "Re-keying")
+
+    /// Rewraps this file's data key: under the write lock, if the header is
+    /// still one `selects` picks, `wrap` gives the new key fields, the header
+    /// is resealed at the sealed length, `intent` records old and new header
+    /// bytes, and the new header is written through `writeFD` in one pwrite.
+    /// Returns false (changing nothing) if the file no longer needs it.
+    func rewrap(writeFD: Int32, selects: (FileHeader) -> Bool,
+                wrap: (FileHeader) throws(Errno) -> (KeyID, KeyVersion, [UInt8]),
+                intent: (_ old: [UInt8], _ new: [UInt8]) throws(Errno) -> Void) throws(Errno) -> Bool {
+        try lock.writing { () throws(Errno) -> Bool in
+            guard selects(header) else { return false }
+            let (key, version, wrapped) = try wrap(header)
+            var next = header
+            next.keyID = key
+            next.keyVersion = version
+            next.wrappedKey = wrapped
+            let old: [UInt8], new: [UInt8]
+            do throws(CipherError) {
+                try cipher.seal(header: &next, plaintextSize: sealedLength)
+                old = try header.encoded()
+                new = try next.encoded()
+            } catch { throw .ioError }
+            try intent(old, new)
+            try Syscall.pwrite(writeFD, new, at: 0)
+            header = next
+            return true
+        }
+    }
+
+    /// Re-encrypts this file under a new data key, in place (same inode, so
+    /// hard links, owner, mode and xattrs stay; times are put back). Under
+    /// the write lock: `backup` copies the old ciphertext aside, `intent`
+    /// records it with both headers, every chunk is opened under the old key
+    /// and sealed under the new, then the new header is written and synced.
+    /// A crash in between is rolled back from the backup at the next start.
+    func reencrypt(writeFD: Int32, selects: (FileHeader) -> Bool,
+                   newKey: (FileHeader) throws(Errno) -> (cipher: FileCipher, key: KeyID, version: KeyVersion, wrapped: [UInt8]),
+                   backup: (_ st: stat) throws(Errno) -> String,
+                   intent: (_ old: [UInt8], _ new: [UInt8], _ backup: String) throws(Errno) -> Void) throws(Errno) -> Int? {
+        try lock.writing { () throws(Errno) -> Int? in
+            guard selects(header) else { return nil }
+            let st = try Syscall.fstat(writeFD)
+            let fresh = try newKey(header)
+            var next = header
+            next.keyID = fresh.key
+            next.keyVersion = fresh.version
+            next.wrappedKey = fresh.wrapped
+            let old: [UInt8], new: [UInt8]
+            do throws(CipherError) {
+                try fresh.cipher.seal(header: &next, plaintextSize: sealedLength)
+                old = try header.encoded()
+                new = try next.encoded()
+            } catch { throw .ioError }
+            let copy = try backup(st)
+            try intent(old, new, copy)
+            // One megabyte of plaintext at a time, chunk-aligned.
+            let step = max(layout.chunkSize, 1 << 20)
+            let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: step, alignment: 16)
+            defer { plain.deallocate() }
+            let sealed = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkPipeline.ciphertextBytes(layout, plaintextSize: step), alignment: 16)
+            defer { sealed.deallocate() }
+            var offset = 0
+            while offset < size {
+                let n = min(step, size - offset)
+                let first = ChunkIndex(offset / layout.chunkSize)
+                try readChunks(first, plaintextCount: n, into: UnsafeMutableRawBufferPointer(rebasing: plain[0..<n]))
+                let count = ChunkPipeline.ciphertextBytes(layout, plaintextSize: n)
+                do throws(CipherError) {
+                    try ChunkPipeline.seal(fresh.cipher, first: first, plaintext: UnsafeRawBufferPointer(rebasing: plain[0..<n]),
+                                           into: UnsafeMutableRawBufferPointer(rebasing: sealed[0..<count]))
+                } catch { throw .ioError }
+                try Syscall.pwrite(writeFD, UnsafeRawBufferPointer(rebasing: sealed[0..<count]), at: layout.ciphertextOffset(of: first))
+                offset += n
+            }
+            try Syscall.pwrite(writeFD, new, at: 0)
+            try Syscall.call { fdatasync(writeFD) }
+            cipher = fresh.cipher
+            header = next
+            var times = [st.st_atim, st.st_mtim]
+            _ = futimens(writeFD, &times)
+            return Int(st.st_size)
+        }
     }
 
     /// Flushes to stable storage.

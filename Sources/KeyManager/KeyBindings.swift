@@ -60,7 +60,23 @@ extension KeyManager {
 
     /// The key governing new files in directory `path`: its own binding or
     /// its nearest bound ancestor's. Bindings are cached for `recordTTL`.
+    /// A deprecated key hands over to its successor (followed a few hops),
+    /// so new files under its bindings land on the key replacing it.
     public func boundKey(forDirectory path: String) throws(KeyManagerError) -> KeyID {
+        try successorOf(try bindingOf(path))
+    }
+
+    /// The key itself, or for a deprecated key the successor that takes its new data.
+    public func successorOf(_ key: KeyID) throws(KeyManagerError) -> KeyID {
+        var rec = try record(key)
+        for _ in 0..<8 {
+            guard rec.state == .deprecated, let successor = rec.metadata.successor else { break }
+            rec = try record(successor)
+        }
+        return rec.id
+    }
+
+    private func bindingOf(_ path: String) throws(KeyManagerError) -> KeyID {
         let bindings = try bindingMap()
         if let known = caches.withLock({ $0.boundKeys[path] }) { return known }
         var components = Self.normalize(path: path).split(separator: "/").map(String.init)

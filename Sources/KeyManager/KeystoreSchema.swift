@@ -53,6 +53,35 @@ enum KeystoreSchema {
                     prev_hash BLOB NOT NULL, hash BLOB NOT NULL);
                 """)
         }
+        migrator.registerMigration("v2-rekey") { db in
+            try db.execute(sql: """
+                CREATE TABLE rekey_jobs (
+                    id INTEGER PRIMARY KEY,
+                    state TEXT NOT NULL,          -- queued, running, paused, done, failed, cancelled
+                    mode TEXT NOT NULL,           -- rewrap, reencrypt
+                    source_key TEXT NOT NULL, source_version INTEGER,
+                    target_key TEXT NOT NULL,
+                    path TEXT, rate REAL, workers INTEGER NOT NULL,
+                    uid INTEGER NOT NULL, gid INTEGER NOT NULL,
+                    created_at REAL NOT NULL, updated_at REAL NOT NULL, finished_at REAL,
+                    files_total INTEGER NOT NULL DEFAULT 0, bytes_total INTEGER NOT NULL DEFAULT 0,
+                    files_done INTEGER NOT NULL DEFAULT 0, bytes_done INTEGER NOT NULL DEFAULT 0,
+                    rewrites INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0,
+                    last_error TEXT);
+                -- Objects a job has finished: a resumed job never redoes them.
+                CREATE TABLE rekey_done (
+                    job_id INTEGER NOT NULL REFERENCES rekey_jobs(id), object_id TEXT NOT NULL,
+                    PRIMARY KEY (job_id, object_id));
+                -- Write-ahead intents: the header before and after (and for a
+                -- reencrypt, the backup of the old ciphertext) of each file
+                -- being rewritten, so a crash mid-write is repaired on restart.
+                CREATE TABLE rekey_intents (
+                    object_id TEXT PRIMARY KEY, job_id INTEGER NOT NULL, mode TEXT NOT NULL,
+                    kind TEXT NOT NULL, path TEXT NOT NULL,
+                    old_header BLOB NOT NULL, new_header BLOB NOT NULL,
+                    old_key TEXT NOT NULL, old_version INTEGER NOT NULL, backup TEXT);
+                """)
+        }
         return migrator
     }
 }

@@ -108,5 +108,9 @@ final class Invocation: @unchecked Sendable {
 /// What a running mount offers the commands it runs for peers.
 final class DaemonServices: Sendable {
     let filesystem: EncryptedFileSystem
-    init(filesystem: EncryptedFileSystem) { self.filesystem = filesystem }
+    let rekey: RekeyService
+    init(filesystem: EncryptedFileSystem, rekey: RekeyService) {
+        self.filesystem = filesystem
+        self.rekey = rekey
+    }
 }

@@ -180,9 +180,24 @@ struct KeyCommand: ParsableCommand {
         @OptionGroup var fs: FilesystemOption
         @Argument(help: "Key id or alias.") var key: String
         @Option(help: "The key that replaces it.") var successor: String
+        @Option(help: "How the queued rekey job moves its files: rewrap or reencrypt.") var mode: RekeyMode = .rewrap
+        @Option(help: "Throttle the queued rekey job to this many MB/s.") var rate: Double?
         func run() throws {
-            try fs.open().deprecate(key, successor: successor, by: caller)
+            let manager = try fs.open()
+            try manager.deprecate(key, successor: successor, by: caller)
             Output.line("\(key) is Deprecated; new data goes to \(successor)")
+            // Queue the move of its files; the mount runs it, or `rekey resume` offline.
+            if let active = try manager.activeRekeyJob() {
+                Output.note("rekey job \(active.id) is \(active.state.rawValue); start one for \(key) when it ends: `kmsfs rekey start --key \(key)`")
+            } else {
+                let job = try manager.createRekeyJob(source: key, target: successor, mode: mode, rate: rate, by: caller)
+                if let daemon = Invocation.current.daemon {
+                    daemon.rekey.wake()
+                    Output.line("rekey job \(job.id) queued: the mount moves \(key)'s files to \(successor) now")
+                } else {
+                    Output.line("rekey job \(job.id) queued: it runs at the next mount, or now with `kmsfs rekey resume --fs …`")
+                }
+            }
         }
     }
 

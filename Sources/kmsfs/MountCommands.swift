@@ -53,19 +53,24 @@ struct Mount: ParsableCommand {
             try manager.startBatchingUsage()
             defer { try? manager.stopBatchingUsage() }
             let fs = try EncryptedFileSystem(cipherdir: cipher, keyManager: manager)
+            // Finish or roll back what an interrupted rekey left, before anything reads a file.
+            let rekey = RekeyService(filesystem: fs)
+            try rekey.rekeyer.recover()
             var mountOptions = ["fsname=\(cipher)", "subtype=kmsfs", "default_permissions"]
             mountOptions += options.flatMap { $0.split(separator: ",").map(String.init) }
             let session = try FUSESession(fileSystem: fs, mountpoint: mount, options: mountOptions)
             try session.mount()
             let started = Date().timeIntervalSince1970
-            let services = DaemonServices(filesystem: fs)
+            let services = DaemonServices(filesystem: fs, rekey: rekey)
             let control = try ControlServer(directory: keystore, status: { [fs] in
                 MountStatus(cipherdir: cipher, mountpoint: mount, pid: getpid(), startedAt: started,
                             statistics: fs.statistics, keysInUse: fs.keysInUse)
             }, admit: { [manager] peer in manager.admitAdministrator(peer) },
                execute: { [manager] arguments, peer in Invocation.runForwarded(arguments, as: peer, manager: manager, daemon: services) })
+            rekey.start()
+            defer { rekey.stop() }
             control.start()
-            defer { control.stop() }
+            defer { control.stop() }  // first: no admin command reaches a daemon that is going away
             if let notify { Daemon.report(notify, "ok") }
             try session.run(threads: threads)
         } catch {
@@ -81,12 +86,31 @@ struct Unmount: ParsableCommand {
     @Argument(help: "The mountpoint.") var mountpoint: String
 
     func run() throws {
+        let mount = URL(fileURLWithPath: mountpoint).standardizedFileURL.path
+        let source = MountTable.kmsfsMounts().first { $0.mountpoint == mount }?.source
+        let daemon = source.flatMap { try? ControlServer.query(directory: $0 + "/.kmsfs") }?.pid
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/bin/fusermount3")
         process.arguments = ["-u", mountpoint]
         try process.run()
         process.waitUntilExit()
         guard process.terminationStatus == 0 else { throw ExitCode(process.terminationStatus) }
+        // The daemon still stops its rekey worker and flushes the usage index
+        // and audit log; return once it has, so what follows sees a quiet keystore.
+        if let daemon {
+            let deadline = Date().addingTimeInterval(60)
+            while Self.isRunning(daemon), Date() < deadline { usleep(10_000) }
+        }
+    }
+}
+
+extension Unmount {
+    /// Whether `pid` is alive (an unreaped zombie is not).
+    static func isRunning(_ pid: Int32) -> Bool {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = status.lastIndex(of: ")") else { return false }
+        let state = status[status.index(after: close)...].trimmingCharacters(in: .whitespaces).prefix(1)
+        return state != "Z" && state != "X"
     }
 }
 

@@ -85,7 +85,7 @@ final class MountedFS {
     }
 
     func unmount() throws {
-        let result = try sh("fusermount3 -u \(q(mountpoint))")
+        let result = try sh("\(q(kmsfsBinary)) umount \(q(mountpoint))")
         #expect(result.ok, "unmount failed: \(result.stderr)")
         mounted = false
     }

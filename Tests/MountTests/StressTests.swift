@@ -80,3 +80,37 @@ import Testing
         #expect(again.ok, "\(again.stderr)")
     }
 }
+
+@Suite(.serialized) struct SharedOpenStateTests {
+    @Test("an appender and readers opening the same files at once never see EIO (one open state per inode)")
+    func appendWhileOpening() throws {
+        let fs = try MountedFS()
+        let result = try fs.run("""
+            mkdir $M/a
+            for i in 0 1 2 3; do head -c 5000 /dev/urandom > $M/a/app$i; cp $M/a/app$i $T/app$i; done
+            cat > $T/rw.py <<'PY'
+            import os, sys
+            M, T, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+            errors = 0
+            for n in range(3000):
+                i = n % 4
+                try:
+                    if mode == "a":
+                        line = f"line {n}\\n".encode()
+                        with open(f"{M}/a/app{i}", "ab") as f: f.write(line)
+                        with open(f"{T}/app{i}", "ab") as f: f.write(line)
+                    else:
+                        with open(f"{M}/a/app{i}", "rb") as f: f.read()
+                except OSError as e:
+                    errors += 1
+            print(mode, errors)
+            PY
+            python3 $T/rw.py $M $T a > $T/a.out & python3 $T/rw.py $M $T r > $T/r1.out & python3 $T/rw.py $M $T r > $T/r2.out
+            wait
+            cat $T/a.out $T/r1.out $T/r2.out
+            for i in 0 1 2 3; do cmp $M/a/app$i $T/app$i; done
+            """)
+        #expect(result.ok, "\(result.stderr)")
+        #expect(result.stdout == "a 0\nr 0\nr 0\n", "\(result.stdout)")
+    }
+}

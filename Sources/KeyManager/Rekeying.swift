@@ -1,0 +1,301 @@
+import ChunkCipher
+import GRDB
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// How a rekey job moves a file to its new key (DESIGN.md §7).
+public enum RekeyMode: String, Sendable, Codable, CaseIterable {
+    /// The new key wraps the same data key: only the 384-byte header changes.
+    case rewrap
+    /// A new data key, every chunk re-sealed: for a compromised key.
+    case reencrypt
+}
+
+public enum RekeyState: String, Sendable, Codable, CaseIterable {
+    case queued, running, paused, done, failed, cancelled
+
+    /// States a job can still move on from.
+    public var isActive: Bool { self == .queued || self == .running || self == .paused }
+}
+
+/// One rekey job and its progress, as `kmsfs rekey status --json` shows it.
+public struct RekeyJob: Sendable, Codable {
+    public var id: Int64
+    public var state: RekeyState
+    public var mode: RekeyMode
+    public var sourceKey: KeyID
+    /// Only files on this version of the source key; nil: every version
+    /// (when source and target are one key: every version but the current).
+    public var sourceVersion: KeyVersion?
+    public var targetKey: KeyID
+    /// Only files under this directory of the filesystem.
+    public var path: String?
+    /// Throttle in MB/s of file data (reencrypt) or header bytes (rewrap).
+    public var rate: Double?
+    public var workers: Int
+    public var uid: UInt32
+    public var gid: UInt32
+    public var createdAt: Double
+    public var updatedAt: Double
+    public var finishedAt: Double?
+    public var filesTotal: Int
+    public var bytesTotal: Int
+    public var filesDone: Int
+    public var bytesDone: Int
+    /// Commits made, counting a file redone after a crash rolled it back.
+    public var rewrites: Int
+    public var failures: Int
+    public var lastError: String?
+
+    /// The principal the job acts as: whoever started it.
+    public var principal: Principal { Principal(uid: uid, gid: gid, processName: "kmsfs-rekey") }
+
+    /// Whether a file header on `key` `version` is one this job moves.
+    public func selects(key: KeyID, version: KeyVersion, currentTargetVersion: KeyVersion) -> Bool {
+        guard key == sourceKey else { return false }
+        if let sourceVersion { return version == sourceVersion }
+        if sourceKey == targetKey { return version != currentTargetVersion }
+        return true
+    }
+
+    init(row: Row) {
+        id = row["id"]
+        state = RekeyState(rawValue: row["state"]) ?? .failed
+        mode = RekeyMode(rawValue: row["mode"]) ?? .rewrap
+        sourceKey = KeyID(hex: row["source_key"])!
+        sourceVersion = (row["source_version"] as Int?).map { KeyVersion(rawValue: UInt32($0)) }
+        targetKey = KeyID(hex: row["target_key"])!
+        path = row["path"]
+        rate = row["rate"]
+        workers = row["workers"]
+        uid = UInt32(row["uid"] as Int)
+        gid = UInt32(row["gid"] as Int)
+        createdAt = row["created_at"]
+        updatedAt = row["updated_at"]
+        finishedAt = row["finished_at"]
+        filesTotal = row["files_total"]
+        bytesTotal = row["bytes_total"]
+        filesDone = row["files_done"]
+        bytesDone = row["bytes_done"]
+        rewrites = row["rewrites"]
+        failures = row["failures"]
+        lastError = row["last_error"]
+    }
+}
+
+/// A write-ahead record of one file being rewritten by a rekey.
+public struct RekeyIntent: Sendable {
+    public var object: ID128
+    public var job: Int64
+    public var mode: RekeyMode
+    public var kind: ObjectKind
+    /// The backing path relative to CIPHERDIR (ciphertext names).
+    public var path: String
+    public var oldHeader: [UInt8]
+    public var newHeader: [UInt8]
+    public var oldKey: KeyID
+    public var oldVersion: KeyVersion
+    /// For a reencrypt: the copy of the old ciphertext, relative to CIPHERDIR.
+    public var backup: String?
+
+    public init(object: ID128, job: Int64, mode: RekeyMode, kind: ObjectKind, path: String, oldHeader: [UInt8], newHeader: [UInt8],
+                oldKey: KeyID, oldVersion: KeyVersion, backup: String?) {
+        self.object = object
+        self.job = job
+        self.mode = mode
+        self.kind = kind
+        self.path = path
+        self.oldHeader = oldHeader
+        self.newHeader = newHeader
+        self.oldKey = oldKey
+        self.oldVersion = oldVersion
+        self.backup = backup
+    }
+}
+
+/// Rekey jobs, their checkpoints and intents, kept in the keystore so a job
+/// survives a crash, a remount, or moving between the daemon and offline.
+extension KeyManager {
+    /// Queues a job moving files from `source` (`KEY` or `KEY:VERSION`) to
+    /// `target` — by default the source's successor when it is deprecated,
+    /// else its own current version. Needs administer on both keys; one
+    /// active job at a time.
+    public func createRekeyJob(source: String, target: String? = nil, mode: RekeyMode = .rewrap, path: String? = nil,
+                               rate: Double? = nil, workers: Int = 2, by principal: Principal) throws(KeyManagerError) -> RekeyJob {
+        var reference = source
+        var version: KeyVersion?
+        if let colon = source.lastIndex(of: ":"), let n = UInt32(source[source.index(after: colon)...]) {
+            reference = String(source[..<colon])
+            version = KeyVersion(rawValue: n)
+        }
+        let sourceID = try resolve(reference)
+        let sourceRecord = try authorizeAdmin(principal, sourceID)
+        guard sourceRecord.metadata.usage == .encryptDecrypt else { throw .invalidArgument("\(reference) is a SIGN_VERIFY key; it wraps no files") }
+        let targetID = try target.map { (t) throws(KeyManagerError) in try resolve(t) } ?? sourceRecord.metadata.successor ?? sourceID
+        let targetRecord = try authorizeAdmin(principal, targetID)
+        try check(.rewrapTo, targetRecord)
+        if let version {
+            guard version.rawValue >= 1, version.rawValue <= sourceRecord.metadata.currentVersion.rawValue else {
+                throw .versionNotFound(key: sourceRecord.displayName, version: version)
+            }
+            if sourceID == targetID, version == targetRecord.metadata.currentVersion {
+                throw .invalidArgument("version \(version) is the current version of \(sourceRecord.displayName): its files are where a rekey would move them")
+            }
+        }
+        guard workers >= 1, workers <= 64 else { throw .invalidArgument("--workers must be 1–64") }
+        if let rate, !(rate > 0) { throw .invalidArgument("--rate must be a positive number of MB/s") }
+        let now = clock()
+        let id: Int64 = try write { db in
+            if let active = try Row.fetchOne(db, sql: "SELECT id, state FROM rekey_jobs WHERE state IN ('queued','running','paused') LIMIT 1") {
+                throw KeyManagerError.invalidArgument("rekey job \(active["id"] as Int64) is \(active["state"] as String); cancel or finish it first")
+            }
+            try db.execute(sql: """
+                INSERT INTO rekey_jobs (state, mode, source_key, source_version, target_key, path, rate, workers, uid, gid, created_at, updated_at)
+                VALUES ('queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                """, arguments: [mode.rawValue, sourceID.rawValue.hex, version.map { Int($0.rawValue) }, targetID.rawValue.hex, path, rate,
+                                 workers, Int(principal.uid), Int(principal.gid), now, now])
+            let id = db.lastInsertedRowID
+            try AuditTrail.append(db, AuditEvent("StartRekey", key: sourceID, version: version, principal: principal,
+                                                 error: "job \(id): \(mode.rawValue) to \(targetID.rawValue.hex)"), at: now)
+            return id
+        }
+        return try rekeyJob(id)!
+    }
+
+    public func rekeyJob(_ id: Int64) throws(KeyManagerError) -> RekeyJob? {
+        try read { db in try Row.fetchOne(db, sql: "SELECT * FROM rekey_jobs WHERE id = ?", arguments: [id]).map(RekeyJob.init) }
+    }
+
+    /// The queued, running or paused job, if any.
+    public func activeRekeyJob() throws(KeyManagerError) -> RekeyJob? {
+        try read { db in
+            try Row.fetchOne(db, sql: "SELECT * FROM rekey_jobs WHERE state IN ('queued','running','paused') ORDER BY id LIMIT 1").map(RekeyJob.init)
+        }
+    }
+
+    /// The newest job, finished or not.
+    public func latestRekeyJob() throws(KeyManagerError) -> RekeyJob? {
+        try read { db in try Row.fetchOne(db, sql: "SELECT * FROM rekey_jobs ORDER BY id DESC LIMIT 1").map(RekeyJob.init) }
+    }
+
+    /// Moves a job to `state` (pause, resume, cancel, or the runner's own
+    /// transitions), checking the move makes sense; audited.
+    public func setRekeyState(_ id: Int64, _ state: RekeyState, error: String? = nil, by principal: Principal?) throws(KeyManagerError) {
+        guard let job = try rekeyJob(id) else { throw .invalidArgument("no rekey job \(id)") }
+        if let principal {
+            _ = try authorizeAdmin(principal, job.sourceKey)
+        }
+        guard job.state.isActive else { throw .invalidArgument("rekey job \(id) is \(job.state.rawValue); nothing to change") }
+        let now = clock()
+        try write { db in
+            try db.execute(sql: "UPDATE rekey_jobs SET state = ?, updated_at = ?, last_error = COALESCE(?, last_error), finished_at = ? WHERE id = ?",
+                           arguments: [state.rawValue, now, error, state.isActive ? nil : now, id])
+            if principal != nil || !state.isActive {
+                try AuditTrail.append(db, AuditEvent("Rekey" + state.rawValue.prefix(1).uppercased() + state.rawValue.dropFirst(),
+                                                     outcome: state == .failed ? "failure" : "success", key: job.sourceKey,
+                                                     principal: principal, error: "job \(id)" + (error.map { ": \($0)" } ?? "")), at: now)
+            }
+        }
+    }
+
+    /// Records the totals a scan found (files and bytes still to move).
+    public func setRekeyTotals(_ id: Int64, files: Int, bytes: Int) throws(KeyManagerError) {
+        try write { db in
+            try db.execute(sql: "UPDATE rekey_jobs SET files_total = files_done + ?, bytes_total = bytes_done + ?, updated_at = ? WHERE id = ?",
+                           arguments: [files, bytes, clock(), id])
+        }
+    }
+
+    /// Changes a job's throttle (MB/s; nil for none).
+    public func setRekeyRate(_ id: Int64, _ rate: Double?, by principal: Principal) throws(KeyManagerError) {
+        guard let job = try rekeyJob(id) else { throw .invalidArgument("no rekey job \(id)") }
+        _ = try authorizeAdmin(principal, job.sourceKey)
+        if let rate, !(rate > 0) { throw .invalidArgument("--rate must be a positive number of MB/s") }
+        try write { db in try db.execute(sql: "UPDATE rekey_jobs SET rate = ?, updated_at = ? WHERE id = ?", arguments: [rate, clock(), id]) }
+    }
+
+    public func recordRekeyFailure(_ id: Int64, _ message: String) throws(KeyManagerError) {
+        try write { db in
+            try db.execute(sql: "UPDATE rekey_jobs SET failures = failures + 1, last_error = ?, updated_at = ? WHERE id = ?",
+                           arguments: [message, clock(), id])
+        }
+    }
+
+    /// Whether the job already finished `object`.
+    public func rekeyDone(_ id: Int64) throws(KeyManagerError) -> Set<ID128> {
+        try read { db in
+            Set(try String.fetchAll(db, sql: "SELECT object_id FROM rekey_done WHERE job_id = ?", arguments: [id]).compactMap(ID128.init(hex:)))
+        }
+    }
+
+    /// Writes an intent before a file is rewritten.
+    public func recordRekeyIntent(_ intent: RekeyIntent) throws(KeyManagerError) {
+        try write { db in
+            try db.execute(sql: """
+                INSERT OR REPLACE INTO rekey_intents (object_id, job_id, mode, kind, path, old_header, new_header, old_key, old_version, backup)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                """, arguments: [intent.object.hex, intent.job, intent.mode.rawValue, intent.kind.rawValue, intent.path, Data(intent.oldHeader),
+                                 Data(intent.newHeader), intent.oldKey.rawValue.hex, Int(intent.oldVersion.rawValue), intent.backup])
+        }
+    }
+
+    /// Intents left by a run that stopped mid-write.
+    public func rekeyIntents() throws(KeyManagerError) -> [RekeyIntent] {
+        try read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM rekey_intents ORDER BY object_id").compactMap { row -> RekeyIntent? in
+                guard let object = ID128(hex: row["object_id"]), let key = KeyID(hex: row["old_key"]),
+                      let mode = RekeyMode(rawValue: row["mode"]), let kind = ObjectKind(rawValue: row["kind"]) else { return nil }
+                return RekeyIntent(object: object, job: row["job_id"], mode: mode, kind: kind, path: row["path"],
+                                   oldHeader: [UInt8](row["old_header"] as Data), newHeader: [UInt8](row["new_header"] as Data),
+                                   oldKey: key, oldVersion: KeyVersion(rawValue: UInt32(row["old_version"] as Int)), backup: row["backup"])
+            }
+        }
+    }
+
+    public func clearRekeyIntent(_ object: ID128) throws(KeyManagerError) {
+        try write { db in try db.execute(sql: "DELETE FROM rekey_intents WHERE object_id = ?", arguments: [object.hex]) }
+    }
+
+    /// Checkpoints a finished file: done, counted, its intent cleared, its
+    /// usage moved — one transaction.
+    public func commitRekeyed(job: Int64, object: ID128, kind: ObjectKind, key: KeyID, version: KeyVersion, bytes: Int) throws(KeyManagerError) {
+        try flushUsage()
+        let now = clock()
+        try write { db in
+            try db.execute(sql: "INSERT OR IGNORE INTO rekey_done (job_id, object_id) VALUES (?, ?)", arguments: [job, object.hex])
+            let fresh = db.changesCount
+            try db.execute(sql: """
+                UPDATE rekey_jobs SET files_done = files_done + ?, bytes_done = bytes_done + ?, rewrites = rewrites + 1, updated_at = ?
+                WHERE id = ?
+                """, arguments: [fresh, fresh * bytes, now, job])
+            try db.execute(sql: "DELETE FROM rekey_intents WHERE object_id = ?", arguments: [object.hex])
+            try db.execute(sql: """
+                INSERT INTO usage (object_id, kind, key_id, version, updated_at) VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT(object_id) DO UPDATE SET kind = excluded.kind, key_id = excluded.key_id,
+                    version = excluded.version, updated_at = excluded.updated_at
+                """, arguments: [object.hex, kind.rawValue, key.rawValue.hex, version.rawValue, now])
+        }
+    }
+
+    /// Wraps an existing data key under the current version of `target`
+    /// (a reencrypt's new key, or a rewrap): checks encrypt policy and state.
+    public func wrapDataKey(_ dek: borrowing SecretKey, for object: ID128, key target: KeyID,
+                            principal: Principal) throws(KeyManagerError) -> (key: KeyID, version: KeyVersion, wrapped: [UInt8]) {
+        let rec = try record(target)
+        try authorize(principal, .encrypt, rec)
+        try check(.rewrapTo, rec)
+        let version = rec.metadata.currentVersion
+        let wrapped = try provider.wrapDataKey(dek, key: target, version: version, context: dataKeyContext(object: object, key: target, version: version)) {
+            () throws(KeyManagerError) in try storedMaterial(target, version)
+        }
+        return (target, version, wrapped)
+    }
+
+    /// The current version of a key (cached record).
+    public func currentVersion(of key: KeyID) throws(KeyManagerError) -> KeyVersion {
+        try record(key).metadata.currentVersion
+    }
+}
