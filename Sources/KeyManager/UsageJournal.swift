@@ -114,3 +114,42 @@ extension KeyManager {
         return kill(pid_t(pid), 0) != 0 && errno == ESRCH
     }
 }
+
+/// What `replaceUsageIndex` changed.
+public struct UsageRebuild: Sendable, Codable {
+    public var entries: Int
+    public var added: Int
+    public var removed: Int
+    public var changed: Int
+}
+
+extension KeyManager {
+    /// Replaces the usage index with `entries` (read from every header by
+    /// fsck) in one transaction, and clears a dead mount's journal marker:
+    /// the index is complete again.
+    public func replaceUsageIndex(_ entries: [(object: ID128, kind: ObjectKind, key: KeyID, version: KeyVersion)]) throws(KeyManagerError) -> UsageRebuild {
+        try flushUsage()
+        let now = clock()
+        return try write { db in
+            var old = [String: (String, String, Int)]()
+            for row in try Row.fetchAll(db, sql: "SELECT object_id, kind, key_id, version FROM usage") {
+                old[row["object_id"]] = (row["kind"], row["key_id"], row["version"])
+            }
+            var added = 0, changed = 0
+            var fresh = Set<String>()
+            try db.execute(sql: "DELETE FROM usage")
+            for e in entries {
+                let id = e.object.hex
+                guard fresh.insert(id).inserted else { continue }
+                let value = (e.kind.rawValue, e.key.rawValue.hex, Int(e.version.rawValue))
+                if let before = old[id] { if before != value { changed += 1 } } else { added += 1 }
+                try db.execute(sql: "INSERT INTO usage (object_id, kind, key_id, version, updated_at) VALUES (?, ?, ?, ?, ?)",
+                               arguments: [id, value.0, value.1, value.2, now])
+            }
+            let removed = old.keys.filter { !fresh.contains($0) }.count
+            try db.execute(sql: "DELETE FROM meta WHERE name = 'usage_journal_pid'")
+            try AuditTrail.append(db, AuditEvent("RebuildUsageIndex", error: "\(fresh.count) entries: \(added) added, \(removed) removed, \(changed) changed"), at: now)
+            return UsageRebuild(entries: fresh.count, added: added, removed: removed, changed: changed)
+        }
+    }
+}

@@ -1,0 +1,205 @@
+import ChunkCipher
+import CLinux
+import KeyManager
+import Logging
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One damaged thing `kmsfs fsck` found.
+public struct FsckProblem: Codable, Sendable {
+    /// The plaintext path, as far as names could be decrypted.
+    public var path: String
+    /// The entry under CIPHERDIR.
+    public var backing: String
+    public var object: String?
+    /// header, chunk, truncated, key, name, directory, symlink.
+    public var kind: String
+    public var detail: String
+    /// Where `--repair` moved it, relative to CIPHERDIR.
+    public var quarantined: String?
+}
+
+public struct FsckReport: Codable, Sendable {
+    public var files = 0
+    public var directories = 0
+    public var bytes = 0
+    public var problems: [FsckProblem] = []
+    public var usage: UsageRebuild?
+    public var clean: Bool { problems.isEmpty }
+}
+
+/// `kmsfs fsck`: repairs what an interrupted rekey left, then authenticates
+/// every directory's keys, every name, every symlink target, and every
+/// header, length and chunk of every file; rebuilds the usage index from the
+/// headers; and with `repair`, moves each damaged entry to
+/// `.kmsfs/quarantine/` so the rest mounts and reads cleanly. Offline only.
+public final class FilesystemCheck {
+    let fs: EncryptedFileSystem
+    let principal: Principal
+    let repair: Bool
+    let logger = Logger(label: "kmsfs.fsck")
+    static let quarantineDirectory = ".kmsfs/quarantine"
+    private var report = FsckReport()
+    private var usage: [(object: ID128, kind: ObjectKind, key: KeyID, version: KeyVersion)] = []
+    private var seen = Set<InodeKey>()
+
+    public init(filesystem: EncryptedFileSystem, principal: Principal, repair: Bool) {
+        self.fs = filesystem
+        self.principal = principal
+        self.repair = repair
+    }
+
+    public func run() throws(KeyManagerError) -> FsckReport {
+        try Rekeyer(filesystem: fs).recover()
+        checkDirectory(fs.nodes.rootFD, backing: "", plain: "/", parentFD: nil, stored: nil, volume: nil)
+        report.usage = try fs.keyManager.replaceUsageIndex(usage)
+        return report
+    }
+
+    private func problem(_ plain: String, _ backing: String, _ object: ID128?, _ kind: String, _ detail: String,
+                         parentFD: Int32?, stored: String?) {
+        var p = FsckProblem(path: plain, backing: backing, object: object?.hex, kind: kind, detail: detail)
+        if repair, let parentFD, let stored { p.quarantined = quarantine(parentFD, stored, object) }
+        logger.warning("fsck found damage", metadata: ["path": .string(plain), "kind": .string(kind)])
+        report.problems.append(p)
+    }
+
+    /// Moves `stored` (and a long name's sidecar) out of the tree.
+    private func quarantine(_ parentFD: Int32, _ stored: String, _ object: ID128?) -> String? {
+        mkdir(fs.cipherdir + "/" + Self.quarantineDirectory, 0o700)
+        let name = (object?.hex ?? ID128.random().hex) + "-" + String(stored.prefix(64))
+        guard renameat(parentFD, stored, AT_FDCWD, fs.cipherdir + "/" + Self.quarantineDirectory + "/" + name) == 0 else { return nil }
+        if LongName.isHashed(stored) { unlinkat(parentFD, stored + LongName.sidecarSuffix, 0) }
+        return Self.quarantineDirectory + "/" + name
+    }
+
+    private func header(_ fd: Int32) -> FileHeader? {
+        guard let raw = try? Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0) else { return nil }
+        return try? FileHeader(decoding: raw)
+    }
+
+    private func checkDirectory(_ dirFD: Int32, backing: String, plain: String, parentFD: Int32?, stored: String?, volume: VolumeKeys?) {
+        report.directories += 1
+        let keys: DirectoryKeys?
+        if fs.plaintextNames {
+            keys = nil
+        } else {
+            if let fd = try? Syscall.openat(dirFD, DirectoryKeys.fileName, O_RDONLY), let h = header(fd) {
+                usage.append((h.fileID.rawValue, .directory, h.keyID, h.keyVersion))
+                close(fd)
+            }
+            do throws(Errno) {
+                keys = try DirectoryKeys.load(from: dirFD, keyManager: fs.keyManager, principal: principal, layout: fs.layout,
+                                              isRoot: parentFD == nil, logger: logger)
+            } catch {
+                problem(plain, backing, nil, "directory", "its keys (.kmsfs.dir) do not open: \(error)", parentFD: parentFD, stored: stored)
+                return
+            }
+        }
+        let volume = volume ?? keys?.volume
+        guard let entries = try? Syscall.listDirectory(dirFD).sorted(by: { $0.name < $1.name }) else { return }
+        for entry in entries {
+            let name = entry.name
+            if parentFD == nil, name == EncryptedFileSystem.reservedPrefix { continue }
+            if name == DirectoryKeys.fileName || name.hasPrefix(DirectoryKeys.fileName + ".") { continue }
+            if name.hasPrefix(EncryptedFileSystem.reservedPrefix), name.hasSuffix(LongName.sidecarSuffix) { continue }
+            let backingPath = backing.isEmpty ? name : backing + "/" + name
+            guard let plainName = decryptName(name, dirFD: dirFD, keys: keys) else {
+                problem((plain == "/" ? "" : plain) + "/?", backingPath, nil, "name", "the name does not decrypt under its directory's key", parentFD: dirFD, stored: name)
+                continue
+            }
+            let plainPath = plain == "/" ? "/" + plainName : plain + "/" + plainName
+            switch entry.type {
+            case UInt8(DT_DIR):
+                guard let child = try? Syscall.openat(dirFD, name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) else { continue }
+                checkDirectory(child, backing: backingPath, plain: plainPath, parentFD: dirFD, stored: name, volume: volume)
+                close(child)
+            case UInt8(DT_LNK):
+                guard !fs.plaintextNames, let volume, let target = try? Syscall.readlinkat(dirFD, name) else { continue }
+                do throws(CipherError) { _ = try volume.symlinks.openText(target) } catch {
+                    problem(plainPath, backingPath, nil, "symlink", "the target does not authenticate: \(error)", parentFD: dirFD, stored: name)
+                }
+            case UInt8(DT_REG):
+                checkFile(dirFD, name, backing: backingPath, plain: plainPath)
+            default:
+                continue
+            }
+        }
+    }
+
+    private func decryptName(_ stored: String, dirFD: Int32, keys: DirectoryKeys?) -> String? {
+        if fs.plaintextNames { return stored }
+        guard let keys else { return nil }
+        var encoded = stored
+        if LongName.isHashed(stored) {
+            guard let fd = try? Syscall.openat(dirFD, stored + LongName.sidecarSuffix, O_RDONLY) else { return nil }
+            defer { close(fd) }
+            encoded = String(decoding: (try? Syscall.pread(fd, count: 4096, at: 0)) ?? [], as: UTF8.self)
+            guard LongName.storedName(for: encoded) == stored else { return nil }
+        }
+        return try? keys.names.decrypt(encoded)
+    }
+
+    private func checkFile(_ dirFD: Int32, _ stored: String, backing: String, plain: String) {
+        guard let fd = try? Syscall.openat(dirFD, stored, O_RDONLY | O_NOFOLLOW) else { return }
+        defer { close(fd) }
+        guard let st = try? Syscall.fstat(fd), seen.insert(InodeKey(st)).inserted else { return }
+        report.files += 1
+        guard let header = header(fd) else {
+            problem(plain, backing, nil, "header", "the header does not parse", parentFD: dirFD, stored: stored)
+            return
+        }
+        let object = header.fileID.rawValue
+        usage.append((object, .file, header.keyID, header.keyVersion))
+        let cipher: FileCipher
+        do {
+            let dek = try fs.keyManager.decryptDataKey(header.wrappedKey, for: object, key: header.keyID, version: header.keyVersion,
+                                                       principal: principal)
+            cipher = try FileCipher(key: dek, fileID: header.fileID, layout: fs.layout)
+        } catch {
+            problem(plain, backing, object, "key", "its data key does not unwrap: \(error)", parentFD: dirFD, stored: stored)
+            return
+        }
+        let size: Int
+        do throws(CipherError) {
+            let sealed = try cipher.verify(header: header)
+            size = try cipher.checkLength(ciphertextSize: Int(st.st_size), sealedLength: sealed)
+        } catch {
+            let kind: String
+            if case .truncated = error { kind = "truncated" } else { kind = "header" }
+            problem(plain, backing, object, kind, "\(error)", parentFD: dirFD, stored: stored)
+            return
+        }
+        report.bytes += size
+        // Every chunk, a megabyte at a time.
+        let layout = fs.layout
+        let step = max(layout.chunkSize, 1 << 20)
+        let sealedStep = ChunkPipeline.ciphertextBytes(layout, plaintextSize: step)
+        let sealed = UnsafeMutableRawBufferPointer.allocate(byteCount: sealedStep, alignment: 16)
+        let plainBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: step, alignment: 16)
+        defer {
+            sealed.deallocate()
+            plainBuffer.deallocate()
+        }
+        var offset = 0
+        while offset < size {
+            let n = min(step, size - offset)
+            let first = ChunkIndex(offset / layout.chunkSize)
+            let count = ChunkPipeline.ciphertextBytes(layout, plaintextSize: n)
+            do throws(CipherError) {
+                let got = (try? Syscall.pread(fd, UnsafeMutableRawBufferPointer(rebasing: sealed[0..<count]), at: layout.ciphertextOffset(of: first))) ?? 0
+                guard got == count else { throw .truncated(expectedPlaintextSize: size, actualPlaintextSize: offset) }
+                try ChunkPipeline.open(cipher, first: first, sealed: UnsafeRawBufferPointer(rebasing: sealed[0..<count]),
+                                       into: UnsafeMutableRawBufferPointer(rebasing: plainBuffer[0..<n]))
+            } catch {
+                let kind: String
+                if case .integrityFailure(.chunk) = error { kind = "chunk" } else { kind = "truncated" }
+                problem(plain, backing, object, kind, "\(error)", parentFD: dirFD, stored: stored)
+                return
+            }
+            offset += n
+        }
+    }
+}
