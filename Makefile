@@ -2,7 +2,7 @@
 SWIFT ?= swift
 export PATH := /opt/swift/usr/bin:$(PATH)
 
-.PHONY: all deps build release test demo man bench bench-cipher bench-keys clean
+.PHONY: all deps build release test demo man bench bench-cipher bench-keys bench-rekey clean
 
 all: build
 
@@ -46,6 +46,12 @@ bench: deps
 bench-keys: deps
 	$(SWIFT) build -c release --product kmsfs-bench
 	.build/release/kmsfs-bench keymanager
+
+## Live rekey speed: rewrap files/s and reencrypt MB/s, idle and beside a streaming writer (needs root).
+bench-rekey: deps
+	scripts/install-deps.sh bc
+	$(SWIFT) build -c release --product kmsfs
+	bench/rekey-bench.sh
 
 clean:
 	rm -rf .build
