@@ -1,5 +1,8 @@
 import ChunkCipher
 import GRDB
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// One audit event. Records are hash-chained: each stores the previous
 /// record's hash, so an edit, a deletion or a reordering breaks the chain.
@@ -86,11 +89,24 @@ extension KeyManager {
 
     /// The newest audit records, oldest first.
     public func recentAudit(limit: Int = 20) throws(KeyManagerError) -> [AuditRecord] {
+        try auditRecords(AuditFilter(), limit: limit)
+    }
+
+    /// The newest `limit` records matching `filter` (nil: all), oldest first.
+    public func auditRecords(_ filter: AuditFilter, limit: Int?) throws(KeyManagerError) -> [AuditRecord] {
         try flushUsage()
-        return try read { db in
-            try Row.fetchAll(db, sql: "SELECT * FROM (SELECT * FROM audit_log ORDER BY seq DESC LIMIT ?) ORDER BY seq",
-                             arguments: [limit]).map(AuditRecord.init(row:))
-        }
+        var clauses: [String] = []
+        var arguments: [DatabaseValueConvertible?] = []
+        if let since = filter.since { clauses.append("time >= ?"); arguments.append(since) }
+        if let until = filter.until { clauses.append("time < ?"); arguments.append(until) }
+        if let key = filter.key { clauses.append("key_id = ?"); arguments.append(try resolve(key).rawValue.hex) }
+        if let event = filter.event { clauses.append("event = ?"); arguments.append(event) }
+        if let uid = filter.uid { clauses.append("uid = ?"); arguments.append(Int(uid)) }
+        if let outcome = filter.outcome { clauses.append("outcome = ?"); arguments.append(outcome) }
+        let condition = clauses.isEmpty ? "" : "WHERE " + clauses.joined(separator: " AND ")
+        let sql = "SELECT * FROM (SELECT * FROM audit_log \(condition) ORDER BY seq DESC" + (limit.map { " LIMIT \($0)" } ?? "") + ") ORDER BY seq"
+        let bound = StatementArguments(arguments)
+        return try read { db in try Row.fetchAll(db, sql: sql, arguments: bound).map(AuditRecord.init(row:)) }
     }
 }
 
@@ -104,8 +120,8 @@ public struct AuditVerification: Sendable, Codable, Equatable {
 
 extension KeyManager {
     /// Recomputes the hash chain: an edited record fails its own hash; a
-    /// removed or reordered one breaks the next record's link. (Cutting
-    /// records off the end needs the signed digests, not built yet.)
+    /// removed or reordered one breaks the next record's link; records cut
+    /// off the end (or a rewritten chain) are caught by the signed digests.
     public func verifyAudit() throws(KeyManagerError) -> AuditVerification {
         try flushUsage()
         return try read { db in
@@ -140,8 +156,28 @@ extension KeyManager {
                 }
                 previous = recorded
             }
+            if let bad = try verifyDigests(db, records: count) { return bad }
             return AuditVerification(records: count, firstBad: nil, problem: nil)
         }
+    }
+}
+
+/// Which audit records to list or export (every field optional).
+public struct AuditFilter: Sendable {
+    public var since: Double?
+    public var until: Double?
+    /// A key id or alias.
+    public var key: String?
+    public var event: String?
+    public var uid: UInt32?
+    public var outcome: String?
+    public init(since: Double? = nil, until: Double? = nil, key: String? = nil, event: String? = nil, uid: UInt32? = nil, outcome: String? = nil) {
+        self.since = since
+        self.until = until
+        self.key = key
+        self.event = event
+        self.uid = uid
+        self.outcome = outcome
     }
 }
 
@@ -154,11 +190,89 @@ public struct AuditRecord: Sendable, Codable {
     public var keyID: String?
     public var keyVersion: Int?
     public var uid: Int?
+    public var gid: Int?
+    public var pid: Int?
+    public var process: String?
     public var objectID: String?
     public var error: String?
 
     init(row: Row) {
         seq = row["seq"]; time = row["time"]; event = row["event"]; outcome = row["outcome"]
-        keyID = row["key_id"]; keyVersion = row["key_version"]; uid = row["uid"]; objectID = row["object_id"]; error = row["error"]
+        keyID = row["key_id"]; keyVersion = row["key_version"]; uid = row["uid"]; gid = row["gid"]; pid = row["pid"]
+        process = row["process"]; objectID = row["object_id"]; error = row["error"]
+    }
+}
+
+// MARK: Signed digests
+
+extension KeyManager {
+    /// The alias of the SIGN_VERIFY key that signs audit digests (ECC P-256,
+    /// made on first use, administered by root).
+    public static let auditDigestAlias = "alias/kmsfs-audit-digest"
+    static let digestLabel = Array("kmsfs/v1/audit-digest".utf8)
+
+    func digestMessage(seq: Int64, hash: Data, time: Double) -> [UInt8] {
+        var out = Self.digestLabel + filesystemID.bytes
+        out += Array(String(seq).utf8) + [0] + [UInt8](hash) + Array(String(time).utf8)
+        return out
+    }
+
+    /// Signs the newest record's seq and hash, if records were added since
+    /// the last digest. The daemon calls this every minute and at unmount,
+    /// offline commands when they end.
+    @discardableResult
+    public func sealAuditDigest() -> Bool {
+        do {
+            try flushUsage()
+            let system = Principal(uid: 0, gid: 0, pid: getpid(), processName: "kmsfs-audit")
+            guard let last = try read({ db in try Row.fetchOne(db, sql: "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1") }) else { return false }
+            let seq: Int64 = last["seq"], hash: Data = last["hash"]
+            let covered: Int64? = try read { db in try Int64.fetchOne(db, sql: "SELECT MAX(last_seq) FROM audit_digests") }
+            if let covered, covered >= seq { return false }
+            let key: KeyID
+            if let existing = try? resolve(Self.auditDigestAlias) { key = existing } else {
+                key = try createKey(spec: .eccP256, description: "signs the audit log's digests", aliases: [Self.auditDigestAlias], by: system).keyID
+            }
+            let time = clock()
+            let (version, signature) = try sign(digestMessage(seq: seq, hash: hash, time: time), with: key.rawValue.hex, by: system)
+            try write { db in
+                try db.execute(sql: "INSERT INTO audit_digests (time, last_seq, last_hash, key_id, key_version, signature) VALUES (?, ?, ?, ?, ?, ?)",
+                               arguments: [time, seq, hash, key.rawValue.hex, Int(version.rawValue), Data(signature)])
+            }
+            return true
+        } catch {
+            logger.error("could not sign an audit digest", metadata: ["error": .string("\(error)")])
+            return false
+        }
+    }
+
+    /// Checks every signed digest against the log: a bad signature, or a
+    /// covered record that is gone or changed, names the digest and position.
+    func verifyDigests(_ db: Database, records: Int) throws -> AuditVerification? {
+        var count = 0
+        let maxSeq = try Int64.fetchOne(db, sql: "SELECT MAX(seq) FROM audit_log") ?? 0
+        for row in try Row.fetchAll(db, sql: "SELECT * FROM audit_digests ORDER BY id") {
+            count += 1
+            let seq: Int64 = row["last_seq"], hash: Data = row["last_hash"], time: Double = row["time"]
+            let keyHex: String = row["key_id"]
+            let version = KeyVersion(rawValue: UInt32(row["key_version"] as Int))
+            let publicKey = try Data.fetchOne(db, sql: "SELECT public_key FROM key_versions WHERE key_id = ? AND version = ?",
+                                              arguments: [keyHex, version.rawValue])
+            let spec = try String.fetchOne(db, sql: "SELECT spec FROM keys WHERE id = ?", arguments: [keyHex]).flatMap(KeySpec.init(rawValue:))
+            guard let publicKey, let spec,
+                  AsymmetricKeys.verify(digestMessage(seq: seq, hash: hash, time: time), signature: [UInt8](row["signature"] as Data),
+                                        publicKey: [UInt8](publicKey), spec: spec) else {
+                return AuditVerification(records: records, firstBad: seq, problem: "signed digest \(count) (up to record \(seq)) has a bad signature")
+            }
+            guard seq <= maxSeq else {
+                return AuditVerification(records: records, firstBad: maxSeq + 1,
+                                         problem: "records \(maxSeq + 1)–\(seq) were cut off the end of the log (signed digest \(count) covers up to \(seq))")
+            }
+            let stored = try Data.fetchOne(db, sql: "SELECT hash FROM audit_log WHERE seq = ?", arguments: [seq])
+            guard stored == hash else {
+                return AuditVerification(records: records, firstBad: seq, problem: "record \(seq), signed by digest \(count), is missing or was rewritten")
+            }
+        }
+        return nil
     }
 }

@@ -82,6 +82,17 @@ enum KeystoreSchema {
                     old_key TEXT NOT NULL, old_version INTEGER NOT NULL, backup TEXT);
                 """)
         }
+        migrator.registerMigration("v3-audit-digests") { db in
+            try db.execute(sql: """
+                -- Signed checkpoints of the audit chain: each signs the seq and
+                -- hash of the newest record, so cutting records off the end
+                -- (or rewriting the chain) below a digest is detected.
+                CREATE TABLE audit_digests (
+                    id INTEGER PRIMARY KEY, time REAL NOT NULL,
+                    last_seq INTEGER NOT NULL, last_hash BLOB NOT NULL,
+                    key_id TEXT NOT NULL, key_version INTEGER NOT NULL, signature BLOB NOT NULL);
+                """)
+        }
         return migrator
     }
 }

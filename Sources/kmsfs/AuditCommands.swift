@@ -6,7 +6,7 @@ struct AuditCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "audit",
         abstract: "Read the audit log of key operations, denials and integrity failures.",
-        subcommands: [List.self, Verify.self])
+        subcommands: [List.self, Verify.self, Export.self])
 
     struct Verify: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -25,19 +25,114 @@ struct AuditCommand: ParsableCommand {
         }
     }
 
+    struct Filters: ParsableArguments {
+        @Option(help: "Only records at or after this time (ISO 8601, or seconds since 1970).") var since: String?
+        @Option(help: "Only records before this time.") var until: String?
+        @Option(help: "Only records of this key (id or alias).") var key: String?
+        @Option(help: "Only this event, e.g. Decrypt, DisableKey, IntegrityFailure.") var event: String?
+        @Option(help: "Only records of this uid.") var uid: UInt32?
+        @Option(help: "Only this outcome: success, denied, refused, failure, integrity-failure.") var outcome: String?
+
+        func filter() throws -> AuditFilter {
+            AuditFilter(since: try since.map(Self.time), until: try until.map(Self.time), key: key, event: event, uid: uid, outcome: outcome)
+        }
+
+        static func time(_ text: String) throws -> Double {
+            if let seconds = Double(text) { return seconds }
+            if let date = try? Date(text, strategy: .iso8601) { return date.timeIntervalSince1970 }
+            throw ValidationError("cannot read the time \(text); use ISO 8601 (2026-11-29T12:00:00Z) or seconds since 1970")
+        }
+    }
+
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Show the newest audit records, oldest first.")
+        static let configuration = CommandConfiguration(abstract: "Show the newest audit records matching the filters, oldest first.")
         @OptionGroup var fs: FilesystemOption
+        @OptionGroup var filters: Filters
         @Option(help: "How many records.") var limit = 20
         @OptionGroup var output: JSONOption
 
         func run() throws {
-            let records = try fs.open().recentAudit(limit: limit)
+            let records = try fs.open().auditRecords(try filters.filter(), limit: limit)
             if output.json { try Output.json(records); return }
             Output.table(["#", "TIME", "EVENT", "OUTCOME", "KEY", "VER", "UID", "OBJECT"], records.map { r in
                 [String(r.seq), Output.date(r.time), r.event, r.outcome, r.keyID.map { String($0.prefix(12)) } ?? "-",
                  r.keyVersion.map(String.init) ?? "-", r.uid.map(String.init) ?? "-", r.objectID.map { String($0.prefix(12)) } ?? "-"]
             })
         }
+    }
+
+    struct Export: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Write audit records as JSON lines shaped like AWS CloudTrail events, for a SIEM.",
+            discussion: "Field names follow CloudTrail (eventTime, eventSource, eventName, userIdentity, resources, errorCode, …); kmsfs-specific values sit under additionalEventData.")
+        @OptionGroup var fs: FilesystemOption
+        @OptionGroup var filters: Filters
+        @Option(help: "The export format (jsonl).") var format = "jsonl"
+        @Option(help: "Only the newest N records.") var limit: Int?
+
+        func validate() throws {
+            guard format == "jsonl" else { throw ValidationError("the only export format is jsonl") }
+        }
+
+        func run() throws {
+            let manager = try fs.open()
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+            for record in try manager.auditRecords(try filters.filter(), limit: limit) {
+                Output.line(String(decoding: try encoder.encode(CloudTrailEvent(record, filesystem: manager.filesystemID.hex)), as: UTF8.self))
+            }
+        }
+    }
+}
+
+/// One audit record in CloudTrail's shape.
+struct CloudTrailEvent: Encodable {
+    struct Identity: Encodable {
+        var type = "LocalUser"
+        var principalId: String?
+        var uid: Int?
+        var gid: Int?
+        var pid: Int?
+        var processName: String?
+    }
+    struct Resource: Encodable {
+        var type: String
+        var ARN: String
+    }
+    struct Extra: Encodable {
+        var outcome: String
+        var keyVersion: Int?
+        var objectId: String?
+        var sequence: Int64
+    }
+    var eventVersion = "1.08"
+    var eventTime: String
+    var eventSource = "kmsfs.amazonaws.com"
+    var eventName: String
+    var eventID: String
+    var eventType = "AwsApiCall"
+    var awsRegion = "local"
+    var recipientAccountId: String
+    var userIdentity: Identity
+    var resources: [Resource]
+    var errorCode: String?
+    var errorMessage: String?
+    var readOnly: Bool
+    var additionalEventData: Extra
+
+    init(_ r: AuditRecord, filesystem: String) {
+        eventTime = Date(timeIntervalSince1970: r.time).formatted(.iso8601)
+        eventName = r.event
+        eventID = "\(filesystem)-\(r.seq)"
+        recipientAccountId = filesystem
+        userIdentity = Identity(principalId: r.uid.map { "uid:\($0)" }, uid: r.uid, gid: r.gid, pid: r.pid, processName: r.process)
+        resources = r.keyID.map { [Resource(type: "AWS::KMS::Key", ARN: "arn:kmsfs:kms:local:\(filesystem):key/\($0)")] } ?? []
+        if r.outcome != "success" {
+            errorCode = ["denied": "AccessDeniedException", "refused": "KMSInvalidStateException",
+                         "integrity-failure": "InvalidCiphertextException", "failure": "KMSInternalException"][r.outcome] ?? r.outcome
+            errorMessage = r.error
+        }
+        readOnly = ["Decrypt", "DescribeKey", "ListKeys"].contains(r.event)
+        additionalEventData = Extra(outcome: r.outcome, keyVersion: r.keyVersion, objectId: r.objectID, sequence: r.seq)
     }
 }

@@ -15,6 +15,9 @@ final class Invocation: @unchecked Sendable {
     let manager: KeyManager?
     let daemon: DaemonServices?
     private let captures: Bool
+    /// A keystore this process opened itself (offline); its audit records
+    /// get a signed digest when the command ends.
+    var opened: KeyManager?
     private(set) var stdout = ""
     private(set) var stderr = ""
 

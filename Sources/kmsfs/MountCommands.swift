@@ -51,7 +51,16 @@ struct Mount: ParsableCommand {
             _ = consume secret
             _ = try manager.runSchedules()
             try manager.startBatchingUsage()
-            defer { try? manager.stopBatchingUsage() }
+            defer {
+                try? manager.stopBatchingUsage()
+                manager.sealAuditDigest()
+            }
+            // A signed digest of the audit log every minute while mounted.
+            let digests = DispatchSource.makeTimerSource(queue: .global(qos: .utility))
+            digests.schedule(deadline: .now() + 60, repeating: 60)
+            digests.setEventHandler { [manager] in manager.sealAuditDigest() }
+            digests.resume()
+            defer { digests.cancel() }
             let fs = try EncryptedFileSystem(cipherdir: cipher, keyManager: manager)
             // Finish or roll back what an interrupted rekey left, before anything reads a file.
             let rekey = RekeyService(filesystem: fs)

@@ -36,6 +36,7 @@ struct FilesystemOption: ParsableArguments {
         let keystore = try Paths.keystore(of: cipherdir)
         try Invocation.forwardIfMounted(keystore: keystore, cipherdir: cipherdir)
         let manager = try KeyManager.open(in: keystore, passphrase: passphrase.read(), clock: Clock.current)
+        Invocation.current.opened = manager
         Self.report(try manager.runSchedules())
         return manager
     }

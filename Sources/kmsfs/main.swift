@@ -2,9 +2,13 @@ import ArgumentParser
 import Foundation
 
 // Errors of the libraries already read as advice; print them as they are.
+// An offline command that touched a keystore leaves its audit records under a signed digest.
+var status: Int32 = 0
 do {
     var command = try KMSFS.parseAsRoot()
     try command.run()
 } catch {
-    exit(Invocation.report(error))
+    status = Invocation.report(error)
 }
+Invocation.current.opened?.sealAuditDigest()
+exit(status)

@@ -12,7 +12,9 @@ import KeyManager
         let id = created.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(KeyID(hex: id) != nil)
         let list = try s.json(["list"]) as? [[String: Any]] ?? []
-        #expect(Set(list.compactMap { ($0["aliases"] as? [String])?.first }) == ["alias/default", "alias/prod"])
+        // The ECC key signing audit digests is made by the first command that writes audit records.
+        #expect(Set(list.compactMap { ($0["aliases"] as? [String])?.first }) == ["alias/default", "alias/prod", "alias/kmsfs-audit-digest"])
+        #expect(list.first { ($0["aliases"] as? [String])?.first == "alias/kmsfs-audit-digest" }?["spec"] as? String == "ECC_NIST_P256")
         let prodOnly = try s.json(["list", "--tag", "env=prod"]) as? [[String: Any]] ?? []
         #expect(prodOnly.count == 1 && prodOnly[0]["keyID"] as? String == id)
         let described = try s.json(["describe", "alias/prod"]) as? [String: Any] ?? [:]

@@ -45,3 +45,58 @@ struct AdminPlaneTests {
         #expect(try fs.run("$K key describe alias/other --fs $M").stdout.contains("Enabled"))
     }
 }
+
+@Suite("audit log: filters, CloudTrail-shaped export, signed digests catch a truncated log", .serialized)
+struct AuditLogTests {
+    @Test("audit list filters by event, uid, key, outcome and time; export writes CloudTrail-shaped JSON lines")
+    func listAndExport() throws {
+        let fs = try MountedFS()
+        #expect(try fs.run("echo a > $M/a && cat $M/a && { setpriv --reuid 4242 --regid 4242 --clear-groups $K key list --fs $M 2>/dev/null || true; }").ok)
+        #expect(try fs.key(["create", "--alias", "alias/x"]).ok)
+        let decrypts = try fs.run("$K audit list --event Decrypt --uid 0 --json --limit 100 --fs $M").stdout
+        let records = try JSONSerialization.jsonObject(with: Data(decrypts.utf8)) as? [[String: Any]] ?? []
+        #expect(!records.isEmpty && records.allSatisfy { $0["event"] as? String == "Decrypt" && $0["uid"] as? Int == 0 }, "\(decrypts)")
+        let future = try fs.run("$K audit list --since 2100-01-01T00:00:00Z --json --fs $M").stdout
+        #expect(future.trimmingCharacters(in: .whitespacesAndNewlines) == "[\n\n]" || future.contains("[]") || future.trimmingCharacters(in: .whitespacesAndNewlines) == "[\n]", "\(future)")
+        let byKey = try fs.run("$K audit list --key alias/x --json --fs $M").stdout
+        #expect(byKey.contains("\"event\" : \"CreateKey\"") && !byKey.contains("\"Decrypt\""), "\(byKey)")
+        let exported = try fs.run("$K audit export --format jsonl --fs $M").stdout.split(separator: "\n")
+        #expect(exported.count > 3)
+        for line in exported {
+            let event = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] ?? [:]
+            #expect(event["eventTime"] is String && event["eventName"] is String && event["eventSource"] as? String == "kmsfs.amazonaws.com")
+            #expect(event["userIdentity"] is [String: Any] && event["additionalEventData"] is [String: Any])
+        }
+        let denied = exported.compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+            .filter { $0["errorCode"] as? String == "AccessDeniedException" }
+        #expect(denied.count == 1 && (denied.first?["userIdentity"] as? [String: Any])?["uid"] as? Int == 4242,
+                "the uid 4242 refusal is exported with CloudTrail's error code: \(denied)")
+    }
+
+    @Test("editing, deleting or reordering a record, or cutting the log's tail under a signed digest, fails verify and names the position")
+    func tamperingIsDetected() throws {
+        let fs = try MountedFS()
+        #expect(try fs.run("for i in 1 2 3 4 5; do echo $i > $M/f$i; cat $M/f$i; done").ok)
+        try fs.unmount()  // the daemon signs a digest at unmount
+        let db = q(fs.keystore)
+        let clean = try fs.kmsfs(["audit", "verify", "--fs", fs.cipherdir])
+        #expect(clean.ok && clean.stdout.contains("chain intact"), "\(clean.stdout) \(clean.stderr)")
+        #expect(try sh("sqlite3 \(db) 'SELECT COUNT(*) FROM audit_digests'").stdout != "0\n")
+        try sh("cp \(db) \(db).orig")
+        func verifyAfter(_ sql: String) throws -> String {
+            try sh("cp \(db).orig \(db) && rm -f \(db)-wal \(db)-shm && sqlite3 \(db) \(q(sql))")
+            let out = try fs.kmsfs(["audit", "verify", "--fs", fs.cipherdir])
+            #expect(out.status == 1, "\(sql): \(out.stdout)")
+            return out.stderr
+        }
+        let n = Int(try sh("sqlite3 \(db) 'SELECT MAX(seq) FROM audit_log'").stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+        #expect(n > 10)
+        #expect(try verifyAfter("UPDATE audit_log SET outcome = 'denied' WHERE seq = 5").contains("record 5 was altered"))
+        #expect(try verifyAfter("DELETE FROM audit_log WHERE seq = 6").contains("record 7 does not follow"))
+        #expect(try verifyAfter("UPDATE audit_log SET seq = -1 WHERE seq = 8; UPDATE audit_log SET seq = 8 WHERE seq = 9; UPDATE audit_log SET seq = 9 WHERE seq = -1").contains("record 8"))
+        let cut = try verifyAfter("DELETE FROM audit_log WHERE seq > \(n - 3)")
+        #expect(cut.contains("cut off the end") && cut.contains("\(n - 2)"), "\(cut)")
+        try sh("cp \(db).orig \(db) && rm -f \(db)-wal \(db)-shm")
+        #expect(try fs.kmsfs(["audit", "verify", "--fs", fs.cipherdir]).ok)
+    }
+}
