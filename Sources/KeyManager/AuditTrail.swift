@@ -69,6 +69,7 @@ extension KeyManager {
     /// journal (written within 100 ms) and anything else is flushed at once;
     /// unmounted, each event is its own transaction.
     public func audit(_ event: AuditEvent) {
+        observeForAlerts(event)
         if let journal {
             do throws(KeyManagerError) {
                 try journal.append(.audit(event, clock()))

@@ -267,7 +267,9 @@ extension KeyManager {
         let now = clock()
         try flushUsage()
         let indexIncomplete = try usageIndexMayBeIncomplete()
-        for rec in try read({ db in try KeyRecord.fetchAll(db) }) {
+        let records = try read({ db in try KeyRecord.fetchAll(db) })
+        checkOverdueRotations(records)
+        for rec in records {
             if rec.state == .enabled, let due = rec.metadata.nextRotationAt, due <= now {
                 _ = try rotateUnchecked(rec, principal: nil, event: "RotateKeyAutomatically")
                 report.rotated.append(rec.id)

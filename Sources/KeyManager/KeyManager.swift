@@ -62,6 +62,7 @@ public final class KeyManager: @unchecked Sendable {
     /// Keys path MACs and sealed paths of bindings.
     let metadataKey: SecretKey
     let caches = Mutex(Caches())
+    let alertState = Mutex(AlertState())
     /// How long a cached key record is trusted before re-reading it, so a
     /// change made by another process takes effect within this time.
     static let recordTTL = 0.5

@@ -6,7 +6,7 @@ struct AuditCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "audit",
         abstract: "Read the audit log of key operations, denials and integrity failures.",
-        subcommands: [List.self, Verify.self, Export.self])
+        subcommands: [List.self, Verify.self, Export.self, Alerts.self])
 
     struct Verify: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -81,6 +81,49 @@ struct AuditCommand: ParsableCommand {
             for record in try manager.auditRecords(try filters.filter(), limit: limit) {
                 Output.line(String(decoding: try encoder.encode(CloudTrailEvent(record, filesystem: manager.filesystemID.hex)), as: UTF8.self))
             }
+        }
+    }
+}
+
+enum Toggle: String, ExpressibleByArgument {
+    case on, off
+}
+
+extension AuditCommand {
+    struct Alerts: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Show or set where alerts go (syslog, a JSON-lines file, a command) and when the rules fire.",
+            discussion: """
+                Rules: a burst of access denials by one uid; any use of a Disabled, PendingDeletion or Destroyed key; \
+                any integrity failure; a refused key deletion; a key without automatic rotation not rotated for too long. \
+                The command gets each alert as one JSON object on stdin.
+                """)
+        @OptionGroup var fs: FilesystemOption
+        @Option(help: "Syslog: on or off.") var syslog: Toggle?
+        @Option(help: "Append alerts as JSON lines to this file (\"\" for none).") var jsonl: String?
+        @Option(help: "Run this shell command per alert, JSON on stdin (\"\" for none).") var command: String?
+        @Option(help: "Denials by one uid that make a burst.") var denialBurst: Int?
+        @Option(help: "The burst window in seconds.") var denialWindow: Double?
+        @Option(help: "Days after which a key without automatic rotation is overdue.") var rotationOverdueDays: Int?
+        @OptionGroup var output: JSONOption
+
+        func run() throws {
+            let manager = try fs.open()
+            var config = try manager.alertConfig()
+            let changing = syslog != nil || jsonl != nil || command != nil || denialBurst != nil || denialWindow != nil || rotationOverdueDays != nil
+            if let syslog { config.syslog = syslog == .on }
+            if let jsonl { config.jsonl = jsonl.isEmpty ? nil : URL(fileURLWithPath: jsonl).standardizedFileURL.path }
+            if let command { config.command = command.isEmpty ? nil : command }
+            if let denialBurst { config.denialBurst = denialBurst }
+            if let denialWindow { config.denialWindow = denialWindow }
+            if let rotationOverdueDays { config.rotationOverdueDays = rotationOverdueDays }
+            if changing { try manager.setAlertConfig(config, by: caller) }
+            if output.json { try Output.json(config); return }
+            Output.line("syslog:              \(config.syslog ? "on" : "off")")
+            Output.line("json-lines file:     \(config.jsonl ?? "-")")
+            Output.line("command:             \(config.command ?? "-")")
+            Output.line("denial burst:        \(config.denialBurst) within \(Int(config.denialWindow)) s")
+            Output.line("rotation overdue:    after \(config.rotationOverdueDays) days")
         }
     }
 }

@@ -61,14 +61,25 @@ final class Invocation: @unchecked Sendable {
         throw ExitCode(result.code)
     }
 
-    /// `--fs` as given may be relative to this shell's directory; the daemon gets the CIPHERDIR.
+    /// Paths given to a command are relative to this shell's directory, not
+    /// the daemon's: `--fs` becomes the CIPHERDIR, file options absolute.
     static func absolutizingFilesystem(_ arguments: [String], _ cipherdir: String) -> [String] {
+        let fileOptions: Set<String> = ["--jsonl", "--out"]
+        func absolute(_ path: String) -> String { path.isEmpty ? path : URL(fileURLWithPath: path).standardizedFileURL.path }
         var out = [String]()
-        var replaceNext = false
+        var pending: String?
         for argument in arguments {
-            if replaceNext { out.append(cipherdir); replaceNext = false; continue }
-            if argument == "--fs" { replaceNext = true; out.append(argument); continue }
+            if let option = pending {
+                out.append(option == "--fs" ? cipherdir : absolute(argument))
+                pending = nil
+                continue
+            }
+            if argument == "--fs" || fileOptions.contains(argument) { pending = argument; out.append(argument); continue }
             if argument.hasPrefix("--fs=") { out.append("--fs=" + cipherdir); continue }
+            if let option = fileOptions.first(where: { argument.hasPrefix($0 + "=") }) {
+                out.append(option + "=" + absolute(String(argument.dropFirst(option.count + 1))))
+                continue
+            }
             out.append(argument)
         }
         return out

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import KeyManager
 
 // Errors of the libraries already read as advice; print them as they are.
 // An offline command that touched a keystore leaves its audit records under a signed digest.
@@ -11,4 +12,5 @@ do {
     status = Invocation.report(error)
 }
 Invocation.current.opened?.sealAuditDigest()
+KeyManager.drainAlerts()
 exit(status)
