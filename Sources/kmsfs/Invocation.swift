@@ -42,7 +42,7 @@ final class Invocation: @unchecked Sendable {
     }
 
     /// The command families a daemon runs for a peer.
-    static let forwardable: Set<String> = ["key", "audit", "rekey"]
+    static let forwardable: Set<String> = ["key", "audit", "rekey", "backup"]
 
     /// If a daemon serves `keystore`, runs this process's command line there,
     /// prints what it printed, and ends the command with its exit code.
@@ -64,7 +64,7 @@ final class Invocation: @unchecked Sendable {
     /// Paths given to a command are relative to this shell's directory, not
     /// the daemon's: `--fs` becomes the CIPHERDIR, file options absolute.
     static func absolutizingFilesystem(_ arguments: [String], _ cipherdir: String) -> [String] {
-        let fileOptions: Set<String> = ["--jsonl", "--out"]
+        let fileOptions: Set<String> = ["--jsonl", "--out", "--backup-passphrase-file"]
         func absolute(_ path: String) -> String { path.isEmpty ? path : URL(fileURLWithPath: path).standardizedFileURL.path }
         var out = [String]()
         var pending: String?
@@ -94,7 +94,7 @@ final class Invocation: @unchecked Sendable {
         var code: Int32 = 0
         do {
             guard let family = arguments.first, forwardable.contains(family) else {
-                throw Failure("the daemon runs only `kmsfs key`, `audit` and `rekey` commands")
+                throw Failure("the daemon runs only `kmsfs key`, `audit`, `rekey` and `backup create` commands")
             }
             var command = try KMSFS.parseAsRoot(arguments)
             try command.run()

@@ -11,5 +11,5 @@ struct KMSFS: ParsableCommand {
             versioned, customer-managed master keys wrap. See docs/ for the format and \
             threat model.
             """,
-        subcommands: [Init.self, Mount.self, Unmount.self, Status.self, KeyCommand.self, RekeyCommand.self, AuditCommand.self, Fsck.self, Passwd.self])
+        subcommands: [Init.self, Mount.self, Unmount.self, Status.self, KeyCommand.self, RekeyCommand.self, AuditCommand.self, BackupCommand.self, Fsck.self, Passwd.self])
 }

@@ -1,0 +1,312 @@
+import ChunkCipher
+import GRDB
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a restore did.
+public struct RestoreReport: Sendable, Codable {
+    /// "new keystore" or "merged".
+    public var mode: String
+    public var keysAdded: [String]
+    public var versionsAdded: Int
+    public var signer: String
+    public var createdAt: Double
+}
+
+/// Keystore backups (docs/KEYS.md, "Backups"). A backup is a consistent copy
+/// of the whole keystore — master-key material, metadata, aliases, tags,
+/// bindings, policies, the usage index and the audit log — whose material is
+/// rewrapped under a key derived (scrypt) from a separate backup passphrase;
+/// the copy is then sealed whole with AES-256-GCM under that key (so names,
+/// tags and policies are not readable either) and signed with the
+/// filesystem's ECC P-256 digest key:
+///
+///     "KMSFSBK1" ‖ logN(1) ‖ salt(32) ‖ fs id(16) ‖ created(8, f64 bits) ‖ box length(8) ‖
+///     box = nonce ‖ GCM(keystore copy) ‖ tag   (additional data: every byte before the box)
+///     ‖ signer key id(16) ‖ signer version(4) ‖ public key length(2) ‖ public key (DER)
+///     ‖ signature length(2) ‖ ECDSA-SHA256 signature over every byte before the signer fields
+///
+/// All integers big-endian. Written by hand: no library format fits.
+extension KeyManager {
+    static let backupMagic = Array("KMSFSBK1".utf8)
+    static func backupContext(_ fs: ID128) -> [UInt8] { Array("kmsfs/v1/backup".utf8) + fs.bytes }
+
+    /// Writes a backup of this keystore, readable with `backupPassphrase`.
+    /// Only administrators of the default key may take one (audited).
+    public func createBackup(backupPassphrase: borrowing SecretKey, scrypt: ScryptParameters = .strong,
+                             by principal: Principal) throws(KeyManagerError) -> [UInt8] {
+        _ = try authorizeAdmin(principal, try resolve("alias/default"))
+        try flushUsage()
+        let signer = try digestKey()
+        let salt = SecureRandom.bytes(32)
+        let backupKEK = try AESGCM.make(try scrypt.deriveKey(passphrase: backupPassphrase, salt: salt))
+        let scratch = directory + "/.backup-\(ID128.random().hex)"
+        defer { for suffix in ["", "-journal", "-wal", "-shm"] { unlink(scratch + suffix) } }
+        // A consistent copy, then every secret in it rewrapped under the backup key.
+        do {
+            try db.writeWithoutTransaction { db in try db.execute(sql: "VACUUM INTO ?", arguments: [scratch]) }
+            chmod(scratch, 0o600)
+            let copy = try DatabaseQueue(path: scratch)
+            try copy.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA secure_delete = ON") }
+            try copy.write { db in try rewrapSecrets(db, from: kek, to: backupKEK, salt: salt, scrypt: scrypt) }
+            try copy.writeWithoutTransaction { db in try db.execute(sql: "VACUUM") }
+            try copy.close()
+        } catch let error as KeyManagerError { throw error } catch { throw .database("cannot copy the keystore: \(error)") }
+        guard let data = FileManager.default.contents(atPath: scratch) else { throw .database("cannot read the keystore copy") }
+        var plain = [UInt8](data)
+        defer { plain.withUnsafeMutableBytes { $0.initializeMemory(as: UInt8.self, repeating: 0) } }
+        var out = Self.backupMagic
+        out.append(scrypt.logN)
+        out += salt + filesystemID.bytes
+        out.appendBigEndian(clock().bitPattern, width: 8)
+        out.appendBigEndian(UInt64(plain.count + AESGCM.boxOverhead), width: 8)
+        let ad = out
+        var box = [UInt8](repeating: 0, count: plain.count + AESGCM.boxOverhead)
+        try keepingKeyManagerError {
+            try box.withUnsafeMutableBytes { boxBytes in
+                try plain.withUnsafeBytes { p in try ad.withUnsafeBytes { a in try backupKEK.sealBox(p, additionalData: a, into: boxBytes) } }
+            }
+        }
+        out += box
+        let (version, signature) = try sign(out, with: signer.rawValue.hex, by: Principal(uid: 0, gid: 0, processName: "kmsfs-backup"))
+        let publicKey: Data = try read { db in
+            try Data.fetchOne(db, sql: "SELECT public_key FROM key_versions WHERE key_id = ? AND version = ?",
+                              arguments: [signer.rawValue.hex, version.rawValue]) ?? Data()
+        }
+        out += signer.rawValue.bytes
+        out.appendBigEndian(UInt64(version.rawValue), width: 4)
+        out.appendBigEndian(UInt64(publicKey.count), width: 2)
+        out += [UInt8](publicKey)
+        out.appendBigEndian(UInt64(signature.count), width: 2)
+        out += signature
+        audit(AuditEvent("CreateBackup", key: signer, version: version, principal: principal))
+        return out
+    }
+
+    /// Rewraps every master-key version, the metadata key and the check value
+    /// of the keystore in `db` from `old` to `new`, with `new`'s salt and scrypt settings.
+    func rewrapSecrets(_ db: Database, from old: AESGCM, to new: AESGCM, salt: [UInt8], scrypt: ScryptParameters) throws {
+        let fs = filesystemID
+        for row in try Row.fetchAll(db, sql: "SELECT key_id, version, material FROM key_versions WHERE material IS NOT NULL") {
+            guard let id = KeyID(hex: row["key_id"]) else { continue }
+            let version = KeyVersion(rawValue: UInt32(row["version"] as Int))
+            let context = Self.materialContext(id, version)
+            guard let secret = try KeyWrap.open([UInt8](row["material"] as Data), under: old, context: context) else {
+                throw KeyManagerError.keystoreCorrupt("material of key \(id) version \(version) does not open")
+            }
+            let rewrapped = try secret.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: new, context: context) }
+            try db.execute(sql: "UPDATE key_versions SET material = ? WHERE key_id = ? AND version = ?",
+                           arguments: [Data(rewrapped), id.rawValue.hex, version.rawValue])
+        }
+        let check = try fs.bytes.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: new, context: Self.kekCheckContext(fs)) }
+        let meta = try metadataKey.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: new, context: Self.metadataKeyContext(fs)) }
+        for (name, value) in [("salt", Data(salt)), ("kek_check", Data(check)), ("metadata_key", Data(meta))] as [(String, Data)] {
+            try db.execute(sql: "UPDATE meta SET value = ? WHERE name = ?", arguments: [value, name])
+        }
+        try db.execute(sql: "UPDATE meta SET value = ? WHERE name = 'scrypt_logn'", arguments: [Int(scrypt.logN)])
+        try db.execute(sql: "UPDATE meta SET value = ? WHERE name = 'scrypt_r'", arguments: [Int(scrypt.r)])
+        try db.execute(sql: "UPDATE meta SET value = ? WHERE name = 'scrypt_p'", arguments: [Int(scrypt.p)])
+        try db.execute(sql: "DELETE FROM meta WHERE name = 'usage_journal_pid'")
+    }
+
+    /// The SIGN_VERIFY key that signs audit digests and backups (made on first use).
+    func digestKey() throws(KeyManagerError) -> KeyID {
+        if let existing = try? resolve(Self.auditDigestAlias) { return existing }
+        let system = Principal(uid: 0, gid: 0, pid: getpid(), processName: "kmsfs-audit")
+        return try createKey(spec: .eccP256, description: "signs the audit log's digests and backups", aliases: [Self.auditDigestAlias], by: system).keyID
+    }
+
+    /// Verifies and restores a backup into keystore directory `directory`.
+    /// With no keystore there, the backup becomes it, locked with
+    /// `passphrase`. With one (of the same filesystem, unlocked with
+    /// `passphrase`), keys and versions it lacks are added; a key or version
+    /// that differs, or that it has destroyed, is a conflict and nothing is
+    /// written — never a silent overwrite.
+    public static func restoreBackup(_ file: [UInt8], backupPassphrase: borrowing SecretKey, into directory: String,
+                                     passphrase: borrowing SecretKey, by principal: Principal,
+                                     clock: @escaping @Sendable () -> Double = KeyManager.systemClock) throws(KeyManagerError) -> RestoreReport {
+        let parsed = try BackupFile(file)
+        guard AsymmetricKeys.verify(Array(file[0..<parsed.signedLength]), signature: parsed.signature, publicKey: parsed.publicKey, spec: .eccP256) else {
+            throw .invalidArgument("the backup's signature does not verify: the file was altered or damaged")
+        }
+        let scrypt = ScryptParameters(logN: parsed.logN, r: 8, p: 1)
+        let backupKEK = try AESGCM.make(try scrypt.deriveKey(passphrase: backupPassphrase, salt: parsed.salt))
+        var plain = [UInt8](repeating: 0, count: parsed.box.count - AESGCM.boxOverhead)
+        defer { plain.withUnsafeMutableBytes { $0.initializeMemory(as: UInt8.self, repeating: 0) } }
+        let ad = Array(file[0..<parsed.boxOffset])
+        let opened = try keepingKeyManagerError {
+            try plain.withUnsafeMutableBytes { out in
+                try parsed.box.withUnsafeBytes { box in try ad.withUnsafeBytes { a in try backupKEK.openBox(box, additionalData: a, into: out) } }
+            }
+        }
+        guard opened else { throw .invalidArgument("the backup does not open: wrong backup passphrase, or the file is damaged") }
+
+        // The copy is a keystore locked with the backup passphrase: open it as one.
+        let staging = directory + "/.restore-\(ID128.random().hex)"
+        defer { try? FileManager.default.removeItem(atPath: staging) }
+        do {
+            try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        } catch { throw .database("cannot create \(staging): \(error)") }
+        guard FileManager.default.createFile(atPath: staging + "/" + databaseName, contents: Data(plain), attributes: [.posixPermissions: 0o600]) else {
+            throw .database("cannot write \(staging)")
+        }
+        let restored = try KeyManager.open(in: staging, passphrase: backupPassphrase, clock: clock)
+        guard restored.filesystemID == parsed.filesystemID else { throw .invalidArgument("the backup's header and contents name different filesystems") }
+        let signer = KeyID(rawValue: parsed.signer).rawValue.hex
+        let target = directory + "/" + databaseName
+        if !FileManager.default.fileExists(atPath: target) {
+            // A new keystore: relock with the keystore passphrase, then move it in place.
+            let salt = SecureRandom.bytes(32)
+            let stored = ScryptParameters.strong
+            let kek = try AESGCM.make(try stored.deriveKey(passphrase: passphrase, salt: salt))
+            try restored.write { db in
+                try restored.rewrapSecrets(db, from: restored.kek, to: kek, salt: salt, scrypt: stored)
+                try AuditTrail.append(db, AuditEvent("RestoreBackup", principal: principal, error: "new keystore from a backup signed by \(signer)"), at: clock())
+            }
+            do {
+                try restored.db.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA wal_checkpoint(TRUNCATE)") }
+                try restored.db.close()
+            } catch { throw .database("cannot finish the restored keystore: \(error)") }
+            guard rename(staging + "/" + databaseName, target) == 0 else { throw .database("cannot move the restored keystore into \(directory)") }
+            let keys = try KeyManager.open(in: directory, passphrase: passphrase, clock: clock).listKeys().map(\.keyID.rawValue.hex)
+            return RestoreReport(mode: "new keystore", keysAdded: keys, versionsAdded: 0, signer: signer, createdAt: parsed.createdAt)
+        }
+        let current = try KeyManager.open(in: directory, passphrase: passphrase, clock: clock)
+        guard current.filesystemID == restored.filesystemID else {
+            throw .invalidArgument("the backup belongs to filesystem \(restored.filesystemID.hex), this keystore to \(current.filesystemID.hex); restore it into an empty keystore directory instead")
+        }
+        _ = try current.authorizeAdmin(principal, try current.resolve("alias/default"))
+        return try current.merge(from: restored, signer: signer, createdAt: parsed.createdAt, by: principal)
+    }
+
+    /// Adds to this keystore the keys and versions of `other` it lacks; refuses on any conflict.
+    func merge(from other: KeyManager, signer: String, createdAt: Double, by principal: Principal) throws(KeyManagerError) -> RestoreReport {
+        struct Version { var key: String; var version: Int; var createdAt: Double; var material: Data?; var publicKey: Data?; var retired: Int }
+        let theirs: [Version] = try other.read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM key_versions").map {
+                Version(key: $0["key_id"], version: $0["version"], createdAt: $0["created_at"], material: $0["material"], publicKey: $0["public_key"], retired: $0["retired"])
+            }
+        }
+        let theirKeys: [Row] = try other.read { db in try Row.fetchAll(db, sql: "SELECT * FROM keys") }
+        var conflicts: [String] = []
+        var addedKeys: [String] = []
+        var addedVersions = 0
+        try write { db in
+            for key in theirKeys {
+                let id: String = key["id"]
+                if try Row.fetchOne(db, sql: "SELECT id FROM keys WHERE id = ?", arguments: [id]) == nil {
+                    try db.execute(sql: """
+                        INSERT INTO keys (id, spec, state, description, created_at, state_changed_at, current_version, rotation_days,
+                                          last_rotated_at, deletion_date, successor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)
+                        """, arguments: [id, key["spec"], key["state"], key["description"], key["created_at"], key["state_changed_at"],
+                                         key["current_version"], key["rotation_days"], key["last_rotated_at"], key["deletion_date"]])
+                    addedKeys.append(id)
+                    for sub in try other.read({ db in try Row.fetchAll(db, sql: "SELECT * FROM policies WHERE key_id = ?", arguments: [id]) }) {
+                        try db.execute(sql: "INSERT OR IGNORE INTO policies (key_id, operation, subject) VALUES (?, ?, ?)", arguments: [id, sub["operation"], sub["subject"]])
+                    }
+                    for tag in try other.read({ db in try Row.fetchAll(db, sql: "SELECT * FROM tags WHERE key_id = ?", arguments: [id]) }) {
+                        try db.execute(sql: "INSERT OR IGNORE INTO tags (key_id, name, value) VALUES (?, ?, ?)", arguments: [id, tag["name"], tag["value"]])
+                    }
+                    for alias in try other.read({ db in try Row.fetchAll(db, sql: "SELECT * FROM aliases WHERE key_id = ?", arguments: [id]) }) {
+                        if let owner = try String.fetchOne(db, sql: "SELECT key_id FROM aliases WHERE alias = ?", arguments: [alias["alias"] as String]), owner != id {
+                            conflicts.append("alias \(alias["alias"] as String) names key \(owner) here and \(id) in the backup")
+                        } else {
+                            try db.execute(sql: "INSERT OR IGNORE INTO aliases (alias, key_id) VALUES (?, ?)", arguments: [alias["alias"], id])
+                        }
+                    }
+                }
+            }
+            for v in theirs {
+                guard let keyID = KeyID(hex: v.key) else { continue }
+                let version = KeyVersion(rawValue: UInt32(v.version))
+                let context = Self.materialContext(keyID, version)
+                let mine = try Row.fetchOne(db, sql: "SELECT material, retired FROM key_versions WHERE key_id = ? AND version = ?", arguments: [v.key, v.version])
+                let theirSecret: SecretKey?
+                if let material = v.material { theirSecret = try KeyWrap.open([UInt8](material), under: other.kek, context: context) } else { theirSecret = nil }
+                if let mine {
+                    let myMaterial: Data? = mine["material"]
+                    if myMaterial == nil, v.material != nil {
+                        conflicts.append("key \(v.key) version \(v.version) was destroyed or retired here; restoring would bring it back")
+                    } else if let m = myMaterial, v.material != nil {
+                        guard let mySecret = try KeyWrap.open([UInt8](m), under: kek, context: context), let t = theirSecret else {
+                            conflicts.append("key \(v.key) version \(v.version) does not open")
+                            continue
+                        }
+                        let same = mySecret.withUnsafeBytes { a in t.withUnsafeBytes { b in a.count == b.count && zip(a, b).reduce(0) { $0 | ($1.0 ^ $1.1) } == 0 } }
+                        if !same { conflicts.append("key \(v.key) version \(v.version) has different material here and in the backup") }
+                    }
+                    continue
+                }
+                var wrapped: Data?
+                if let t = theirSecret {
+                    wrapped = Data(try t.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: kek, context: context) })
+                }
+                try db.execute(sql: "INSERT INTO key_versions (key_id, version, created_at, material, public_key, retired) VALUES (?, ?, ?, ?, ?, ?)",
+                               arguments: [v.key, v.version, v.createdAt, wrapped, v.publicKey, v.retired])
+                addedVersions += 1
+            }
+            guard conflicts.isEmpty else {
+                throw KeyManagerError.invalidArgument("the backup conflicts with this keystore, nothing restored:\n  " + conflicts.joined(separator: "\n  "))
+            }
+            try AuditTrail.append(db, AuditEvent("RestoreBackup", principal: principal,
+                                                 error: "merged \(addedKeys.count) key(s), \(addedVersions) version(s) from a backup signed by \(signer)"), at: clock())
+        }
+        caches.withLock { $0.records.removeAll() }
+        return RestoreReport(mode: "merged", keysAdded: addedKeys, versionsAdded: addedVersions, signer: signer, createdAt: createdAt)
+    }
+}
+
+/// The fields of a backup file (see `createBackup`).
+struct BackupFile {
+    var logN: UInt8
+    var salt: [UInt8]
+    var filesystemID: ID128
+    var createdAt: Double
+    var boxOffset: Int
+    var box: [UInt8]
+    var signer: ID128
+    var signerVersion: UInt32
+    var publicKey: [UInt8]
+    var signature: [UInt8]
+    /// Bytes covered by the signature.
+    var signedLength: Int
+
+    init(_ b: [UInt8]) throws(KeyManagerError) {
+        func bad(_ why: String) -> KeyManagerError { .invalidArgument("not a usable kmsfs backup: \(why)") }
+        guard b.count > 73, Array(b[0..<8]) == KeyManager.backupMagic else { throw bad("wrong magic") }
+        var i = 8
+        func take(_ n: Int) throws(KeyManagerError) -> [UInt8] {
+            guard n >= 0, i + n <= b.count else { throw bad("truncated") }
+            defer { i += n }
+            return Array(b[i..<(i + n)])
+        }
+        func number(_ n: Int) throws(KeyManagerError) -> UInt64 { try take(n).reduce(0) { $0 << 8 | UInt64($1) } }
+        logN = try take(1)[0]
+        guard (10...22).contains(logN) else { throw bad("scrypt cost out of range") }
+        salt = try take(32)
+        filesystemID = ID128(bytes: try take(16))!
+        createdAt = Double(bitPattern: try number(8))
+        let boxLength = try number(8)
+        guard boxLength <= UInt64(b.count), boxLength > UInt64(AESGCM.boxOverhead) else { throw bad("bad length") }
+        boxOffset = i
+        box = try take(Int(boxLength))
+        signedLength = i
+        signer = ID128(bytes: try take(16))!
+        signerVersion = UInt32(try number(4))
+        publicKey = try take(Int(try number(2)))
+        signature = try take(Int(try number(2)))
+        guard i == b.count else { throw bad("trailing bytes") }
+    }
+}
+
+extension Array where Element == UInt8 {
+    mutating func appendBigEndian(_ value: UInt64, width: Int) {
+        for i in 0..<width { append(UInt8(truncatingIfNeeded: value >> UInt64(8 * (width - 1 - i)))) }
+    }
+}

@@ -1,0 +1,65 @@
+import ArgumentParser
+import EncryptedFS
+import Foundation
+import KeyManager
+
+struct BackupCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "backup",
+        abstract: "Back up the keystore under a separate backup passphrase (encrypted and signed), or restore it.",
+        subcommands: [Create.self, Restore.self])
+
+    struct Create: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Write the whole keystore (material, metadata, policies, bindings, audit log) to FILE, encrypted under the backup passphrase and signed.")
+        @OptionGroup var fs: FilesystemOption
+        @Option(help: "The backup file to write (refused if it exists).") var out: String
+        @Option(help: "Read the backup passphrase from this file (first line); it should differ from the keystore's.") var backupPassphraseFile: String
+
+        func run() throws {
+            let manager = try fs.open()
+            if Invocation.current.daemon != nil, caller.uid != 0, caller.uid != geteuid() {
+                throw Failure("only root or the mounting user may write a backup through the mount's daemon")
+            }
+            guard !FileManager.default.fileExists(atPath: out) else { throw Failure("\(out) exists; choose a new file") }
+            let secret = try PassphraseReader.read(file: backupPassphraseFile, command: nil, prompt: "", confirm: false)
+            let bytes = try manager.createBackup(backupPassphrase: secret, by: caller)
+            guard FileManager.default.createFile(atPath: out, contents: nil, attributes: [.posixPermissions: 0o600]),
+                  let handle = FileHandle(forWritingAtPath: out) else { throw Failure("cannot create \(out)") }
+            try handle.write(contentsOf: Data(bytes))
+            try handle.synchronize()
+            try handle.close()
+            Output.line("backup written to \(out) (\(bytes.count) bytes)")
+        }
+    }
+
+    struct Restore: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Verify a backup and restore it: into an empty CIPHERDIR keystore, or merged into an existing one (adding only what it lacks, refusing any conflict).",
+            discussion: "The filesystem must be unmounted. --passphrase-file is the keystore passphrase: the new one for an empty keystore, the current one to merge.")
+        @Argument(help: "The backup file.") var file: String
+        @Option(help: "The CIPHERDIR.") var fs: String
+        @Option(help: "Read the backup passphrase from this file.") var backupPassphraseFile: String
+        @OptionGroup var passphrase: PassphraseOptions
+        @OptionGroup var output: JSONOption
+
+        func run() throws {
+            let cipherdir = try Paths.cipherdir(of: fs)
+            let directory = cipherdir + "/.kmsfs"
+            if MountTable.kmsfsMounts().contains(where: { $0.source == cipherdir }) || ControlServer.isServing(directory: directory) {
+                throw Failure("\(cipherdir) is mounted; unmount it before restoring its keystore")
+            }
+            guard let data = FileManager.default.contents(atPath: file) else { throw Failure("cannot read \(file)") }
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            let fresh = !FileManager.default.fileExists(atPath: directory + "/" + KeyManager.databaseName)
+            let backup = try PassphraseReader.read(file: backupPassphraseFile, command: nil, prompt: "", confirm: false)
+            let secret = try passphrase.read(prompt: fresh ? "New keystore passphrase: " : "Keystore passphrase: ", confirm: fresh)
+            let report = try KeyManager.restoreBackup([UInt8](data), backupPassphrase: backup, into: directory, passphrase: secret,
+                                                      by: caller, clock: Clock.current)
+            if output.json { try Output.json(report); return }
+            Output.line("backup of \(Output.date(report.createdAt)), signed by key \(report.signer), restored: \(report.mode)")
+            Output.line(report.mode == "merged" ? "added \(report.keysAdded.count) key(s) and \(report.versionsAdded) version(s)"
+                                                : "\(report.keysAdded.count) key(s) in the restored keystore")
+        }
+    }
+}
