@@ -2,7 +2,7 @@
 SWIFT ?= swift
 export PATH := /opt/swift/usr/bin:$(PATH)
 
-.PHONY: all deps build release test demo man bench bench-cipher bench-keys bench-rekey clean
+.PHONY: all deps build release test demo man bench bench-cipher bench-keys bench-rekey bench-audit clean
 
 all: build
 
@@ -52,6 +52,13 @@ bench-rekey: deps
 	scripts/install-deps.sh bc
 	$(SWIFT) build -c release --product kmsfs
 	bench/rekey-bench.sh
+
+## What auditing costs: records/s, and untar with file creates audited and not (needs root).
+bench-audit: deps
+	scripts/install-deps.sh bc linux-source-6.1
+	$(SWIFT) build -c release --product kmsfs
+	$(SWIFT) build -c release --product kmsfs-bench
+	bench/audit-bench.sh
 
 clean:
 	rm -rf .build

@@ -70,6 +70,8 @@ extension KeyManager {
     /// unmounted, each event is its own transaction.
     public func audit(_ event: AuditEvent) {
         observeForAlerts(event)
+        if !auditsRoutineUse.load(ordering: .relaxed), event.outcome == "success",
+           event.event == "Decrypt" || event.event == "GenerateDataKey" { return }
         if let journal {
             do throws(KeyManagerError) {
                 try journal.append(.audit(event, clock()))

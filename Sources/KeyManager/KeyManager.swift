@@ -63,6 +63,9 @@ public final class KeyManager: @unchecked Sendable {
     let metadataKey: SecretKey
     let caches = Mutex(Caches())
     let alertState = Mutex(AlertState())
+    /// Whether successful unwraps and data-key generations are recorded (on;
+    /// off only for `make bench-audit`'s comparison, and that is audited).
+    public let auditsRoutineUse = Atomic<Bool>(true)
     /// How long a cached key record is trusted before re-reading it, so a
     /// change made by another process takes effect within this time.
     static let recordTTL = 0.5

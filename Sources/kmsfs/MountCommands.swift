@@ -22,6 +22,8 @@ struct Mount: ParsableCommand {
     @Option(name: .customShort("o"), help: "Mount options, comma-separated: allow_other, ro, default_permissions, max_read=N, …")
     var options: [String] = []
     @Option(help: "FUSE worker threads.") var threads = 4
+    @Option(help: ArgumentHelp("Record successful file opens and creates in the audit log: on (always, but for benchmarks).", visibility: .private))
+    var auditOpens: Toggle = .on
     @Option(help: ArgumentHelp("Read the passphrase from this file descriptor (used when daemonising).", visibility: .private))
     var passphraseFD: Int32?
     @Option(help: ArgumentHelp("Write the mount outcome to this file descriptor.", visibility: .private))
@@ -41,7 +43,8 @@ struct Mount: ParsableCommand {
         }
         let secret = try passphraseFD.map { try PassphraseReader.read(fd: $0) } ?? passphrase.read()
         if !foreground {
-            try Daemon.spawn(passphrase: secret, arguments: [cipher, mount, "-f"] + options.flatMap { ["-o", $0] } + ["--threads", String(threads)])
+            try Daemon.spawn(passphrase: secret, arguments: [cipher, mount, "-f"] + options.flatMap { ["-o", $0] }
+                             + ["--threads", String(threads), "--audit-opens", auditOpens.rawValue])
             return
         }
         let notify = notifyFD
@@ -50,6 +53,11 @@ struct Mount: ParsableCommand {
             let manager = try KeyManager.open(in: keystore, passphrase: secret, clock: Clock.current)
             _ = consume secret
             _ = try manager.runSchedules()
+            if auditOpens == .off {
+                manager.audit(AuditEvent("MountWithoutOpenAudit", outcome: "warning", principal: caller,
+                                         error: "successful file opens and creates are not recorded by this mount (benchmark)"))
+                manager.auditsRoutineUse.store(false, ordering: .relaxed)
+            }
             try manager.startBatchingUsage()
             defer {
                 try? manager.stopBatchingUsage()

@@ -142,6 +142,18 @@ func keyManagerBench() throws {
         n += 1
     }
     let unwrapPerSecond = Double(n) / (now() - start)
+    // Audit records alone: group-committed (as mounted) and one transaction each (offline).
+    let record = AuditEvent("Decrypt", key: key, version: KeyVersion(rawValue: 1), principal: principal, object: .random())
+    start = now()
+    for _ in 0..<50_000 { manager.audit(record) }
+    try manager.flushUsage()
+    let batched = 50_000 / (now() - start)
+    try manager.stopBatchingUsage()
+    start = now()
+    for _ in 0..<2000 { manager.audit(record) }
+    let single = 2000 / (now() - start)
+    try manager.startBatchingUsage()
+    print(String(format: "audit: %.0f records/s group-committed, %.0f records/s one transaction each (%.0fx)", batched, single, batched / single))
     print(String(format: "scrypt N=2^%d: init %.2f s, unlock %.2f s", ScryptParameters.strong.logN, createSeconds, unlock))
     print(String(format: "keymanager: %.0f unwraps/s, %.0f data keys generated/s (each audited and recorded in the usage index, group-committed); unlock %.2f s",
                  unwrapPerSecond, generatePerSecond, unlock))
