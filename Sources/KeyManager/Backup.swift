@@ -60,7 +60,7 @@ extension KeyManager {
         } catch let error as KeyManagerError { throw error } catch { throw .database("cannot copy the keystore: \(error)") }
         guard let data = FileManager.default.contents(atPath: scratch) else { throw .database("cannot read the keystore copy") }
         var plain = [UInt8](data)
-        defer { plain.withUnsafeMutableBytes { $0.initializeMemory(as: UInt8.self, repeating: 0) } }
+        defer { plain.withUnsafeMutableBytes { _ = $0.initializeMemory(as: UInt8.self, repeating: 0) } }
         var out = Self.backupMagic
         out.append(scrypt.logN)
         out += salt + filesystemID.bytes
@@ -138,7 +138,7 @@ extension KeyManager {
         let scrypt = ScryptParameters(logN: parsed.logN, r: 8, p: 1)
         let backupKEK = try AESGCM.make(try scrypt.deriveKey(passphrase: backupPassphrase, salt: parsed.salt))
         var plain = [UInt8](repeating: 0, count: parsed.box.count - AESGCM.boxOverhead)
-        defer { plain.withUnsafeMutableBytes { $0.initializeMemory(as: UInt8.self, repeating: 0) } }
+        defer { plain.withUnsafeMutableBytes { _ = $0.initializeMemory(as: UInt8.self, repeating: 0) } }
         let ad = Array(file[0..<parsed.boxOffset])
         let opened = try keepingKeyManagerError {
             try plain.withUnsafeMutableBytes { out in
