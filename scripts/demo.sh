@@ -53,17 +53,26 @@ kms key create --alias alias/prod --tag env=prod --description "production data"
 kms key list --fs "$cipher"
 kms key describe alias/default --fs "$cipher" | tail -4
 
-step "6. Latest key events from the audit log"
-kms audit list --limit 8 --fs "$cipher"
-kms audit verify --fs "$cipher"
+step "6. Deprecate alias/default for alias/prod: the mount moves every file while it stays in use"
+"$K" key deprecate alias/default --successor alias/prod --fs "$mnt"   # no passphrase: the daemon runs it
+until "$K" rekey status --json --fs "$mnt" | grep -q '"state" : "done"'; do sleep 0.2; done
+"$K" rekey status --fs "$mnt"
+cmp "$work/random.bin" "$mnt/random.bin" && echo "random.bin still reads back identical"
+"$K" key usage alias/default --fs "$mnt" | head -1
 
-step "7. Unmount"
+step "7. Latest key events from the audit log"
+"$K" audit list --limit 8 --fs "$mnt"
+
+step "8. Unmount, then verify the audit chain and its signed digests, and check every file offline"
 "$K" umount "$mnt"
 grep -q " $mnt fuse.kmsfs" /proc/mounts && { echo "FAIL: still mounted"; exit 1; }
+kms audit verify --fs "$cipher"
+kms fsck "$cipher"
 
 step "Summary"
 files=$(find "$cipher" -path "$cipher/.kmsfs" -prune -o -type f ! -name '.kmsfs*' -print | wc -l)
 echo "- $files files written through the mount, stored encrypted (AES-256-GCM chunks, AES-SIV names)"
 echo "- plaintext read back identical: report, services, 8 MiB random file, openssl headers"
-echo "- alias/default rotated to version 2; older data keys still unwrap under version 1"
+echo "- alias/default rotated to version 2, then deprecated: a live rekey moved every file to alias/prod"
+echo "- audit chain and signed digests verify; fsck authenticated every header and chunk"
 echo "- no plaintext content or names in CIPHERDIR; unmounted cleanly"

@@ -30,6 +30,8 @@ public final class Rekeyer: @unchecked Sendable {
     let logger = Logger(label: "kmsfs.rekey")
     /// Set to stop before the next file (unmount, SIGINT); the job stays resumable.
     public let stopRequested = Atomic<Bool>(false)
+    /// Set by a pause or cancel in the daemon: the run returns before its next file.
+    let interrupted = Atomic<Bool>(false)
     static let batchSize = 64
     static let maxPasses = 8
     /// Where a reencrypt keeps the old ciphertext of the file it rewrites.
@@ -94,7 +96,7 @@ public final class Rekeyer: @unchecked Sendable {
             func flush() throws(KeyManagerError) -> Bool {
                 defer { batch.removeAll() }
                 job = try keyManager.rekeyJob(id)!
-                guard job.state == .running, !stopRequested.load(ordering: .relaxed) else {
+                guard job.state == .running, !stopRequested.load(ordering: .relaxed), !interrupted.load(ordering: .relaxed) else {
                     batch.forEach { close($0.fd) }
                     stopped = true
                     return false
@@ -161,7 +163,7 @@ public final class Rekeyer: @unchecked Sendable {
                 do throws(RekeyFailure) {
                     if case .moved(let bytes) = try rekey(candidate, job) {
                         let total = moved.add(bytes, ordering: .relaxed).newValue
-                        throttle(job.rate, bytes: total, since: started)
+                        throttle(job.rate, bytes: total, since: started, control: control)
                     }
                 } catch {
                     failures.add(1, ordering: .relaxed)
@@ -185,7 +187,7 @@ public final class Rekeyer: @unchecked Sendable {
             self.id = id
         }
         func shouldStop() -> Bool {
-            if rekeyer.stopRequested.load(ordering: .relaxed) { return true }
+            if rekeyer.stopRequested.load(ordering: .relaxed) || rekeyer.interrupted.load(ordering: .relaxed) { return true }
             let now = KeyManager.systemClock()
             return lock.withLock { state in
                 if !state.stop, now - state.checkedAt > 0.2 {
@@ -203,12 +205,16 @@ public final class Rekeyer: @unchecked Sendable {
             .filter { job.selects(key: job.sourceKey, version: $0.version, currentTargetVersion: targetVersion) }.count
     }
 
-    /// Sleeps so that `bytes` moved since `since` stay under `rate` MB/s.
-    private func throttle(_ rate: Double?, bytes: Int, since: Double) {
+    /// Sleeps so that `bytes` moved since `since` stay under `rate` MB/s,
+    /// in short slices so a pause, cancel or unmount is not held up.
+    private func throttle(_ rate: Double?, bytes: Int, since: Double, control: StopCheck) {
         guard let rate else { return }
         let due = since + Double(bytes) / (rate * 1_000_000)
-        let wait = due - KeyManager.systemClock()
-        if wait > 0 { usleep(UInt32(min(wait, 5) * 1_000_000)) }
+        while !control.shouldStop() {
+            let wait = due - KeyManager.systemClock()
+            if wait <= 0 { return }
+            usleep(UInt32(min(wait, 0.05) * 1_000_000))
+        }
     }
 
     struct RekeyFailure: Error {
@@ -519,10 +525,19 @@ public final class RekeyService: @unchecked Sendable {
     public let rekeyer: Rekeyer
     private let wakeup = DispatchSemaphore(value: 0)
     private let finished = DispatchSemaphore(value: 0)
+    private let running = DispatchGroup()
     private let logger = Logger(label: "kmsfs.rekey")
 
     public init(filesystem: EncryptedFileSystem) {
         rekeyer = Rekeyer(filesystem: filesystem)
+    }
+
+    /// After a pause or cancel was recorded: stops the running job before
+    /// its next file and returns once no file is being moved any more.
+    public func interruptAndWait() {
+        rekeyer.interrupted.store(true, ordering: .relaxed)
+        _ = running.wait(timeout: .now() + 60)
+        rekeyer.interrupted.store(false, ordering: .relaxed)
     }
 
     public func start() {
@@ -547,13 +562,17 @@ public final class RekeyService: @unchecked Sendable {
     private func loop() {
         while !rekeyer.stopRequested.load(ordering: .relaxed) {
             if let job = try? rekeyer.keyManager.activeRekeyJob(), job.state != .paused {
-                do throws(KeyManagerError) {
-                    let after = try rekeyer.run(job.id)
-                    if after.state == .running { _ = wakeup.wait(timeout: .now() + 1) }
-                } catch {
-                    logger.error("rekey job stopped", metadata: ["job": "\(job.id)", "error": .string(error.description)])
-                    try? rekeyer.keyManager.setRekeyState(job.id, .failed, error: error.description, by: nil)
+                running.enter()
+                var after: RekeyJob?
+                if !rekeyer.interrupted.load(ordering: .relaxed) {
+                    do throws(KeyManagerError) { after = try rekeyer.run(job.id) } catch {
+                        logger.error("rekey job stopped", metadata: ["job": "\(job.id)", "error": .string(error.description)])
+                        try? rekeyer.keyManager.setRekeyState(job.id, .failed, error: error.description, by: nil)
+                    }
                 }
+                running.leave()
+                // Still running means it was stopped or interrupted: look again shortly, not in a spin.
+                if after == nil || after?.state == .running { _ = wakeup.wait(timeout: .now() + 1) }
                 continue
             }
             _ = wakeup.wait(timeout: .now() + 5)

@@ -116,6 +116,8 @@ extension KeyManager {
 /// The outcome of checking the audit chain.
 public struct AuditVerification: Sendable, Codable, Equatable {
     public var records: Int
+    /// Signed digests checked.
+    public var digests = 0
     /// The first record whose link or content does not verify.
     public var firstBad: Int64?
     public var problem: String?
@@ -160,7 +162,8 @@ extension KeyManager {
                 previous = recorded
             }
             if let bad = try verifyDigests(db, records: count) { return bad }
-            return AuditVerification(records: count, firstBad: nil, problem: nil)
+            let digests = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM audit_digests") ?? 0
+            return AuditVerification(records: count, digests: digests, firstBad: nil, problem: nil)
         }
     }
 }

@@ -70,6 +70,8 @@ extension KeyManager {
             () throws(KeyManagerError) in try storedMaterial(target, newVersion)
         }
         try recordUsage(object, kind: kind, key: target, version: newVersion)
+        audit(AuditEvent("ReEncrypt", key: target, version: newVersion, principal: principal, object: object,
+                         error: "from \(key.rawValue.hex) v\(version)"))
         return (target, newVersion, rewrapped)
     }
 

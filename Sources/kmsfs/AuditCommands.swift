@@ -19,7 +19,7 @@ struct AuditCommand: ParsableCommand {
             if output.json { try Output.json(result) } else if let problem = result.problem {
                 Output.note("kmsfs: audit log does not verify: \(problem)")
             } else {
-                Output.line("audit log verifies: \(result.records) records, chain intact")
+                Output.line("audit log verifies: \(result.records) records, chain intact, \(result.digests) signed digest(s) valid")
             }
             if result.firstBad != nil { throw ExitCode(1) }
         }

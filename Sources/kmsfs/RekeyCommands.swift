@@ -85,6 +85,8 @@ struct RekeyCommand: ParsableCommand {
         let manager = try fs.open()
         guard let job = try manager.activeRekeyJob() else { throw Failure("no active rekey job") }
         try manager.setRekeyState(job.id, state, by: caller)
+        // In the daemon: return once the worker has stopped moving files.
+        Invocation.current.daemon?.rekey.interruptAndWait()
         Output.line("rekey job \(job.id) \(state.rawValue)")
     }
 

@@ -109,6 +109,8 @@ struct RekeyTests {
         // Throttled so the job overlaps the applications for a while.
         let deprecated = try fs.run("$K key deprecate alias/default --successor alias/b --rate 3 --fs $M")
         #expect(deprecated.ok && deprecated.stdout.contains("rekey job 1 queued"), "\(deprecated.stdout) \(deprecated.stderr)")
+        // A file created under A's binding after the deprecation lands on B.
+        #expect(try fs.run("echo born-after > $M/data/a/born-after && cp $M/data/a/born-after $T/ref/a/").ok)
         let job = try waitForRekey(fs)
         let stopped = try fs.run("""
             touch $T/stop
@@ -222,5 +224,25 @@ struct RekeyTests {
         #expect(state["state"] as? String == "paused" && (state["filesDone"] as? Int ?? 0) > 0, "still mid-job after the kills: \(state)")
         #expect(try fs.run("$K rekey resume --rate 100 --fs $M").ok)
         try checkFinished(fs, try waitForRekey(fs, limit: 120), kills: kills)
+    }
+
+    @Test("pause stops a live job before its next file, resume continues it, cancel ends it with moved files staying moved")
+    func pauseResumeCancel() throws {
+        let fs = try MountedFS()
+        try populate(fs, count: 60)
+        #expect(try fs.key(["create", "--alias", "alias/b"]).ok)
+        #expect(try fs.run("$K rekey start --key alias/default --to alias/b --rate 0.2 --fs $M && $K rekey pause --fs $M").ok)
+        let paused = try rekeyStatus(fs)
+        #expect(paused["state"] as? String == "paused")
+        let done = paused["filesDone"] as? Int ?? -1
+        #expect(try rekeyStatus(fs)["filesDone"] as? Int == done, "nothing moves while paused")
+        #expect(try fs.run("$K rekey resume --fs $M && $K rekey cancel --fs $M").ok)
+        let cancelled = try rekeyStatus(fs)
+        #expect(cancelled["state"] as? String == "cancelled")
+        let moved = cancelled["filesDone"] as? Int ?? -1
+        let usage = try fs.run("$K key usage alias/b --json --fs $M").stdout
+        #expect(usage.contains("\"total\" : \(moved)"), "files moved before the cancel stay on B: \(moved) \(usage)")
+        #expect(try fs.run("diff -r $T/ref $M/data").ok)
+        #expect(try fs.run("$K rekey resume --fs $M").status == 1, "a cancelled job cannot be resumed")
     }
 }
