@@ -111,6 +111,12 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         return volume
     }
 
+    /// The plaintext path of `name` in directory `parent`.
+    func childPath(_ parent: NodeID, _ name: String) -> String {
+        let dir = nodes.path(of: parent)
+        return dir == "/" ? "/" + name : dir + "/" + name
+    }
+
     /// The name stored in CIPHERDIR for plaintext `name` in directory `node`.
     func storedName(_ name: String, in node: Node, _ context: RequestContext) throws(Errno) -> String {
         guard !name.isEmpty, name != ".", name != ".." else { throw .invalidArgument }
@@ -469,7 +475,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         let fileID = FileID.random()
         let who = principal(context)
         let dataKey = try keys { () throws(KeyManagerError) in
-            try keyManager.generateDataKey(for: fileID.rawValue, kind: .file, key: key, principal: who)
+            try keyManager.generateDataKey(for: fileID.rawValue, kind: .file, key: key, principal: who, path: childPath(parent, name))
         }
         var header = FileHeader(chunkSizeLog2: layout.chunkSizeLog2, fileID: fileID, keyID: dataKey.keyID,
                                 keyVersion: dataKey.version, wrappedKey: dataKey.wrapped)
@@ -545,7 +551,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
                 writable = false
                 fd = try Syscall.openat(AT_FDCWD, node.procPath, O_RDONLY)
             }
-            let file = try makeOpenFile(fd: fd, writable: writable, principal: who)
+            let file = try makeOpenFile(fd: fd, writable: writable, principal: who, path: nodes.filePath(of: node))
             if !writable, flags & O_ACCMODE != O_RDONLY { throw .permissionDenied }  // `file` closes fd
             return file
         }
@@ -587,7 +593,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     /// Reads and authenticates the header of backing file `fd`, unwraps its
     /// data key for `principal` and makes its open state (which owns `fd`;
     /// on failure `fd` is closed).
-    func makeOpenFile(fd: Int32, writable: Bool, principal who: Principal) throws(Errno) -> OpenFile {
+    func makeOpenFile(fd: Int32, writable: Bool, principal who: Principal, path: String? = nil) throws(Errno) -> OpenFile {
         let header: FileHeader
         do throws(Errno) {
             let raw = try Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0)
@@ -602,7 +608,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         do throws(Errno) {
             let dataKey = try keys { () throws(KeyManagerError) in
                 try keyManager.decryptDataKey(header.wrappedKey, for: header.fileID.rawValue, key: header.keyID,
-                                              version: header.keyVersion, principal: who)
+                                              version: header.keyVersion, principal: who, path: path)
             }
             let cipher: FileCipher
             do throws(CipherError) { cipher = try FileCipher(key: dataKey, fileID: header.fileID, layout: layout) } catch { throw Errno.ioError }

@@ -148,6 +148,14 @@ final class NodeTable: Sendable {
         }
     }
 
+    /// The plaintext path a file node was last looked up by (for the audit log).
+    func filePath(of node: Node) -> String? {
+        guard let parent = state.withLock({ _ in node.parent }) else { return nil }
+        let dir = path(of: parent)
+        let name = state.withLock { _ in node.name }
+        return dir == "/" ? "/" + name : dir + "/" + name
+    }
+
     /// The directory keys cached on a node, or those `load` returns (cached then).
     func keys(of node: Node, load: () throws(Errno) -> DirectoryKeys) throws(Errno) -> DirectoryKeys {
         if let keys = state.withLock({ _ in node.keys }) { return keys }

@@ -14,9 +14,13 @@ public struct AuditEvent: Sendable {
     public var principal: Principal?
     public var object: ID128?
     public var error: String?
+    /// The file's plaintext path; the key manager stores it as the audit
+    /// path setting says (a keyed hash by default).
+    public var path: String?
 
     public init(_ event: String, outcome: String = "success", key: KeyID? = nil, version: KeyVersion? = nil,
-                principal: Principal? = nil, object: ID128? = nil, error: String? = nil) {
+                principal: Principal? = nil, object: ID128? = nil, error: String? = nil, path: String? = nil) {
+        self.path = path
         self.event = event
         self.outcome = outcome
         self.key = key
@@ -47,13 +51,13 @@ enum AuditTrail {
             String(time), e.event, e.outcome, e.key?.rawValue.hex ?? "", e.version.map { String($0.rawValue) } ?? "",
             e.principal.map { String($0.uid) } ?? "", e.principal.map { String($0.gid) } ?? "",
             e.principal.map { String($0.pid) } ?? "", e.principal?.processName ?? "", e.object?.hex ?? "", e.error ?? "",
-        ])
+        ] + (e.path.map { [$0] } ?? []))
         try db.cachedStatement(sql: """
-            INSERT INTO audit_log (time, event, outcome, key_id, key_version, uid, gid, pid, process, object_id, error, prev_hash, hash)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            INSERT INTO audit_log (time, event, outcome, key_id, key_version, uid, gid, pid, process, object_id, error, path, prev_hash, hash)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             """).execute(arguments: [time, e.event, e.outcome, e.key?.rawValue.hex, e.version.map { Int($0.rawValue) },
                              e.principal.map { Int($0.uid) }, e.principal.map { Int($0.gid) }, e.principal.map { Int($0.pid) },
-                             e.principal?.processName, e.object?.hex, e.error, previous, Data(hash)])
+                             e.principal?.processName, e.object?.hex, e.error, e.path, previous, Data(hash)])
         chained = Data(hash)
     }
 }
@@ -69,6 +73,8 @@ extension KeyManager {
     /// journal (written within 100 ms) and anything else is flushed at once;
     /// unmounted, each event is its own transaction.
     public func audit(_ event: AuditEvent) {
+        var event = event
+        if let path = event.path { event.path = storedAuditPath(path) }
         observeForAlerts(event)
         if !auditsRoutineUse.load(ordering: .relaxed), event.outcome == "success",
            event.event == "Decrypt" || event.event == "GenerateDataKey" { return }
@@ -154,7 +160,7 @@ extension KeyManager {
                 let hash = AuditTrail.chainHash(previous: previous, fields: [
                     String(time), text("event"), text("outcome"), text("key_id"), text("key_version"), text("uid"),
                     text("gid"), text("pid"), text("process"), text("object_id"), text("error"),
-                ])
+                ] + ((row["path"] as String?).map { [$0] } ?? []))
                 let recorded: Data = row["hash"]
                 guard Data(hash) == recorded else {
                     return AuditVerification(records: count, firstBad: seq, problem: "record \(seq) was altered")
@@ -201,11 +207,62 @@ public struct AuditRecord: Sendable, Codable {
     public var process: String?
     public var objectID: String?
     public var error: String?
+    public var path: String?
 
     init(row: Row) {
+        path = row["path"]
         seq = row["seq"]; time = row["time"]; event = row["event"]; outcome = row["outcome"]
         keyID = row["key_id"]; keyVersion = row["key_version"]; uid = row["uid"]; gid = row["gid"]; pid = row["pid"]
         process = row["process"]; objectID = row["object_id"]; error = row["error"]
+    }
+}
+
+// MARK: Paths in records
+
+/// How audit records name the file of an open or create.
+public enum AuditPathMode: String, Sendable, Codable, CaseIterable {
+    /// `hmac:` and a keyed hash of the path (the default): events on one path
+    /// correlate, and an investigator can test a path (`audit paths --hash`),
+    /// but the log does not reveal names.
+    case hashed
+    /// The plaintext path (opt-in).
+    case plain
+    /// No path; the random object id only.
+    case off
+}
+
+extension KeyManager {
+    public func auditPathMode() -> AuditPathMode {
+        let now = clock()
+        if let cached = caches.withLock({ $0.pathMode }), abs(now - cached.fetchedAt) < Self.recordTTL * 10 { return cached.mode }
+        let stored: String? = try? read { db in try String.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'audit_paths'") }
+        let mode = stored.flatMap(AuditPathMode.init(rawValue:)) ?? .hashed
+        caches.withLock { $0.pathMode = (mode, now) }
+        return mode
+    }
+
+    /// Sets how paths are recorded (administrators of the default key; audited).
+    public func setAuditPathMode(_ mode: AuditPathMode, by principal: Principal) throws(KeyManagerError) {
+        _ = try authorizeAdmin(principal, try resolve("alias/default"))
+        try write { db in
+            try db.execute(sql: "INSERT OR REPLACE INTO meta (name, value) VALUES ('audit_paths', ?)", arguments: [mode.rawValue])
+            try AuditTrail.append(db, AuditEvent("PutAuditSettings", principal: principal, error: "paths: \(mode.rawValue)"), at: clock())
+        }
+        caches.withLock { $0.pathMode = nil }
+    }
+
+    /// The keyed hash an audit record holds for `path` in `hashed` mode.
+    public func auditPathHash(_ path: String) -> String {
+        let mac = KeyDerivation.hmacSHA256(key: metadataKey, message: Array("kmsfs/v1/audit-path".utf8) + Array(path.utf8))
+        return "hmac:" + mac.prefix(16).map { String(format: "%02x", $0) }.joined()
+    }
+
+    func storedAuditPath(_ path: String) -> String? {
+        switch auditPathMode() {
+        case .hashed: return auditPathHash(path)
+        case .plain: return path
+        case .off: return nil
+        }
     }
 }
 

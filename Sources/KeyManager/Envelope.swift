@@ -9,7 +9,7 @@ import GRDB
 extension KeyManager {
     /// A fresh 256-bit data key for a new file or directory, wrapped by the
     /// current version of `key`, after checking policy (encrypt) and state.
-    public func generateDataKey(for object: ID128, kind: ObjectKind, key: KeyID, principal: Principal) throws(KeyManagerError) -> DataKey {
+    public func generateDataKey(for object: ID128, kind: ObjectKind, key: KeyID, principal: Principal, path: String? = nil) throws(KeyManagerError) -> DataKey {
         let rec = try record(key)
         guard rec.metadata.usage == .encryptDecrypt else {
             throw .invalidArgument("key \(rec.displayName) is a \(rec.metadata.spec.rawValue) SIGN_VERIFY key; data keys need an AES_256 key")
@@ -25,14 +25,14 @@ extension KeyManager {
             () throws(KeyManagerError) in try storedMaterial(key, version)
         }
         try recordUsage(object, kind: kind, key: key, version: version)
-        audit(AuditEvent("GenerateDataKey", key: key, version: version, principal: principal, object: object))
+        audit(AuditEvent("GenerateDataKey", key: key, version: version, principal: principal, object: object, path: path))
         return DataKey(key: dek, keyID: key, version: version, wrapped: wrapped)
     }
 
     /// Unwraps a data key for `object` after checking policy (decrypt) and
     /// state. A wrong context or altered bytes give `unwrapFailed`.
     public func decryptDataKey(_ wrapped: [UInt8], for object: ID128, key: KeyID, version: KeyVersion,
-                               principal: Principal) throws(KeyManagerError) -> SecretKey {
+                               principal: Principal, path: String? = nil) throws(KeyManagerError) -> SecretKey {
         let rec = try record(key)
         try authorize(principal, .decrypt, rec)
         do { try check(.unwrapDataKey, rec) } catch {
@@ -45,7 +45,7 @@ extension KeyManager {
             audit(AuditEvent("Decrypt", outcome: "integrity-failure", key: key, version: version, principal: principal, object: object, error: error.description))
             throw error
         }
-        audit(AuditEvent("Decrypt", key: key, version: version, principal: principal, object: object))
+        audit(AuditEvent("Decrypt", key: key, version: version, principal: principal, object: object, path: path))
         return dek
     }
 

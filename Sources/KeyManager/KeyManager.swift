@@ -77,6 +77,7 @@ public final class KeyManager: @unchecked Sendable {
         /// Directory path → governing key, valid as long as `bindings`.
         var boundKeys: [String: KeyID] = [:]
         var journal: UsageJournal?
+        var pathMode: (mode: AuditPathMode, fetchedAt: Double)?
     }
 
     /// The file name of the keystore inside its directory.

@@ -93,6 +93,10 @@ enum KeystoreSchema {
                     key_id TEXT NOT NULL, key_version INTEGER NOT NULL, signature BLOB NOT NULL);
                 """)
         }
+        migrator.registerMigration("v4-audit-path") { db in
+            // The file's path: a keyed hash by default, plaintext if opted in, or nothing.
+            try db.execute(sql: "ALTER TABLE audit_log ADD COLUMN path TEXT")
+        }
         return migrator
     }
 }

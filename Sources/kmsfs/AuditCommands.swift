@@ -6,7 +6,7 @@ struct AuditCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "audit",
         abstract: "Read the audit log of key operations, denials and integrity failures.",
-        subcommands: [List.self, Verify.self, Export.self, Alerts.self])
+        subcommands: [List.self, Verify.self, Export.self, Alerts.self, Paths.self])
 
     struct Verify: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -54,9 +54,10 @@ struct AuditCommand: ParsableCommand {
         func run() throws {
             let records = try fs.open().auditRecords(try filters.filter(), limit: limit)
             if output.json { try Output.json(records); return }
-            Output.table(["#", "TIME", "EVENT", "OUTCOME", "KEY", "VER", "UID", "OBJECT"], records.map { r in
+            Output.table(["#", "TIME", "EVENT", "OUTCOME", "KEY", "VER", "UID", "OBJECT", "PATH"], records.map { r in
                 [String(r.seq), Output.date(r.time), r.event, r.outcome, r.keyID.map { String($0.prefix(12)) } ?? "-",
-                 r.keyVersion.map(String.init) ?? "-", r.uid.map(String.init) ?? "-", r.objectID.map { String($0.prefix(12)) } ?? "-"]
+                 r.keyVersion.map(String.init) ?? "-", r.uid.map(String.init) ?? "-", r.objectID.map { String($0.prefix(12)) } ?? "-",
+                 r.path ?? "-"]
             })
         }
     }
@@ -89,7 +90,28 @@ enum Toggle: String, ExpressibleByArgument {
     case on, off
 }
 
+extension AuditPathMode: ExpressibleByArgument {}
+
 extension AuditCommand {
+    struct Paths: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Show or set how records name the file of an open or create: hashed (default), plain, or off; or hash a path to search for.",
+            discussion: "hashed stores hmac:… keyed with the keystore's metadata key, so records on one path correlate without revealing it; `--hash PATH` prints the value to look for.")
+        @OptionGroup var fs: FilesystemOption
+        @Argument(help: "hashed, plain or off.") var mode: AuditPathMode?
+        @Option(help: "Print the hashed form of this path inside the filesystem, e.g. /projects/report.txt.") var hash: String?
+
+        func run() throws {
+            let manager = try fs.open()
+            if let mode { try manager.setAuditPathMode(mode, by: caller) }
+            if let hash {
+                Output.line(manager.auditPathHash(hash))
+                return
+            }
+            Output.line("paths in audit records: \(manager.auditPathMode().rawValue)")
+        }
+    }
+
     struct Alerts: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Show or set where alerts go (syslog, a JSON-lines file, a command) and when the rules fire.",
@@ -146,6 +168,7 @@ struct CloudTrailEvent: Encodable {
         var outcome: String
         var keyVersion: Int?
         var objectId: String?
+        var path: String?
         var sequence: Int64
     }
     var eventVersion = "1.08"
@@ -176,6 +199,6 @@ struct CloudTrailEvent: Encodable {
             errorMessage = r.error
         }
         readOnly = ["Decrypt", "DescribeKey", "ListKeys"].contains(r.event)
-        additionalEventData = Extra(outcome: r.outcome, keyVersion: r.keyVersion, objectId: r.objectID, sequence: r.seq)
+        additionalEventData = Extra(outcome: r.outcome, keyVersion: r.keyVersion, objectId: r.objectID, path: r.path, sequence: r.seq)
     }
 }

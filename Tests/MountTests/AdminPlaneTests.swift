@@ -99,4 +99,27 @@ struct AuditLogTests {
         try sh("cp \(db).orig \(db) && rm -f \(db)-wal \(db)-shm")
         #expect(try fs.kmsfs(["audit", "verify", "--fs", fs.cipherdir]).ok)
     }
+
+    @Test("file paths in records: a keyed hash by default (no name at rest), plaintext only when opted in, or none")
+    func pathsInRecords() throws {
+        let fs = try MountedFS()
+        func lastOpenPath() throws -> String? {
+            let out = try fs.run("$K audit list --event Decrypt --limit 1 --json --fs $M").stdout
+            return (try JSONSerialization.jsonObject(with: Data(out.utf8)) as? [[String: Any]])?.last?["path"] as? String
+        }
+        #expect(try fs.run("mkdir $M/classified-project && echo x > $M/classified-project/merger-plan.txt").ok)
+        // Each open below finds no handle held, so it unwraps and is recorded.
+        #expect(try fs.run("cat $M/classified-project/merger-plan.txt").ok)
+        let hashed = try lastOpenPath()
+        let expected = try fs.run("$K audit paths --hash /classified-project/merger-plan.txt --fs $M").stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(hashed == expected && expected.hasPrefix("hmac:"), "\(String(describing: hashed)) vs \(expected)")
+        #expect(try fs.run("$K audit paths plain --fs $M && cat $M/classified-project/merger-plan.txt").ok)
+        #expect(try lastOpenPath() == "/classified-project/merger-plan.txt")
+        #expect(try fs.run("$K audit paths off --fs $M && cat $M/classified-project/merger-plan.txt").ok)
+        #expect(try lastOpenPath() == nil)
+        try fs.unmount()
+        #expect(try fs.kmsfs(["audit", "verify", "--fs", fs.cipherdir]).ok, "records with paths chain and verify")
+        // Only the opted-in record holds the name; the hashed one does not.
+        #expect(try fs.run("sqlite3 $C/.kmsfs/keystore.db \"SELECT COUNT(*) FROM audit_log WHERE path LIKE '%merger%'\"").stdout == "1\n")
+    }
 }
