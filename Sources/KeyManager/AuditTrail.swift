@@ -254,7 +254,7 @@ extension KeyManager {
     /// The keyed hash an audit record holds for `path` in `hashed` mode.
     public func auditPathHash(_ path: String) -> String {
         let mac = KeyDerivation.hmacSHA256(key: metadataKey, message: Array("kmsfs/v1/audit-path".utf8) + Array(path.utf8))
-        return "hmac:" + mac.prefix(16).map { String(format: "%02x", $0) }.joined()
+        return "hmac:" + ID128(bytes: mac.prefix(16))!.hex
     }
 
     func storedAuditPath(_ path: String) -> String? {
