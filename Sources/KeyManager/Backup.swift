@@ -50,8 +50,11 @@ extension KeyManager {
         defer { for suffix in ["", "-journal", "-wal", "-shm"] { unlink(scratch + suffix) } }
         // A consistent copy, then every secret in it rewrapped under the backup key.
         do {
+            // Owner-only from the first byte: VACUUM INTO accepts an existing empty file.
+            guard FileManager.default.createFile(atPath: scratch, contents: nil, attributes: [.posixPermissions: 0o600]) else {
+                throw KeyManagerError.database("cannot create \(scratch)")
+            }
             try db.writeWithoutTransaction { db in try db.execute(sql: "VACUUM INTO ?", arguments: [scratch]) }
-            chmod(scratch, 0o600)
             let copy = try DatabaseQueue(path: scratch)
             try copy.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA secure_delete = ON") }
             try copy.write { db in try rewrapSecrets(db, from: kek, to: backupKEK, salt: salt, scrypt: scrypt) }
