@@ -330,7 +330,6 @@ public final class Rekeyer: @unchecked Sendable {
         defer { fs.releaseFile(file) }
         guard file.fileID.rawValue == candidate.object else { return .skipped }  // replaced by another file meanwhile
         let principal = job.principal
-        let path = candidate.path
         do throws(Errno) {
             switch job.mode {
             case .rewrap:
@@ -358,7 +357,6 @@ public final class Rekeyer: @unchecked Sendable {
                 }, intent: { (old, new, backup) throws(Errno) in
                     try intent(candidate, job, old: old, new: new, backup: backup)
                 })
-                _ = path
                 return bytes.map { .moved(bytes: $0) } ?? .skipped
             }
         } catch { throw RekeyFailure(error) }

@@ -14,11 +14,16 @@ public enum KeySpec: String, CaseIterable, Sendable, Codable {
 
     /// Parses the AWS spelling, or the short forms ECC_P256/ECC_P384.
     public init?(argument: String) {
-        let upper = argument.uppercased()
-        switch upper {
-        case "ECC_P256": self = .eccP256
-        case "ECC_P384": self = .eccP384
-        default: self.init(rawValue: upper)
+        guard let spec = Self.parse(argument) else { return nil }
+        self = spec
+    }
+
+    /// The spec named `text` (case-insensitive; ECC_P256/ECC_P384 accepted).
+    public static func parse(_ text: String) -> KeySpec? {
+        switch text.uppercased() {
+        case "ECC_P256": return .eccP256
+        case "ECC_P384": return .eccP384
+        case let upper: return KeySpec(rawValue: upper)
         }
     }
 }

@@ -4,7 +4,11 @@ import Foundation
 import KeyManager
 
 extension KeySpec: ExpressibleByArgument {
-    public init?(argument: String) { self.init(argument: argument) }
+    // Not `self.init(argument:)`: inside this extension that is this initializer itself.
+    public init?(argument: String) {
+        guard let spec = KeySpec.parse(argument) else { return nil }
+        self = spec
+    }
     public static var allValueStrings: [String] { allCases.map(\.rawValue) }
 }
 

@@ -15,6 +15,12 @@ import KeyManager
         // The ECC key signing audit digests is made by the first command that writes audit records.
         #expect(Set(list.compactMap { ($0["aliases"] as? [String])?.first }) == ["alias/default", "alias/prod", "alias/kmsfs-audit-digest"])
         #expect(list.first { ($0["aliases"] as? [String])?.first == "alias/kmsfs-audit-digest" }?["spec"] as? String == "ECC_NIST_P256")
+        // --spec parses each spelling (it once recursed forever and crashed).
+        for spec in ["ECC_P256", "ecc_nist_p384", "RSA_2048"] {
+            let made = try s.key(["create", "--spec", spec, "--no-rotation"])
+            #expect(made.status == 0, "--spec \(spec): \(made.stderr)")
+        }
+        #expect(try s.key(["create", "--spec", "DES"]).status != 0)
         let prodOnly = try s.json(["list", "--tag", "env=prod"]) as? [[String: Any]] ?? []
         #expect(prodOnly.count == 1 && prodOnly[0]["keyID"] as? String == id)
         let described = try s.json(["describe", "alias/prod"]) as? [String: Any] ?? [:]
