@@ -133,6 +133,10 @@ extension AuditCommand {
             let manager = try fs.open()
             var config = try manager.alertConfig()
             let changing = syslog != nil || jsonl != nil || command != nil || denialBurst != nil || denialWindow != nil || rotationOverdueDays != nil
+            // The daemon may run as root: only root or the mounting user may make it run a command or write a file.
+            if Invocation.current.daemon != nil, caller.uid != 0, caller.uid != geteuid(), command != nil || jsonl != nil {
+                throw Failure("only root or the mounting user may set the alert command or file of a mounted filesystem")
+            }
             if let syslog { config.syslog = syslog == .on }
             if let jsonl { config.jsonl = jsonl.isEmpty ? nil : URL(fileURLWithPath: jsonl).standardizedFileURL.path }
             if let command { config.command = command.isEmpty ? nil : command }

@@ -40,6 +40,8 @@ struct AdminPlaneTests {
         #expect(try fs.run("$K key policy alias/default --grant administer uid:4242 --fs $M").ok)
         let admitted = try fs.run("\(setpriv) $K key rotate alias/default --fs $C")
         #expect(admitted.ok, "\(admitted.stderr)")
+        let escalate = try fs.run("\(setpriv) $K audit alerts --command 'touch /tmp/kmsfs-pwned' --fs $C")
+        #expect(escalate.status == 1 && escalate.stderr.contains("only root or the mounting user"), "\(escalate.stderr)")
         let notTheirs = try fs.run("\(setpriv) $K key disable alias/other --fs $C")
         #expect(notTheirs.status == 1 && notTheirs.stderr.contains("denied"), "\(notTheirs.stderr)")
         #expect(try fs.run("$K key describe alias/other --fs $M").stdout.contains("Enabled"))
