@@ -111,12 +111,6 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         return volume
     }
 
-    /// The plaintext path of `name` in directory `parent`.
-    func childPath(_ parent: NodeID, _ name: String) -> String {
-        let dir = nodes.path(of: parent)
-        return dir == "/" ? "/" + name : dir + "/" + name
-    }
-
     /// The name stored in CIPHERDIR for plaintext `name` in directory `node`.
     func storedName(_ name: String, in node: Node, _ context: RequestContext) throws(Errno) -> String {
         guard !name.isEmpty, name != ".", name != ".." else { throw .invalidArgument }
@@ -153,10 +147,10 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     }
 
     /// The plaintext name of a stored entry, or nil for kmsfs's own files and undecryptable names.
-    func plaintextName(_ stored: String, in node: Node, keys dir: DirectoryKeys?) -> String? {
+    func plaintextName(_ stored: String, inDirectory dirFD: Int32, keys dir: DirectoryKeys?) -> String? {
         if stored.hasPrefix(Self.reservedPrefix) {
             guard LongName.isHashed(stored), let dir else { return nil }
-            guard let fd = try? Syscall.openat(node.fd, stored + LongName.sidecarSuffix, O_RDONLY) else { return nil }
+            guard let fd = try? Syscall.openat(dirFD, stored + LongName.sidecarSuffix, O_RDONLY) else { return nil }
             defer { close(fd) }
             let encoded = String(decoding: (try? Syscall.pread(fd, count: 4096, at: 0)) ?? [], as: UTF8.self)
             guard LongName.storedName(for: encoded) == stored else { return nil }
@@ -444,7 +438,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         var entries = [DirectoryEntry(name: ".", inode: node.key.inode, type: S_IFDIR, nextOffset: 1),
                        DirectoryEntry(name: "..", inode: UInt64((try? Syscall.fstatat(node.fd, "..").st_ino) ?? 1), type: S_IFDIR, nextOffset: 2)]
         for raw in try Syscall.listDirectory(node.fd) {
-            guard let name = plaintextName(raw.name, in: node, keys: dir) else { continue }
+            guard let name = plaintextName(raw.name, inDirectory: node.fd, keys: dir) else { continue }
             entries.append(DirectoryEntry(name: name, inode: raw.inode, type: mode_t(raw.type) << 12,
                                           nextOffset: Int64(entries.count + 1)))
         }
@@ -471,11 +465,13 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     public func create(_ parent: NodeID, _ name: String, mode: mode_t, flags: Int32, _ context: RequestContext) throws(Errno) -> (EntryReply, OpenReply) {
         let dir = try nodes.node(parent)
         let stored = try storedName(name, in: dir, context)
-        let key = try keys { () throws(KeyManagerError) in try keyManager.boundKey(forDirectory: nodes.path(of: parent)) }
+        let directory = nodes.path(of: parent)
+        let key = try keys { () throws(KeyManagerError) in try keyManager.boundKey(forDirectory: directory) }
         let fileID = FileID.random()
         let who = principal(context)
+        let path = directory == "/" ? "/" + name : directory + "/" + name
         let dataKey = try keys { () throws(KeyManagerError) in
-            try keyManager.generateDataKey(for: fileID.rawValue, kind: .file, key: key, principal: who, path: childPath(parent, name))
+            try keyManager.generateDataKey(for: fileID.rawValue, kind: .file, key: key, principal: who, path: path)
         }
         var header = FileHeader(chunkSizeLog2: layout.chunkSizeLog2, fileID: fileID, keyID: dataKey.keyID,
                                 keyVersion: dataKey.version, wrappedKey: dataKey.wrapped)

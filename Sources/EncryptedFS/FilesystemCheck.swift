@@ -106,7 +106,7 @@ public final class FilesystemCheck {
             if name == DirectoryKeys.fileName || name.hasPrefix(DirectoryKeys.fileName + ".") { continue }
             if name.hasPrefix(EncryptedFileSystem.reservedPrefix), name.hasSuffix(LongName.sidecarSuffix) { continue }
             let backingPath = backing.isEmpty ? name : backing + "/" + name
-            guard let plainName = decryptName(name, dirFD: dirFD, keys: keys) else {
+            guard let plainName = fs.plaintextName(name, inDirectory: dirFD, keys: keys) else {
                 problem((plain == "/" ? "" : plain) + "/?", backingPath, nil, "name", "the name does not decrypt under its directory's key", parentFD: dirFD, stored: name)
                 continue
             }
@@ -127,19 +127,6 @@ public final class FilesystemCheck {
                 continue
             }
         }
-    }
-
-    private func decryptName(_ stored: String, dirFD: Int32, keys: DirectoryKeys?) -> String? {
-        if fs.plaintextNames { return stored }
-        guard let keys else { return nil }
-        var encoded = stored
-        if LongName.isHashed(stored) {
-            guard let fd = try? Syscall.openat(dirFD, stored + LongName.sidecarSuffix, O_RDONLY) else { return nil }
-            defer { close(fd) }
-            encoded = String(decoding: (try? Syscall.pread(fd, count: 4096, at: 0)) ?? [], as: UTF8.self)
-            guard LongName.storedName(for: encoded) == stored else { return nil }
-        }
-        return try? keys.names.decrypt(encoded)
     }
 
     private func checkFile(_ dirFD: Int32, _ stored: String, backing: String, plain: String) {

@@ -57,7 +57,11 @@ extension KeyManager {
             try db.writeWithoutTransaction { db in try db.execute(sql: "VACUUM INTO ?", arguments: [scratch]) }
             let copy = try DatabaseQueue(path: scratch)
             try copy.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA secure_delete = ON") }
-            try copy.write { db in try rewrapSecrets(db, from: kek, to: backupKEK, salt: salt, scrypt: scrypt) }
+            try copy.write { db in
+                try rewrapSecrets(db, from: kek, to: backupKEK, salt: salt, scrypt: scrypt)
+                // The copy is no mount's: a restored keystore must not look like one that died mid-batch.
+                try db.execute(sql: "DELETE FROM meta WHERE name = 'usage_journal_pid'")
+            }
             try copy.writeWithoutTransaction { db in try db.execute(sql: "VACUUM") }
             try copy.close()
         } catch let error as KeyManagerError { throw error } catch { throw .database("cannot copy the keystore: \(error)") }
@@ -93,7 +97,8 @@ extension KeyManager {
     }
 
     /// Rewraps every master-key version, the metadata key and the check value
-    /// of the keystore in `db` from `old` to `new`, with `new`'s salt and scrypt settings.
+    /// of the keystore in `db` from `old` to `new`, with `new`'s salt and
+    /// scrypt settings (a passphrase change, a backup, a restore).
     func rewrapSecrets(_ db: Database, from old: AESGCM, to new: AESGCM, salt: [UInt8], scrypt: ScryptParameters) throws {
         let fs = filesystemID
         for row in try Row.fetchAll(db, sql: "SELECT key_id, version, material FROM key_versions WHERE material IS NOT NULL") {
@@ -115,7 +120,6 @@ extension KeyManager {
         try db.execute(sql: "UPDATE meta SET value = ? WHERE name = 'scrypt_logn'", arguments: [Int(scrypt.logN)])
         try db.execute(sql: "UPDATE meta SET value = ? WHERE name = 'scrypt_r'", arguments: [Int(scrypt.r)])
         try db.execute(sql: "UPDATE meta SET value = ? WHERE name = 'scrypt_p'", arguments: [Int(scrypt.p)])
-        try db.execute(sql: "DELETE FROM meta WHERE name = 'usage_journal_pid'")
     }
 
     /// The SIGN_VERIFY key that signs audit digests and backups (made on first use).

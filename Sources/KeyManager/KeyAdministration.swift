@@ -379,26 +379,8 @@ extension KeyManager {
         let params = scrypt ?? stored
         let salt = SecureRandom.bytes(32)
         let newKEK = try AESGCM.make(try params.deriveKey(passphrase: newPassphrase, salt: salt))
-        let fs = filesystemID
         try write { db in
-            for row in try Row.fetchAll(db, sql: "SELECT key_id, version, material FROM key_versions WHERE material IS NOT NULL") {
-                guard let id = KeyID(hex: row["key_id"]) else { continue }
-                let version = KeyVersion(rawValue: UInt32(row["version"] as Int))
-                let context = Self.materialContext(id, version)
-                let wrapped: Data = row["material"]
-                guard let secret = try KeyWrap.open([UInt8](wrapped), under: kek, context: context) else {
-                    throw KeyManagerError.keystoreCorrupt("material of key \(id) version \(version) does not open")
-                }
-                let rewrapped = try secret.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: newKEK, context: context) }
-                try db.execute(sql: "UPDATE key_versions SET material = ? WHERE key_id = ? AND version = ?",
-                               arguments: [Data(rewrapped), id.rawValue.hex, version.rawValue])
-            }
-            let check = try fs.bytes.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: newKEK, context: Self.kekCheckContext(fs)) }
-            let meta = try metadataKey.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: newKEK, context: Self.metadataKeyContext(fs)) }
-            for (name, value) in [("salt", Data(salt)), ("kek_check", Data(check)), ("metadata_key", Data(meta))] {
-                try db.execute(sql: "UPDATE meta SET value = ? WHERE name = ?", arguments: [value, name])
-            }
-            try db.execute(sql: "UPDATE meta SET value = ? WHERE name = 'scrypt_logn'", arguments: [Int(params.logN)])
+            try rewrapSecrets(db, from: kek, to: newKEK, salt: salt, scrypt: params)
             try AuditTrail.append(db, AuditEvent("ChangePassphrase", principal: principal), at: clock())
         }
         local.replaceKEK(newKEK)
