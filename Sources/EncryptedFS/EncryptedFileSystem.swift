@@ -547,7 +547,8 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
                 writable = false
                 fd = try Syscall.openat(AT_FDCWD, node.procPath, O_RDONLY)
             }
-            let file = try makeOpenFile(fd: fd, writable: writable, principal: who, path: nodes.filePath(of: node))
+            let path = keyManager.auditPathMode() == .off ? nil : nodes.filePath(of: node)
+            let file = try makeOpenFile(fd: fd, writable: writable, principal: who, path: path)
             if !writable, flags & O_ACCMODE != O_RDONLY { throw .permissionDenied }  // `file` closes fd
             return file
         }
