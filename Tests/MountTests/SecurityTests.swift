@@ -6,9 +6,12 @@ import Testing
     @Test("a tampered chunk reads as EIO, the rest of the file and the filesystem keep working, and the failure is audited with the file id")
     func tamperedChunk() throws {
         let fs = try MountedFS()
+        #expect(try fs.run("head -c $((5 * 16384)) /dev/urandom > $T/ref && cp $T/ref \"$M/victim\" && echo fine > \"$M/other\"").ok)
+        // Remounted, so the kernel holds no page of the plaintext cp wrote
+        // (it would rightly serve those) and no open state lingers.
+        try fs.unmount()
+        try fs.mount()
         let setup = try fs.run("""
-            head -c $((5 * 16384)) /dev/urandom > $T/ref
-            cp $T/ref "$M/victim"; echo fine > "$M/other"
             f=$(find "$C" -path "$C/.kmsfs" -prune -o -type f -size +80k -print | head -1)
             # the file id is header bytes 8..23
             od -An -tx1 -j8 -N16 "$f" | tr -d ' \\n'; echo
@@ -44,8 +47,10 @@ import Testing
     @Test("a tampered header or a truncated file reads as EIO")
     func tamperedHeaderAndTruncation() throws {
         let fs = try MountedFS()
+        #expect(try fs.run("head -c 100000 /dev/urandom > \"$M/h\"; head -c 100000 /dev/urandom > \"$M/t\"").ok)
+        try fs.unmount()  // a cold kernel cache: see tamperedChunk
+        try fs.mount()
         let r = try fs.run("""
-            head -c 100000 /dev/urandom > "$M/h"; head -c 100000 /dev/urandom > "$M/t"
             for f in $(find "$C" -path "$C/.kmsfs" -prune -o -type f -size +90k -print); do
               if [ -z "${first:-}" ]; then first=$f
                 printf '\\x01' | dd of="$f" bs=1 seek=50 conv=notrunc status=none   # key id byte
