@@ -44,10 +44,17 @@ public struct ID128: Hashable, Sendable, Comparable, CustomStringConvertible {
     }
 
     /// 32 lowercase hex digits.
+    /// (Written straight into the string's storage: ids are formatted for
+    /// every audit record and usage-index row, on the file-create path.)
     public var hex: String {
-        let h = String(high, radix: 16)
-        let l = String(low, radix: 16)
-        return String(repeating: "0", count: 16 - h.count) + h + String(repeating: "0", count: 16 - l.count) + l
+        String(unsafeUninitializedCapacity: 32) { out in
+            for i in 0..<32 {
+                let word = i < 16 ? high : low
+                let nibble = UInt8(truncatingIfNeeded: word >> UInt64(60 - 4 * (i % 16))) & 0x0F
+                out[i] = nibble < 10 ? 0x30 + nibble : 0x57 + nibble
+            }
+            return 32
+        }
     }
 
     public var description: String { hex }

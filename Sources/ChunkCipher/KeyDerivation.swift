@@ -24,7 +24,7 @@ public enum KeyDerivation {
         return derived
     }
 
-    nonisolated(unsafe) private static let hmacTemplate: OpaquePointer? = kmsfs_hmac_sha256_template()
+    nonisolated(unsafe) fileprivate static let hmacTemplate: OpaquePointer? = kmsfs_hmac_sha256_template()
 
     /// HMAC-SHA256 of `message` under `key` (a copy of a prepared context:
     /// the one-shot HMAC() looks both algorithms up by name on every call).
@@ -42,6 +42,37 @@ public enum KeyDerivation {
         }
         precondition(ok && length == 32, "HMAC-SHA256 failed")
         return out
+    }
+
+    /// HMAC-SHA256 under one long-lived key, keyed once: each `mac` copies
+    /// the keyed context instead of hashing the key's pads again (the audit
+    /// log hashes a path with the metadata key on every file create).
+    /// The keyed context holds key-derived state; it is freed with the object.
+    public final class KeyedHMAC: @unchecked Sendable {
+        private let keyed: OpaquePointer
+
+        public init(key: borrowing SecretKey) {
+            guard let ctx = EVP_MAC_CTX_dup(KeyDerivation.hmacTemplate) else { preconditionFailure("HMAC-SHA256 context") }
+            let ok = key.withUnsafeBytes { raw in
+                EVP_MAC_init(ctx, raw.baseAddress?.assumingMemoryBound(to: UInt8.self), raw.count, nil) == 1
+            }
+            precondition(ok, "HMAC-SHA256 key setup failed")
+            keyed = ctx
+        }
+
+        deinit { EVP_MAC_CTX_free(keyed) }
+
+        public func mac(_ message: [UInt8]) -> [UInt8] {
+            var out = [UInt8](repeating: 0, count: 32)
+            var length = 0
+            guard let ctx = EVP_MAC_CTX_dup(keyed) else { preconditionFailure("HMAC-SHA256 context") }
+            defer { EVP_MAC_CTX_free(ctx) }
+            let ok = out.withUnsafeMutableBufferPointer { o in
+                EVP_MAC_update(ctx, message, message.count) == 1 && EVP_MAC_final(ctx, o.baseAddress, &length, 32) == 1
+            }
+            precondition(ok && length == 32, "HMAC-SHA256 failed")
+            return out
+        }
     }
 
     /// SHA-256 of `message`.

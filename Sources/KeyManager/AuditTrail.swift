@@ -251,9 +251,11 @@ extension KeyManager {
         caches.withLock { $0.pathMode = nil }
     }
 
+    static let auditPathLabel = Array("kmsfs/v1/audit-path".utf8)
+
     /// The keyed hash an audit record holds for `path` in `hashed` mode.
     public func auditPathHash(_ path: String) -> String {
-        let mac = KeyDerivation.hmacSHA256(key: metadataKey, message: Array("kmsfs/v1/audit-path".utf8) + Array(path.utf8))
+        let mac = pathMAC.mac(Self.auditPathLabel + Array(path.utf8))
         return "hmac:" + ID128(bytes: mac.prefix(16))!.hex
     }
 

@@ -61,6 +61,8 @@ public final class KeyManager: @unchecked Sendable {
     var kek: AESGCM { local.kek }
     /// Keys path MACs and sealed paths of bindings.
     let metadataKey: SecretKey
+    /// HMAC under the metadata key, keyed once (audit path hashes).
+    let pathMAC: KeyDerivation.KeyedHMAC
     let caches = Mutex(Caches())
     let alertState = Mutex(AlertState())
     /// Whether successful unwraps and data-key generations are recorded (on;
@@ -194,6 +196,7 @@ public final class KeyManager: @unchecked Sendable {
         self.chunkSize = chunkSize
         self.plaintextNames = plaintextNames
         self.local = LocalKeyProvider(kek: kek)
+        self.pathMAC = KeyDerivation.KeyedHMAC(key: metadataKey)
         self.metadataKey = metadataKey
         self.clock = clock
     }
