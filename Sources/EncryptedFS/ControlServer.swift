@@ -178,17 +178,22 @@ public final class ControlServer: @unchecked Sendable {
         return address
     }
 
-    /// Sends one request to the daemon serving `directory`; nil when none answers.
-    static func exchange(directory: String, _ request: Request) throws -> Reply? {
-        let path = directory + "/" + socketName
+    /// A socket connected to the daemon serving `directory`, or nil when none answers.
+    private static func connection(_ directory: String) -> Int32? {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        guard var address = Self.address(path) else { return nil }
+        guard var address = Self.address(directory + "/" + socketName) else { close(fd); return nil }
         let connected = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
-        guard connected == 0 else { return nil }
+        guard connected == 0 else { close(fd); return nil }
+        return fd
+    }
+
+    /// Sends one request to the daemon serving `directory`; nil when none answers.
+    static func exchange(directory: String, _ request: Request) throws -> Reply? {
+        guard let fd = connection(directory) else { return nil }
+        defer { close(fd) }
         var data = try JSONEncoder().encode(request)
         data.append(0x0A)
         _ = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
@@ -211,14 +216,9 @@ public final class ControlServer: @unchecked Sendable {
 
     /// Whether a daemon answers on `directory`'s control socket.
     public static func isServing(directory: String) -> Bool {
-        let path = directory + "/" + socketName
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { return false }
-        defer { close(fd) }
-        guard var address = Self.address(path) else { return false }
-        return withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        } == 0
+        guard let fd = connection(directory) else { return false }
+        close(fd)
+        return true
     }
 
     /// Runs `arguments` (a kmsfs command line without the program name) in the

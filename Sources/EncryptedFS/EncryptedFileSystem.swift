@@ -209,9 +209,13 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     func fileID(in directoryFD: Int32, stored: String) -> ID128? {
         guard let fd = try? Syscall.openat(directoryFD, stored, O_RDONLY | O_NOFOLLOW) else { return nil }
         defer { close(fd) }
-        guard let raw = try? Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0),
-              let header = try? FileHeader(decoding: raw) else { return nil }
-        return header.fileID.rawValue
+        return Self.header(of: fd)?.fileID.rawValue
+    }
+
+    /// The header of open backing file `fd` if it parses (shape only: not authenticated).
+    static func header(of fd: Int32) -> FileHeader? {
+        guard let raw = try? Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0) else { return nil }
+        return try? FileHeader(decoding: raw)
     }
 
     // MARK: Names and attributes

@@ -75,19 +75,14 @@ public final class FilesystemCheck {
         return Self.quarantineDirectory + "/" + name
     }
 
-    private func header(_ fd: Int32) -> FileHeader? {
-        guard let raw = try? Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0) else { return nil }
-        return try? FileHeader(decoding: raw)
-    }
-
     private func checkDirectory(_ dirFD: Int32, backing: String, plain: String, parentFD: Int32?, stored: String?, volume: VolumeKeys?) {
         report.directories += 1
         let keys: DirectoryKeys?
         if fs.plaintextNames {
             keys = nil
         } else {
-            if let fd = try? Syscall.openat(dirFD, DirectoryKeys.fileName, O_RDONLY), let h = header(fd) {
-                usage.append((h.fileID.rawValue, .directory, h.keyID, h.keyVersion))
+            if let fd = try? Syscall.openat(dirFD, DirectoryKeys.fileName, O_RDONLY) {
+                if let h = EncryptedFileSystem.header(of: fd) { usage.append((h.fileID.rawValue, .directory, h.keyID, h.keyVersion)) }
                 close(fd)
             }
             do throws(Errno) {
@@ -134,7 +129,7 @@ public final class FilesystemCheck {
         defer { close(fd) }
         guard let st = try? Syscall.fstat(fd), seen.insert(InodeKey(st)).inserted else { return }
         report.files += 1
-        guard let header = header(fd) else {
+        guard let header = EncryptedFileSystem.header(of: fd) else {
             problem(plain, backing, nil, "header", "the header does not parse", parentFD: dirFD, stored: stored)
             return
         }

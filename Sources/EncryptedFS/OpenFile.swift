@@ -258,12 +258,13 @@ final class OpenFile: @unchecked Sendable {
     /// still one `selects` picks, `wrap` gives the new key fields, the header
     /// is resealed at the sealed length, `intent` records old and new header
     /// bytes, and the new header is written through `writeFD` in one pwrite.
-    /// Returns false (changing nothing) if the file no longer needs it.
+    /// Returns the key and version now in the header, or nil (changing
+    /// nothing) if the file no longer needs it.
     func rewrap(writeFD: Int32, selects: (FileHeader) -> Bool,
                 wrap: (FileHeader) throws(Errno) -> (KeyID, KeyVersion, [UInt8]),
-                intent: (_ old: [UInt8], _ new: [UInt8]) throws(Errno) -> Void) throws(Errno) -> Bool {
-        try lock.writing { () throws(Errno) -> Bool in
-            guard selects(header) else { return false }
+                intent: (_ old: [UInt8], _ new: [UInt8]) throws(Errno) -> Void) throws(Errno) -> (key: KeyID, version: KeyVersion)? {
+        try lock.writing { () throws(Errno) -> (key: KeyID, version: KeyVersion)? in
+            guard selects(header) else { return nil }
             let (key, version, wrapped) = try wrap(header)
             var next = header
             next.keyID = key
@@ -278,7 +279,7 @@ final class OpenFile: @unchecked Sendable {
             try intent(old, new)
             try Syscall.pwrite(writeFD, new, at: 0)
             header = next
-            return true
+            return (key, version)
         }
     }
 
@@ -291,8 +292,9 @@ final class OpenFile: @unchecked Sendable {
     func reencrypt(writeFD: Int32, selects: (FileHeader) -> Bool,
                    newKey: (FileHeader) throws(Errno) -> (cipher: FileCipher, key: KeyID, version: KeyVersion, wrapped: [UInt8]),
                    backup: (_ st: stat) throws(Errno) -> String,
-                   intent: (_ old: [UInt8], _ new: [UInt8], _ backup: String) throws(Errno) -> Void) throws(Errno) -> Int? {
-        try lock.writing { () throws(Errno) -> Int? in
+                   intent: (_ old: [UInt8], _ new: [UInt8], _ backup: String) throws(Errno) -> Void)
+        throws(Errno) -> (bytes: Int, key: KeyID, version: KeyVersion)? {
+        try lock.writing { () throws(Errno) -> (bytes: Int, key: KeyID, version: KeyVersion)? in
             guard selects(header) else { return nil }
             let st = try Syscall.fstat(writeFD)
             let fresh = try newKey(header)
@@ -333,7 +335,7 @@ final class OpenFile: @unchecked Sendable {
             header = next
             var times = [st.st_atim, st.st_mtim]
             _ = futimens(writeFD, &times)
-            return Int(st.st_size)
+            return (Int(st.st_size), fresh.key, fresh.version)
         }
     }
 

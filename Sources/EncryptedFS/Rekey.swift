@@ -16,14 +16,13 @@ import Glibc
 /// in docs/FILESYSTEM.md ("Re-keying").
 ///
 /// A pass walks the backing tree in a fixed order (sorted names, depth
-/// first) and reads only headers, collecting the files and directories whose
-/// data key the job moves. Batches of them go to `workers` threads; each
-/// file is rewritten while holding its open-file state exclusively — the
-/// same state applications' handles share — so the check that it is still
-/// there and still on the old key, and the write, happen with nobody else
-/// reading or writing it. Every finished file is checkpointed in the
-/// keystore; passes repeat until one finds nothing (files renamed during a
-/// pass are caught by the next).
+/// first), reading only headers and keeping each selected file open from the
+/// moment it is seen; every 64 of them go to `workers` threads. Each file is
+/// rewritten while holding its open-file state exclusively — the same state
+/// applications' handles share — so the check that it is still there and
+/// still on the old key, and the write, happen with nobody else reading or
+/// writing it. Every finished file is checkpointed in the keystore; passes
+/// repeat until a walk finds nothing and the usage index agrees.
 public final class Rekeyer: @unchecked Sendable {
     let fs: EncryptedFileSystem
     var keyManager: KeyManager { fs.keyManager }
@@ -55,7 +54,8 @@ public final class Rekeyer: @unchecked Sendable {
     }
 
     enum Outcome {
-        case moved(bytes: Int)
+        /// Rewritten under `key` `version` (what the header now says).
+        case moved(bytes: Int, key: KeyID, version: KeyVersion)
         case skipped
     }
 
@@ -72,15 +72,13 @@ public final class Rekeyer: @unchecked Sendable {
         let done = try keyManager.rekeyDone(id)
         let started = KeyManager.systemClock()
         let moved = Atomic<Int>(0)
-        let selects = { (target: KeyVersion) in { (header: FileHeader) in
-            job.selects(key: header.keyID, version: header.keyVersion, currentTargetVersion: target)
-        } }
         for pass in 1...Self.maxPasses {
             let target = try keyManager.currentVersion(of: job.targetKey)
+            let selects = Self.selection(job, target: target)
             if pass == 1 {
                 var count = 0, bytes = 0
                 do throws(Errno) {
-                    try walk(job, selects: selects(target)) { candidate in
+                    try walk(job, selects: selects) { candidate in
                         if !done.contains(candidate.object) { count += 1; bytes += candidate.bytes }
                         return true
                     }
@@ -101,13 +99,13 @@ public final class Rekeyer: @unchecked Sendable {
                     stopped = true
                     return false
                 }
-                failed += process(batch, job, started: started, moved: moved)
+                failed += process(batch, job, selects: selects, started: started, moved: moved)
                 progress(try keyManager.rekeyJob(id)!)
                 return true
             }
             var walkError: KeyManagerError?
             do throws(Errno) {
-                try walk(job, selects: selects(target), keepOpen: true) { candidate in
+                try walk(job, selects: selects, keepOpen: true) { candidate in
                     guard pass > 1 || !done.contains(candidate.object) else { close(candidate.fd); return true }
                     found += 1
                     batch.append(candidate)
@@ -140,7 +138,7 @@ public final class Rekeyer: @unchecked Sendable {
         }
         var remaining = 0
         let target = try keyManager.currentVersion(of: job.targetKey)
-        try? walk(job, selects: selects(target)) { _ in remaining += 1; return true }
+        try? walk(job, selects: Self.selection(job, target: target)) { _ in remaining += 1; return true }
         if remaining > 0 {
             try keyManager.setRekeyState(id, .failed, error: "\(remaining) file(s) could not be moved; see the last error and `kmsfs fsck`", by: nil)
         } else {
@@ -151,7 +149,8 @@ public final class Rekeyer: @unchecked Sendable {
 
     /// Moves one batch on `job.workers` threads; returns how many failed.
     /// Closes every candidate's descriptor.
-    private func process(_ batch: [Candidate], _ job: RekeyJob, started: Double, moved: borrowing Atomic<Int>) -> Int {
+    private func process(_ batch: [Candidate], _ job: RekeyJob, selects: @escaping @Sendable (FileHeader) -> Bool,
+                         started: Double, moved: borrowing Atomic<Int>) -> Int {
         let failures = Atomic<Int>(0)
         let workers = min(job.workers, batch.count)
         let control = StopCheck(self, job.id)
@@ -161,7 +160,7 @@ public final class Rekeyer: @unchecked Sendable {
                 defer { close(candidate.fd) }
                 guard !control.shouldStop() else { continue }
                 do throws(RekeyFailure) {
-                    if case .moved(let bytes) = try rekey(candidate, job) {
+                    if case .moved(let bytes, _, _) = try rekey(candidate, job, selects: selects) {
                         let total = moved.add(bytes, ordering: .relaxed).newValue
                         throttle(job.rate, bytes: total, since: started, control: control)
                     }
@@ -258,8 +257,7 @@ public final class Rekeyer: @unchecked Sendable {
             guard entry.type == DT_REG || entry.type == DT_UNKNOWN else { continue }
             guard let file = try? Syscall.openat(fd, entry.name, O_RDONLY | O_NOFOLLOW) else { continue }
             guard let st = try? Syscall.fstat(file), st.st_mode & S_IFMT == S_IFREG, seen.insert(InodeKey(st)).inserted,
-                  let raw = try? Syscall.pread(file, count: ChunkLayout.headerSize, at: 0),
-                  let header = try? FileHeader(decoding: raw), selects(header) else { close(file); continue }
+                  let header = EncryptedFileSystem.header(of: file), selects(header) else { close(file); continue }
             var kept: Int32 = -1
             if keepOpen {
                 if isKeys { kept = dup(fd); close(file) } else { kept = file }
@@ -291,16 +289,17 @@ public final class Rekeyer: @unchecked Sendable {
 
     // MARK: Moving one file
 
-    func rekey(_ candidate: Candidate, _ job: RekeyJob) throws(RekeyFailure) -> Outcome {
+    /// Moves one file or directory key and checkpoints it; `selects` is the
+    /// pass's test of a header (re-applied under the file's lock).
+    func rekey(_ candidate: Candidate, _ job: RekeyJob, selects: (FileHeader) -> Bool) throws(RekeyFailure) -> Outcome {
         let result: Outcome
         switch candidate.kind {
-        case .directory: result = try rewrapDirectoryKeys(candidate, job, dirFD: candidate.fd)
-        case .file: result = try rekeyFile(candidate, job)
+        case .directory: result = try rewrapDirectoryKeys(candidate, job, selects: selects)
+        case .file: result = try rekeyFile(candidate, job, selects: selects)
         }
-        if case .moved(let bytes) = result {
+        if case .moved(let bytes, let key, let version) = result {
             do throws(KeyManagerError) {
-                let version = try keyManager.currentVersion(of: job.targetKey)
-                try keyManager.commitRekeyed(job: job.id, object: candidate.object, kind: candidate.kind, key: job.targetKey,
+                try keyManager.commitRekeyed(job: job.id, object: candidate.object, kind: candidate.kind, key: key,
                                              version: version, bytes: bytes)
             } catch { throw RekeyFailure(error) }
             if job.mode == .reencrypt, candidate.kind == .file { unlink(backupPath(candidate.object)) }
@@ -308,12 +307,12 @@ public final class Rekeyer: @unchecked Sendable {
         return result
     }
 
-    func selects(_ job: RekeyJob) -> (FileHeader) -> Bool {
-        let target = (try? keyManager.currentVersion(of: job.targetKey)) ?? KeyVersion(rawValue: 0)
-        return { header in job.selects(key: header.keyID, version: header.keyVersion, currentTargetVersion: target) }
+    /// Whether a header is one `job` moves, `target` being its target key's current version.
+    static func selection(_ job: RekeyJob, target: KeyVersion) -> @Sendable (FileHeader) -> Bool {
+        { header in job.selects(key: header.keyID, version: header.keyVersion, currentTargetVersion: target) }
     }
 
-    private func rekeyFile(_ candidate: Candidate, _ job: RekeyJob) throws(RekeyFailure) -> Outcome {
+    private func rekeyFile(_ candidate: Candidate, _ job: RekeyJob, selects: (FileHeader) -> Bool) throws(RekeyFailure) -> Outcome {
         let fd: Int32
         do throws(Errno) { fd = try Syscall.openat(AT_FDCWD, "/proc/self/fd/\(candidate.fd)", O_RDWR) } catch {
             if error == .noSuchFileOrDirectory { return .skipped }
@@ -333,7 +332,7 @@ public final class Rekeyer: @unchecked Sendable {
         do throws(Errno) {
             switch job.mode {
             case .rewrap:
-                let moved = try file.rewrap(writeFD: fd, selects: selects(job), wrap: { (header) throws(Errno) in
+                let moved = try file.rewrap(writeFD: fd, selects: selects, wrap: { (header) throws(Errno) in
                     try fs.keys { () throws(KeyManagerError) in
                         let r = try keyManager.reencryptDataKey(header.wrappedKey, for: candidate.object, kind: .file, from: header.keyID,
                                                                 version: header.keyVersion, to: job.targetKey, principal: principal)
@@ -342,9 +341,9 @@ public final class Rekeyer: @unchecked Sendable {
                 }, intent: { (old, new) throws(Errno) in
                     try intent(candidate, job, old: old, new: new, backup: nil)
                 })
-                return moved ? .moved(bytes: candidate.bytes) : .skipped
+                return moved.map { .moved(bytes: candidate.bytes, key: $0.key, version: $0.version) } ?? .skipped
             case .reencrypt:
-                let bytes = try file.reencrypt(writeFD: fd, selects: selects(job), newKey: { (header) throws(Errno) in
+                let bytes = try file.reencrypt(writeFD: fd, selects: selects, newKey: { (header) throws(Errno) in
                     let dataKey = try fs.keys { () throws(KeyManagerError) in
                         try keyManager.generateDataKey(for: candidate.object, kind: .file, key: job.targetKey, principal: principal)
                     }
@@ -357,7 +356,7 @@ public final class Rekeyer: @unchecked Sendable {
                 }, intent: { (old, new, backup) throws(Errno) in
                     try intent(candidate, job, old: old, new: new, backup: backup)
                 })
-                return bytes.map { .moved(bytes: $0) } ?? .skipped
+                return bytes.map { .moved(bytes: $0.bytes, key: $0.key, version: $0.version) } ?? .skipped
             }
         } catch { throw RekeyFailure(error) }
     }
@@ -403,15 +402,14 @@ public final class Rekeyer: @unchecked Sendable {
     /// A directory's `.kmsfs.dir` is rewrapped in both modes (its name key
     /// stays: re-encrypting names would rename every entry), by writing the
     /// new header to a temporary file and renaming it over the old one.
-    private func rewrapDirectoryKeys(_ candidate: Candidate, _ job: RekeyJob, dirFD: Int32) throws(RekeyFailure) -> Outcome {
+    private func rewrapDirectoryKeys(_ candidate: Candidate, _ job: RekeyJob, selects: (FileHeader) -> Bool) throws(RekeyFailure) -> Outcome {
+        let dirFD = candidate.fd
         let temporary = DirectoryKeys.fileName + ".rekey"
         do throws(Errno) {
             let fd = try Syscall.openat(dirFD, DirectoryKeys.fileName, O_RDONLY | O_NOFOLLOW)
             defer { close(fd) }
-            let raw = try Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0)
-            var header: FileHeader
-            do throws(CipherError) { header = try FileHeader(decoding: raw) } catch { throw Errno.ioError }
-            guard header.fileID.rawValue == candidate.object, selects(job)(header) else { return .skipped }
+            guard var header = EncryptedFileSystem.header(of: fd) else { throw Errno.ioError }
+            guard header.fileID.rawValue == candidate.object, selects(header) else { return .skipped }
             let dataKey = try fs.keys { () throws(KeyManagerError) in
                 try keyManager.decryptDataKey(header.wrappedKey, for: candidate.object, key: header.keyID, version: header.keyVersion,
                                               principal: job.principal)
@@ -434,7 +432,7 @@ public final class Rekeyer: @unchecked Sendable {
             try Syscall.call { fsync(out) }
             try Syscall.call { renameat(dirFD, temporary, dirFD, DirectoryKeys.fileName) }
             fs.nodes.dropKeys(ofDirectory: candidate.object)
-            return .moved(bytes: 0)
+            return .moved(bytes: 0, key: wrapped.key, version: wrapped.version)
         } catch {
             unlinkat(dirFD, temporary, 0)
             throw RekeyFailure(error)

@@ -121,10 +121,6 @@ final class Invocation: @unchecked Sendable {
 
 /// What a running mount offers the commands it runs for peers.
 final class DaemonServices: Sendable {
-    let filesystem: EncryptedFileSystem
     let rekey: RekeyService
-    init(filesystem: EncryptedFileSystem, rekey: RekeyService) {
-        self.filesystem = filesystem
-        self.rekey = rekey
-    }
+    init(rekey: RekeyService) { self.rekey = rekey }
 }

@@ -78,7 +78,7 @@ struct Mount: ParsableCommand {
             let session = try FUSESession(fileSystem: fs, mountpoint: mount, options: mountOptions)
             try session.mount()
             let started = Date().timeIntervalSince1970
-            let services = DaemonServices(filesystem: fs, rekey: rekey)
+            let services = DaemonServices(rekey: rekey)
             let control = try ControlServer(directory: keystore, status: { [fs] in
                 MountStatus(cipherdir: cipher, mountpoint: mount, pid: getpid(), startedAt: started,
                             statistics: fs.statistics, keysInUse: fs.keysInUse)

@@ -137,10 +137,24 @@ struct RekeyTests {
         try fs.mount()
         #expect(try fs.run("diff -r $T/ref $M/data").ok)
         try fs.unmount()
+        // The index the job kept matches every header exactly.
+        let checked = try fs.kmsfs(["fsck", fs.cipherdir])
+        #expect(checked.ok && checked.stdout.contains("(0 added, 0 removed, 0 changed)"), "\(checked.stdout) \(checked.stderr)")
         // Every header in CIPHERDIR now names B.
         let b = try fs.key(["describe", "alias/b", "--json"]).stdout
         let bID = (try JSONSerialization.jsonObject(with: Data(b.utf8)) as? [String: Any]).flatMap { ($0["metadata"] as? [String: Any])?["keyID"] as? String }
         #expect(bID != nil)
+        let headers = try fs.python("""
+            import os
+            keys = {}
+            for d, dirs, files in os.walk(C):
+                dirs[:] = [x for x in dirs if not (d == C and x == ".kmsfs")]
+                for f in files:
+                    data = open(os.path.join(d, f), "rb").read(40)
+                    if data[:4] == b"KMFS": keys[data[24:40].hex()] = keys.get(data[24:40].hex(), 0) + 1
+            print(" ".join(f"{k}={n}" for k, n in sorted(keys.items())))
+            """).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(headers.hasPrefix("\(bID ?? "-")=") && !headers.contains(" "), "key ids in the headers: \(headers)")
         // The old key can now go: its deletion is scheduled and, a week later, completes.
         #expect(try fs.key(["retire-version", "alias/default", "1"]).ok)
         #expect(try fs.key(["bind", "/", "alias/b"]).ok)  // bindings also keep a key alive
