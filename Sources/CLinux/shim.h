@@ -57,4 +57,19 @@ static inline int kmsfs_disable_core_dumps(void) {
     return a == 0 && b == 0 ? 0 : -1;
 }
 
+/// Raises the open-file limit as far as allowed (the hard limit; as root up
+/// to fs.nr_open): the mount keeps a descriptor for every inode the kernel
+/// holds. Returns the new soft limit.
+static inline long kmsfs_raise_open_file_limit(long ceiling) {
+    struct rlimit limit;
+    if (getrlimit(RLIMIT_NOFILE, &limit) != 0) return -1;
+    if (ceiling > 0 && (rlim_t)ceiling > limit.rlim_max) {
+        struct rlimit wider = { (rlim_t)ceiling, (rlim_t)ceiling };
+        if (setrlimit(RLIMIT_NOFILE, &wider) == 0) return ceiling;
+    }
+    limit.rlim_cur = limit.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &limit) != 0) return -1;
+    return (long)limit.rlim_cur;
+}
+
 #endif

@@ -18,6 +18,10 @@
 /// OPENSSL_free is a macro; Swift needs a function.
 static inline void kmsfs_openssl_free(void *p) { OPENSSL_free(p); }
 
+/// OpenSSL's secure heap (OPENSSL_secure_* are macros adding file and line).
+static inline void *kmsfs_secure_zalloc(size_t n) { return OPENSSL_secure_zalloc(n); }
+static inline void kmsfs_secure_clear_free(void *p, size_t n) { OPENSSL_secure_clear_free(p, n); }
+
 /// EVP_MAX_MD_SIZE and friends are fine as constants; these wrap the
 /// `EVP_PKEY_CTX_set_ec_paramgen_curve_nid` family, which are macros in some
 /// 3.0 builds.

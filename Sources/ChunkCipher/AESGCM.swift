@@ -3,9 +3,12 @@ import Synchronization
 
 /// AES-256-GCM under one key through OpenSSL's EVP interface (AES-NI).
 ///
-/// The key schedule is computed once; each seal or open borrows a ready
-/// context from a small pool and only sets the nonce, so the hot path neither
-/// allocates nor re-keys (STYLE.md: reused contexts run at `openssl speed`).
+/// The key schedule is computed once, into one template context; each seal
+/// or open borrows a copy of it from a small pool and only sets the
+/// direction and nonce, so the hot path neither allocates nor re-keys
+/// (STYLE.md: reused contexts run at `openssl speed`). One pool serves both
+/// directions: `EVP_EncryptInit_ex`/`EVP_DecryptInit_ex` with only a nonce
+/// switch a keyed context's direction.
 public final class AESGCM: @unchecked Sendable {
     /// Key bytes.
     public static let keySize = 32
@@ -14,32 +17,25 @@ public final class AESGCM: @unchecked Sendable {
     /// algorithm up by name on every init.
     nonisolated(unsafe) private static let cipher: OpaquePointer? = EVP_CIPHER_fetch(nil, "AES-256-GCM", nil)
 
-    private let sealTemplate: OpaquePointer
-    private let openTemplate: OpaquePointer
-    private let sealPool = Mutex(ContextStack())
-    private let openPool = Mutex(ContextStack())
+    private let template: OpaquePointer
+    private let pool = Mutex(ContextStack())
 
     /// Prepares contexts for `key` (32 bytes); the key bytes are not kept.
     public init(key: borrowing SecretKey) throws(CipherError) {
         guard key.count == Self.keySize else { throw .invalidArgument("AES-256-GCM needs a 32-byte key, got \(key.count)") }
-        guard let seal = EVP_CIPHER_CTX_new(), let open = EVP_CIPHER_CTX_new() else { throw .openssl("EVP_CIPHER_CTX_new") }
-        sealTemplate = seal
-        openTemplate = open
+        guard let ctx = EVP_CIPHER_CTX_new() else { throw .openssl("EVP_CIPHER_CTX_new") }
+        template = ctx
         guard let cipher = Self.cipher else { throw .openssl("AES-256-GCM is not available") }
         let ok = key.withUnsafeBytes { raw -> Bool in
-            let k = raw.baseAddress!.assumingMemoryBound(to: UInt8.self)
-            return EVP_EncryptInit_ex(seal, cipher, nil, k, nil) == 1
-                && EVP_DecryptInit_ex(open, cipher, nil, k, nil) == 1
+            EVP_EncryptInit_ex(ctx, cipher, nil, raw.baseAddress!.assumingMemoryBound(to: UInt8.self), nil) == 1
         }
         guard ok else { throw .openssl("EVP_CipherInit_ex(aes-256-gcm)") }
     }
 
     deinit {
         // EVP_CIPHER_CTX_free cleanses the key schedule.
-        for ctx in sealPool.withLock({ $0.drain() }) { EVP_CIPHER_CTX_free(ctx) }
-        for ctx in openPool.withLock({ $0.drain() }) { EVP_CIPHER_CTX_free(ctx) }
-        EVP_CIPHER_CTX_free(sealTemplate)
-        EVP_CIPHER_CTX_free(openTemplate)
+        for ctx in pool.withLock({ $0.drain() }) { EVP_CIPHER_CTX_free(ctx) }
+        EVP_CIPHER_CTX_free(template)
     }
 
     /// Encrypts `plaintext` into `ciphertext` (same length) and writes the
@@ -50,8 +46,8 @@ public final class AESGCM: @unchecked Sendable {
                      ciphertext: UnsafeMutableRawBufferPointer, tag: UnsafeMutableRawBufferPointer) throws(CipherError) {
         guard nonce.count == ChunkLayout.nonceSize, tag.count == ChunkLayout.tagSize,
               ciphertext.count >= plaintext.count else { throw .invalidArgument("seal buffer sizes") }
-        let ctx = try borrow(sealPool, template: sealTemplate)
-        defer { sealPool.withLock { $0.push(ctx) } }
+        let ctx = try borrow()
+        defer { pool.withLock { $0.push(ctx) } }
         var outLength: Int32 = 0
         guard EVP_EncryptInit_ex(ctx, nil, nil, nil, nonce.baseAddress?.assumingMemoryBound(to: UInt8.self)) == 1,
               additionalData.isEmpty || EVP_EncryptUpdate(ctx, nil, &outLength, bytes(additionalData), Int32(additionalData.count)) == 1,
@@ -69,8 +65,8 @@ public final class AESGCM: @unchecked Sendable {
                      plaintext: UnsafeMutableRawBufferPointer) throws(CipherError) -> Bool {
         guard nonce.count == ChunkLayout.nonceSize, tag.count == ChunkLayout.tagSize,
               plaintext.count >= ciphertext.count else { throw .invalidArgument("open buffer sizes") }
-        let ctx = try borrow(openPool, template: openTemplate)
-        defer { openPool.withLock { $0.push(ctx) } }
+        let ctx = try borrow()
+        defer { pool.withLock { $0.push(ctx) } }
         var outLength: Int32 = 0
         guard EVP_DecryptInit_ex(ctx, nil, nil, nil, nonce.baseAddress?.assumingMemoryBound(to: UInt8.self)) == 1,
               additionalData.isEmpty || EVP_DecryptUpdate(ctx, nil, &outLength, bytes(additionalData), Int32(additionalData.count)) == 1,
@@ -111,7 +107,7 @@ public final class AESGCM: @unchecked Sendable {
                         plaintext: plaintext)
     }
 
-    private func borrow(_ pool: borrowing Mutex<ContextStack>, template: OpaquePointer) throws(CipherError) -> OpaquePointer {
+    private func borrow() throws(CipherError) -> OpaquePointer {
         if let ctx = pool.withLock({ $0.pop() }) { return ctx }
         guard let ctx = EVP_CIPHER_CTX_new() else { throw .openssl("EVP_CIPHER_CTX_new") }
         guard EVP_CIPHER_CTX_copy(ctx, template) == 1 else {
@@ -122,7 +118,7 @@ public final class AESGCM: @unchecked Sendable {
     }
 }
 
-/// The idle contexts of one key and direction.
+/// The idle contexts of one key.
 struct ContextStack: ~Copyable, @unchecked Sendable {
     private var contexts: [OpaquePointer] = []
     mutating func pop() -> OpaquePointer? { contexts.popLast() }

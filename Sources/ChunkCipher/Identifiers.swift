@@ -11,20 +11,27 @@ public struct ID128: Hashable, Sendable, Comparable, CustomStringConvertible {
 
     /// A fresh id from the OpenSSL CSPRNG.
     public static func random() -> ID128 {
-        var bytes = [UInt8](repeating: 0, count: 16)
-        SecureRandom.fill(&bytes)
-        return ID128(bytes: bytes)!
+        var words: (UInt64, UInt64) = (0, 0)
+        withUnsafeMutableBytes(of: &words) { SecureRandom.fill($0) }
+        return ID128(high: words.0, low: words.1)
     }
 
     /// Reads 16 bytes; nil when the buffer has another length.
+    @inlinable
     public init?<Bytes: Collection>(bytes: Bytes) where Bytes.Element == UInt8 {
         guard bytes.count == 16 else { return nil }
-        var high: UInt64 = 0
-        var low: UInt64 = 0
-        for (i, byte) in bytes.enumerated() {
-            if i < 8 { high = high << 8 | UInt64(byte) } else { low = low << 8 | UInt64(byte) }
+        if let read = bytes.withContiguousStorageIfAvailable({ ID128(raw: UnsafeRawBufferPointer($0)) }) {
+            self = read
+            return
         }
-        self.init(high: high, low: low)
+        self = Array(bytes).withUnsafeBytes { ID128(raw: $0) }
+    }
+
+    /// The id in 16 big-endian bytes at `raw`.
+    @usableFromInline
+    init(raw: UnsafeRawBufferPointer) {
+        self.init(high: UInt64(bigEndian: raw.loadUnaligned(as: UInt64.self)),
+                  low: UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self)))
     }
 
     /// Parses 32 lowercase or uppercase hex digits.

@@ -3,17 +3,28 @@ import COpenSSL
 import Glibc
 #endif
 
-/// Secret key material in its own page: locked in RAM (never swapped when the
-/// limit allows), excluded from core dumps, and wiped when released. It cannot
-/// be copied; borrow it to use it.
+/// Secret key material in locked memory excluded from core dumps, wiped when
+/// released. It cannot be copied; borrow it to use it.
+///
+/// Keys live in OpenSSL's secure heap (an mlock'ed, MADV_DONTDUMP arena with
+/// guard pages, set up once per process by `SecureHeap`); when that heap is
+/// full or could not be made, a key gets a page of its own, locked and
+/// excluded from dumps the same way.
 public struct SecretKey: ~Copyable, @unchecked Sendable {
     private let base: UnsafeMutableRawPointer
+    /// 0 for a key in the secure heap, else the size of its own page.
     private let pageBytes: Int
     /// Length of the key in bytes.
     public let count: Int
 
     private init(uninitializedCount count: Int) {
         precondition(count > 0 && count <= 4096, "secret keys are 1...4096 bytes")
+        self.count = count
+        if SecureHeap.ready, let pointer = kmsfs_secure_zalloc(count) {
+            self.base = pointer
+            self.pageBytes = 0
+            return
+        }
         let page = Int(sysconf(Int32(_SC_PAGESIZE)))
         var pointer: UnsafeMutableRawPointer?
         precondition(posix_memalign(&pointer, page, page) == 0, "out of memory for a secret key page")
@@ -25,13 +36,15 @@ public struct SecretKey: ~Copyable, @unchecked Sendable {
         memset(pointer, 0, page)
         self.base = pointer
         self.pageBytes = page
-        self.count = count
     }
 
     /// A fresh key of `count` random bytes.
+    /// (From OpenSSL's private DRBG, straight into the key's memory: key
+    /// bytes never pass through the buffered generator of public values.)
     public static func random(count: Int = 32) -> SecretKey {
         let key = SecretKey(uninitializedCount: count)
-        SecureRandom.fill(UnsafeMutableRawBufferPointer(start: key.base, count: count))
+        precondition(RAND_priv_bytes(key.base.assumingMemoryBound(to: UInt8.self), Int32(count)) == 1,
+                     "OpenSSL RAND_priv_bytes failed")
         return key
     }
 
@@ -55,7 +68,7 @@ public struct SecretKey: ~Copyable, @unchecked Sendable {
         do {
             try body(UnsafeMutableRawBufferPointer(start: base, count: count))
         } catch {
-            OPENSSL_cleanse(base, pageBytes)
+            OPENSSL_cleanse(base, count)
             throw error
         }
     }
@@ -70,6 +83,9 @@ public struct SecretKey: ~Copyable, @unchecked Sendable {
         SecretKey(copying: UnsafeRawBufferPointer(start: base, count: count))
     }
 
+    /// Whether the key is in OpenSSL's secure heap (not a page of its own).
+    public var isInSecureHeap: Bool { pageBytes == 0 }
+
     /// Constant-time equality of two keys (for tests and key checks).
     public func isEqual(to other: borrowing SecretKey) -> Bool {
         guard count == other.count else { return false }
@@ -77,9 +93,29 @@ public struct SecretKey: ~Copyable, @unchecked Sendable {
     }
 
     deinit {
+        if pageBytes == 0 {
+            kmsfs_secure_clear_free(base, count)
+            return
+        }
         // Only the first `count` bytes were ever written (the page was zeroed at allocation).
         OPENSSL_cleanse(base, count)
         _ = munlock(base, pageBytes)
         free(base)
     }
+}
+
+/// OpenSSL's secure heap for every `SecretKey` of the process: 1 MiB in
+/// 32-byte units (32,768 data keys), locked in RAM and left out of core
+/// dumps by OpenSSL. Made on first use; `prepare()` makes it early, before
+/// other threads use OpenSSL.
+public enum SecureHeap {
+    public static let size = 1 << 20
+    static let ready: Bool = {
+        // 1: fully locked; 2: made, but mlock was refused (memlock limit).
+        CRYPTO_secure_malloc_initialized() == 1 || CRYPTO_secure_malloc_init(size, 32) != 0
+    }()
+
+    /// Makes the heap now; false if OpenSSL could not (keys then get pages).
+    @discardableResult
+    public static func prepare() -> Bool { ready }
 }

@@ -498,17 +498,18 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             throw error
         }
         let file: OpenFile
+        let st: stat
         do throws(Errno) {
             try Syscall.pwrite(fd, headerBytes, at: 0)
-            file = try OpenFile(fd: fd, writable: true, header: header, cipher: cipher, onIntegrityFailure: failureHandler(fileID, key))
+            adopt(dir, stored, context)
+            st = try Syscall.fstat(fd)
+            file = try OpenFile(fd: fd, writable: true, header: header, cipher: cipher, stat: st, onIntegrityFailure: failureHandler(fileID, key))
         } catch {
             close(fd)
             unlinkat(dir.fd, stored, 0)
             try? keyManager.forgetUsage(fileID.rawValue)
             throw error
         }
-        adopt(dir, stored, context)
-        let st = try Syscall.fstat(fd)
         let handle = open.withLock { s -> UInt64 in
             let shared = s.files[file.inode] ?? file
             s.files[file.inode] = shared

@@ -144,7 +144,14 @@ final class NodeTable: Sendable {
                 parts.append(node.name)
                 current = parent
             }
-            return "/" + parts.reversed().joined(separator: "/")
+            guard !parts.isEmpty else { return "/" }
+            var path = ""
+            path.reserveCapacity(parts.reduce(0) { $0 + $1.utf8.count + 1 })
+            for part in parts.reversed() {
+                path.append("/")
+                path.append(part)
+            }
+            return path
         }
     }
 

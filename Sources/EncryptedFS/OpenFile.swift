@@ -58,16 +58,19 @@ final class OpenFile: @unchecked Sendable {
     var keyID: KeyID { header.keyID }
 
     /// Authenticates `header` against the key and the size on disk.
-    init(fd: Int32, writable: Bool, header: FileHeader, cipher: FileCipher,
+    /// `st` is the backing file's current stat if the caller just took it.
+    init(fd: Int32, writable: Bool, header: FileHeader, cipher: FileCipher, stat taken: stat? = nil,
          onIntegrityFailure: @escaping @Sendable (CipherError) -> Void) throws(Errno) {
+        let st: stat
+        if let taken { st = taken } else { st = try Syscall.fstat(fd) }
         self.fd = fd
-        self.inode = InodeKey(try Syscall.fstat(fd))
+        self.inode = InodeKey(st)
         self.writable = writable
         self.cipher = cipher
         self.layout = cipher.layout
         self.header = header
         self.onIntegrityFailure = onIntegrityFailure
-        let diskSize = Int(try Syscall.fstat(fd).st_size)  // fresh: it may differ from the inode stat above
+        let diskSize = Int(st.st_size)
         do throws(CipherError) {
             sealedLength = try cipher.verify(header: header)
             size = try cipher.checkLength(ciphertextSize: diskSize, sealedLength: sealedLength)

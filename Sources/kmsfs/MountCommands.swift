@@ -50,6 +50,10 @@ struct Mount: ParsableCommand {
         let notify = notifyFD
         do {
             kmsfs_disable_core_dumps()
+            SecureHeap.prepare()
+            // One descriptor per inode the kernel caches (as passthrough_ll):
+            // a tree of many files needs far more than the usual 1,024.
+            _ = kmsfs_raise_open_file_limit(1 << 20)
             let manager = try KeyManager.open(in: keystore, passphrase: secret, clock: Clock.current)
             _ = consume secret
             _ = try manager.runSchedules()
@@ -73,8 +77,17 @@ struct Mount: ParsableCommand {
             // Finish or roll back what an interrupted rekey left, before anything reads a file.
             let rekey = RekeyService(filesystem: fs)
             try rekey.rekeyer.recover()
-            var mountOptions = ["fsname=\(cipher)", "subtype=kmsfs", "default_permissions"]
+            var mountOptions = ["fsname=\(cipher)", "subtype=kmsfs"]
             mountOptions += options.flatMap { $0.split(separator: ",").map(String.init) }
+            // When other users can reach the mount, the kernel checks mode
+            // bits for them. A private mount is reached only by the user who
+            // mounted it (the kernel refuses everyone else), whose access the
+            // backing files already check; without default_permissions the
+            // kernel skips a GETATTR of the parent before every create and
+            // unlink (as gocryptfs does).
+            if mountOptions.contains(where: { $0 == "allow_other" || $0 == "allow_root" }), !mountOptions.contains("default_permissions") {
+                mountOptions.append("default_permissions")
+            }
             let session = try FUSESession(fileSystem: fs, mountpoint: mount, options: mountOptions)
             try session.mount()
             let started = Date().timeIntervalSince1970

@@ -14,6 +14,24 @@ import ChunkCipher
         #expect(a.count == 32)
     }
 
+    @Test("keys live in OpenSSL's secure heap; when it is full they get locked pages and still work")
+    func secureHeap() {
+        #expect(SecureHeap.prepare())
+        let first = SecretKey.random().isInSecureHeap
+        #expect(first)
+        // Fill the heap (1 MiB of 32-byte keys) and go past it.
+        var keys: [Box] = []
+        while keys.count < SecureHeap.size / 32 + 10 { keys.append(Box(SecretKey.random())) }
+        let outside = keys.filter { !$0.key.isInSecureHeap }.count
+        #expect(outside >= 10)
+        let copy = keys.last!.key.duplicate()
+        let same = copy.isEqual(to: keys.last!.key)
+        #expect(same)
+        keys.removeAll()
+        let again = SecretKey.random().isInSecureHeap
+        #expect(again)  // freed keys return their room
+    }
+
     @Test("HKDF is deterministic and separates info strings")
     func hkdf() throws {
         let k = key(pattern(32, seed: 1))
@@ -30,4 +48,10 @@ import ChunkCipher
         let mac = KeyDerivation.hmacSHA256(key: key(Array("Jefe".utf8)), message: Array("what do ya want for nothing?".utf8))
         #expect(mac == hex("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"))
     }
+}
+
+/// A class holding a key, so non-copyable keys can go into an array.
+private final class Box {
+    let key: SecretKey
+    init(_ key: consuming SecretKey) { self.key = key }
 }

@@ -99,4 +99,40 @@ import Testing
             """)
         #expect(r.ok, "\(r.stderr)")
     }
+
+    @Test("a tree of more files than the daemon's starting descriptor limit (one descriptor per cached inode)")
+    func moreFilesThanDescriptors() throws {
+        let fs = try MountedFS()
+        try fs.unmount()
+        // A soft limit far below the hard one, as login sessions have (1,024 of 524,288).
+        let mounted = try sh("prlimit --nofile=256:8192 \(q(kmsfsBinary)) mount \(q(fs.cipherdir)) \(q(fs.mountpoint)) --passphrase-file \(q(fs.passphraseFile))")
+        #expect(mounted.ok, "\(mounted.stderr)")
+        let r = try fs.python("""
+            for i in range(3000):
+                with open(f"f{i}", "w") as f: f.write(str(i))
+            assert len(os.listdir(".")) == 3000
+            assert all(open(f"f{i}").read() == str(i) for i in range(3000))
+            print("ok")
+            """)
+        #expect(r.ok && r.stdout.contains("ok"), "\(r.stderr)")
+    }
+
+    @Test("with allow_other the kernel checks mode bits for other users")
+    func modeBitsForOthers() throws {
+        let fs = try MountedFS(mountOptions: ["allow_other"])
+        #expect(try fs.key(["policy", "alias/default", "--grant", "decrypt", "uid:4242"]).ok)
+        #expect(try fs.key(["policy", "alias/default", "--grant", "encrypt", "uid:4242"]).ok)
+        let r = try fs.run("""
+            echo open > open; chmod 644 open
+            echo closed > closed; chmod 600 closed
+            mkdir private; chmod 700 private; echo x > private/inner
+            as() { setpriv --reuid=4242 --regid=4242 --clear-groups "$@"; }
+            as cat open
+            as cat closed 2>&1 || true
+            as ls private 2>&1 || true
+            as sh -c 'echo new > newfile' 2>&1 || true
+            """)
+        #expect(r.stdout.contains("open\n"), "\(r.stdout) \(r.stderr)")
+        #expect(r.stdout.components(separatedBy: "Permission denied").count - 1 == 3, "\(r.stdout)")
+    }
 }
