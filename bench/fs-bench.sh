@@ -86,8 +86,10 @@ PY
 workloads="write128k read128k write1m read1m untar md5 lsR rmrf rand4k"
 echo "kmsfs filesystem benchmark: $REPS runs each, medians; backing store tmpfs; tree: $files files"
 echo "kmsfs $($K --help >/dev/null 2>&1 && echo release build) chunk ${CHUNK:-default}; $(gocryptfs -version 2>/dev/null | head -1)"
-for fs in $FILESYSTEMS; do
-    for rep in $(seq 1 "$REPS"); do
+# Repetitions interleave the filesystems (plain, gocryptfs, kmsfs, plain, …),
+# so a drift in the machine's speed during the run touches all of them alike.
+for rep in $(seq 1 "$REPS"); do
+    for fs in $FILESYSTEMS; do
         mount_fs "$fs"
         for w in $workloads; do result["$fs,$w,$rep"]=$(run "$fs" "$w"); done
         unmount_fs "$fs"

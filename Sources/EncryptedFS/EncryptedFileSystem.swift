@@ -370,7 +370,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         let st = try Syscall.fstatat(dir.fd, stored)
         guard st.st_mode & S_IFMT != S_IFDIR else { throw .isDirectory }
         let lastLink = st.st_mode & S_IFMT == S_IFREG && st.st_nlink == 1
-        let object = lastLink ? fileID(in: dir.fd, stored: stored) : nil
+        let object = lastLink ? nodes.fileID(of: InodeKey(st)) ?? fileID(in: dir.fd, stored: stored) : nil
         try Syscall.call { unlinkat(dir.fd, stored, 0) }
         removeSidecar(stored, in: dir)
         if let object { try? keyManager.forgetUsage(object) }
@@ -418,7 +418,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
                 guard moving.st_mode & S_IFMT == S_IFDIR else { throw .isDirectory }
                 replacedObject = try removeDirectoryKeys(to, newStored)
             case S_IFREG where target.st_nlink == 1 && InodeKey(target) != InodeKey(moving):
-                replacedObject = fileID(in: to.fd, stored: newStored)
+                replacedObject = nodes.fileID(of: InodeKey(target)) ?? fileID(in: to.fd, stored: newStored)
             default: break
             }
         }
@@ -520,6 +520,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             return h
         }
         let node = try nodes.remember(parentFD: dir.fd, storedName: stored, st: st, parent: parent, name: name)
+        nodes.noteFileID(fileID.rawValue, of: node)
         return (entry(node, st, context), OpenReply(handle: handle))
     }
 
@@ -554,6 +555,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             }
             let path = keyManager.auditPathMode() == .off ? nil : nodes.filePath(of: node)
             let file = try makeOpenFile(fd: fd, writable: writable, principal: who, path: path)
+            nodes.noteFileID(file.fileID.rawValue, of: node)
             if !writable, flags & O_ACCMODE != O_RDONLY { throw .permissionDenied }  // `file` closes fd
             return file
         }

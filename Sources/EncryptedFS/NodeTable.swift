@@ -31,6 +31,9 @@ final class Node: @unchecked Sendable {
     var parent: NodeID?
     var name: String
     var keys: DirectoryKeys?
+    /// A regular file's object id once a create or open has read it (it
+    /// never changes for an inode), so an unlink need not read the header.
+    var fileID: ID128?
     /// Plaintext name → stored name for this directory. Name encryption is
     /// deterministic under the directory's key, so entries never go stale;
     /// the cache only spares a lookup's name being encrypted again by the
@@ -161,6 +164,16 @@ final class NodeTable: Sendable {
         let dir = path(of: parent)
         let name = state.withLock { _ in node.name }
         return dir == "/" ? "/" + name : dir + "/" + name
+    }
+
+    /// Remembers the object id of a regular file's node.
+    func noteFileID(_ id: ID128, of node: Node) {
+        state.withLock { _ in node.fileID = id }
+    }
+
+    /// The object id of the file with backing inode `key`, if a node for it is known and has read it.
+    func fileID(of key: InodeKey) -> ID128? {
+        state.withLock { s in s.byInode[key].flatMap { s.nodes[$0]?.fileID } }
     }
 
     /// The directory keys cached on a node, or those `load` returns (cached then).

@@ -14,7 +14,7 @@ import Glibc
 /// Group commit for the usage index and the audit log while a filesystem is
 /// mounted: creates, unlinks and data-key events append here, and one
 /// transaction writes a batch every 100 ms (or at 512 changes, or before
-/// anything reads the index). A crash can lose at most the last batch; the
+/// anything reads the index). A crash can lose what was waiting; the
 /// journal marks the keystore while it runs, and a key is never destroyed
 /// while a journal that died unflushed may have lost usage entries
 /// (docs/KEYS.md).
@@ -30,20 +30,36 @@ final class UsageJournal: @unchecked Sendable {
     private let flushing = Mutex<Void>(())
     private let db: DatabasePool
     private var timer: DispatchSourceTimer?
+    private let queue = DispatchQueue(label: "kmsfs.usage-journal")
+    /// Set while a flush for a full batch is queued, so one is queued at a time.
+    private let flushQueued = Atomic<Bool>(false)
     static let batchSize = 512
+    /// Pending changes at which an append waits for a flush itself (the
+    /// background flushes cannot keep up).
+    static let backlogLimit = 8 * batchSize
 
     init(db: DatabasePool, interval: Double) {
         self.db = db
-        let timer = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "kmsfs.usage-journal"))
+        let timer = DispatchSource.makeTimerSource(queue: queue)
         timer.schedule(deadline: .now() + interval, repeating: interval)
         timer.setEventHandler { [weak self] in try? self?.flush() }
         timer.resume()
         self.timer = timer
     }
 
+    /// Adds a change. A full batch is written by the journal's own thread,
+    /// so the request that filled it does not wait for the transaction;
+    /// only a backlog far beyond a batch makes the appender write it.
     func append(_ change: Change) throws(KeyManagerError) {
         let count = pending.withLock { $0.append(change); return $0.count }
-        if count >= Self.batchSize { try flush() }
+        if count >= Self.backlogLimit {
+            try flush()
+        } else if count >= Self.batchSize, !flushQueued.exchange(true, ordering: .acquiringAndReleasing) {
+            queue.async { [self] in
+                flushQueued.store(false, ordering: .releasing)
+                try? flush()
+            }
+        }
     }
 
     /// Writes everything appended so far in one transaction.
