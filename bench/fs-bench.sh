@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 REPS=${REPS:-3}
 FILESYSTEMS=${FILESYSTEMS:-plain gocryptfs kmsfs}
 CHUNK=${KMSFS_BENCH_CHUNK:-}
+# KMSFS_MOUNT_ARGS: extra arguments for `kmsfs mount` (e.g. "--threads 2").
 root=/dev/shm/kmsfs-bench
 K="$PWD/.build/release/kmsfs"
 cache=/var/cache/kmsfs-bench
@@ -46,7 +47,7 @@ mount_fs() { # name → mounts $root/name/mnt
     mkdir -p "$dir/cipher" "$dir/mnt"
     case $name in
         kmsfs)     "$K" init "$dir/cipher" --passphrase-file "$root/pw" ${CHUNK:+--chunk-size $CHUNK} >/dev/null
-                   "$K" mount "$dir/cipher" "$dir/mnt" --passphrase-file "$root/pw" ;;
+                   "$K" mount "$dir/cipher" "$dir/mnt" --passphrase-file "$root/pw" ${KMSFS_MOUNT_ARGS:-} ;;
         gocryptfs) gocryptfs -q -init -extpass "cat $root/pw" "$dir/cipher" >/dev/null
                    gocryptfs -q -extpass "cat $root/pw" "$dir/cipher" "$dir/mnt" ;;
         plain)     "$pt" -o source="$dir/cipher" "$dir/mnt" ;;

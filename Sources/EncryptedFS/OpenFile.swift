@@ -167,6 +167,12 @@ final class OpenFile: @unchecked Sendable {
         let chunks = layout.chunks(covering: offset..<end)
         let base = layout.plaintextOffset(of: chunks.lowerBound)
         let plainCount = min(newSize, layout.plaintextOffset(of: chunks.upperBound)) - base
+        // A write that covers its chunks exactly (a streaming append or an
+        // aligned overwrite) is sealed straight from the request's buffer.
+        if offset == base, data.count == plainCount {
+            try sealAndWrite(data, first: chunks.lowerBound, newSize: newSize)
+            return
+        }
         let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: plainCount, alignment: 16)
         defer { plain.deallocate() }
         // Old bytes before the write in the first chunk.
@@ -182,18 +188,26 @@ final class OpenFile: @unchecked Sendable {
             try oldChunk(last, count: n, into: UnsafeMutableRawBufferPointer(rebasing: plain[(lastStart - base)..<(lastStart - base + n)]))
         }
         UnsafeMutableRawBufferPointer(rebasing: plain[(offset - base)..<(end - base)]).copyMemory(from: data)
-        let sealedCount = ChunkPipeline.ciphertextBytes(layout, plaintextSize: plainCount)
+        try sealAndWrite(UnsafeRawBufferPointer(plain), first: chunks.lowerBound, newSize: newSize)
+    }
+
+    /// Seals `plain` (whole chunks from `first`, the last one possibly the
+    /// file's partial end), writes it, and sets the size to `newSize`.
+    private func sealAndWrite(_ plain: UnsafeRawBufferPointer, first: ChunkIndex, newSize: Int) throws(Errno) {
+        let sealedCount = ChunkPipeline.ciphertextBytes(layout, plaintextSize: plain.count)
         let sealed = UnsafeMutableRawBufferPointer.allocate(byteCount: sealedCount, alignment: 16)
         defer { sealed.deallocate() }
         do throws(CipherError) {
-            try ChunkPipeline.seal(cipher, first: chunks.lowerBound, plaintext: UnsafeRawBufferPointer(plain), into: sealed)
+            try ChunkPipeline.seal(cipher, first: first, plaintext: plain, into: sealed)
         } catch { throw .ioError }
-        try Syscall.pwrite(fd, UnsafeRawBufferPointer(sealed), at: layout.ciphertextOffset(of: chunks.lowerBound))
+        try Syscall.pwrite(fd, UnsafeRawBufferPointer(sealed), at: layout.ciphertextOffset(of: first))
         size = newSize
         // Remember the new partial last chunk for the next append.
+        let base = layout.plaintextOffset(of: first)
         let endChunk = ChunkIndex(size / layout.chunkSize)
         let endCount = size % layout.chunkSize
-        if endCount > 0, endChunk >= chunks.lowerBound, endChunk < chunks.upperBound {
+        let last = first.advanced(by: (plain.count + layout.chunkSize - 1) / layout.chunkSize)
+        if endCount > 0, endChunk >= first, endChunk < last {
             let start = layout.plaintextOffset(of: endChunk) - base
             tail = (endChunk, Array(UnsafeRawBufferPointer(rebasing: plain[start..<(start + endCount)])))
         } else if endCount == 0 || tail?.index != endChunk {
