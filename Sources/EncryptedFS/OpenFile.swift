@@ -200,7 +200,12 @@ final class OpenFile: @unchecked Sendable {
         do throws(CipherError) {
             try ChunkPipeline.seal(cipher, first: first, plaintext: plain, into: sealed)
         } catch { throw .ioError }
-        try Syscall.pwrite(fd, UnsafeRawBufferPointer(sealed), at: layout.ciphertextOffset(of: first))
+        do throws(Errno) {
+            try Syscall.pwrite(fd, UnsafeRawBufferPointer(sealed), at: layout.ciphertextOffset(of: first))
+        } catch {
+            if newSize > size { restoreEnd(plain, first: first) }
+            throw error
+        }
         size = newSize
         // Remember the new partial last chunk for the next append.
         let base = layout.plaintextOffset(of: first)
@@ -217,6 +222,29 @@ final class OpenFile: @unchecked Sendable {
 
     /// The old plaintext of chunk `index` (`count` bytes): from the cached
     /// tail when it is that chunk, else read and opened from disk.
+    /// After a growing write failed part-way (a full disk: only the part
+    /// past the old end can fail for want of space), puts the file back to
+    /// its old length: cuts what was added and seals again the chunk the old
+    /// end falls in, from `plain` (the write's plaintext from chunk `first`),
+    /// since its bytes were overwritten with a longer, now cut, chunk. Bytes
+    /// the write changed before the old end keep their new values, as after
+    /// a short write. Best effort: if even that fails, the file reads as EIO
+    /// from that chunk on and the failure is logged.
+    private func restoreEnd(_ plain: UnsafeRawBufferPointer, first: ChunkIndex) {
+        tail = nil
+        guard ftruncate(fd, off_t(layout.ciphertextSize(plaintextSize: size))) == 0 else { return }
+        let index = ChunkIndex(size / layout.chunkSize)
+        let keep = size % layout.chunkSize
+        let start = layout.plaintextOffset(of: index) - layout.plaintextOffset(of: first)
+        guard keep > 0, index >= first, start + keep <= plain.count else { return }
+        let sealed = UnsafeMutableRawBufferPointer.allocate(byteCount: keep + ChunkLayout.overhead, alignment: 16)
+        defer { sealed.deallocate() }
+        do throws(CipherError) {
+            try cipher.sealChunk(index, plaintext: UnsafeRawBufferPointer(rebasing: plain[start..<(start + keep)]), into: sealed)
+        } catch { return }
+        _ = try? Syscall.pwrite(fd, UnsafeRawBufferPointer(sealed), at: layout.ciphertextOffset(of: index))
+    }
+
     private func oldChunk(_ index: ChunkIndex, count: Int, into out: UnsafeMutableRawBufferPointer) throws(Errno) {
         if let tail, tail.index == index, tail.bytes.count == count {
             tail.bytes.withUnsafeBytes { out.copyMemory(from: $0) }

@@ -68,27 +68,38 @@ final class UsageJournal: @unchecked Sendable {
             try flushing.withLock { _ in
                 let batch = pending.withLock { batch -> [Change] in defer { batch.removeAll(keepingCapacity: true) }; return batch }
                 guard !batch.isEmpty else { return }
-                try db.write { db in
-                    let insert = try db.cachedStatement(sql: """
-                        INSERT INTO usage (object_id, kind, key_id, version, updated_at) VALUES (?, ?, ?, ?, ?)
-                        ON CONFLICT(object_id) DO UPDATE SET kind = excluded.kind, key_id = excluded.key_id,
-                            version = excluded.version, updated_at = excluded.updated_at
-                        """)
-                    let delete = try db.cachedStatement(sql: "DELETE FROM usage WHERE object_id = ?")
-                    var chain: Data?
-                    for change in batch {
-                        switch change {
-                        case .record(let object, let kind, let key, let version, let time):
-                            try insert.execute(arguments: [object.hex, kind.rawValue, key.rawValue.hex, version.rawValue, time])
-                        case .forget(let object):
-                            try delete.execute(arguments: [object.hex])
-                        case .audit(let event, let time):
-                            try AuditTrail.append(db, event, at: time, previous: &chain)
-                        }
-                    }
+                // A batch that cannot be written (a full disk) goes back in
+                // front of what came since, to be written by the next flush.
+                do {
+                    try write(batch)
+                } catch {
+                    pending.withLock { $0.insert(contentsOf: batch, at: 0) }
+                    throw error
                 }
             }
         } catch { throw .database("usage index and audit batch: \(error)") }
+    }
+
+    private func write(_ batch: [Change]) throws {
+        try db.write { db in
+            let insert = try db.cachedStatement(sql: """
+                INSERT INTO usage (object_id, kind, key_id, version, updated_at) VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT(object_id) DO UPDATE SET kind = excluded.kind, key_id = excluded.key_id,
+                    version = excluded.version, updated_at = excluded.updated_at
+                """)
+            let delete = try db.cachedStatement(sql: "DELETE FROM usage WHERE object_id = ?")
+            var chain: Data?
+            for change in batch {
+                switch change {
+                case .record(let object, let kind, let key, let version, let time):
+                    try insert.execute(arguments: [object.hex, kind.rawValue, key.rawValue.hex, version.rawValue, time])
+                case .forget(let object):
+                    try delete.execute(arguments: [object.hex])
+                case .audit(let event, let time):
+                    try AuditTrail.append(db, event, at: time, previous: &chain)
+                }
+            }
+        }
     }
 
     func stop() {
