@@ -718,9 +718,15 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         try Syscall.call { CLinux.setxattr(node.procPath, backing, sealed, sealed.count, flags) }
     }
 
+    /// Only the `user.` namespace is kept (encrypted). Other namespaces are
+    /// not supported, and say so (EOPNOTSUPP, as for setxattr) rather than
+    /// "no such attribute": tools then stop asking — `ls -l` remembers per
+    /// filesystem that there are no ACLs or security labels, instead of two
+    /// requests per file — and the kernel's check for file capabilities on
+    /// every write gets its answer at once.
     public func getxattr(_ id: NodeID, _ name: String, _ context: RequestContext) throws(Errno) -> [UInt8] {
         let node = try nodes.node(id)
-        guard name.hasPrefix("user.") else { throw .noData }
+        guard name.hasPrefix("user.") else { throw .notSupported }
         let backing = try backingXattrName(name, context)
         let size = try Syscall.call { CLinux.getxattr(node.procPath, backing, nil, 0) }
         var raw = [UInt8](repeating: 0, count: size)
@@ -751,7 +757,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
 
     public func removexattr(_ id: NodeID, _ name: String, _ context: RequestContext) throws(Errno) {
         let node = try nodes.node(id)
-        guard name.hasPrefix("user.") else { throw .noData }
+        guard name.hasPrefix("user.") else { throw .notSupported }
         let backing = try backingXattrName(name, context)
         try Syscall.call { CLinux.removexattr(node.procPath, backing) }
     }

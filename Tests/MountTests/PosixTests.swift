@@ -50,6 +50,9 @@ import Testing
             os.removexattr("hard", "user.color")
             expect_errno(errno.ENODATA, os.getxattr, "hard", "user.color")
             expect_errno(errno.EOPNOTSUPP, os.setxattr, "hard", "trusted.x", b"1")
+            expect_errno(errno.EOPNOTSUPP, os.getxattr, "hard", "security.selinux")
+            expect_errno(errno.EOPNOTSUPP, os.getxattr, "hard", "system.posix_acl_access")
+            expect_errno(errno.EOPNOTSUPP, os.removexattr, "hard", "trusted.x")
 
             with open("t", "wb") as f: f.write(b"x" * 100000)
             os.truncate("t", 40000); assert open("t", "rb").read() == b"x" * 40000
