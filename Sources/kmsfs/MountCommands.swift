@@ -19,7 +19,7 @@ struct Mount: ParsableCommand {
     @Argument(help: "An empty directory to mount on.") var mountpoint: String
     @OptionGroup var passphrase: PassphraseOptions
     @Flag(name: .customShort("f"), help: "Stay in the foreground.") var foreground = false
-    @Option(name: .customShort("o"), help: "Mount options, comma-separated: allow_other, ro, default_permissions, max_read=N, …")
+    @Option(name: .customShort("o"), help: "Mount options, comma-separated: allow_other (adds default_permissions), ro, default_permissions, max_read=N, …")
     var options: [String] = []
     @Option(help: "FUSE worker threads.") var threads = 4
     @Option(help: ArgumentHelp("Record successful file opens and creates in the audit log: on (always, but for benchmarks).", visibility: .private))
