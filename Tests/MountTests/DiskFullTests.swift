@@ -14,7 +14,7 @@ import Testing
         try "disk full passphrase\n".write(toFile: pw, atomically: true, encoding: .utf8)
         #expect(try sh("mount -t tmpfs -o size=4m kmsfs-full \(q(disk))").ok)
         defer {
-            _ = try? sh("fusermount3 -u \(q(mnt)) 2>/dev/null || fusermount3 -uz \(q(mnt)) 2>/dev/null; umount \(q(disk)) || umount -l \(q(disk))")
+            _ = try? sh("{ fusermount3 -u \(q(mnt)) || fusermount3 -uz \(q(mnt)); } 2>/dev/null || true; umount \(q(disk)) || umount -l \(q(disk))")
             try? FileManager.default.removeItem(atPath: root)
         }
         let k = "\(q(kmsfsBinary))", p = "--passphrase-file \(q(pw))"

@@ -78,8 +78,10 @@ final class MountedFS {
         try kmsfs(["key"] + arguments + ["--fs", cipherdir])
     }
 
-    func mount(options: [String] = []) throws {
-        let result = try kmsfs(["mount", cipherdir, mountpoint] + options.flatMap { ["-o", $0] })
+    /// Mounts again; `launcher` (e.g. "prlimit --nofile=256:8192") runs the mount command.
+    func mount(options: [String] = [], launcher: String = "") throws {
+        let arguments = ["mount", cipherdir, mountpoint] + options.flatMap { ["-o", $0] } + ["--passphrase-file", passphraseFile]
+        let result = try sh(launcher + " " + ([kmsfsBinary] + arguments).map(q).joined(separator: " "))
         #expect(result.ok, "mount failed: \(result.stderr)")
         mounted = result.ok
     }

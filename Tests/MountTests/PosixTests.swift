@@ -108,8 +108,7 @@ import Testing
         let fs = try MountedFS()
         try fs.unmount()
         // A soft limit far below the hard one, as login sessions have (1,024 of 524,288).
-        let mounted = try sh("prlimit --nofile=256:8192 \(q(kmsfsBinary)) mount \(q(fs.cipherdir)) \(q(fs.mountpoint)) --passphrase-file \(q(fs.passphraseFile))")
-        #expect(mounted.ok, "\(mounted.stderr)")
+        try fs.mount(launcher: "prlimit --nofile=256:8192")
         let r = try fs.python("""
             for i in range(3000):
                 with open(f"f{i}", "w") as f: f.write(str(i))
