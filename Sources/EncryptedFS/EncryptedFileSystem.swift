@@ -102,7 +102,9 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             try DirectoryKeys.load(from: node.fd, keyManager: keyManager, principal: who, layout: layout,
                                    isRoot: node.id == .root, logger: logger)
         }
-        try keys { () throws(KeyManagerError) in try keyManager.checkUse(who, .decrypt, key: loaded.keyID, object: loaded.directoryID) }
+        try keys { () throws(KeyManagerError) in
+            try keyManager.checkUse(who, .decrypt, key: loaded.keyID, object: loaded.directoryID) { self.nodes.path(of: node.id) }
+        }
         return loaded
     }
 
@@ -187,15 +189,18 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         if plaintextNames { return stored }
         let volume = try volumeKeys(context)
         do throws(CipherError) { return try volume.symlinks.openText(stored) } catch {
-            integrityFailure(error, object: nil, what: "symlink target")
+            integrityFailure(error, object: nil, what: "symlink target", path: nodes.filePath(of: node))
             throw .ioError
         }
     }
 
-    func integrityFailure(_ error: CipherError, object: ID128?, what: String, key: KeyID? = nil) {
+    /// Counts, logs (without the path: logs never hold names) and audits an
+    /// authentication failure; the record holds the path as the audit-path
+    /// setting says (a keyed hash by default).
+    func integrityFailure(_ error: CipherError, object: ID128?, what: String, key: KeyID? = nil, path: String? = nil) {
         integrityFailures.add(1, ordering: .relaxed)
         logger.error("integrity failure", metadata: ["what": .string(what), "object": .string(object?.hex ?? "-"), "error": .string(error.description)])
-        keyManager.audit(AuditEvent("IntegrityFailure", outcome: "failure", key: key, object: object, error: "\(what): \(error)"))
+        keyManager.audit(AuditEvent("IntegrityFailure", outcome: "failure", key: key, object: object, error: "\(what): \(error)", path: path))
     }
 
     /// Gives a new entry to the requesting user when the daemon runs as root.
@@ -503,7 +508,8 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             try Syscall.pwrite(fd, headerBytes, at: 0)
             adopt(dir, stored, context)
             st = try Syscall.fstat(fd)
-            file = try OpenFile(fd: fd, writable: true, header: header, cipher: cipher, stat: st, onIntegrityFailure: failureHandler(fileID, key))
+            file = try OpenFile(fd: fd, writable: true, header: header, cipher: cipher, stat: st,
+                                onIntegrityFailure: failureHandler(fileID, key, path: path))
         } catch {
             close(fd)
             unlinkat(dir.fd, stored, 0)
@@ -524,8 +530,10 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         return (entry(node, st, context), OpenReply(handle: handle))
     }
 
-    func failureHandler(_ fileID: FileID, _ key: KeyID) -> @Sendable (CipherError) -> Void {
-        { [weak self] error in self?.integrityFailure(error, object: fileID.rawValue, what: "file", key: key) }
+    /// What an open file calls when a chunk fails authentication; `path` is
+    /// the file's path when it was opened (nil when audit paths are off).
+    func failureHandler(_ fileID: FileID, _ key: KeyID, path: String?) -> @Sendable (CipherError) -> Void {
+        { [weak self] error in self?.integrityFailure(error, object: fileID.rawValue, what: "file", key: key, path: path) }
     }
 
     /// The shared open state of a regular file, opening and authenticating it
@@ -536,7 +544,9 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         return try openShared(node.key) { () throws(Errno) -> OpenFile? in
             if let shared = pinOpen(node.key) {
                 do throws(Errno) {
-                    try keys { () throws(KeyManagerError) in try keyManager.checkUse(who, .decrypt, key: shared.keyID, object: shared.fileID.rawValue) }
+                    try keys { () throws(KeyManagerError) in
+                        try keyManager.checkUse(who, .decrypt, key: shared.keyID, object: shared.fileID.rawValue) { self.nodes.filePath(of: node) }
+                    }
                     if !shared.writable, flags & O_ACCMODE != O_RDONLY { throw Errno.permissionDenied }
                 } catch {
                     releaseFile(shared)
@@ -602,7 +612,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         do throws(Errno) {
             let raw = try Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0)
             do throws(CipherError) { header = try FileHeader(decoding: raw) } catch {
-                integrityFailure(error, object: nil, what: "file header")
+                integrityFailure(error, object: nil, what: "file header", path: path)
                 throw Errno.ioError
             }
         } catch {
@@ -617,7 +627,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             let cipher: FileCipher
             do throws(CipherError) { cipher = try FileCipher(key: dataKey, fileID: header.fileID, layout: layout) } catch { throw Errno.ioError }
             return try OpenFile(fd: fd, writable: writable, header: header, cipher: cipher,
-                                onIntegrityFailure: failureHandler(header.fileID, header.keyID))
+                                onIntegrityFailure: failureHandler(header.fileID, header.keyID, path: path))
         } catch {
             close(fd)
             throw error
@@ -735,7 +745,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         if plaintextNames { return raw }
         let volume = try volumeKeys(context)
         do throws(CipherError) { return try volume.xattrValues.open(raw, context: Array(name.utf8)) } catch {
-            integrityFailure(error, object: nil, what: "extended attribute")
+            integrityFailure(error, object: nil, what: "extended attribute", path: nodes.filePath(of: node))
             throw .ioError
         }
     }

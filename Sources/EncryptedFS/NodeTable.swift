@@ -19,8 +19,10 @@ struct InodeKey: Hashable {
 
 /// One inode the kernel knows about: an `KMSFS_O_PATH` descriptor of its backing
 /// entry (so renames elsewhere never invalidate it, as in libfuse's
-/// passthrough_ll), its lookup count, and for directories the plaintext
-/// name and parent (for key bindings) and the directory's keys once loaded.
+/// passthrough_ll), its lookup count, the plaintext name and parent it was
+/// last looked up or moved by (a directory's decide its key binding; a
+/// file's are the path its audit records name), and for directories the
+/// directory's keys once loaded.
 final class Node: @unchecked Sendable {
     let id: NodeID
     let fd: Int32
@@ -93,7 +95,8 @@ final class NodeTable: Sendable {
         if let existing = state.withLock({ s -> Node? in
             guard let id = s.byInode[key], let node = s.nodes[id] else { return nil }
             node.lookups += 1
-            if node.isDirectory { node.parent = parent; node.name = name }
+            node.parent = parent
+            node.name = name
             return node
         }) { return existing }
         let fd = try Syscall.openat(parentFD, storedName, KMSFS_O_PATH | O_NOFOLLOW)
@@ -129,10 +132,11 @@ final class NodeTable: Sendable {
         }
     }
 
-    /// Records that a directory moved.
+    /// Records that an entry moved (a directory's path decides its key
+    /// binding; a file's is what its audit records name).
     func moved(_ key: InodeKey, to parent: NodeID, name: String) {
         state.withLock { s in
-            guard let id = s.byInode[key], let node = s.nodes[id], node.isDirectory else { return }
+            guard let id = s.byInode[key], let node = s.nodes[id] else { return }
             node.parent = parent
             node.name = name
         }

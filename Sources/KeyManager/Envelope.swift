@@ -14,9 +14,9 @@ extension KeyManager {
         guard rec.metadata.usage == .encryptDecrypt else {
             throw .invalidArgument("key \(rec.displayName) is a \(rec.metadata.spec.rawValue) SIGN_VERIFY key; data keys need an AES_256 key")
         }
-        try authorize(principal, .encrypt, rec)
+        try authorize(principal, .encrypt, rec, object: object, path: { path })
         do { try check(.generateDataKey, rec) } catch {
-            audit(AuditEvent("GenerateDataKey", outcome: "refused", key: key, principal: principal, object: object, error: error.description))
+            audit(AuditEvent("GenerateDataKey", outcome: "refused", key: key, principal: principal, object: object, error: error.description, path: path))
             throw error
         }
         let version = rec.metadata.currentVersion
@@ -34,15 +34,15 @@ extension KeyManager {
     public func decryptDataKey(_ wrapped: [UInt8], for object: ID128, key: KeyID, version: KeyVersion,
                                principal: Principal, path: String? = nil) throws(KeyManagerError) -> SecretKey {
         let rec = try record(key)
-        try authorize(principal, .decrypt, rec)
+        try authorize(principal, .decrypt, rec, object: object, path: { path })
         do { try check(.unwrapDataKey, rec) } catch {
-            audit(AuditEvent("Decrypt", outcome: "refused", key: key, version: version, principal: principal, object: object, error: error.description))
+            audit(AuditEvent("Decrypt", outcome: "refused", key: key, version: version, principal: principal, object: object, error: error.description, path: path))
             throw error
         }
         guard let dek = try provider.unwrapDataKey(wrapped, key: key, version: version, context: dataKeyContext(object: object, key: key, version: version),
                                                    stored: { () throws(KeyManagerError) in try storedMaterial(key, version) }) else {
             let error = KeyManagerError.unwrapFailed(key: rec.displayName, version: version)
-            audit(AuditEvent("Decrypt", outcome: "integrity-failure", key: key, version: version, principal: principal, object: object, error: error.description))
+            audit(AuditEvent("Decrypt", outcome: "integrity-failure", key: key, version: version, principal: principal, object: object, error: error.description, path: path))
             throw error
         }
         audit(AuditEvent("Decrypt", key: key, version: version, principal: principal, object: object, path: path))
@@ -126,13 +126,14 @@ extension KeyManager {
     /// key whose data key is already in memory: policy, then state. The mount
     /// calls this on every request that uses a cached key, so a disabled key
     /// or a revoked grant takes effect at once.
-    public func checkUse(_ principal: Principal, _ operation: KeyOperation, key: KeyID, object: ID128? = nil) throws(KeyManagerError) {
+    public func checkUse(_ principal: Principal, _ operation: KeyOperation, key: KeyID, object: ID128? = nil,
+                         path: () -> String? = { nil }) throws(KeyManagerError) {
         let rec = try record(key)
-        try authorize(principal, operation, rec)
+        try authorize(principal, operation, rec, object: object, path: path)
         let action: LifecycleAction = operation == .encrypt ? .generateDataKey : .unwrapDataKey
         do { try check(action, rec) } catch {
             audit(AuditEvent(operation == .encrypt ? "GenerateDataKey" : "Decrypt", outcome: "refused", key: key,
-                             principal: principal, object: object, error: error.description))
+                             principal: principal, object: object, error: error.description, path: path()))
             throw error
         }
     }

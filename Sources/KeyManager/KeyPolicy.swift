@@ -8,10 +8,13 @@ extension KeyManager {
         try authorize(principal, operation, try record(key))
     }
 
-    func authorize(_ principal: Principal, _ operation: KeyOperation, _ rec: KeyRecord) throws(KeyManagerError) {
+    /// `object` and `path` (evaluated only for a denial) name what the caller
+    /// wanted the key for, so the denial record says which file it was.
+    func authorize(_ principal: Principal, _ operation: KeyOperation, _ rec: KeyRecord,
+                   object: ID128? = nil, path: () -> String? = { nil }) throws(KeyManagerError) {
         if rec.policy[operation, default: []].contains(where: { $0.matches(principal) }) { return }
         let error = KeyManagerError.accessDenied(key: rec.displayName, principal: principal, operation: operation)
-        audit(AuditEvent("Authorize", outcome: "denied", key: rec.id, principal: principal, error: error.description))
+        audit(AuditEvent("Authorize", outcome: "denied", key: rec.id, principal: principal, object: object, error: error.description, path: path()))
         throw error
     }
 

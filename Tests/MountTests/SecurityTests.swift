@@ -42,6 +42,11 @@ import Testing
         #expect(r.ok, "\(r.stderr)")
         let audit = try sh("sqlite3 \(q(fs.keystore)) \"SELECT object_id FROM audit_log WHERE event = 'IntegrityFailure'\"")
         #expect(audit.stdout.split(separator: "\n").contains(Substring(fileID)), "audit: \(audit.stdout) \(audit.stderr)")
+        // The record also names the file — as the keyed hash of its path, not the name.
+        let hash = try fs.kmsfs(["audit", "paths", "--hash", "/victim", "--fs", fs.cipherdir]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(hash.hasPrefix("hmac:"))
+        let paths = try sh("sqlite3 \(q(fs.keystore)) \"SELECT DISTINCT path FROM audit_log WHERE event = 'IntegrityFailure' AND object_id = '\(fileID)'\"")
+        #expect(paths.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == hash, "\(paths.stdout)")
     }
 
     @Test("a tampered header or a truncated file reads as EIO")
@@ -98,6 +103,9 @@ import Testing
         let audit = try sh("sqlite3 \(q(fs.keystore)) \"SELECT event || ':' || outcome FROM audit_log\"")
         #expect(audit.stdout.contains("DisableKey:success") && audit.stdout.contains("EnableKey:success"))
         #expect(audit.stdout.contains(":refused"), "the refused open is audited")
+        let hash = try fs.kmsfs(["audit", "paths", "--hash", "/file", "--fs", fs.cipherdir]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let refused = try sh("sqlite3 \(q(fs.keystore)) \"SELECT DISTINCT path FROM audit_log WHERE outcome = 'refused' AND path IS NOT NULL\"")
+        #expect(refused.stdout.split(separator: "\n").contains(Substring(hash)), "the refusal names the file: \(refused.stdout) vs \(hash)")
     }
 
     @Test("a uid outside the key policy gets EACCES (allow_other, setpriv), and the denial is audited")
@@ -113,6 +121,10 @@ import Testing
         #expect(r.stdout.split(separator: "\n") == ["Permission denied", "secret"])
         let audit = try sh("sqlite3 \(q(fs.keystore)) \"SELECT count(*) FROM audit_log WHERE outcome = 'denied' AND uid = 4242\"")
         #expect((Int(audit.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0) >= 1)
+        // The denial names the file it was for, as the keyed hash of its path.
+        let hash = try fs.kmsfs(["audit", "paths", "--hash", "/file", "--fs", fs.cipherdir]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let denied = try sh("sqlite3 \(q(fs.keystore)) \"SELECT DISTINCT path FROM audit_log WHERE outcome = 'denied' AND uid = 4242 AND path IS NOT NULL\"")
+        #expect(denied.stdout.split(separator: "\n").contains(Substring(hash)), "\(denied.stdout) vs \(hash)")
         // A grant lets the uid in.
         #expect(try fs.key(["policy", "alias/default", "--grant", "decrypt", "uid:4242"]).ok)
         let granted = try fs.python("""
