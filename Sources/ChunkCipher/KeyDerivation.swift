@@ -79,7 +79,10 @@ public enum KeyDerivation {
     public static func sha256(_ message: [UInt8]) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: 32)
         var length: UInt32 = 0
-        precondition(EVP_Digest(message, message.count, &out, &length, EVP_sha256(), nil) == 1, "SHA-256 failed")
+        precondition(EVP_Digest(message, message.count, &out, &length, sha256Type, nil) == 1, "SHA-256 failed")
         return out
     }
+
+    /// Fetched once: EVP_sha256() makes OpenSSL 3 look the algorithm up on every digest.
+    nonisolated(unsafe) private static let sha256Type: OpaquePointer? = EVP_MD_fetch(nil, "SHA256", nil)
 }

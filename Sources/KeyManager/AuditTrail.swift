@@ -33,8 +33,16 @@ public struct AuditEvent: Sendable {
 
 enum AuditTrail {
     /// SHA-256(previous hash ‖ fields joined by U+001F): the link of the chain.
+    /// (Built in one buffer: this runs for every record a mount writes.)
     static func chainHash(previous: Data, fields: [String]) -> [UInt8] {
-        KeyDerivation.sha256([UInt8](previous) + Array(fields.joined(separator: "\u{1F}").utf8))
+        var message = [UInt8]()
+        message.reserveCapacity(previous.count + fields.reduce(fields.count) { $0 + $1.utf8.count })
+        message.append(contentsOf: previous)
+        for (i, field) in fields.enumerated() {
+            if i > 0 { message.append(0x1F) }
+            message.append(contentsOf: field.utf8)
+        }
+        return KeyDerivation.sha256(message)
     }
 
     /// Appends `event` inside the caller's transaction.

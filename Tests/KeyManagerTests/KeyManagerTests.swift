@@ -461,3 +461,23 @@ extension String.UTF8View {
         }
     }
 }
+
+@Suite struct AuditChainFormatTests {
+    @Test("the chain hash is SHA-256 of the previous hash and the fields joined by U+001F (logs written by earlier builds still verify)")
+    func chainHashFormat() {
+        let previous = Data((0..<32).map { UInt8($0) })
+        for fields in [["1700000000.5", "Decrypt", "success", "", "", "0", "0", "42", "cat", "ab", "", "hmac:00"], [""], ["é", "", "x\u{1F}y"]] {
+            let expected = KeyDerivation.sha256([UInt8](previous) + Array(fields.joined(separator: "\u{1F}").utf8))
+            #expect(AuditTrail.chainHash(previous: previous, fields: fields) == expected)
+        }
+        // SHA-256 itself against the FIPS 180-2 "abc" vector.
+        #expect(KeyDerivation.sha256(Array("abc".utf8)) == Array(hexBytes: "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"))
+    }
+}
+
+private extension Array where Element == UInt8 {
+    init(hexBytes hex: String) {
+        let digits = Array(hex.utf8)
+        self = stride(from: 0, to: digits.count, by: 2).map { UInt8(String(decoding: digits[$0..<$0 + 2], as: UTF8.self), radix: 16)! }
+    }
+}
