@@ -1,4 +1,5 @@
 import COpenSSL
+import Synchronization
 
 /// HKDF-SHA256 and HMAC-SHA256 through OpenSSL, for subkeys with readable
 /// info strings (as gocryptfs's cryptocore does).
@@ -44,12 +45,14 @@ public enum KeyDerivation {
         return out
     }
 
-    /// HMAC-SHA256 under one long-lived key, keyed once: each `mac` copies
-    /// the keyed context instead of hashing the key's pads again (the audit
-    /// log hashes a path with the metadata key on every file create).
-    /// The keyed context holds key-derived state; it is freed with the object.
+    /// HMAC-SHA256 under one long-lived key, keyed once: contexts are copied
+    /// from the keyed one and then kept in a pool; each `mac` takes one and
+    /// re-initialises it with the key it holds (no key pads hashed again, no
+    /// allocation — the audit log hashes a path on every file open and create).
+    /// The contexts hold key-derived state; they are freed with the object.
     public final class KeyedHMAC: @unchecked Sendable {
         private let keyed: OpaquePointer
+        private let pool = Mutex(ContextStack())
 
         public init(key: borrowing SecretKey) {
             guard let ctx = EVP_MAC_CTX_dup(KeyDerivation.hmacTemplate) else { preconditionFailure("HMAC-SHA256 context") }
@@ -60,15 +63,24 @@ public enum KeyDerivation {
             keyed = ctx
         }
 
-        deinit { EVP_MAC_CTX_free(keyed) }
+        deinit {
+            for ctx in pool.withLock({ $0.drain() }) { EVP_MAC_CTX_free(ctx) }
+            EVP_MAC_CTX_free(keyed)
+        }
 
         public func mac(_ message: [UInt8]) -> [UInt8] {
             var out = [UInt8](repeating: 0, count: 32)
             var length = 0
-            guard let ctx = EVP_MAC_CTX_dup(keyed) else { preconditionFailure("HMAC-SHA256 context") }
-            defer { EVP_MAC_CTX_free(ctx) }
+            let ctx: OpaquePointer
+            if let idle = pool.withLock({ $0.pop() }) { ctx = idle } else {
+                guard let copy = EVP_MAC_CTX_dup(keyed) else { preconditionFailure("HMAC-SHA256 context") }
+                ctx = copy
+            }
+            defer { pool.withLock { $0.push(ctx) } }
+            // A nil key restarts the MAC under the key the context already holds.
             let ok = out.withUnsafeMutableBufferPointer { o in
-                EVP_MAC_update(ctx, message, message.count) == 1 && EVP_MAC_final(ctx, o.baseAddress, &length, 32) == 1
+                EVP_MAC_init(ctx, nil, 0, nil) == 1
+                    && EVP_MAC_update(ctx, message, message.count) == 1 && EVP_MAC_final(ctx, o.baseAddress, &length, 32) == 1
             }
             precondition(ok && length == 32, "HMAC-SHA256 failed")
             return out

@@ -80,5 +80,13 @@ import Glibc
             #expect(keyed.mac(message) == KeyDerivation.hmacSHA256(key: key, message: message))
         }
         #expect(keyed.mac([1]) != KeyDerivation.KeyedHMAC(key: SecretKey.random()).mac([1]))
+        // Pooled contexts restarted for each MAC: the same answers again, from several threads at once.
+        let messages = (0..<64).map { SecureRandom.bytes($0 * 7) }
+        let expected = messages.map { KeyDerivation.hmacSHA256(key: key, message: $0) }
+        let wrong = Atomic<Int>(0)
+        DispatchQueue.concurrentPerform(iterations: 8) { _ in
+            for (message, mac) in zip(messages, expected) where keyed.mac(message) != mac { wrong.add(1, ordering: .relaxed) }
+        }
+        #expect(wrong.load(ordering: .relaxed) == 0)
     }
 }
