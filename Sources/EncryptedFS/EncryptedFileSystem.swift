@@ -508,7 +508,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             try Syscall.pwrite(fd, headerBytes, at: 0)
             adopt(dir, stored, context)
             st = try Syscall.fstat(fd)
-            file = try OpenFile(fd: fd, writable: true, header: header, cipher: cipher, stat: st,
+            file = try OpenFile(fd: fd, writable: true, header: header, cipher: cipher, stat: st, sealedHere: 0,
                                 onIntegrityFailure: failureHandler(fileID, key, path: path))
         } catch {
             close(fd)

@@ -58,8 +58,10 @@ final class OpenFile: @unchecked Sendable {
     var keyID: KeyID { header.keyID }
 
     /// Authenticates `header` against the key and the size on disk.
-    /// `st` is the backing file's current stat if the caller just took it.
-    init(fd: Int32, writable: Bool, header: FileHeader, cipher: FileCipher, stat taken: stat? = nil,
+    /// `taken` is the backing file's current stat if the caller just took
+    /// it; `sealedHere` the length the caller itself just sealed into
+    /// `header` (a file it created), which is not authenticated again.
+    init(fd: Int32, writable: Bool, header: FileHeader, cipher: FileCipher, stat taken: stat? = nil, sealedHere: Int? = nil,
          onIntegrityFailure: @escaping @Sendable (CipherError) -> Void) throws(Errno) {
         let st: stat
         if let taken { st = taken } else { st = try Syscall.fstat(fd) }
@@ -72,7 +74,7 @@ final class OpenFile: @unchecked Sendable {
         self.onIntegrityFailure = onIntegrityFailure
         let diskSize = Int(st.st_size)
         do throws(CipherError) {
-            sealedLength = try cipher.verify(header: header)
+            if let sealedHere { sealedLength = sealedHere } else { sealedLength = try cipher.verify(header: header) }
             size = try cipher.checkLength(ciphertextSize: diskSize, sealedLength: sealedLength)
         } catch {
             onIntegrityFailure(error)
