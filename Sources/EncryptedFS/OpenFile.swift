@@ -222,16 +222,14 @@ final class OpenFile: @unchecked Sendable {
         }
     }
 
-    /// The old plaintext of chunk `index` (`count` bytes): from the cached
-    /// tail when it is that chunk, else read and opened from disk.
     /// After a growing write failed part-way (a full disk: only the part
     /// past the old end can fail for want of space), puts the file back to
     /// its old length: cuts what was added and seals again the chunk the old
     /// end falls in, from `plain` (the write's plaintext from chunk `first`),
     /// since its bytes were overwritten with a longer, now cut, chunk. Bytes
     /// the write changed before the old end keep their new values, as after
-    /// a short write. Best effort: if even that fails, the file reads as EIO
-    /// from that chunk on and the failure is logged.
+    /// a short write. Best effort: if even that fails, that chunk reads as
+    /// EIO, as a crash in the middle of the write would have left it.
     private func restoreEnd(_ plain: UnsafeRawBufferPointer, first: ChunkIndex) {
         tail = nil
         guard ftruncate(fd, off_t(layout.ciphertextSize(plaintextSize: size))) == 0 else { return }
@@ -247,6 +245,8 @@ final class OpenFile: @unchecked Sendable {
         _ = try? Syscall.pwrite(fd, UnsafeRawBufferPointer(sealed), at: layout.ciphertextOffset(of: index))
     }
 
+    /// The old plaintext of chunk `index` (`count` bytes): from the cached
+    /// tail when it is that chunk, else read and opened from disk.
     private func oldChunk(_ index: ChunkIndex, count: Int, into out: UnsafeMutableRawBufferPointer) throws(Errno) {
         if let tail, tail.index == index, tail.bytes.count == count {
             tail.bytes.withUnsafeBytes { out.copyMemory(from: $0) }
