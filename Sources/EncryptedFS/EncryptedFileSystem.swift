@@ -287,6 +287,17 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         return try decryptedTarget(of: node, context)
     }
 
+    /// Asked only on a private mount (no `default_permissions`), whose one
+    /// user is the daemon's: the backing entry answers for that user, so
+    /// `test -x` on a file without execute bits is false, as it would be on
+    /// the backing filesystem. (Without an answer the kernel would take
+    /// every access(2) as allowed.)
+    public func access(_ id: NodeID, mask: Int32, _ context: RequestContext) throws(Errno) {
+        let node = try nodes.node(id)
+        guard mask != F_OK else { return }
+        try Syscall.call { faccessat(AT_FDCWD, node.procPath, mask, 0) }
+    }
+
     public func statfs(_ id: NodeID) throws(Errno) -> statvfs {
         let root = try nodes.node(.root)
         var info = statvfs()

@@ -113,6 +113,9 @@ public protocol FileSystem: AnyObject, Sendable {
     func readdir(_ node: NodeID, handle: UInt64, offset: Int64, _ add: (DirectoryEntry) -> Bool) throws(Errno)
     func releasedir(_ node: NodeID, handle: UInt64)
     func statfs(_ node: NodeID) throws(Errno) -> statvfs
+    /// access(2) with `mask` (R_OK, W_OK, X_OK or F_OK). The kernel asks only
+    /// when it does not check permissions itself (no `default_permissions`).
+    func access(_ node: NodeID, mask: Int32, _ context: RequestContext) throws(Errno)
     func setxattr(_ node: NodeID, _ name: String, value: UnsafeRawBufferPointer, flags: Int32, _ context: RequestContext) throws(Errno)
     func getxattr(_ node: NodeID, _ name: String, _ context: RequestContext) throws(Errno) -> [UInt8]
     func listxattr(_ node: NodeID, _ context: RequestContext) throws(Errno) -> [String]
@@ -139,6 +142,7 @@ extension FileSystem {
     public func release(_ node: NodeID, handle: UInt64) {}
     public func fsync(_ node: NodeID, handle: UInt64, dataOnly: Bool) throws(Errno) {}
     public func releasedir(_ node: NodeID, handle: UInt64) {}
+    public func access(_ node: NodeID, mask: Int32, _ context: RequestContext) throws(Errno) { throw .noFunction }
     public func setxattr(_ node: NodeID, _ name: String, value: UnsafeRawBufferPointer, flags: Int32, _ context: RequestContext) throws(Errno) { throw .notSupported }
     public func getxattr(_ node: NodeID, _ name: String, _ context: RequestContext) throws(Errno) -> [UInt8] { throw .notSupported }
     public func listxattr(_ node: NodeID, _ context: RequestContext) throws(Errno) -> [String] { [] }

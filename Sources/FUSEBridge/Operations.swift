@@ -241,6 +241,12 @@ enum Operations {
             fuse_reply_err(req, 0)
         }
         ops.fsyncdir = { req, _, _, _ in fuse_reply_err(req, 0) }
+        ops.access = { req, ino, mask in
+            Operations.reply(req) { () throws(Errno) in
+                try Operations.fileSystem(req).access(NodeID(rawValue: ino), mask: mask, Operations.context(req))
+                fuse_reply_err(req, 0)
+            }
+        }
         ops.statfs = { req, ino in
             Operations.reply(req) { () throws(Errno) in
                 var info = try Operations.fileSystem(req).statfs(NodeID(rawValue: ino))

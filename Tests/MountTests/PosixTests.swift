@@ -119,6 +119,20 @@ import Testing
         #expect(r.ok && r.stdout.contains("ok"), "\(r.stderr)")
     }
 
+    @Test("access(2) on a private mount answers as the backing file would: test -x is false without execute bits")
+    func accessOnPrivateMount() throws {
+        let fs = try MountedFS()
+        let r = try fs.run("""
+            echo data > plain; chmod 644 plain
+            printf '#!/bin/sh\\necho ran\\n' > tool; chmod 755 tool
+            mkdir d
+            for t in "-x plain" "-x tool" "-r plain" "-w plain" "-x d"; do if test $t; then echo "$t yes"; else echo "$t no"; fi; done
+            ./tool
+            """)
+        #expect(r.ok, "\(r.stderr)")
+        #expect(r.stdout.split(separator: "\n") == ["-x plain no", "-x tool yes", "-r plain yes", "-w plain yes", "-x d yes", "ran"], "\(r.stdout)")
+    }
+
     @Test("with allow_other the kernel checks mode bits for other users")
     func modeBitsForOthers() throws {
         let fs = try MountedFS(mountOptions: ["allow_other"])
