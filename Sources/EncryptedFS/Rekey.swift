@@ -447,8 +447,21 @@ public final class Rekeyer: @unchecked Sendable {
     /// file, to be redone. Runs before a mount serves and before any run.
     public func recover() throws(KeyManagerError) {
         for intent in try keyManager.rekeyIntents() {
-            let path = fs.cipherdir + "/" + intent.path
-            var fd = open(path, O_RDWR | O_NOFOLLOW)
+            // The keystore file is writable by whoever can write CIPHERDIR:
+            // an intent is acted on only if kmsfs wrote it (its MAC), only
+            // inside CIPHERDIR, and only with headers of the very file.
+            guard intent.authentic else {
+                refuseRecovery(intent, "the intent does not carry this keystore's MAC (inserted or edited outside kmsfs)")
+                try keyManager.clearRekeyIntent(intent.object)
+                continue
+            }
+            guard let newHeader = try? FileHeader(decoding: intent.newHeader), newHeader.fileID.rawValue == intent.object,
+                  let oldHeader = try? FileHeader(decoding: intent.oldHeader), oldHeader.fileID.rawValue == intent.object else {
+                refuseRecovery(intent, "the intent's headers are not headers of object \(intent.object.hex)")
+                try keyManager.clearRekeyIntent(intent.object)
+                continue
+            }
+            var fd = (try? openConfined(intent.path, O_RDWR)) ?? -1
             if fd < 0 { fd = locate(intent.object) }
             guard fd >= 0 else {
                 logger.warning("rekey intent for a file that is gone", metadata: ["object": .string(intent.object.hex)])
@@ -457,6 +470,11 @@ public final class Rekeyer: @unchecked Sendable {
             }
             defer { close(fd) }
             let current = (try? Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0)) ?? []
+            if let header = try? FileHeader(decoding: current), header.fileID.rawValue != intent.object {
+                refuseRecovery(intent, "the file at the intent's path is another object")
+                try keyManager.clearRekeyIntent(intent.object)
+                continue
+            }
             switch intent.mode {
             case .rewrap:
                 if current == intent.oldHeader {
@@ -466,17 +484,26 @@ public final class Rekeyer: @unchecked Sendable {
                         do throws(Errno) {
                             try Syscall.pwrite(fd, intent.newHeader, at: 0)
                             try Syscall.call { fsync(fd) }
-                        } catch { throw .database("cannot repair the header of \(intent.path): \(error)") }
+                        } catch { throw .database("cannot repair the header of object \(intent.object.hex): \(error)") }
                     }
-                    guard let header = try? FileHeader(decoding: intent.newHeader) else { continue }
-                    try keyManager.commitRekeyed(job: intent.job, object: intent.object, kind: intent.kind, key: header.keyID,
-                                                 version: header.keyVersion, bytes: 0)
+                    try keyManager.commitRekeyed(job: intent.job, object: intent.object, kind: intent.kind, key: newHeader.keyID,
+                                                 version: newHeader.keyVersion, bytes: 0)
                 }
             case .reencrypt:
-                if let backup = intent.backup {
-                    let copy = open(fs.cipherdir + "/" + backup, O_RDONLY)
-                    if copy >= 0 {
+                if intent.backup != nil {
+                    guard intent.backup == Self.backupDirectory + "/" + intent.object.hex + ".old" else {
+                        refuseRecovery(intent, "the intent's backup is not the object's own backup file")
+                        try keyManager.clearRekeyIntent(intent.object)
+                        continue
+                    }
+                    if let copy = try? openConfined(Self.backupDirectory + "/" + intent.object.hex + ".old", O_RDONLY) {
                         defer { close(copy) }
+                        let saved = (try? Syscall.pread(copy, count: ChunkLayout.headerSize, at: 0)) ?? []
+                        guard saved == intent.oldHeader else {
+                            refuseRecovery(intent, "the backup does not start with the intent's old header")
+                            try keyManager.clearRekeyIntent(intent.object)
+                            continue
+                        }
                         do throws(Errno) {
                             let st = try Syscall.fstat(copy)
                             try self.copy(from: copy, to: fd, count: Int(st.st_size))
@@ -484,13 +511,15 @@ public final class Rekeyer: @unchecked Sendable {
                             var times = [st.st_atim, st.st_mtim]
                             _ = futimens(fd, &times)
                             try Syscall.call { fsync(fd) }
-                        } catch { throw .database("cannot roll back \(intent.path) from its backup: \(error)") }
+                        } catch { throw .database("cannot roll back object \(intent.object.hex) from its backup: \(error)") }
                     }
                 }
                 try keyManager.recordUsage(intent.object, kind: intent.kind, key: intent.oldKey, version: intent.oldVersion)
                 try keyManager.clearRekeyIntent(intent.object)
-                if let backup = intent.backup { unlink(fs.cipherdir + "/" + backup) }
+                if intent.backup != nil { unlinkConfined(Self.backupDirectory + "/" + intent.object.hex + ".old") }
             }
+            keyManager.audit(AuditEvent("RekeyRecovery", key: intent.oldKey, version: intent.oldVersion, object: intent.object,
+                                        error: "job \(intent.job): \(intent.mode.rawValue) \(intent.mode == .rewrap && current != intent.oldHeader ? "completed" : "rolled back")"))
             logger.notice("repaired an interrupted rekey", metadata: ["object": .string(intent.object.hex), "mode": .string(intent.mode.rawValue)])
         }
         // Backups without an intent belong to files already committed.
@@ -498,6 +527,40 @@ public final class Rekeyer: @unchecked Sendable {
             defer { close(dir) }
             for entry in (try? Syscall.listDirectory(dir)) ?? [] { unlinkat(dir, entry.name, 0) }
         }
+    }
+
+    /// An intent that recovery will not act on: audited as refused and dropped.
+    private func refuseRecovery(_ intent: RekeyIntent, _ why: String) {
+        logger.error("rekey intent refused", metadata: ["object": .string(intent.object.hex), "why": .string(why)])
+        keyManager.audit(AuditEvent("RekeyRecovery", outcome: "refused", object: intent.object, error: why))
+    }
+
+    /// Opens `relative` (a path inside CIPHERDIR) one component at a time from
+    /// the CIPHERDIR descriptor, following no symlink and no `..`: whatever a
+    /// stored path says, nothing outside CIPHERDIR is reached.
+    func openConfined(_ relative: String, _ flags: Int32) throws(Errno) -> Int32 {
+        let parts = relative.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
+        guard !parts.isEmpty, parts.allSatisfy({ !$0.isEmpty && $0 != "." && $0 != ".." }) else { throw .invalidArgument }
+        var dir = try Syscall.call { dup(fs.nodes.rootFD) }
+        for part in parts.dropLast() {
+            let next: Int32
+            do throws(Errno) { next = try Syscall.openat(dir, part, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) } catch {
+                close(dir)
+                throw error
+            }
+            close(dir)
+            dir = next
+        }
+        defer { close(dir) }
+        return try Syscall.openat(dir, parts[parts.count - 1], flags | O_NOFOLLOW)
+    }
+
+    /// Unlinks `relative` inside CIPHERDIR, confined like `openConfined`.
+    private func unlinkConfined(_ relative: String) {
+        guard let slash = relative.lastIndex(of: "/"),
+              let dir = try? openConfined(String(relative[..<slash]), O_DIRECTORY | O_RDONLY) else { return }
+        defer { close(dir) }
+        unlinkat(dir, String(relative[relative.index(after: slash)...]), 0)
     }
 
     /// Opens (read-write) the backing file whose header carries `object`, wherever it now is; -1 if none.

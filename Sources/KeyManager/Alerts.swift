@@ -57,7 +57,7 @@ extension KeyManager {
     public func alertConfig() throws(KeyManagerError) -> AlertConfig {
         let now = clock()
         if let cached = alertState.withLock({ $0.config }), abs(now - cached.fetchedAt) < Self.recordTTL * 10 { return cached.value }
-        let stored: String? = try read { db in try String.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'alert_config'") }
+        let stored: String? = try verifiedRead { db in try String.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'alert_config'") }
         let config = stored.flatMap { try? JSONDecoder().decode(AlertConfig.self, from: Data($0.utf8)) } ?? AlertConfig()
         alertState.withLock { $0.config = (config, now) }
         return config
@@ -70,7 +70,7 @@ extension KeyManager {
             throw .invalidArgument("alert thresholds must be positive")
         }
         let json = String(decoding: (try? JSONEncoder().encode(config)) ?? Data(), as: UTF8.self)
-        try write { db in
+        try sealedWrite { db in
             try db.execute(sql: "INSERT OR REPLACE INTO meta (name, value) VALUES ('alert_config', ?)", arguments: [json])
             try AuditTrail.append(db, AuditEvent("PutAlertConfig", principal: principal, error: json), at: clock())
         }
@@ -145,7 +145,8 @@ extension KeyManager {
 
     /// Sends an alert to every configured sink, off the caller's thread.
     func raise(_ alert: Alert) {
-        guard let config = try? alertConfig() else { return }
+        // A setting that fails its seal is not obeyed: syslog only.
+        let config = (try? alertConfig()) ?? AlertConfig()
         logger.warning("alert", metadata: ["rule": .string(alert.rule), "message": .string(alert.message)])
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]

@@ -243,7 +243,7 @@ extension KeyManager {
     public func auditPathMode() -> AuditPathMode {
         let now = clock()
         if let cached = caches.withLock({ $0.pathMode }), abs(now - cached.fetchedAt) < Self.recordTTL * 10 { return cached.mode }
-        let stored: String? = try? read { db in try String.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'audit_paths'") }
+        let stored: String? = try? verifiedRead { db in try String.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'audit_paths'") }
         let mode = stored.flatMap(AuditPathMode.init(rawValue:)) ?? .hashed
         caches.withLock { $0.pathMode = (mode, now) }
         return mode
@@ -252,7 +252,7 @@ extension KeyManager {
     /// Sets how paths are recorded (administrators of the default key; audited).
     public func setAuditPathMode(_ mode: AuditPathMode, by principal: Principal) throws(KeyManagerError) {
         _ = try authorizeAdmin(principal, try resolve("alias/default"))
-        try write { db in
+        try sealedWrite { db in
             try db.execute(sql: "INSERT OR REPLACE INTO meta (name, value) VALUES ('audit_paths', ?)", arguments: [mode.rawValue])
             try AuditTrail.append(db, AuditEvent("PutAuditSettings", principal: principal, error: "paths: \(mode.rawValue)"), at: clock())
         }

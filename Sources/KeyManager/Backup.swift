@@ -58,7 +58,10 @@ extension KeyManager {
             let copy = try DatabaseQueue(path: scratch)
             try copy.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA secure_delete = ON") }
             try copy.write { db in
+                let (findings, generation) = try integrity.verify(db)
+                guard findings.isEmpty else { throw KeyManagerError.keystoreTampered(findings) }
                 try rewrapSecrets(db, from: kek, to: backupKEK, salt: salt, scrypt: scrypt)
+                try integrity.reseal(db, generation: generation + 1)
                 // The copy is no mount's: a restored keystore must not look like one that died mid-batch.
                 try db.execute(sql: "DELETE FROM meta WHERE name = 'usage_journal_pid'")
             }
@@ -172,7 +175,7 @@ extension KeyManager {
             let salt = SecureRandom.bytes(32)
             let stored = ScryptParameters.strong
             let kek = try AESGCM.make(try stored.deriveKey(passphrase: passphrase, salt: salt))
-            try restored.write { db in
+            try restored.sealedWrite { db in
                 try restored.rewrapSecrets(db, from: restored.kek, to: kek, salt: salt, scrypt: stored)
                 try AuditTrail.append(db, AuditEvent("RestoreBackup", principal: principal, error: "new keystore from a backup signed by \(signer)"), at: clock())
             }
@@ -204,7 +207,7 @@ extension KeyManager {
         var conflicts: [String] = []
         var addedKeys: [String] = []
         var addedVersions = 0
-        try write { db in
+        try sealedWrite { db in
             for key in theirKeys {
                 let id: String = key["id"]
                 if try Row.fetchOne(db, sql: "SELECT id FROM keys WHERE id = ?", arguments: [id]) == nil {

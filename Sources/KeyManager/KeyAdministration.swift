@@ -34,7 +34,7 @@ extension KeyManager {
             return id
         }
         let alias = reference.hasPrefix("alias/") ? reference : "alias/" + reference
-        let hex: String? = try read { db in try String.fetchOne(db, sql: "SELECT key_id FROM aliases WHERE alias = ?", arguments: [alias]) }
+        let hex: String? = try verifiedRead { db in try String.fetchOne(db, sql: "SELECT key_id FROM aliases WHERE alias = ?", arguments: [alias]) }
         guard let hex, let id = KeyID(hex: hex) else { throw .keyNotFound(reference) }
         return id
     }
@@ -67,7 +67,7 @@ extension KeyManager {
         let id = KeyID.random()
         let now = clock()
         let (material, publicKey) = try newMaterial(spec, id: id, version: KeyVersion(rawValue: 1))
-        try write { db in
+        try sealedWrite { db in
             try db.execute(sql: """
                 INSERT INTO keys (id, spec, state, description, created_at, state_changed_at, current_version, rotation_days, last_rotated_at)
                 VALUES (?, ?, 'Enabled', ?, ?, ?, 1, ?, ?)
@@ -104,7 +104,7 @@ extension KeyManager {
 
     /// All keys, optionally only those in `state` or carrying tag `name=value`.
     public func listKeys(state: KeyState? = nil, tag: (name: String, value: String)? = nil) throws(KeyManagerError) -> [KeyMetadata] {
-        let all = try read { db in try KeyRecord.fetchAll(db) }.map(\.metadata)
+        let all = try verifiedRead { db in try KeyRecord.fetchAll(db) }.map(\.metadata)
         return all.filter { key in
             if let state, key.state != state { return false }
             if let tag, key.tags[tag.name] != tag.value { return false }
@@ -149,7 +149,7 @@ extension KeyManager {
         let now = clock()
         let next = KeyVersion(rawValue: rec.metadata.currentVersion.rawValue + 1)
         let (material, _) = try newMaterial(.aes256, id: rec.id, version: next)
-        try write { db in
+        try sealedWrite { db in
             // Re-check inside the transaction: another process may have rotated.
             let current = try Int.fetchOne(db, sql: "SELECT current_version FROM keys WHERE id = ?", arguments: [rec.id.rawValue.hex])
             guard current == Int(rec.metadata.currentVersion.rawValue) else { return }
@@ -171,7 +171,7 @@ extension KeyManager {
         if let days, !KeyLimits.rotationDays.contains(days) {
             throw .invalidArgument("rotation period \(days) days is outside \(KeyLimits.rotationDays.lowerBound)–\(KeyLimits.rotationDays.upperBound)")
         }
-        try write { db in
+        try sealedWrite { db in
             try db.execute(sql: "UPDATE keys SET rotation_days = ? WHERE id = ?", arguments: [days, id.rawValue.hex])
             try AuditTrail.append(db, AuditEvent(days == nil ? "DisableKeyRotation" : "EnableKeyRotation", key: id, principal: principal), at: clock())
         }
@@ -230,7 +230,7 @@ extension KeyManager {
         guard case .allowed(let newState) = outcome else { return }
         let now = clock()
         let set = ["state = '\(newState.rawValue)'", "state_changed_at = \(now)", extra(rec)].compactMap { $0 }.joined(separator: ", ")
-        try write { db in
+        try sealedWrite { db in
             try db.execute(sql: "UPDATE keys SET \(set) WHERE id = ? AND state = ?", arguments: [id.rawValue.hex, rec.state.rawValue])
             guard db.changesCount == 1 else { throw KeyManagerError.database("key \(rec.displayName) changed meanwhile; try again") }
             try AuditTrail.append(db, AuditEvent(event, key: id, principal: principal), at: now)
@@ -246,7 +246,7 @@ extension KeyManager {
         guard version != rec.metadata.currentVersion else {
             throw .invalidArgument("version \(version) is the current version of \(rec.displayName); rotate first")
         }
-        try write { db in
+        try sealedWrite { db in
             let n = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM usage WHERE key_id = ? AND version = ?",
                                      arguments: [id.rawValue.hex, version.rawValue]) ?? 0
             guard n == 0 else { throw KeyManagerError.versionInUse(key: rec.displayName, version: version, references: n) }
@@ -267,7 +267,7 @@ extension KeyManager {
         let now = clock()
         try flushUsage()
         let indexIncomplete = try usageIndexMayBeIncomplete()
-        let records = try read({ db in try KeyRecord.fetchAll(db) })
+        let records = try verifiedRead({ db in try KeyRecord.fetchAll(db) })
         checkOverdueRotations(records)
         for rec in records {
             if rec.state == .enabled, let due = rec.metadata.nextRotationAt, due <= now {
@@ -291,7 +291,7 @@ extension KeyManager {
                                      error: "a mount ended without flushing the usage index; it may miss files of this key"))
                     continue
                 }
-                try write { db in
+                try sealedWrite { db in
                     try db.execute(sql: "UPDATE key_versions SET material = NULL, retired = 1 WHERE key_id = ?", arguments: [rec.id.rawValue.hex])
                     try db.execute(sql: "UPDATE keys SET state = 'Destroyed', state_changed_at = ? WHERE id = ?", arguments: [now, rec.id.rawValue.hex])
                     try db.execute(sql: "DELETE FROM aliases WHERE key_id = ?", arguments: [rec.id.rawValue.hex])
@@ -313,7 +313,7 @@ extension KeyManager {
         try Self.validate(alias: alias)
         let id = try resolve(reference)
         _ = try authorizeAdmin(principal, id)
-        try write { db in
+        try sealedWrite { db in
             try db.execute(sql: "INSERT INTO aliases (alias, key_id) VALUES (?, ?) ON CONFLICT(alias) DO UPDATE SET key_id = excluded.key_id",
                            arguments: [alias, id.rawValue.hex])
             try AuditTrail.append(db, AuditEvent("UpdateAlias", key: id, principal: principal), at: clock())
@@ -325,7 +325,7 @@ extension KeyManager {
     public func deleteAlias(_ alias: String, by principal: Principal) throws(KeyManagerError) {
         let id = try resolve(alias)
         _ = try authorizeAdmin(principal, id)
-        try write { db in
+        try sealedWrite { db in
             try db.execute(sql: "DELETE FROM aliases WHERE alias = ?", arguments: [alias])
             try AuditTrail.append(db, AuditEvent("DeleteAlias", key: id, principal: principal), at: clock())
         }
@@ -337,7 +337,7 @@ extension KeyManager {
         let id = try resolve(reference)
         _ = try authorizeAdmin(principal, id)
         if let value { try Self.validate(tag: name, value: value) }
-        try write { db in
+        try sealedWrite { db in
             if let value {
                 try db.execute(sql: "INSERT INTO tags (key_id, name, value) VALUES (?, ?, ?) ON CONFLICT(key_id, name) DO UPDATE SET value = excluded.value",
                                arguments: [id.rawValue.hex, name, value])
@@ -379,7 +379,7 @@ extension KeyManager {
         let params = scrypt ?? stored
         let salt = SecureRandom.bytes(32)
         let newKEK = try AESGCM.make(try params.deriveKey(passphrase: newPassphrase, salt: salt))
-        try write { db in
+        try sealedWrite { db in
             try rewrapSecrets(db, from: kek, to: newKEK, salt: salt, scrypt: params)
             try AuditTrail.append(db, AuditEvent("ChangePassphrase", principal: principal), at: clock())
         }
@@ -408,7 +408,7 @@ extension KeyManager {
     public func verify(_ message: [UInt8], signature: [UInt8], key reference: String, version: KeyVersion) throws(KeyManagerError) -> Bool {
         let id = try resolve(reference)
         let rec = try record(id)
-        let publicKey: Data? = try read { db in
+        let publicKey: Data? = try verifiedRead { db in
             try Data.fetchOne(db, sql: "SELECT public_key FROM key_versions WHERE key_id = ? AND version = ?", arguments: [id.rawValue.hex, version.rawValue])
         }
         guard let publicKey else { throw .versionNotFound(key: rec.displayName, version: version) }

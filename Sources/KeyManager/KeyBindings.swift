@@ -33,7 +33,7 @@ extension KeyManager {
         let sealed = try keepingKeyManagerError {
             try pathBytes.withUnsafeBytes { raw in try KeyWrap.seal(raw, under: sealer, context: Array("kmsfs/v1/binding-path".utf8)) }
         }
-        try write { db in
+        try sealedWrite { db in
             try db.execute(sql: """
                 INSERT INTO bindings (path_mac, path_sealed, key_id) VALUES (?, ?, ?)
                 ON CONFLICT(path_mac) DO UPDATE SET key_id = excluded.key_id, path_sealed = excluded.path_sealed
@@ -48,10 +48,10 @@ extension KeyManager {
         let normalized = Self.normalize(path: path)
         guard normalized != "/" else { throw .invalidArgument("the root must stay bound; bind it to another key instead") }
         let mac = pathMAC(normalized)
-        let hex: String? = try read { db in try String.fetchOne(db, sql: "SELECT key_id FROM bindings WHERE path_mac = ?", arguments: [mac]) }
+        let hex: String? = try verifiedRead { db in try String.fetchOne(db, sql: "SELECT key_id FROM bindings WHERE path_mac = ?", arguments: [mac]) }
         guard let hex, let id = KeyID(hex: hex) else { throw .invalidArgument("\(normalized) is not bound") }
         _ = try authorizeAdmin(principal, id)
-        try write { db in
+        try sealedWrite { db in
             try db.execute(sql: "DELETE FROM bindings WHERE path_mac = ?", arguments: [mac])
             try AuditTrail.append(db, AuditEvent("UnbindKey", key: id, principal: principal), at: clock())
         }
@@ -93,7 +93,7 @@ extension KeyManager {
     private func bindingMap() throws(KeyManagerError) -> [Data: KeyID] {
         let now = clock()
         if let cached = caches.withLock({ $0.bindings }), abs(now - cached.fetchedAt) < Self.recordTTL { return cached.map }
-        let map: [Data: KeyID] = try read { db in
+        let map: [Data: KeyID] = try verifiedRead { db in
             var map = [Data: KeyID]()
             for row in try Row.fetchAll(db, sql: "SELECT path_mac, key_id FROM bindings") {
                 if let id = KeyID(hex: row["key_id"]) { map[row["path_mac"]] = id }
@@ -110,7 +110,7 @@ extension KeyManager {
     /// All bindings as (path, key), sorted by path.
     public func listBindings() throws(KeyManagerError) -> [(path: String, key: KeyID)] {
         let sealer = try AESGCM.make(metadataKey)
-        let rows: [(Data, String)] = try read { db in
+        let rows: [(Data, String)] = try verifiedRead { db in
             try Row.fetchAll(db, sql: "SELECT path_sealed, key_id FROM bindings").map { ($0["path_sealed"], $0["key_id"]) }
         }
         var out = [(path: String, key: KeyID)]()

@@ -63,6 +63,8 @@ public final class KeyManager: @unchecked Sendable {
     let metadataKey: SecretKey
     /// HMAC under the metadata key, keyed once (audit path hashes).
     let pathMAC: KeyDerivation.KeyedHMAC
+    /// Authenticates the security-relevant rows (KeystoreIntegrity.swift).
+    let integrity: KeystoreIntegrity
     let caches = Mutex(Caches())
     let alertState = Mutex(AlertState())
     /// Whether successful unwraps and data-key generations are recorded (on;
@@ -80,6 +82,10 @@ public final class KeyManager: @unchecked Sendable {
         var boundKeys: [String: KeyID] = [:]
         var journal: UsageJournal?
         var pathMode: (mode: AuditPathMode, fetchedAt: Double)?
+        /// The newest integrity-seal generation this process has seen or written.
+        var integrityGeneration: UInt64 = 0
+        /// The findings last audited, so a tampered keystore is reported once, not per request.
+        var reportedTampering: [String] = []
     }
 
     /// The file name of the keystore inside its directory.
@@ -122,10 +128,11 @@ public final class KeyManager: @unchecked Sendable {
                 for (name, value) in meta {
                     try db.execute(sql: "INSERT INTO meta (name, value) VALUES (?, ?)", arguments: [name, value])
                 }
+                try KeystoreIntegrity(metadataKey: metadataKey).reseal(db, generation: 1)
             }
         } catch let error as KeyManagerError { throw error } catch { throw .database("\(error)") }
-        let manager = KeyManager(directory: directory, db: pool, fsID: fsID, chunkSize: options.chunkSize,
-                                 plaintextNames: options.plaintextNames, kek: kek, metadataKey: metadataKey, clock: clock)
+        let manager = try KeyManager(directory: directory, db: pool, fsID: fsID, chunkSize: options.chunkSize,
+                                     plaintextNames: options.plaintextNames, kek: kek, metadataKey: metadataKey, clock: clock)
         let key = try manager.createKey(spec: .aes256, description: "default key of this filesystem",
                                         aliases: ["alias/default"], by: creator)
         try manager.bind(path: "/", to: key.keyID.rawValue.hex, by: creator)
@@ -134,7 +141,12 @@ public final class KeyManager: @unchecked Sendable {
 
     /// Opens and unlocks an existing keystore. A wrong passphrase, a damaged
     /// file or one from a newer kmsfs is a clear error and changes nothing.
-    public static func open(in directory: String, passphrase: borrowing SecretKey,
+    ///
+    /// The security-relevant rows are verified against their seal first: a
+    /// keystore edited outside kmsfs is refused with what was edited, unless
+    /// `verifyingIntegrity` is false (`audit verify` and `fsck` report it instead).
+    /// A keystore from before the seal existed is sealed as it is, once.
+    public static func open(in directory: String, passphrase: borrowing SecretKey, verifyingIntegrity: Bool = true,
                             clock: @escaping @Sendable () -> Double = KeyManager.systemClock) throws(KeyManagerError) -> KeyManager {
         let path = directory + "/" + databaseName
         guard FileManager.default.fileExists(atPath: path) else { throw .keystoreNotFound(directory) }
@@ -175,21 +187,50 @@ public final class KeyManager: @unchecked Sendable {
         let scrypt = ScryptParameters(logN: UInt8(clamping: logN), r: UInt32(clamping: r), p: UInt32(clamping: p))
         let kekKey = try scrypt.deriveKey(passphrase: passphrase, salt: [UInt8](salt))
         let kek = try AESGCM.make(kekKey)
-        guard let checked = try KeyWrap.open([UInt8](check), under: kek, context: kekCheckContext(fsID)) else {
+        // The check value's context says whether the keystore is sealed
+        // (kmsfs/v2) or predates the seal (v1): only a KEK holder writes either.
+        let sealed: Bool
+        if let checked = try KeyWrap.open([UInt8](check), under: kek, context: kekCheckContext(fsID)) {
+            _ = consume checked
+            sealed = true
+        } else if let checked = try KeyWrap.open([UInt8](check), under: kek, context: legacyKEKCheckContext(fsID)) {
+            _ = consume checked
+            sealed = false
+        } else {
             throw .wrongPassphrase
         }
-        _ = consume checked
         guard let metadataKey = try KeyWrap.open([UInt8](wrappedMeta), under: kek, context: metadataKeyContext(fsID)) else {
             throw .keystoreCorrupt("the metadata key does not open under this passphrase")
         }
         let pool = try openPool(path, readonly: false)
         do { try KeystoreSchema.migrator.migrate(pool) } catch { throw .database("\(error)") }
-        return KeyManager(directory: directory, db: pool, fsID: fsID, chunkSize: chunkSize, plaintextNames: plainNames != 0,
-                          kek: kek, metadataKey: metadataKey, clock: clock)
+        let manager = try KeyManager(directory: directory, db: pool, fsID: fsID, chunkSize: chunkSize, plaintextNames: plainNames != 0,
+                                     kek: kek, metadataKey: metadataKey, clock: clock)
+        if !sealed {
+            try manager.sealLegacyKeystore()
+        } else if verifyingIntegrity {
+            try manager.verifiedRead { _ in }
+        }
+        return manager
+    }
+
+    /// Seals a keystore written before rows were authenticated, as it is, and
+    /// marks it sealed (a v2 check value), so a removed seal is an edit from now on.
+    private func sealLegacyKeystore() throws(KeyManagerError) {
+        let fs = filesystemID
+        try write { db in
+            let check = try fs.bytes.withUnsafeBytes { (raw) throws(KeyManagerError) in
+                try KeyWrap.seal(raw, under: kek, context: Self.kekCheckContext(fs))
+            }
+            try db.execute(sql: "UPDATE meta SET value = ? WHERE name = 'kek_check'", arguments: [Data(check)])
+            try integrity.reseal(db, generation: 1)
+            try AuditTrail.append(db, AuditEvent("SealKeystore", error: "keystore rows authenticated for the first time"), at: clock())
+        }
+        noteGeneration(1)
     }
 
     private init(directory: String, db: DatabasePool, fsID: ID128, chunkSize: Int, plaintextNames: Bool,
-                 kek: AESGCM, metadataKey: consuming SecretKey, clock: @escaping @Sendable () -> Double) {
+                 kek: AESGCM, metadataKey: consuming SecretKey, clock: @escaping @Sendable () -> Double) throws(KeyManagerError) {
         self.directory = directory
         self.db = db
         self.filesystemID = fsID
@@ -197,6 +238,7 @@ public final class KeyManager: @unchecked Sendable {
         self.plaintextNames = plaintextNames
         self.local = LocalKeyProvider(kek: kek)
         self.pathMAC = KeyDerivation.KeyedHMAC(key: metadataKey)
+        self.integrity = try KeystoreIntegrity(metadataKey: metadataKey)
         self.metadataKey = metadataKey
         self.clock = clock
     }
@@ -208,6 +250,9 @@ public final class KeyManager: @unchecked Sendable {
         config.label = "kmsfs-keystore"
         config.prepareDatabase { db in
             try db.execute(sql: "PRAGMA synchronous = NORMAL")
+            // Freed pages (destroyed key material, old rows) are overwritten,
+            // whatever the distribution's SQLite build defaults to.
+            try db.execute(sql: "PRAGMA secure_delete = ON")
         }
         do {
             let pool = try DatabasePool(path: path, configuration: config)
@@ -220,7 +265,10 @@ public final class KeyManager: @unchecked Sendable {
     /// Seconds since 1970 from the system clock.
     public static let systemClock: @Sendable () -> Double = { Date().timeIntervalSince1970 }
 
-    static func kekCheckContext(_ fs: ID128) -> [UInt8] { Array("kmsfs/v1/kek-check".utf8) + fs.bytes }
+    /// The check value of a sealed keystore (KeystoreIntegrity.swift).
+    static func kekCheckContext(_ fs: ID128) -> [UInt8] { Array("kmsfs/v2/kek-check".utf8) + fs.bytes }
+    /// The check value of a keystore from before rows were sealed.
+    static func legacyKEKCheckContext(_ fs: ID128) -> [UInt8] { Array("kmsfs/v1/kek-check".utf8) + fs.bytes }
     static func metadataKeyContext(_ fs: ID128) -> [UInt8] { Array("kmsfs/v1/metadata-key".utf8) + fs.bytes }
     static func materialContext(_ key: KeyID, _ version: KeyVersion) -> [UInt8] {
         LocalKeyProvider.materialContext(key, version)
@@ -258,7 +306,7 @@ public final class KeyManager: @unchecked Sendable {
         if let cached = caches.withLock({ $0.records[key] }), abs(now - cached.fetchedAt) < Self.recordTTL {
             return cached.record
         }
-        let fresh = try read { db in try KeyRecord.fetch(db, key) }
+        let fresh = try verifiedRead { db in try KeyRecord.fetch(db, key) }
         caches.withLock { $0.records[key] = (fresh, now) }
         return fresh
     }

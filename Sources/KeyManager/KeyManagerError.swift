@@ -13,6 +13,8 @@ public enum KeyManagerError: Error, Equatable, Sendable, CustomStringConvertible
     case keystoreExists(String)
     case keystoreCorrupt(String)
     case keystoreFromNewerVersion(String)
+    /// Protected rows were edited outside kmsfs; one line per row.
+    case keystoreTampered([String])
     case keyNotFound(String)
     /// The operation is not allowed in the key's current state.
     case invalidState(key: String, state: KeyState, operation: String, since: Double, remedy: String)
@@ -37,6 +39,10 @@ public enum KeyManagerError: Error, Equatable, Sendable, CustomStringConvertible
             return "the keystore is damaged (\(why)); restore it from a backup"
         case .keystoreFromNewerVersion(let why):
             return "the keystore was written by a newer kmsfs (\(why)); upgrade kmsfs to open it"
+        case .keystoreTampered(let findings):
+            return "the keystore was edited outside kmsfs and is not used: " + findings.joined(separator: "; ")
+                + ". Restore it from a backup (`kmsfs backup restore`), or if you made these edits yourself, "
+                + "accept them with `kmsfs fsck CIPHERDIR --accept-keystore-edits`"
         case .keyNotFound(let key):
             return "no key \(key); `kmsfs key list` shows the keys"
         case .invalidState(let key, let state, let operation, let since, let remedy):

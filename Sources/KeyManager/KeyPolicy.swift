@@ -28,7 +28,7 @@ extension KeyManager {
     public func grant(_ operation: KeyOperation, to subject: PolicySubject, on reference: String, by principal: Principal) throws(KeyManagerError) {
         let id = try resolve(reference)
         _ = try authorizeAdmin(principal, id)
-        try write { db in
+        try sealedWrite { db in
             try db.execute(sql: "INSERT OR IGNORE INTO policies (key_id, operation, subject) VALUES (?, ?, ?)",
                            arguments: [id.rawValue.hex, operation.rawValue, subject.description])
             try AuditTrail.append(db, AuditEvent("PutKeyPolicy", key: id, principal: principal, error: "grant \(operation.rawValue) \(subject)"), at: clock())
@@ -43,7 +43,7 @@ extension KeyManager {
         if operation == .administer, rec.policy[.administer, default: []] == [subject] {
             throw .invalidArgument("\(subject) is the last administrator of key \(rec.displayName); grant another first")
         }
-        try write { db in
+        try sealedWrite { db in
             try db.execute(sql: "DELETE FROM policies WHERE key_id = ? AND operation = ? AND subject = ?",
                            arguments: [id.rawValue.hex, operation.rawValue, subject.description])
             try AuditTrail.append(db, AuditEvent("PutKeyPolicy", key: id, principal: principal, error: "revoke \(operation.rawValue) \(subject)"), at: clock())
@@ -57,7 +57,7 @@ extension KeyManager {
     /// live mount applies before running an admin command for a peer (each
     /// key operation then checks its own key's policy). A refusal is audited.
     public func admitAdministrator(_ principal: Principal) -> Bool {
-        let subjects = (try? read { db in
+        let subjects = (try? verifiedRead { db in
             try String.fetchAll(db, sql: "SELECT DISTINCT subject FROM policies WHERE operation = ?",
                                 arguments: [KeyOperation.administer.rawValue])
         }) ?? []

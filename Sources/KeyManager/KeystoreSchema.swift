@@ -97,6 +97,15 @@ enum KeystoreSchema {
             // The file's path: a keyed hash by default, plaintext if opted in, or nothing.
             try db.execute(sql: "ALTER TABLE audit_log ADD COLUMN path TEXT")
         }
+        migrator.registerMigration("v5-integrity") { db in
+            try db.execute(sql: """
+                -- The MAC of every protected row (KeystoreIntegrity.swift); the
+                -- set is sealed in meta.integrity_seal.
+                CREATE TABLE row_macs (tbl TEXT NOT NULL, row TEXT NOT NULL, mac BLOB NOT NULL, PRIMARY KEY (tbl, row));
+                -- Intents are written per file: each carries its own MAC.
+                ALTER TABLE rekey_intents ADD COLUMN mac BLOB;
+                """)
+        }
         return migrator
     }
 }

@@ -100,6 +100,9 @@ public struct RekeyIntent: Sendable {
     public var oldVersion: KeyVersion
     /// For a reencrypt: the copy of the old ciphertext, relative to CIPHERDIR.
     public var backup: String?
+    /// Whether the intent carries a valid MAC of this keystore: one written by
+    /// kmsfs, not inserted by someone who can only edit the file.
+    public var authentic = true
 
     public init(object: ID128, job: Int64, mode: RekeyMode, kind: ObjectKind, path: String, oldHeader: [UInt8], newHeader: [UInt8],
                 oldKey: KeyID, oldVersion: KeyVersion, backup: String?) {
@@ -148,7 +151,7 @@ extension KeyManager {
         guard workers >= 1, workers <= 64 else { throw .invalidArgument("--workers must be 1–64") }
         if let rate, !(rate > 0) { throw .invalidArgument("--rate must be a positive number of MB/s") }
         let now = clock()
-        let id: Int64 = try write { db in
+        let id: Int64 = try sealedWrite { db in
             if let active = try Row.fetchOne(db, sql: "SELECT id, state FROM rekey_jobs WHERE state IN ('queued','running','paused') LIMIT 1") {
                 throw KeyManagerError.invalidArgument("rekey job \(active["id"] as Int64) is \(active["state"] as String); cancel or finish it first")
             }
@@ -166,12 +169,12 @@ extension KeyManager {
     }
 
     public func rekeyJob(_ id: Int64) throws(KeyManagerError) -> RekeyJob? {
-        try read { db in try Row.fetchOne(db, sql: "SELECT * FROM rekey_jobs WHERE id = ?", arguments: [id]).map(RekeyJob.init) }
+        try verifiedRead { db in try Row.fetchOne(db, sql: "SELECT * FROM rekey_jobs WHERE id = ?", arguments: [id]).map(RekeyJob.init) }
     }
 
     /// The queued, running or paused job, if any.
     public func activeRekeyJob() throws(KeyManagerError) -> RekeyJob? {
-        try read { db in
+        try verifiedRead { db in
             try Row.fetchOne(db, sql: "SELECT * FROM rekey_jobs WHERE state IN ('queued','running','paused') ORDER BY id LIMIT 1").map(RekeyJob.init)
         }
     }
@@ -190,7 +193,7 @@ extension KeyManager {
         }
         guard job.state.isActive else { throw .invalidArgument("rekey job \(id) is \(job.state.rawValue); nothing to change") }
         let now = clock()
-        try write { db in
+        try sealedWrite { db in
             try db.execute(sql: "UPDATE rekey_jobs SET state = ?, updated_at = ?, last_error = COALESCE(?, last_error), finished_at = ? WHERE id = ?",
                            arguments: [state.rawValue, now, error, state.isActive ? nil : now, id])
             if principal != nil || !state.isActive {
@@ -214,7 +217,7 @@ extension KeyManager {
         guard let job = try rekeyJob(id) else { throw .invalidArgument("no rekey job \(id)") }
         _ = try authorizeAdmin(principal, job.sourceKey)
         if let rate, !(rate > 0) { throw .invalidArgument("--rate must be a positive number of MB/s") }
-        try write { db in try db.execute(sql: "UPDATE rekey_jobs SET rate = ?, updated_at = ? WHERE id = ?", arguments: [rate, clock(), id]) }
+        try sealedWrite { db in try db.execute(sql: "UPDATE rekey_jobs SET rate = ?, updated_at = ? WHERE id = ?", arguments: [rate, clock(), id]) }
     }
 
     public func recordRekeyFailure(_ id: Int64, _ message: String) throws(KeyManagerError) {
@@ -233,13 +236,24 @@ extension KeyManager {
 
     /// Writes an intent before a file is rewritten.
     public func recordRekeyIntent(_ intent: RekeyIntent) throws(KeyManagerError) {
+        let mac = intentMAC(intent)
         try write { db in
             try db.execute(sql: """
-                INSERT OR REPLACE INTO rekey_intents (object_id, job_id, mode, kind, path, old_header, new_header, old_key, old_version, backup)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                INSERT OR REPLACE INTO rekey_intents (object_id, job_id, mode, kind, path, old_header, new_header, old_key, old_version, backup, mac)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 """, arguments: [intent.object.hex, intent.job, intent.mode.rawValue, intent.kind.rawValue, intent.path, Data(intent.oldHeader),
-                                 Data(intent.newHeader), intent.oldKey.rawValue.hex, Int(intent.oldVersion.rawValue), intent.backup])
+                                 Data(intent.newHeader), intent.oldKey.rawValue.hex, Int(intent.oldVersion.rawValue), intent.backup, mac])
         }
+    }
+
+    /// The MAC of every field recovery acts on.
+    func intentMAC(_ i: RekeyIntent) -> Data {
+        var job = [UInt8](); job.appendBigEndian(UInt64(bitPattern: i.job), width: 8)
+        var version = [UInt8](); version.appendBigEndian(UInt64(i.oldVersion.rawValue), width: 4)
+        return integrity.mac("kmsfs/v1/rekey-intent", [
+            i.object.bytes, job, Array(i.mode.rawValue.utf8), Array(i.kind.rawValue.utf8), Array(i.path.utf8), i.oldHeader, i.newHeader,
+            i.oldKey.rawValue.bytes, version, i.backup.map { Array($0.utf8) } ?? [0xff],
+        ])
     }
 
     /// Intents left by a run that stopped mid-write.
@@ -248,9 +262,11 @@ extension KeyManager {
             try Row.fetchAll(db, sql: "SELECT * FROM rekey_intents ORDER BY object_id").compactMap { row -> RekeyIntent? in
                 guard let object = ID128(hex: row["object_id"]), let key = KeyID(hex: row["old_key"]),
                       let mode = RekeyMode(rawValue: row["mode"]), let kind = ObjectKind(rawValue: row["kind"]) else { return nil }
-                return RekeyIntent(object: object, job: row["job_id"], mode: mode, kind: kind, path: row["path"],
-                                   oldHeader: [UInt8](row["old_header"] as Data), newHeader: [UInt8](row["new_header"] as Data),
-                                   oldKey: key, oldVersion: KeyVersion(rawValue: UInt32(row["old_version"] as Int)), backup: row["backup"])
+                var intent = RekeyIntent(object: object, job: row["job_id"], mode: mode, kind: kind, path: row["path"],
+                                         oldHeader: [UInt8](row["old_header"] as Data), newHeader: [UInt8](row["new_header"] as Data),
+                                         oldKey: key, oldVersion: KeyVersion(rawValue: UInt32(row["old_version"] as Int)), backup: row["backup"])
+                intent.authentic = (row["mac"] as Data?) == intentMAC(intent)
+                return intent
             }
         }
     }
