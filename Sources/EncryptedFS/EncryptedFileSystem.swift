@@ -189,7 +189,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         if plaintextNames { return stored }
         let volume = try volumeKeys(context)
         do throws(CipherError) { return try volume.symlinks.openText(stored) } catch {
-            integrityFailure(error, object: nil, what: "symlink target", path: nodes.filePath(of: node))
+            integrityFailure(error, object: nil, what: "symlink target", path: nodes.filePath(of: node), principal: principal(context))
             throw .ioError
         }
     }
@@ -197,10 +197,12 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     /// Counts, logs (without the path: logs never hold names) and audits an
     /// authentication failure; the record holds the path as the audit-path
     /// setting says (a keyed hash by default).
-    func integrityFailure(_ error: CipherError, object: ID128?, what: String, key: KeyID? = nil, path: String? = nil) {
+    func integrityFailure(_ error: CipherError, object: ID128?, what: String, key: KeyID? = nil, path: String? = nil,
+                          principal: Principal? = nil) {
         integrityFailures.add(1, ordering: .relaxed)
         logger.error("integrity failure", metadata: ["what": .string(what), "object": .string(object?.hex ?? "-"), "error": .string(error.description)])
-        keyManager.audit(AuditEvent("IntegrityFailure", outcome: "failure", key: key, object: object, error: "\(what): \(error)", path: path))
+        keyManager.audit(AuditEvent("IntegrityFailure", outcome: "failure", key: key, principal: principal, object: object,
+                                    error: "\(what): \(error)", path: path))
     }
 
     /// Gives a new entry to the requesting user when the daemon runs as root.
@@ -520,7 +522,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             adopt(dir, stored, context)
             st = try Syscall.fstat(fd)
             file = try OpenFile(fd: fd, writable: true, header: header, cipher: cipher, stat: st, sealedHere: 0,
-                                onIntegrityFailure: failureHandler(fileID, key, path: path))
+                                onIntegrityFailure: failureHandler(fileID, key, path: path, opener: who))
         } catch {
             close(fd)
             unlinkat(dir.fd, stored, 0)
@@ -543,8 +545,11 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
 
     /// What an open file calls when a chunk fails authentication; `path` is
     /// the file's path when it was opened (nil when audit paths are off).
-    func failureHandler(_ fileID: FileID, _ key: KeyID, path: String?) -> @Sendable (CipherError) -> Void {
-        { [weak self] error in self?.integrityFailure(error, object: fileID.rawValue, what: "file", key: key, path: path) }
+    /// The record names the reader when the failure came from a read, else whoever opened the file.
+    func failureHandler(_ fileID: FileID, _ key: KeyID, path: String?, opener: Principal) -> @Sendable (CipherError, Principal?) -> Void {
+        { [weak self] error, reader in
+            self?.integrityFailure(error, object: fileID.rawValue, what: "file", key: key, path: path, principal: reader ?? opener)
+        }
     }
 
     /// The shared open state of a regular file, opening and authenticating it
@@ -623,7 +628,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         do throws(Errno) {
             let raw = try Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0)
             do throws(CipherError) { header = try FileHeader(decoding: raw) } catch {
-                integrityFailure(error, object: nil, what: "file header", path: path)
+                integrityFailure(error, object: nil, what: "file header", path: path, principal: who)
                 throw Errno.ioError
             }
         } catch {
@@ -638,7 +643,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             let cipher: FileCipher
             do throws(CipherError) { cipher = try FileCipher(key: dataKey, fileID: header.fileID, layout: layout) } catch { throw Errno.ioError }
             return try OpenFile(fd: fd, writable: writable, header: header, cipher: cipher,
-                                onIntegrityFailure: failureHandler(header.fileID, header.keyID, path: path))
+                                onIntegrityFailure: failureHandler(header.fileID, header.keyID, path: path, opener: who))
         } catch {
             close(fd)
             throw error
@@ -682,9 +687,10 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         return file
     }
 
-    public func read(_ id: NodeID, handle: UInt64, size: Int, offset: Int64, _ reply: (UnsafeRawBufferPointer) -> Void) throws(Errno) {
+    public func read(_ id: NodeID, handle: UInt64, size: Int, offset: Int64, _ context: RequestContext,
+                     _ reply: (UnsafeRawBufferPointer) -> Void) throws(Errno) {
         let file = try file(handle)
-        try file.read(offset: Int(offset), count: size) { bytes in
+        try file.read(offset: Int(offset), count: size, by: principal(context)) { bytes in
             bytesRead.add(bytes.count, ordering: .relaxed)
             reply(bytes)
         }
@@ -756,7 +762,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         if plaintextNames { return raw }
         let volume = try volumeKeys(context)
         do throws(CipherError) { return try volume.xattrValues.open(raw, context: Array(name.utf8)) } catch {
-            integrityFailure(error, object: nil, what: "extended attribute", path: nodes.filePath(of: node))
+            integrityFailure(error, object: nil, what: "extended attribute", path: nodes.filePath(of: node), principal: principal(context))
             throw .ioError
         }
     }

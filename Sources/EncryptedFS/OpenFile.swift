@@ -1,4 +1,5 @@
 import ChunkCipher
+import KeyManager
 import CLinux
 import SystemPackage
 #if canImport(Glibc)
@@ -51,8 +52,8 @@ final class OpenFile: @unchecked Sendable {
     let lock = ReadWriteLock()
     /// Handles open on it; guarded by the filesystem's open-file table.
     var handles = 0
-    /// Called with the error when a chunk fails authentication (audit, counters).
-    let onIntegrityFailure: @Sendable (CipherError) -> Void
+    /// Called with the error, and the reader when known, when a chunk fails authentication (audit, counters).
+    let onIntegrityFailure: @Sendable (CipherError, Principal?) -> Void
 
     var fileID: FileID { cipher.fileID }
     var keyID: KeyID { header.keyID }
@@ -62,7 +63,7 @@ final class OpenFile: @unchecked Sendable {
     /// it; `sealedHere` the length the caller itself just sealed into
     /// `header` (a file it created), which is not authenticated again.
     init(fd: Int32, writable: Bool, header: FileHeader, cipher: FileCipher, stat taken: stat? = nil, sealedHere: Int? = nil,
-         onIntegrityFailure: @escaping @Sendable (CipherError) -> Void) throws(Errno) {
+         onIntegrityFailure: @escaping @Sendable (CipherError, Principal?) -> Void) throws(Errno) {
         let st: stat
         if let taken { st = taken } else { st = try Syscall.fstat(fd) }
         self.fd = fd
@@ -77,7 +78,7 @@ final class OpenFile: @unchecked Sendable {
             if let sealedHere { sealedLength = sealedHere } else { sealedLength = try cipher.verify(header: header) }
             size = try cipher.checkLength(ciphertextSize: diskSize, sealedLength: sealedLength)
         } catch {
-            onIntegrityFailure(error)
+            onIntegrityFailure(error, nil)
             throw .ioError
         }
     }
@@ -87,7 +88,7 @@ final class OpenFile: @unchecked Sendable {
     // MARK: Reading
 
     /// Reads up to `count` bytes at `offset` and passes them to `reply`.
-    func read(offset: Int, count: Int, _ reply: (UnsafeRawBufferPointer) -> Void) throws(Errno) {
+    func read(offset: Int, count: Int, by reader: Principal? = nil, _ reply: (UnsafeRawBufferPointer) -> Void) throws(Errno) {
         try lock.reading { () throws(Errno) in
             guard offset < size, count > 0 else { reply(UnsafeRawBufferPointer(start: nil, count: 0)); return }
             let end = min(size, offset + count)
@@ -96,26 +97,27 @@ final class OpenFile: @unchecked Sendable {
             let plainCount = min(size, layout.plaintextOffset(of: chunks.upperBound)) - base
             let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: plainCount, alignment: 16)
             defer { plain.deallocate() }
-            try readChunks(chunks.lowerBound, plaintextCount: plainCount, into: plain)
+            try readChunks(chunks.lowerBound, plaintextCount: plainCount, into: plain, by: reader)
             reply(UnsafeRawBufferPointer(rebasing: plain[(offset - base)..<(end - base)]))
         }
     }
 
     /// Reads and opens the chunks from `first` holding `plaintextCount` bytes.
-    private func readChunks(_ first: ChunkIndex, plaintextCount: Int, into plain: UnsafeMutableRawBufferPointer) throws(Errno) {
+    private func readChunks(_ first: ChunkIndex, plaintextCount: Int, into plain: UnsafeMutableRawBufferPointer,
+                            by reader: Principal? = nil) throws(Errno) {
         let sealedCount = ChunkPipeline.ciphertextBytes(layout, plaintextSize: plaintextCount)
         let sealed = UnsafeMutableRawBufferPointer.allocate(byteCount: sealedCount, alignment: 16)
         defer { sealed.deallocate() }
         let got = try Syscall.pread(fd, sealed, at: layout.ciphertextOffset(of: first))
         guard got == sealedCount else {
             // The file shrank under us: cut outside the mount.
-            onIntegrityFailure(.truncated(expectedPlaintextSize: size, actualPlaintextSize: layout.plaintextOffset(of: first) + got))
+            onIntegrityFailure(.truncated(expectedPlaintextSize: size, actualPlaintextSize: layout.plaintextOffset(of: first) + got), reader)
             throw .ioError
         }
         do throws(CipherError) {
             try ChunkPipeline.open(cipher, first: first, sealed: UnsafeRawBufferPointer(sealed), into: plain)
         } catch {
-            onIntegrityFailure(error)
+            onIntegrityFailure(error, reader)
             throw .ioError
         }
     }

@@ -103,7 +103,7 @@ public protocol FileSystem: AnyObject, Sendable {
     func link(_ node: NodeID, _ newParent: NodeID, _ newName: String, _ context: RequestContext) throws(Errno) -> EntryReply
     func open(_ node: NodeID, flags: Int32, _ context: RequestContext) throws(Errno) -> OpenReply
     /// Reads up to `size` bytes at `offset` and hands them to `reply` (valid only during the call).
-    func read(_ node: NodeID, handle: UInt64, size: Int, offset: Int64, _ reply: (UnsafeRawBufferPointer) -> Void) throws(Errno)
+    func read(_ node: NodeID, handle: UInt64, size: Int, offset: Int64, _ context: RequestContext, _ reply: (UnsafeRawBufferPointer) -> Void) throws(Errno)
     func write(_ node: NodeID, handle: UInt64, data: UnsafeRawBufferPointer, offset: Int64, _ context: RequestContext) throws(Errno) -> Int
     func flush(_ node: NodeID, handle: UInt64, _ context: RequestContext) throws(Errno)
     func release(_ node: NodeID, handle: UInt64)

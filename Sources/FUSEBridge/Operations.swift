@@ -179,7 +179,7 @@ enum Operations {
         }
         ops.read = { req, ino, size, offset, fi in
             Operations.reply(req) { () throws(Errno) in
-                try Operations.fileSystem(req).read(NodeID(rawValue: ino), handle: fi?.pointee.fh ?? 0, size: size, offset: Int64(offset)) { bytes in
+                try Operations.fileSystem(req).read(NodeID(rawValue: ino), handle: fi?.pointee.fh ?? 0, size: size, offset: Int64(offset), Operations.context(req)) { bytes in
                     fuse_reply_buf(req, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count)
                 }
             }

@@ -25,6 +25,10 @@ public struct AlertConfig: Codable, Sendable, Equatable {
     public var denialWindow = 60.0
     /// Keys without automatic rotation not rotated for this many days are overdue.
     public var rotationOverdueDays = 365
+    /// The uid that stored this configuration (set by `setAlertConfig`). A
+    /// process running as root runs the command and writes the file only
+    /// when root configured them.
+    public var configuredBy: UInt32?
 
     public init() {}
 }
@@ -69,10 +73,12 @@ extension KeyManager {
         guard config.denialBurst >= 1, config.denialWindow > 0, config.rotationOverdueDays >= 1 else {
             throw .invalidArgument("alert thresholds must be positive")
         }
+        var config = config
+        config.configuredBy = principal.uid
         let json = String(decoding: (try? JSONEncoder().encode(config)) ?? Data(), as: UTF8.self)
         try sealedWrite { db in
             try db.execute(sql: "INSERT OR REPLACE INTO meta (name, value) VALUES ('alert_config', ?)", arguments: [json])
-            try AuditTrail.append(db, AuditEvent("PutAlertConfig", principal: principal, error: json), at: clock())
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("PutAlertConfig", principal: principal, error: json), at: clock())
         }
         alertState.withLock { $0.config = nil }
     }
@@ -152,12 +158,17 @@ extension KeyManager {
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         guard let data = try? encoder.encode(alert) else { return }
         let line = String(decoding: data, as: UTF8.self)
+        // A command or file sink that root did not configure never runs as root.
+        let privileged = geteuid() == 0 && config.configuredBy != 0 && (config.command != nil || config.jsonl != nil)
+        if privileged {
+            logger.error("alert command and file sinks ignored: configured by uid \(config.configuredBy.map(String.init) ?? "unknown"), not root, and this process runs as root")
+        }
         Self.alertQueue.async {
             if config.syslog {
                 openlog("kmsfs", LOG_PID, LOG_AUTHPRIV)
                 line.withCString { text in withVaList([text]) { vsyslog(LOG_WARNING, "%s", $0) } }
             }
-            if let path = config.jsonl {
+            if let path = config.jsonl, !privileged {
                 let fd = Glibc.open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
                 if fd >= 0 {
                     let bytes = Array((line + "\n").utf8)
@@ -165,7 +176,7 @@ extension KeyManager {
                     close(fd)
                 }
             }
-            if let command = config.command { Self.run(command, input: line + "\n") }
+            if let command = config.command, !privileged { Self.run(command, input: line + "\n") }
         }
     }
 

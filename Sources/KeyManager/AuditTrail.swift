@@ -34,7 +34,12 @@ public struct AuditEvent: Sendable {
 enum AuditTrail {
     /// SHA-256(previous hash ‖ fields joined by U+001F): the link of the chain.
     /// (Built in one buffer: this runs for every record a mount writes.)
-    static func chainHash(previous: Data, fields: [String]) -> [UInt8] {
+    ///
+    /// Records a sealed keystore writes (from `meta.audit_keyed_from` on) use
+    /// HMAC-SHA256 under the keystore's integrity key instead, so no one
+    /// without the passphrase can append or rewrite records, not even after
+    /// the newest signed digest.
+    static func chainHash(previous: Data, key: KeyDerivation.KeyedHMAC? = nil, fields: [String]) -> [UInt8] {
         var message = [UInt8]()
         message.reserveCapacity(previous.count + fields.reduce(fields.count) { $0 + $1.utf8.count })
         message.append(contentsOf: previous)
@@ -42,20 +47,21 @@ enum AuditTrail {
             if i > 0 { message.append(0x1F) }
             message.append(contentsOf: field.utf8)
         }
-        return KeyDerivation.sha256(message)
+        return key.map { $0.mac(message) } ?? KeyDerivation.sha256(message)
     }
 
     /// Appends `event` inside the caller's transaction.
-    static func append(_ db: Database, _ e: AuditEvent, at time: Double) throws {
+    static func append(_ db: Database, chain key: KeyDerivation.KeyedHMAC, _ e: AuditEvent, at time: Double) throws {
         var previous: Data?
-        try append(db, e, at: time, previous: &previous)
+        try append(db, chain: key, e, at: time, previous: &previous)
     }
 
     /// Appends `event`, chaining to `previous` (read from the log when nil)
     /// and leaving the new record's hash there for the next append of a batch.
-    static func append(_ db: Database, _ e: AuditEvent, at time: Double, previous chained: inout Data?) throws {
+    static func append(_ db: Database, chain key: KeyDerivation.KeyedHMAC, _ e: AuditEvent, at time: Double,
+                       previous chained: inout Data?) throws {
         let previous = try chained ?? Data.fetchOne(db, sql: "SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1") ?? Data(count: 32)
-        let hash = chainHash(previous: previous, fields: [
+        let hash = chainHash(previous: previous, key: key, fields: [
             String(time), e.event, e.outcome, e.key?.rawValue.hex ?? "", e.version.map { String($0.rawValue) } ?? "",
             e.principal.map { String($0.uid) } ?? "", e.principal.map { String($0.gid) } ?? "",
             e.principal.map { String($0.pid) } ?? "", e.principal?.processName ?? "", e.object?.hex ?? "", e.error ?? "",
@@ -98,7 +104,7 @@ extension KeyManager {
             return
         }
         do {
-            try db.write { db in try AuditTrail.append(db, event, at: clock()) }
+            try db.write { db in try AuditTrail.append(db, chain: integrity.hmac, event, at: clock()) }
         } catch {
             logger.error("audit record could not be written", metadata: ["event": .string(event.event), "error": .string("\(error)")])
         }
@@ -144,6 +150,14 @@ extension KeyManager {
     public func verifyAudit() throws(KeyManagerError) -> AuditVerification {
         try flushUsage()
         return try read { db in
+            // The digest key's public half and spec are protected rows: an
+            // edited keystore fails here, before any signature is trusted.
+            let (findings, _) = try integrity.verify(db)
+            if !findings.isEmpty {
+                return AuditVerification(records: 0, firstBad: nil,
+                                         problem: "the keystore was edited outside kmsfs: " + findings.joined(separator: "; "))
+            }
+            let keyedFrom = try Int64.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'audit_keyed_from'") ?? 1
             var previous = Data(count: 32)
             var count = 0
             let rows = try Row.fetchCursor(db, sql: "SELECT * FROM audit_log ORDER BY seq")
@@ -165,7 +179,7 @@ extension KeyManager {
                     }
                 }
                 let time: Double = row["time"]
-                let hash = AuditTrail.chainHash(previous: previous, fields: [
+                let hash = AuditTrail.chainHash(previous: previous, key: seq >= keyedFrom ? integrity.hmac : nil, fields: [
                     String(time), text("event"), text("outcome"), text("key_id"), text("key_version"), text("uid"),
                     text("gid"), text("pid"), text("process"), text("object_id"), text("error"),
                 ] + ((row["path"] as String?).map { [$0] } ?? []))
@@ -254,7 +268,7 @@ extension KeyManager {
         _ = try authorizeAdmin(principal, try resolve("alias/default"))
         try sealedWrite { db in
             try db.execute(sql: "INSERT OR REPLACE INTO meta (name, value) VALUES ('audit_paths', ?)", arguments: [mode.rawValue])
-            try AuditTrail.append(db, AuditEvent("PutAuditSettings", principal: principal, error: "paths: \(mode.rawValue)"), at: clock())
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("PutAuditSettings", principal: principal, error: "paths: \(mode.rawValue)"), at: clock())
         }
         caches.withLock { $0.pathMode = nil }
     }

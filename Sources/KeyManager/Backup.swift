@@ -42,6 +42,7 @@ extension KeyManager {
     public func createBackup(backupPassphrase: borrowing SecretKey, scrypt: ScryptParameters = .strong,
                              by principal: Principal) throws(KeyManagerError) -> [UInt8] {
         _ = try authorizeAdmin(principal, try resolve("alias/default"))
+        try KeyLimits.checkPassphrase(backupPassphrase, "backup passphrase")
         try flushUsage()
         let signer = try digestKey()
         let salt = SecureRandom.bytes(32)
@@ -177,7 +178,7 @@ extension KeyManager {
             let kek = try AESGCM.make(try stored.deriveKey(passphrase: passphrase, salt: salt))
             try restored.sealedWrite { db in
                 try restored.rewrapSecrets(db, from: restored.kek, to: kek, salt: salt, scrypt: stored)
-                try AuditTrail.append(db, AuditEvent("RestoreBackup", principal: principal, error: "new keystore from a backup signed by \(signer)"), at: clock())
+                try AuditTrail.append(db, chain: restored.integrity.hmac, AuditEvent("RestoreBackup", principal: principal, error: "new keystore from a backup signed by \(signer)"), at: clock())
             }
             do {
                 try restored.db.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA wal_checkpoint(TRUNCATE)") }
@@ -264,7 +265,7 @@ extension KeyManager {
             guard conflicts.isEmpty else {
                 throw KeyManagerError.invalidArgument("the backup conflicts with this keystore, nothing restored:\n  " + conflicts.joined(separator: "\n  "))
             }
-            try AuditTrail.append(db, AuditEvent("RestoreBackup", principal: principal,
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("RestoreBackup", principal: principal,
                                                  error: "merged \(addedKeys.count) key(s), \(addedVersions) version(s) from a backup signed by \(signer)"), at: clock())
         }
         caches.withLock { $0.records.removeAll() }

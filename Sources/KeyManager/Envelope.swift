@@ -33,7 +33,20 @@ extension KeyManager {
     /// state. A wrong context or altered bytes give `unwrapFailed`.
     public func decryptDataKey(_ wrapped: [UInt8], for object: ID128, key: KeyID, version: KeyVersion,
                                principal: Principal, path: String? = nil) throws(KeyManagerError) -> SecretKey {
-        let rec = try record(key)
+        // A header naming a key or version this keystore never had was altered (or comes from elsewhere).
+        func altered(_ why: String) -> KeyManagerError {
+            audit(AuditEvent("Decrypt", outcome: "integrity-failure", key: key, version: version, principal: principal, object: object,
+                             error: why, path: path))
+            return .unwrapFailed(key: key.rawValue.hex, version: version)
+        }
+        let rec: KeyRecord
+        do { rec = try record(key) } catch {
+            if case .keyNotFound = error { throw altered("the header names key \(key.rawValue.hex), which this keystore does not have") }
+            throw error
+        }
+        guard version.rawValue >= 1, version <= rec.metadata.currentVersion else {
+            throw altered("the header names version \(version) of key \(rec.displayName), which has only \(rec.metadata.currentVersion)")
+        }
         try authorize(principal, .decrypt, rec, object: object, path: { path })
         do { try check(.unwrapDataKey, rec) } catch {
             audit(AuditEvent("Decrypt", outcome: "refused", key: key, version: version, principal: principal, object: object, error: error.description, path: path))

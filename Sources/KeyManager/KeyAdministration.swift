@@ -12,6 +12,15 @@ public enum KeyLimits {
     public static let defaultRotationDays = 365
     public static let deletionWindowDays = 7...30
     public static let defaultDeletionWindowDays = 30
+    /// The shortest passphrase a keystore or backup is locked with (bytes).
+    public static let minimumPassphraseLength = 8
+
+    /// Refuses a passphrase too short to resist guessing, even behind scrypt.
+    static func checkPassphrase(_ passphrase: borrowing SecretKey, _ what: String) throws(KeyManagerError) {
+        guard passphrase.count >= minimumPassphraseLength else {
+            throw .invalidArgument("the \(what) is \(passphrase.count) character(s); use at least \(minimumPassphraseLength) (a generated one is best)")
+        }
+    }
 }
 
 /// What a periodic schedule check did.
@@ -91,7 +100,7 @@ extension KeyManager {
                                    arguments: [id.rawValue.hex, op.rawValue, subject.description])
                 }
             }
-            try AuditTrail.append(db, AuditEvent("CreateKey", key: id, version: KeyVersion(rawValue: 1), principal: principal), at: now)
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("CreateKey", key: id, version: KeyVersion(rawValue: 1), principal: principal), at: now)
         }
         return try record(id).metadata
     }
@@ -157,7 +166,7 @@ extension KeyManager {
                            arguments: [rec.id.rawValue.hex, next.rawValue, now, Data(material)])
             try db.execute(sql: "UPDATE keys SET current_version = ?, last_rotated_at = ? WHERE id = ?",
                            arguments: [next.rawValue, now, rec.id.rawValue.hex])
-            try AuditTrail.append(db, AuditEvent(event, key: rec.id, version: next, principal: principal), at: now)
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(event, key: rec.id, version: next, principal: principal), at: now)
         }
         invalidate(rec.id)
         return try record(rec.id).metadata.currentVersion
@@ -173,7 +182,7 @@ extension KeyManager {
         }
         try sealedWrite { db in
             try db.execute(sql: "UPDATE keys SET rotation_days = ? WHERE id = ?", arguments: [days, id.rawValue.hex])
-            try AuditTrail.append(db, AuditEvent(days == nil ? "DisableKeyRotation" : "EnableKeyRotation", key: id, principal: principal), at: clock())
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(days == nil ? "DisableKeyRotation" : "EnableKeyRotation", key: id, principal: principal), at: clock())
         }
         invalidate(id)
     }
@@ -233,7 +242,7 @@ extension KeyManager {
         try sealedWrite { db in
             try db.execute(sql: "UPDATE keys SET \(set) WHERE id = ? AND state = ?", arguments: [id.rawValue.hex, rec.state.rawValue])
             guard db.changesCount == 1 else { throw KeyManagerError.database("key \(rec.displayName) changed meanwhile; try again") }
-            try AuditTrail.append(db, AuditEvent(event, key: id, principal: principal), at: now)
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(event, key: id, principal: principal), at: now)
         }
         invalidate(id)
     }
@@ -253,7 +262,7 @@ extension KeyManager {
             try db.execute(sql: "UPDATE key_versions SET retired = 1, material = NULL WHERE key_id = ? AND version = ?",
                            arguments: [id.rawValue.hex, version.rawValue])
             guard db.changesCount == 1 else { throw KeyManagerError.versionNotFound(key: rec.displayName, version: version) }
-            try AuditTrail.append(db, AuditEvent("RetireKeyVersion", key: id, version: version, principal: principal), at: clock())
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("RetireKeyVersion", key: id, version: version, principal: principal), at: clock())
         }
         forgetWrappers(id)
     }
@@ -295,7 +304,7 @@ extension KeyManager {
                     try db.execute(sql: "UPDATE key_versions SET material = NULL, retired = 1 WHERE key_id = ?", arguments: [rec.id.rawValue.hex])
                     try db.execute(sql: "UPDATE keys SET state = 'Destroyed', state_changed_at = ? WHERE id = ?", arguments: [now, rec.id.rawValue.hex])
                     try db.execute(sql: "DELETE FROM aliases WHERE key_id = ?", arguments: [rec.id.rawValue.hex])
-                    try AuditTrail.append(db, AuditEvent("DeleteKey", key: rec.id), at: now)
+                    try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("DeleteKey", key: rec.id), at: now)
                 }
                 // Overwrite freed pages so the material is gone from the file, not just unlinked.
                 do { try db.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA wal_checkpoint(TRUNCATE)") } } catch {}
@@ -316,7 +325,7 @@ extension KeyManager {
         try sealedWrite { db in
             try db.execute(sql: "INSERT INTO aliases (alias, key_id) VALUES (?, ?) ON CONFLICT(alias) DO UPDATE SET key_id = excluded.key_id",
                            arguments: [alias, id.rawValue.hex])
-            try AuditTrail.append(db, AuditEvent("UpdateAlias", key: id, principal: principal), at: clock())
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("UpdateAlias", key: id, principal: principal), at: clock())
         }
         invalidate(id)
     }
@@ -327,7 +336,7 @@ extension KeyManager {
         _ = try authorizeAdmin(principal, id)
         try sealedWrite { db in
             try db.execute(sql: "DELETE FROM aliases WHERE alias = ?", arguments: [alias])
-            try AuditTrail.append(db, AuditEvent("DeleteAlias", key: id, principal: principal), at: clock())
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("DeleteAlias", key: id, principal: principal), at: clock())
         }
         invalidate(id)
     }
@@ -344,7 +353,7 @@ extension KeyManager {
             } else {
                 try db.execute(sql: "DELETE FROM tags WHERE key_id = ? AND name = ?", arguments: [id.rawValue.hex, name])
             }
-            try AuditTrail.append(db, AuditEvent(value == nil ? "UntagResource" : "TagResource", key: id, principal: principal), at: clock())
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(value == nil ? "UntagResource" : "TagResource", key: id, principal: principal), at: clock())
         }
         invalidate(id)
     }
@@ -376,12 +385,13 @@ extension KeyManager {
             let p = try Int.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'scrypt_p'") ?? 1
             return ScryptParameters(logN: UInt8(logN), r: UInt32(r), p: UInt32(p))
         }
+        try KeyLimits.checkPassphrase(newPassphrase, "new passphrase")
         let params = scrypt ?? stored
         let salt = SecureRandom.bytes(32)
         let newKEK = try AESGCM.make(try params.deriveKey(passphrase: newPassphrase, salt: salt))
         try sealedWrite { db in
             try rewrapSecrets(db, from: kek, to: newKEK, salt: salt, scrypt: params)
-            try AuditTrail.append(db, AuditEvent("ChangePassphrase", principal: principal), at: clock())
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("ChangePassphrase", principal: principal), at: clock())
         }
         local.replaceKEK(newKEK)
         do { try db.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA wal_checkpoint(TRUNCATE)") } } catch {}

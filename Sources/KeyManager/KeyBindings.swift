@@ -38,7 +38,7 @@ extension KeyManager {
                 INSERT INTO bindings (path_mac, path_sealed, key_id) VALUES (?, ?, ?)
                 ON CONFLICT(path_mac) DO UPDATE SET key_id = excluded.key_id, path_sealed = excluded.path_sealed
                 """, arguments: [pathMAC(normalized), Data(sealed), id.rawValue.hex])
-            try AuditTrail.append(db, AuditEvent("BindKey", key: id, principal: principal), at: clock())
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("BindKey", key: id, principal: principal), at: clock())
         }
         caches.withLock { $0.bindings = nil; $0.boundKeys = [:] }
     }
@@ -53,7 +53,7 @@ extension KeyManager {
         _ = try authorizeAdmin(principal, id)
         try sealedWrite { db in
             try db.execute(sql: "DELETE FROM bindings WHERE path_mac = ?", arguments: [mac])
-            try AuditTrail.append(db, AuditEvent("UnbindKey", key: id, principal: principal), at: clock())
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("UnbindKey", key: id, principal: principal), at: clock())
         }
         caches.withLock { $0.bindings = nil; $0.boundKeys = [:] }
     }

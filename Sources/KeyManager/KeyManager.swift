@@ -98,6 +98,7 @@ public final class KeyManager: @unchecked Sendable {
     public static func create(in directory: String, passphrase: borrowing SecretKey, options: FilesystemOptions,
                               creator: Principal, clock: @escaping @Sendable () -> Double = KeyManager.systemClock) throws(KeyManagerError) -> KeyManager {
         do throws(CipherError) { _ = try ChunkLayout(chunkSize: options.chunkSize) } catch { throw .invalidArgument(error.description) }
+        try KeyLimits.checkPassphrase(passphrase, "passphrase")
         let path = directory + "/" + databaseName
         if FileManager.default.fileExists(atPath: path) { throw .keystoreExists(path) }
         do {
@@ -124,6 +125,7 @@ public final class KeyManager: @unchecked Sendable {
                     ("plaintext_names", options.plaintextNames ? 1 : 0), ("scrypt_logn", Int(options.scrypt.logN)),
                     ("scrypt_r", Int(options.scrypt.r)), ("scrypt_p", Int(options.scrypt.p)), ("salt", Data(salt)),
                     ("kek_check", Data(check)), ("metadata_key", Data(wrappedMeta)), ("created_at", clock()),
+                    ("audit_keyed_from", 1),
                 ]
                 for (name, value) in meta {
                     try db.execute(sql: "INSERT INTO meta (name, value) VALUES (?, ?)", arguments: [name, value])
@@ -223,8 +225,11 @@ public final class KeyManager: @unchecked Sendable {
                 try KeyWrap.seal(raw, under: kek, context: Self.kekCheckContext(fs))
             }
             try db.execute(sql: "UPDATE meta SET value = ? WHERE name = 'kek_check'", arguments: [Data(check)])
+            // Records from here on are chained with a keyed MAC; older ones keep SHA-256.
+            let next = (try Int64.fetchOne(db, sql: "SELECT MAX(seq) FROM audit_log") ?? 0) + 1
+            try db.execute(sql: "INSERT OR REPLACE INTO meta (name, value) VALUES ('audit_keyed_from', ?)", arguments: [next])
             try integrity.reseal(db, generation: 1)
-            try AuditTrail.append(db, AuditEvent("SealKeystore", error: "keystore rows authenticated for the first time"), at: clock())
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("SealKeystore", error: "keystore rows authenticated for the first time"), at: clock())
         }
         noteGeneration(1)
     }

@@ -31,7 +31,7 @@ extension KeyManager {
         try sealedWrite { db in
             try db.execute(sql: "INSERT OR IGNORE INTO policies (key_id, operation, subject) VALUES (?, ?, ?)",
                            arguments: [id.rawValue.hex, operation.rawValue, subject.description])
-            try AuditTrail.append(db, AuditEvent("PutKeyPolicy", key: id, principal: principal, error: "grant \(operation.rawValue) \(subject)"), at: clock())
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("PutKeyPolicy", key: id, principal: principal, error: "grant \(operation.rawValue) \(subject)"), at: clock())
         }
         invalidate(id)
     }
@@ -46,7 +46,7 @@ extension KeyManager {
         try sealedWrite { db in
             try db.execute(sql: "DELETE FROM policies WHERE key_id = ? AND operation = ? AND subject = ?",
                            arguments: [id.rawValue.hex, operation.rawValue, subject.description])
-            try AuditTrail.append(db, AuditEvent("PutKeyPolicy", key: id, principal: principal, error: "revoke \(operation.rawValue) \(subject)"), at: clock())
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("PutKeyPolicy", key: id, principal: principal, error: "revoke \(operation.rawValue) \(subject)"), at: clock())
         }
         invalidate(id)
     }

@@ -248,7 +248,7 @@ extension KeyManager {
         try write { db in
             let (findings, generation) = try integrity.verify(db)
             try integrity.reseal(db, generation: generation + 1)
-            try AuditTrail.append(db, AuditEvent("AcceptKeystoreEdits", principal: principal,
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("AcceptKeystoreEdits", principal: principal,
                                                  error: findings.isEmpty ? "no edits" : findings.joined(separator: "; ")), at: clock())
             caches.withLock { $0.reportedTampering = []; $0.integrityGeneration = generation + 1 }
             return findings

@@ -151,6 +151,7 @@ extension KeyManager {
         guard workers >= 1, workers <= 64 else { throw .invalidArgument("--workers must be 1–64") }
         if let rate, !(rate > 0) { throw .invalidArgument("--rate must be a positive number of MB/s") }
         let now = clock()
+        let storedPath = try path.map { (p) throws(KeyManagerError) in try sealJobPath(p) }
         let id: Int64 = try sealedWrite { db in
             if let active = try Row.fetchOne(db, sql: "SELECT id, state FROM rekey_jobs WHERE state IN ('queued','running','paused') LIMIT 1") {
                 throw KeyManagerError.invalidArgument("rekey job \(active["id"] as Int64) is \(active["state"] as String); cancel or finish it first")
@@ -158,30 +159,52 @@ extension KeyManager {
             try db.execute(sql: """
                 INSERT INTO rekey_jobs (state, mode, source_key, source_version, target_key, path, rate, workers, uid, gid, created_at, updated_at)
                 VALUES ('queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                """, arguments: [mode.rawValue, sourceID.rawValue.hex, version.map { Int($0.rawValue) }, targetID.rawValue.hex, path, rate,
+                """, arguments: [mode.rawValue, sourceID.rawValue.hex, version.map { Int($0.rawValue) }, targetID.rawValue.hex, storedPath, rate,
                                  workers, Int(principal.uid), Int(principal.gid), now, now])
             let id = db.lastInsertedRowID
-            try AuditTrail.append(db, AuditEvent("StartRekey", key: sourceID, version: version, principal: principal,
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("StartRekey", key: sourceID, version: version, principal: principal,
                                                  error: "job \(id): \(mode.rawValue) to \(targetID.rawValue.hex)"), at: now)
             return id
         }
         return try rekeyJob(id)!
     }
 
+    /// A job row, its path unsealed (paths are stored sealed under the metadata key: no names at rest).
+    func job(from row: Row) throws -> RekeyJob {
+        var job = RekeyJob(row: row)
+        // Jobs from before paths were sealed keep their plaintext path (authenticated like the rest of the row).
+        if let stored = job.path, !stored.hasPrefix("/") {
+            guard let sealed = Data(base64Encoded: stored),
+                  let secret = try KeyWrap.open([UInt8](sealed), under: try AESGCM.make(metadataKey), context: Array("kmsfs/v1/rekey-path".utf8)) else {
+                throw KeyManagerError.keystoreCorrupt("the path of rekey job \(job.id) does not open")
+            }
+            job.path = secret.withUnsafeBytes { String(decoding: $0, as: UTF8.self) }
+        }
+        return job
+    }
+
+    func sealJobPath(_ path: String) throws(KeyManagerError) -> String {
+        let sealer = try AESGCM.make(metadataKey)
+        let sealed = try keepingKeyManagerError {
+            try Array(path.utf8).withUnsafeBytes { raw in try KeyWrap.seal(raw, under: sealer, context: Array("kmsfs/v1/rekey-path".utf8)) }
+        }
+        return Data(sealed).base64EncodedString()
+    }
+
     public func rekeyJob(_ id: Int64) throws(KeyManagerError) -> RekeyJob? {
-        try verifiedRead { db in try Row.fetchOne(db, sql: "SELECT * FROM rekey_jobs WHERE id = ?", arguments: [id]).map(RekeyJob.init) }
+        try verifiedRead { db in try Row.fetchOne(db, sql: "SELECT * FROM rekey_jobs WHERE id = ?", arguments: [id]).map(job(from:)) }
     }
 
     /// The queued, running or paused job, if any.
     public func activeRekeyJob() throws(KeyManagerError) -> RekeyJob? {
         try verifiedRead { db in
-            try Row.fetchOne(db, sql: "SELECT * FROM rekey_jobs WHERE state IN ('queued','running','paused') ORDER BY id LIMIT 1").map(RekeyJob.init)
+            try Row.fetchOne(db, sql: "SELECT * FROM rekey_jobs WHERE state IN ('queued','running','paused') ORDER BY id LIMIT 1").map(job(from:))
         }
     }
 
     /// The newest job, finished or not.
     public func latestRekeyJob() throws(KeyManagerError) -> RekeyJob? {
-        try read { db in try Row.fetchOne(db, sql: "SELECT * FROM rekey_jobs ORDER BY id DESC LIMIT 1").map(RekeyJob.init) }
+        try verifiedRead { db in try Row.fetchOne(db, sql: "SELECT * FROM rekey_jobs ORDER BY id DESC LIMIT 1").map(job(from:)) }
     }
 
     /// Moves a job to `state` (pause, resume, cancel, or the runner's own
@@ -197,7 +220,7 @@ extension KeyManager {
             try db.execute(sql: "UPDATE rekey_jobs SET state = ?, updated_at = ?, last_error = COALESCE(?, last_error), finished_at = ? WHERE id = ?",
                            arguments: [state.rawValue, now, error, state.isActive ? nil : now, id])
             if principal != nil || !state.isActive {
-                try AuditTrail.append(db, AuditEvent("Rekey" + state.rawValue.prefix(1).uppercased() + state.rawValue.dropFirst(),
+                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("Rekey" + state.rawValue.prefix(1).uppercased() + state.rawValue.dropFirst(),
                                                      outcome: state == .failed ? "failure" : "success", key: job.sourceKey,
                                                      principal: principal, error: "job \(id)" + (error.map { ": \($0)" } ?? "")), at: now)
             }

@@ -29,6 +29,8 @@ final class UsageJournal: @unchecked Sendable {
     /// Held for a whole flush so batches commit in the order they were taken.
     private let flushing = Mutex<Void>(())
     private let db: DatabasePool
+    /// Keys the audit chain (KeyManager.integrity).
+    private let chainKey: KeyDerivation.KeyedHMAC
     private var timer: DispatchSourceTimer?
     private let queue = DispatchQueue(label: "kmsfs.usage-journal")
     /// Set while a flush for a full batch is queued, so one is queued at a time.
@@ -38,7 +40,8 @@ final class UsageJournal: @unchecked Sendable {
     /// background flushes cannot keep up).
     static let backlogLimit = 8 * batchSize
 
-    init(db: DatabasePool, interval: Double) {
+    init(db: DatabasePool, chainKey: KeyDerivation.KeyedHMAC, interval: Double) {
+        self.chainKey = chainKey
         self.db = db
         let timer = DispatchSource.makeTimerSource(queue: queue)
         timer.schedule(deadline: .now() + interval, repeating: interval)
@@ -96,7 +99,7 @@ final class UsageJournal: @unchecked Sendable {
                 case .forget(let object):
                     try delete.execute(arguments: [object.hex])
                 case .audit(let event, let time):
-                    try AuditTrail.append(db, event, at: time, previous: &chain)
+                    try AuditTrail.append(db, chain: chainKey, event, at: time, previous: &chain)
                 }
             }
         }
@@ -115,7 +118,7 @@ extension KeyManager {
         try write { db in
             try db.execute(sql: "INSERT OR REPLACE INTO meta (name, value) VALUES ('usage_journal_pid', ?)", arguments: [Int(getpid())])
         }
-        caches.withLock { $0.journal = UsageJournal(db: db, interval: interval) }
+        caches.withLock { $0.journal = UsageJournal(db: db, chainKey: integrity.hmac, interval: interval) }
     }
 
     /// Flushes and stops batching; the keystore's index is complete again.
@@ -175,7 +178,7 @@ extension KeyManager {
             }
             let removed = old.keys.filter { !fresh.contains($0) }.count
             try db.execute(sql: "DELETE FROM meta WHERE name = 'usage_journal_pid'")
-            try AuditTrail.append(db, AuditEvent("RebuildUsageIndex", error: "\(fresh.count) entries: \(added) added, \(removed) removed, \(changed) changed"), at: now)
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("RebuildUsageIndex", error: "\(fresh.count) entries: \(added) added, \(removed) removed, \(changed) changed"), at: now)
             return UsageRebuild(entries: fresh.count, added: added, removed: removed, changed: changed)
         }
     }

@@ -13,6 +13,9 @@ struct Fsck: ParsableCommand {
             """)
     @Argument(help: "The CIPHERDIR.") var cipherdir: String
     @Flag(help: "Move damaged entries to .kmsfs/quarantine/.") var repair = false
+    @Flag(help: ArgumentHelp("Accept the keystore's protected rows as they are now, after edits made outside kmsfs (audited).",
+                             discussion: "Only for edits you made yourself; otherwise restore a backup."))
+    var acceptKeystoreEdits = false
     @OptionGroup var passphrase: PassphraseOptions
     @OptionGroup var output: JSONOption
 
@@ -22,7 +25,13 @@ struct Fsck: ParsableCommand {
         if MountTable.kmsfsMounts().contains(where: { $0.source == path }) || ControlServer.isServing(directory: keystore) {
             throw Failure("\(path) is mounted; unmount it first (`kmsfs umount MOUNTPOINT`)")
         }
-        let manager = try KeyManager.open(in: keystore, passphrase: passphrase.read(), clock: Clock.current)
+        let manager = try KeyManager.open(in: keystore, passphrase: passphrase.read(), verifyingIntegrity: !acceptKeystoreEdits,
+                                          clock: Clock.current)
+        if acceptKeystoreEdits {
+            let findings = try manager.acceptKeystoreEdits(by: caller)
+            for finding in findings { Output.line("accepted: \(finding)") }
+            Output.line(findings.isEmpty ? "the keystore had no outside edits" : "accepted \(findings.count) edit(s); recorded as AcceptKeystoreEdits")
+        }
         let filesystem = try EncryptedFileSystem(cipherdir: path, keyManager: manager)
         let report = try FilesystemCheck(filesystem: filesystem, principal: caller, repair: repair).run()
         if output.json { try Output.json(report) } else {

@@ -29,15 +29,17 @@ struct FilesystemOption: ParsableArguments {
     /// mounted filesystem, the whole command line is forwarded to the daemon,
     /// its output printed and its exit code returned (this throws `ExitCode`
     /// once it has); unmounted, the keystore is opened with the passphrase
-    /// and due rotations and deletions run.
-    func open() throws -> KeyManager {
+    /// and due rotations and deletions run. `verifyingIntegrity: false` opens
+    /// a keystore edited outside kmsfs too, to report on it (`audit verify`).
+    func open(verifyingIntegrity: Bool = true) throws -> KeyManager {
         if let manager = Invocation.current.manager { return manager }
         let cipherdir = try Paths.cipherdir(of: fs)
         let keystore = try Paths.keystore(of: cipherdir)
         try Invocation.forwardIfMounted(keystore: keystore, cipherdir: cipherdir)
-        let manager = try KeyManager.open(in: keystore, passphrase: passphrase.read(), clock: Clock.current)
+        let manager = try KeyManager.open(in: keystore, passphrase: passphrase.read(), verifyingIntegrity: verifyingIntegrity,
+                                          clock: Clock.current)
         Invocation.current.opened = manager
-        Self.report(try manager.runSchedules())
+        if verifyingIntegrity { Self.report(try manager.runSchedules()) }
         return manager
     }
 

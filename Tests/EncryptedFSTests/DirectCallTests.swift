@@ -16,7 +16,7 @@ import SystemPackage
         root = FileManager.default.temporaryDirectory.appendingPathComponent("kmsfs-direct-\(UUID().uuidString)").path
         try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
         let principal = Principal(uid: getuid(), gid: getgid())
-        let manager = try KeyManager.create(in: root + "/.kmsfs", passphrase: SecretKey(copying: Array("direct".utf8)),
+        let manager = try KeyManager.create(in: root + "/.kmsfs", passphrase: SecretKey(copying: Array("direct passphrase".utf8)),
                                             options: FilesystemOptions(chunkSize: 4096, scrypt: ScryptParameters(logN: 10)), creator: principal)
         try EncryptedFileSystem.initializeRoot(cipherdir: root, keyManager: manager, principal: principal)
         fs = try EncryptedFileSystem(cipherdir: root, keyManager: manager)
@@ -24,7 +24,7 @@ import SystemPackage
 
     func read(_ node: NodeID, _ handle: UInt64, _ size: Int, at offset: Int64) throws -> [UInt8] {
         var out = [UInt8]()
-        try fs.read(node, handle: handle, size: size, offset: offset) { out = Array($0) }
+        try fs.read(node, handle: handle, size: size, offset: offset, RequestContext(uid: getuid(), gid: getgid(), pid: getpid())) { out = Array($0) }
         return out
     }
 

@@ -38,7 +38,7 @@ final class GreetingFileSystem: FileSystem, @unchecked Sendable {
         return OpenReply(handle: node.rawValue)
     }
 
-    func read(_ node: NodeID, handle: UInt64, size: Int, offset: Int64, _ reply: (UnsafeRawBufferPointer) -> Void) throws(Errno) {
+    func read(_ node: NodeID, handle: UInt64, size: Int, offset: Int64, _ context: RequestContext, _ reply: (UnsafeRawBufferPointer) -> Void) throws(Errno) {
         let data = files[order[Int(node.rawValue) - 2]]!
         let start = min(Int(offset), data.count), end = min(start + size, data.count)
         data[start..<end].withUnsafeBytes { reply($0) }

@@ -284,12 +284,12 @@ extension String.UTF8View {
     func createAfterPassphraseChange() throws {
         let scratch = Scratch()
         let km = try scratch.create()
-        try km.changePassphrase(to: passphrase("second"), by: owner)
+        try km.changePassphrase(to: passphrase("second phrase"), by: owner)
         let key = try km.createKey(aliases: ["alias/late"], by: owner).keyID
         let object = ID128.random()
         let dek = try km.generateDataKey(for: object, kind: .file, key: key, principal: owner)
         #expect(km.provider.name == "local")
-        let reopened = try scratch.open(passphrase: "second")
+        let reopened = try scratch.open(passphrase: "second phrase")
         let back = try reopened.decryptDataKey(dek.wrapped, for: object, key: key, version: dek.version, principal: owner)
         #expect(bytes(of: back) == bytes(of: dek.key))
     }

@@ -35,7 +35,7 @@ struct BackupTests {
     func mergeRefusesConflicts() throws {
         let fs = try MountedFS()
         #expect(try fs.key(["create", "--alias", "alias/temp"]).ok)
-        #expect(try fs.run("echo bk > $T/bk && $K backup create --out $T/b1 --backup-passphrase-file $T/bk --fs $M").ok)
+        #expect(try fs.run("echo backup-passphrase > $T/bk && $K backup create --out $T/b1 --backup-passphrase-file $T/bk --fs $M").ok)
         try fs.unmount()
         // Unchanged keystore: nothing to add.
         let same = try fs.run("$K backup restore $T/b1 --backup-passphrase-file $T/bk --fs $C --passphrase-file $P")
