@@ -17,6 +17,8 @@ final class DirectoryKeys: Sendable {
     let keyID: KeyID
     let version: KeyVersion
     let names: NameCipher
+    /// Seals the directory's own extended-attribute values (its key's policy governs them).
+    let xattrValues: StringSealer
     /// Derived from the root directory's name key only: symlink targets and
     /// extended attributes, which must not depend on where an entry lives.
     let volume: VolumeKeys?
@@ -27,6 +29,7 @@ final class DirectoryKeys: Sendable {
         self.version = version
         do throws(CipherError) {
             self.names = try NameCipher(nameKey: nameKey, directoryID: directoryID)
+            self.xattrValues = try StringSealer(key: nameKey, info: "kmsfs/v1/directory-xattr-value")
             self.volume = isRoot ? try VolumeKeys(rootNameKey: nameKey) : nil
         } catch { throw .ioError }
     }
@@ -84,7 +87,11 @@ final class DirectoryKeys: Sendable {
 }
 
 /// Keys derived from the root directory's name key for what must not depend
-/// on an entry's location (a symlink or a file can move between directories).
+/// on an entry's location (a symlink or a file can move between directories):
+/// symlink targets and extended-attribute names. Extended-attribute values
+/// written by earlier builds were sealed here too and still open; new ones
+/// are sealed under their object's own key. Who may use them is decided by
+/// the governing key's policy, not by the root's (EncryptedFileSystem).
 final class VolumeKeys: Sendable {
     let symlinks: StringSealer
     let xattrValues: StringSealer

@@ -108,9 +108,38 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         return loaded
     }
 
+    /// The volume keys, loaded as the daemon: callers check the policy of
+    /// the key that governs what they touch (the entry's directory or the
+    /// object itself), not the root's.
     func volumeKeys(_ context: RequestContext) throws(Errno) -> VolumeKeys {
-        guard let volume = try directoryKeys(try nodes.node(.root), context).volume else { throw .ioError }
+        let root = try nodes.node(.root)
+        let daemon = Principal(uid: getuid(), gid: getgid(), pid: getpid(), processName: "kmsfs")
+        let loaded: DirectoryKeys
+        do throws(Errno) {
+            loaded = try nodes.keys(of: root) { () throws(Errno) in
+                try DirectoryKeys.load(from: root.fd, keyManager: keyManager, principal: daemon, layout: layout, isRoot: true, logger: logger)
+            }
+        } catch {
+            loaded = try directoryKeys(root, context)
+        }
+        guard let volume = loaded.volume else { throw .ioError }
         return volume
+    }
+
+    /// Checks `context` may use the key of the directory holding `node`
+    /// (for a symlink's target: decrypt to read it, encrypt to make one).
+    func checkParentKey(of node: Node, _ operation: KeyOperation, _ context: RequestContext) throws(Errno) {
+        guard let parentID = nodes.parent(of: node) else { return }
+        try checkDirectoryKey(try nodes.node(parentID), operation, context)
+    }
+
+    func checkDirectoryKey(_ dir: Node, _ operation: KeyOperation, _ context: RequestContext) throws(Errno) {
+        let keys = try directoryKeys(dir, context)
+        if operation == .encrypt {
+            try self.keys { () throws(KeyManagerError) in
+                try keyManager.checkUse(principal(context), .encrypt, key: keys.keyID, object: keys.directoryID) { self.nodes.path(of: dir.id) }
+            }
+        }
     }
 
     /// The name stored in CIPHERDIR for plaintext `name` in directory `node`.
@@ -187,6 +216,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     func decryptedTarget(of node: Node, _ context: RequestContext) throws(Errno) -> String {
         let stored = try Syscall.readlinkat(node.fd, "")
         if plaintextNames { return stored }
+        try checkParentKey(of: node, .decrypt, context)
         let volume = try volumeKeys(context)
         do throws(CipherError) { return try volume.symlinks.openText(stored) } catch {
             integrityFailure(error, object: nil, what: "symlink target", path: nodes.filePath(of: node), principal: principal(context))
@@ -358,6 +388,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         let stored = try storedName(name, in: dir, context)
         let sealed: String
         if plaintextNames { sealed = target } else {
+            try checkDirectoryKey(dir, .encrypt, context)
             let volume = try volumeKeys(context)
             do throws(CipherError) { sealed = try volume.symlinks.sealText(target) } catch { throw .ioError }
         }
@@ -734,13 +765,49 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         do throws(CipherError) { return Self.xattrPrefix + (try volume.xattrNames.encrypt(name)) } catch { throw .invalidArgument }
     }
 
+    /// The sealer of `node`'s extended-attribute values and the object id
+    /// they are bound to: derived from the object's own key — a file's data
+    /// key, a directory's name key — so the policy and state of the key that
+    /// governs the object govern its attributes too (decrypt to read or
+    /// list; encrypt as well to change). Only files and directories carry
+    /// `user.` attributes, as on ext4.
+    func xattrSealer(_ node: Node, modifying: Bool, _ context: RequestContext) throws(Errno) -> (sealer: StringSealer, object: ID128) {
+        let who = principal(context)
+        if node.isDirectory {
+            let dir = try directoryKeys(node, context)
+            if modifying { try checkDirectoryKey(node, .encrypt, context) }
+            return (dir.xattrValues, dir.directoryID)
+        }
+        guard node.isRegular else { throw .notPermitted }
+        let fd = try Syscall.openat(AT_FDCWD, node.procPath, O_RDONLY)
+        defer { close(fd) }
+        let raw = try Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0)
+        let header: FileHeader
+        do throws(CipherError) { header = try FileHeader(decoding: raw) } catch {
+            integrityFailure(error, object: nil, what: "file header", path: nodes.filePath(of: node), principal: who)
+            throw .ioError
+        }
+        let object = header.fileID.rawValue
+        let path = nodes.filePath(of: node)
+        let dek = try keys { () throws(KeyManagerError) in
+            try keyManager.decryptDataKey(header.wrappedKey, for: object, key: header.keyID, version: header.keyVersion, principal: who, path: path)
+        }
+        if modifying {
+            try keys { () throws(KeyManagerError) in try keyManager.checkUse(who, .encrypt, key: header.keyID, object: object) { path } }
+        }
+        do throws(CipherError) { return (try StringSealer(key: dek, info: "kmsfs/v1/file-xattr-value"), object) } catch { throw .ioError }
+    }
+
+    /// What an attribute value is bound to: its object and its name.
+    static func xattrContext(_ object: ID128, _ name: String) -> [UInt8] { object.bytes + Array(name.utf8) }
+
     public func setxattr(_ id: NodeID, _ name: String, value: UnsafeRawBufferPointer, flags: Int32, _ context: RequestContext) throws(Errno) {
         let node = try nodes.node(id)
         let backing = try backingXattrName(name, context)
         var sealed = Array(value)
         if !plaintextNames {
-            let volume = try volumeKeys(context)
-            do throws(CipherError) { sealed = try volume.xattrValues.seal(sealed, context: Array(name.utf8)) } catch { throw .ioError }
+            let (sealer, object) = try xattrSealer(node, modifying: true, context)
+            do throws(CipherError) { sealed = try sealer.seal(sealed, context: Self.xattrContext(object, name)) } catch { throw .ioError }
         }
         try Syscall.call { CLinux.setxattr(node.procPath, backing, sealed, sealed.count, flags) }
     }
@@ -760,6 +827,9 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         let n = try Syscall.call { CLinux.getxattr(node.procPath, backing, &raw, raw.count) }
         raw.removeLast(raw.count - n)
         if plaintextNames { return raw }
+        let (sealer, object) = try xattrSealer(node, modifying: false, context)
+        if let value = try? sealer.open(raw, context: Self.xattrContext(object, name)) { return value }
+        // A value written before values were sealed per object (policy was checked above).
         let volume = try volumeKeys(context)
         do throws(CipherError) { return try volume.xattrValues.open(raw, context: Array(name.utf8)) } catch {
             integrityFailure(error, object: nil, what: "extended attribute", path: nodes.filePath(of: node), principal: principal(context))
@@ -775,6 +845,8 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         let n = try Syscall.call { CLinux.listxattr(node.procPath, &raw, raw.count) }
         let names = raw[0..<n].split(separator: 0).map { String(decoding: $0.map { UInt8(bitPattern: $0) }, as: UTF8.self) }
         if plaintextNames { return names.filter { $0.hasPrefix("user.") } }
+        guard names.contains(where: { $0.hasPrefix(Self.xattrPrefix) }) else { return [] }
+        _ = try xattrSealer(node, modifying: false, context)
         let volume = try volumeKeys(context)
         return names.compactMap { backing in
             guard backing.hasPrefix(Self.xattrPrefix) else { return nil }
@@ -786,6 +858,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         let node = try nodes.node(id)
         guard name.hasPrefix("user.") else { throw .notSupported }
         let backing = try backingXattrName(name, context)
+        if !plaintextNames { _ = try xattrSealer(node, modifying: true, context) }
         try Syscall.call { CLinux.removexattr(node.procPath, backing) }
     }
 

@@ -163,6 +163,11 @@ final class NodeTable: Sendable {
     }
 
     /// The plaintext path a file node was last looked up by (for the audit log).
+    /// The directory `node` was last seen in.
+    func parent(of node: Node) -> NodeID? {
+        state.withLock { _ in node.parent }
+    }
+
     func filePath(of node: Node) -> String? {
         guard let parent = state.withLock({ _ in node.parent }) else { return nil }
         let dir = path(of: parent)

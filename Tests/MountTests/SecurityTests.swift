@@ -137,4 +137,57 @@ import Testing
             """)
         #expect(granted.stdout.contains("secret"), "\(granted.stderr)")
     }
+
+    @Test("xattr values and symlink targets follow the governing key: a uid allowed on the root's key but not on /prod's reads and writes neither under /prod")
+    func xattrsAndSymlinksFollowTheGoverningKey() throws {
+        let fs = try MountedFS(mountOptions: ["allow_other"])
+        for op in ["decrypt", "encrypt"] { #expect(try fs.key(["policy", "alias/default", "--grant", op, "uid:4242"]).ok) }
+        #expect(try fs.key(["create", "--alias", "alias/prod"]).ok)
+        #expect(try fs.key(["bind", "/prod", "alias/prod"]).ok)
+        let r = try fs.run("""
+            chmod 755 "$M" "$(dirname "$M")"
+            mkdir -m 777 "$M/prod" "$M/open"
+            echo p > "$M/prod/f"; chmod 666 "$M/prod/f"; setfattr -n user.owner -v team-prod "$M/prod/f"; setfattr -n user.d -v dirval "$M/prod"
+            ln -s /secret/target "$M/prod/link"
+            echo o > "$M/open/f"; chmod 666 "$M/open/f"; setfattr -n user.owner -v team-open "$M/open/f"
+            as() { setpriv --reuid=4242 --regid=4242 --clear-groups "$@"; }
+            res() { if "$@" >/dev/null 2>$T/err; then echo allowed; else grep -o 'Permission denied' $T/err | head -1; fi; }
+            echo "get prod file: $(res as getfattr -n user.owner "$M/prod/f")"
+            echo "set prod file: $(res as setfattr -n user.owner -v mine "$M/prod/f")"
+            echo "get prod dir: $(res as getfattr -n user.d "$M/prod")"
+            echo "list prod file: $(res as getfattr -d "$M/prod/f")"
+            echo "readlink prod: $(res as readlink -v "$M/prod/link")"
+            echo "symlink in prod: $(res as ln -s x "$M/prod/mine")"
+            echo "get open file: $(res as getfattr -n user.owner "$M/open/f")"
+            echo "set open file: $(res as setfattr -n user.owner -v mine "$M/open/f")"
+            getfattr --only-values -n user.owner "$M/prod/f"; echo
+            getfattr --only-values -n user.owner "$M/open/f"; echo
+            readlink "$M/prod/link"
+            """)
+        #expect(r.ok, "\(r.stderr)")
+        #expect(r.stdout.split(separator: "\n").map(String.init) == [
+            "get prod file: Permission denied", "set prod file: Permission denied", "get prod dir: Permission denied",
+            "list prod file: Permission denied", "readlink prod: Permission denied", "symlink in prod: Permission denied",
+            "get open file: allowed", "set open file: allowed",
+            "team-prod", "mine", "/secret/target",
+        ], "\(r.stdout) \(r.stderr)")
+        // The values are sealed per object: the backing attribute of one file does not open on another.
+        try fs.unmount()
+        let moved = try fs.python("""
+            files = []
+            for d, subdirs, names in os.walk(C):
+                subdirs[:] = [x for x in subdirs if x != ".kmsfs"]
+                for n in names:
+                    p = os.path.join(d, n)
+                    if os.path.islink(p): continue
+                    if any(a.startswith("user.kmsfs.") for a in os.listxattr(p)): files.append(p)
+            assert len(files) == 2, files
+            name = [a for a in os.listxattr(files[0]) if a.startswith("user.kmsfs.")][0]
+            os.setxattr(files[1], name, os.getxattr(files[0], name))
+            """)
+        #expect(moved.ok, "\(moved.stderr)")
+        try fs.mount()
+        let after = try fs.run("getfattr -n user.owner $M/prod/f >/dev/null 2>&1 && echo ok1; getfattr -n user.owner $M/open/f >/dev/null 2>&1 && echo ok2; true")
+        #expect(after.stdout.split(separator: "\n").count == 1, "a value copied to another file must fail there: \(after.stdout)")
+    }
 }
