@@ -26,7 +26,9 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
             .product(name: "SystemPackage", package: "swift-system"),
         ]),
-        .target(name: "ChunkCipher", dependencies: ["COpenSSL"]),
+        // Hand-written: an OpenSSL allocator that keeps key schedules in the secure heap (see keymemory.c).
+        .target(name: "CKeyMemory", linkerSettings: [.linkedLibrary("crypto")]),
+        .target(name: "ChunkCipher", dependencies: ["COpenSSL", "CKeyMemory"]),
         .target(name: "KeyManager", dependencies: [
             "ChunkCipher", "COpenSSL",
             .product(name: "GRDB", package: "GRDB.swift"),

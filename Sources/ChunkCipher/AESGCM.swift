@@ -23,11 +23,13 @@ public final class AESGCM: @unchecked Sendable {
     /// Prepares contexts for `key` (32 bytes); the key bytes are not kept.
     public init(key: borrowing SecretKey) throws(CipherError) {
         guard key.count == Self.keySize else { throw .invalidArgument("AES-256-GCM needs a 32-byte key, got \(key.count)") }
-        guard let ctx = EVP_CIPHER_CTX_new() else { throw .openssl("EVP_CIPHER_CTX_new") }
+        guard let ctx = KeyMemory.scope({ EVP_CIPHER_CTX_new() }) else { throw .openssl("EVP_CIPHER_CTX_new") }
         template = ctx
         guard let cipher = Self.cipher else { throw .openssl("AES-256-GCM is not available") }
-        let ok = key.withUnsafeBytes { raw -> Bool in
-            EVP_EncryptInit_ex(ctx, cipher, nil, raw.baseAddress!.assumingMemoryBound(to: UInt8.self), nil) == 1
+        let ok = KeyMemory.scope {
+            key.withUnsafeBytes { raw -> Bool in
+                EVP_EncryptInit_ex(ctx, cipher, nil, raw.baseAddress!.assumingMemoryBound(to: UInt8.self), nil) == 1
+            }
         }
         guard ok else { throw .openssl("EVP_CipherInit_ex(aes-256-gcm)") }
     }
@@ -109,8 +111,8 @@ public final class AESGCM: @unchecked Sendable {
 
     private func borrow() throws(CipherError) -> OpaquePointer {
         if let ctx = pool.withLock({ $0.pop() }) { return ctx }
-        guard let ctx = EVP_CIPHER_CTX_new() else { throw .openssl("EVP_CIPHER_CTX_new") }
-        guard EVP_CIPHER_CTX_copy(ctx, template) == 1 else {
+        guard let ctx = KeyMemory.scope({ EVP_CIPHER_CTX_new() }) else { throw .openssl("EVP_CIPHER_CTX_new") }
+        guard KeyMemory.scope({ EVP_CIPHER_CTX_copy(ctx, template) }) == 1 else {
             EVP_CIPHER_CTX_free(ctx)
             throw .openssl("EVP_CIPHER_CTX_copy")
         }

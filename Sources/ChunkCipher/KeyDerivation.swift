@@ -9,12 +9,12 @@ public enum KeyDerivation {
         guard let ctx = EVP_PKEY_CTX_new_id(EVP_PKEY_HKDF, nil) else { throw .openssl("EVP_PKEY_CTX_new_id(HKDF)") }
         defer { EVP_PKEY_CTX_free(ctx) }
         let infoBytes = Array(info.utf8)
-        let configured = key.withUnsafeBytes { raw in
+        let configured = KeyMemory.scope { key.withUnsafeBytes { raw in
             EVP_PKEY_derive_init(ctx) == 1
                 && EVP_PKEY_CTX_set_hkdf_md(ctx, EVP_sha256()) == 1
                 && EVP_PKEY_CTX_set1_hkdf_key(ctx, bytes(raw), Int32(raw.count)) == 1
                 && EVP_PKEY_CTX_add1_hkdf_info(ctx, infoBytes, Int32(infoBytes.count)) == 1
-        }
+        } }
         guard configured else { throw .openssl("HKDF setup") }
         var failed = false
         let derived = SecretKey(count: count) { out in
@@ -32,13 +32,15 @@ public enum KeyDerivation {
     public static func hmacSHA256(key: borrowing SecretKey, message: [UInt8]) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: 32)
         var length = 0
-        guard let ctx = EVP_MAC_CTX_dup(hmacTemplate) else { preconditionFailure("HMAC-SHA256 context") }
+        guard let ctx = KeyMemory.scope({ EVP_MAC_CTX_dup(hmacTemplate) }) else { preconditionFailure("HMAC-SHA256 context") }
         defer { EVP_MAC_CTX_free(ctx) }
-        let ok = key.withUnsafeBytes { raw in
-            out.withUnsafeMutableBufferPointer { o in
-                EVP_MAC_init(ctx, raw.baseAddress?.assumingMemoryBound(to: UInt8.self), raw.count, nil) == 1
-                    && EVP_MAC_update(ctx, message, message.count) == 1
-                    && EVP_MAC_final(ctx, o.baseAddress, &length, 32) == 1
+        let ok = KeyMemory.scope {
+            key.withUnsafeBytes { raw in
+                out.withUnsafeMutableBufferPointer { o in
+                    EVP_MAC_init(ctx, raw.baseAddress?.assumingMemoryBound(to: UInt8.self), raw.count, nil) == 1
+                        && EVP_MAC_update(ctx, message, message.count) == 1
+                        && EVP_MAC_final(ctx, o.baseAddress, &length, 32) == 1
+                }
             }
         }
         precondition(ok && length == 32, "HMAC-SHA256 failed")
@@ -55,9 +57,11 @@ public enum KeyDerivation {
         private let pool = Mutex(ContextStack())
 
         public init(key: borrowing SecretKey) {
-            guard let ctx = EVP_MAC_CTX_dup(KeyDerivation.hmacTemplate) else { preconditionFailure("HMAC-SHA256 context") }
-            let ok = key.withUnsafeBytes { raw in
-                EVP_MAC_init(ctx, raw.baseAddress?.assumingMemoryBound(to: UInt8.self), raw.count, nil) == 1
+            guard let ctx = KeyMemory.scope({ EVP_MAC_CTX_dup(KeyDerivation.hmacTemplate) }) else { preconditionFailure("HMAC-SHA256 context") }
+            let ok = KeyMemory.scope {
+                key.withUnsafeBytes { raw in
+                    EVP_MAC_init(ctx, raw.baseAddress?.assumingMemoryBound(to: UInt8.self), raw.count, nil) == 1
+                }
             }
             precondition(ok, "HMAC-SHA256 key setup failed")
             keyed = ctx
@@ -73,7 +77,7 @@ public enum KeyDerivation {
             var length = 0
             let ctx: OpaquePointer
             if let idle = pool.withLock({ $0.pop() }) { ctx = idle } else {
-                guard let copy = EVP_MAC_CTX_dup(keyed) else { preconditionFailure("HMAC-SHA256 context") }
+                guard let copy = KeyMemory.scope({ EVP_MAC_CTX_dup(keyed) }) else { preconditionFailure("HMAC-SHA256 context") }
                 ctx = copy
             }
             defer { pool.withLock { $0.push(ctx) } }

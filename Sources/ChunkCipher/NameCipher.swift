@@ -18,8 +18,8 @@ public final class NameCipher: @unchecked Sendable {
     public init(nameKey: borrowing SecretKey, directoryID: ID128) throws(CipherError) {
         guard let siv = Self.siv else { throw .openssl("AES-256-SIV is not available in this OpenSSL") }
         let sivKey = try KeyDerivation.hkdfSHA256(key: nameKey, info: "kmsfs/v1/names/aes-siv", count: 64)
-        guard let ctx = EVP_CIPHER_CTX_new() else { throw .openssl("EVP_CIPHER_CTX_new") }
-        let ok = sivKey.withUnsafeBytes { EVP_CipherInit_ex(ctx, siv, nil, bytes($0), nil, -1) == 1 }
+        guard let ctx = KeyMemory.scope({ EVP_CIPHER_CTX_new() }) else { throw .openssl("EVP_CIPHER_CTX_new") }
+        let ok = KeyMemory.scope { sivKey.withUnsafeBytes { EVP_CipherInit_ex(ctx, siv, nil, bytes($0), nil, -1) == 1 } }
         guard ok else {
             EVP_CIPHER_CTX_free(ctx)
             throw .openssl("EVP_CipherInit_ex(AES-256-SIV)")
@@ -75,8 +75,8 @@ public final class NameCipher: @unchecked Sendable {
     }
 
     private func context(encrypt: Int32) throws(CipherError) -> OpaquePointer {
-        guard let ctx = EVP_CIPHER_CTX_new() else { throw .openssl("EVP_CIPHER_CTX_new") }
-        guard EVP_CIPHER_CTX_copy(ctx, template) == 1, EVP_CipherInit_ex(ctx, nil, nil, nil, nil, encrypt) == 1 else {
+        guard let ctx = KeyMemory.scope({ EVP_CIPHER_CTX_new() }) else { throw .openssl("EVP_CIPHER_CTX_new") }
+        guard KeyMemory.scope({ EVP_CIPHER_CTX_copy(ctx, template) == 1 && EVP_CipherInit_ex(ctx, nil, nil, nil, nil, encrypt) == 1 }) else {
             EVP_CIPHER_CTX_free(ctx)
             throw .openssl("AES-256-SIV context")
         }

@@ -1,4 +1,5 @@
 import COpenSSL
+import CKeyMemory
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -104,12 +105,13 @@ public struct SecretKey: ~Copyable, @unchecked Sendable {
     }
 }
 
-/// OpenSSL's secure heap for every `SecretKey` of the process: 1 MiB in
-/// 32-byte units (32,768 data keys), locked in RAM and left out of core
-/// dumps by OpenSSL. Made on first use; `prepare()` makes it early, before
-/// other threads use OpenSSL.
+/// OpenSSL's secure heap for every `SecretKey` of the process and for the
+/// key schedules of the contexts keyed with them (`KeyMemory`): 8 MiB in
+/// 32-byte units, locked in RAM (when the memlock limit allows) and left out
+/// of core dumps by OpenSSL. Made on first use; `prepare()` makes it early,
+/// before other threads use OpenSSL.
 public enum SecureHeap {
-    public static let size = 1 << 20
+    public static let size = 8 << 20
     static let ready: Bool = {
         // 1: fully locked; 2: made, but mlock was refused (memlock limit).
         CRYPTO_secure_malloc_initialized() == 1 || CRYPTO_secure_malloc_init(size, 32) != 0
@@ -118,4 +120,33 @@ public enum SecureHeap {
     /// Makes the heap now; false if OpenSSL could not (keys then get pages).
     @discardableResult
     public static func prepare() -> Bool { ready }
+}
+
+/// Where OpenSSL puts the state derived from a key. Code that keys or copies
+/// a cipher or MAC context, or decodes a private key, runs inside `scope`:
+/// what OpenSSL allocates meanwhile (the key schedule, GCM tables, HMAC pads,
+/// private BIGNUMs) comes from the secure heap, while it has room, instead of
+/// the ordinary heap (CKeyMemory's allocator).
+public enum KeyMemory {
+    @inline(__always)
+    public static func scope<T: ~Copyable, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        SecureHeap.prepare()
+        kmsfs_keymem_begin()
+        defer { kmsfs_keymem_end() }
+        return try body()
+    }
+
+    /// Whether the allocator is in place (it must be before OpenSSL's first allocation).
+    public static var installed: Bool { kmsfs_keymem_installed() == 1 }
+
+    /// Live bytes OpenSSL holds in the secure heap through `scope`.
+    public static var secureBytes: Int { kmsfs_keymem_secure_bytes() }
+
+    /// Whether `pointer` is a block of the secure heap handed out through `scope`.
+    public static func isSecure(_ pointer: UnsafeRawPointer?) -> Bool { kmsfs_keymem_is_secure(pointer) == 1 }
+
+    /// No core file and no ptrace by other non-root users for this process;
+    /// what keys remain in ordinary memory cannot leave through a dump.
+    @discardableResult
+    public static func forbidCoreDumps() -> Bool { kmsfs_keymem_forbid_core_dumps() == 0 }
 }

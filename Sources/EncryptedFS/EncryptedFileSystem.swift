@@ -37,7 +37,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     private struct OpenState: ~Copyable {
         var files: [InodeKey: OpenFile] = [:]
         var handles: [UInt64: OpenFile] = [:]
-        var directories: [UInt64: [DirectoryEntry]] = [:]
+        var directories: [UInt64: Listing] = [:]
         var next: UInt64 = 1
     }
     private let open = Mutex(OpenState())
@@ -179,20 +179,32 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
 
     /// The plaintext name of a stored entry, or nil for kmsfs's own files and undecryptable names.
     func plaintextName(_ stored: String, inDirectory dirFD: Int32, keys dir: DirectoryKeys?) -> String? {
+        if case .name(let name) = decodeName(stored, inDirectory: dirFD, keys: dir) { return name }
+        return nil
+    }
+
+    /// What a backing entry's name is to the mount.
+    enum DecodedName {
+        case name(String)
+        /// kmsfs's own (`.kmsfs.dir`, a long name's sidecar, `.kmsfs`).
+        case internalEntry
+        /// A name that does not authenticate (or a long name whose sidecar is missing or does not match).
+        case damaged
+    }
+
+    func decodeName(_ stored: String, inDirectory dirFD: Int32, keys dir: DirectoryKeys?) -> DecodedName {
         if stored.hasPrefix(Self.reservedPrefix) {
-            guard LongName.isHashed(stored), let dir else { return nil }
-            guard let fd = try? Syscall.openat(dirFD, stored + LongName.sidecarSuffix, O_RDONLY) else { return nil }
+            guard LongName.isHashed(stored) else { return .internalEntry }
+            guard let dir else { return plaintextNames ? .internalEntry : .damaged }
+            guard let fd = try? Syscall.openat(dirFD, stored + LongName.sidecarSuffix, O_RDONLY) else { return .damaged }
             defer { close(fd) }
             let encoded = String(decoding: (try? Syscall.pread(fd, count: 4096, at: 0)) ?? [], as: UTF8.self)
-            guard LongName.storedName(for: encoded) == stored else { return nil }
-            return try? dir.names.decrypt(encoded)
+            guard LongName.storedName(for: encoded) == stored, let name = try? dir.names.decrypt(encoded) else { return .damaged }
+            return .name(name)
         }
-        if plaintextNames { return stored }
-        guard let dir else { return nil }
-        do throws(CipherError) { return try dir.names.decrypt(stored) } catch {
-            logger.warning("skipping an entry whose name does not decrypt", metadata: ["directory": "\(dir.directoryID)", "error": "\(error)"])
-            return nil
-        }
+        if plaintextNames { return .name(stored) }
+        guard let dir else { return .damaged }
+        do throws(CipherError) { return .name(try dir.names.decrypt(stored)) } catch { return .damaged }
     }
 
     /// Backing attributes turned into what the application sees.
@@ -490,23 +502,45 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         let dir = plaintextNames ? nil : try directoryKeys(node, context)
         var entries = [DirectoryEntry(name: ".", inode: node.key.inode, type: S_IFDIR, nextOffset: 1),
                        DirectoryEntry(name: "..", inode: UInt64((try? Syscall.fstatat(node.fd, "..").st_ino) ?? 1), type: S_IFDIR, nextOffset: 2)]
+        var damaged = 0
         for raw in try Syscall.listDirectory(node.fd) {
-            guard let name = plaintextName(raw.name, inDirectory: node.fd, keys: dir) else { continue }
-            entries.append(DirectoryEntry(name: name, inode: raw.inode, type: mode_t(raw.type) << 12,
-                                          nextOffset: Int64(entries.count + 1)))
+            switch decodeName(raw.name, inDirectory: node.fd, keys: dir) {
+            case .name(let name):
+                entries.append(DirectoryEntry(name: name, inode: raw.inode, type: mode_t(raw.type) << 12,
+                                              nextOffset: Int64(entries.count + 1)))
+            case .internalEntry:
+                continue
+            case .damaged:
+                damaged += 1
+            }
+        }
+        if damaged > 0 {
+            // Tampered or foreign names: audited, and the listing ends in EIO
+            // after the intact entries, so tools see the damage instead of a
+            // directory that silently looks smaller.
+            integrityFailure(.integrityFailure(.name), object: dir?.directoryID, what: "\(damaged) name(s) in a directory",
+                             key: dir?.keyID, path: nodes.path(of: id), principal: principal(context))
         }
         return open.withLock { s in
             let handle = s.next
             s.next += 1
-            s.directories[handle] = entries
+            s.directories[handle] = Listing(entries: entries, damaged: damaged)
             return handle
         }
     }
 
     public func readdir(_ id: NodeID, handle: UInt64, offset: Int64, _ add: (DirectoryEntry) -> Bool) throws(Errno) {
-        guard let entries = open.withLock({ $0.directories[handle] }) else { throw .badFileDescriptor }
+        guard let listing = open.withLock({ $0.directories[handle] }) else { throw .badFileDescriptor }
+        // Past the last intact entry, a directory with damaged names answers EIO.
+        if Int(offset) >= listing.entries.count, listing.damaged > 0 { throw .ioError }
         var i = Int(offset)
-        while i < entries.count, add(entries[i]) { i += 1 }
+        while i < listing.entries.count, add(listing.entries[i]) { i += 1 }
+    }
+
+    /// An open directory: its decrypted entries, and how many names did not authenticate.
+    struct Listing {
+        var entries: [DirectoryEntry]
+        var damaged: Int
     }
 
     public func releasedir(_ id: NodeID, handle: UInt64) {

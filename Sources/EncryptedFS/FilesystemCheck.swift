@@ -21,11 +21,23 @@ public struct FsckProblem: Codable, Sendable {
     public var quarantined: String?
 }
 
+/// A file or directory that is intact as far as fsck can tell but cannot be
+/// read now because its key is in a state that refuses it (Disabled,
+/// PendingDeletion): a state, not damage — never quarantined, and kept in
+/// the usage index so the deletion guard still sees it.
+public struct FsckLocked: Codable, Sendable {
+    public var path: String
+    public var backing: String
+    public var object: String?
+    public var detail: String
+}
+
 public struct FsckReport: Codable, Sendable {
     public var files = 0
     public var directories = 0
     public var bytes = 0
     public var problems: [FsckProblem] = []
+    public var locked: [FsckLocked] = []
     public var usage: UsageRebuild?
     public var clean: Bool { problems.isEmpty }
 }
@@ -54,6 +66,11 @@ public final class FilesystemCheck {
     public func run() throws(KeyManagerError) -> FsckReport {
         try Rekeyer(filesystem: fs).recover()
         checkDirectory(fs.nodes.rootFD, backing: "", plain: "/", parentFD: nil, stored: nil, volume: nil)
+        // Quarantined entries still exist and still need their keys.
+        if let quarantined = try? Syscall.openat(fs.nodes.rootFD, Self.quarantineDirectory, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) {
+            collectUsage(quarantined)
+            close(quarantined)
+        }
         report.usage = try fs.keyManager.replaceUsageIndex(usage)
         return report
     }
@@ -75,21 +92,65 @@ public final class FilesystemCheck {
         return Self.quarantineDirectory + "/" + name
     }
 
+    /// Why `key`'s state refuses to unwrap data keys (Disabled,
+    /// PendingDeletion, Destroyed), or nil: a state, not damage.
+    func lockedState(_ key: KeyID) -> String? {
+        guard let refusal = fs.keyManager.unwrapRefusal(key) else { return nil }
+        return refusal
+    }
+
+    /// The usage of every header below `dirFD`, without authenticating names,
+    /// keys or chunks: for what fsck cannot read (a name that does not
+    /// decrypt, a directory whose keys do not open, the quarantine), so the
+    /// keys those files need stay referenced and are never destroyed.
+    private func collectUsage(_ dirFD: Int32) {
+        guard let entries = try? Syscall.listDirectory(dirFD) else { return }
+        for entry in entries {
+            switch entry.type {
+            case UInt8(DT_DIR):
+                guard let child = try? Syscall.openat(dirFD, entry.name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) else { continue }
+                if let fd = try? Syscall.openat(child, DirectoryKeys.fileName, O_RDONLY | O_NOFOLLOW) {
+                    if let h = EncryptedFileSystem.header(of: fd) { usage.append((h.fileID.rawValue, .directory, h.keyID, h.keyVersion)) }
+                    close(fd)
+                }
+                collectUsage(child)
+                close(child)
+            case UInt8(DT_REG):
+                if entry.name == DirectoryKeys.fileName || entry.name.hasSuffix(LongName.sidecarSuffix) { continue }
+                guard let fd = try? Syscall.openat(dirFD, entry.name, O_RDONLY | O_NOFOLLOW) else { continue }
+                defer { close(fd) }
+                guard let st = try? Syscall.fstat(fd), seen.insert(InodeKey(st)).inserted else { continue }
+                if let h = EncryptedFileSystem.header(of: fd) { usage.append((h.fileID.rawValue, .file, h.keyID, h.keyVersion)) }
+            default:
+                continue
+            }
+        }
+    }
+
     private func checkDirectory(_ dirFD: Int32, backing: String, plain: String, parentFD: Int32?, stored: String?, volume: VolumeKeys?) {
         report.directories += 1
         let keys: DirectoryKeys?
         if fs.plaintextNames {
             keys = nil
         } else {
+            var directoryKey: KeyID?
             if let fd = try? Syscall.openat(dirFD, DirectoryKeys.fileName, O_RDONLY) {
-                if let h = EncryptedFileSystem.header(of: fd) { usage.append((h.fileID.rawValue, .directory, h.keyID, h.keyVersion)) }
+                if let h = EncryptedFileSystem.header(of: fd) {
+                    usage.append((h.fileID.rawValue, .directory, h.keyID, h.keyVersion))
+                    directoryKey = h.keyID
+                }
                 close(fd)
             }
             do throws(Errno) {
                 keys = try DirectoryKeys.load(from: dirFD, keyManager: fs.keyManager, principal: principal, layout: fs.layout,
                                               isRoot: parentFD == nil, logger: logger)
             } catch {
-                problem(plain, backing, nil, "directory", "its keys (.kmsfs.dir) do not open: \(error)", parentFD: parentFD, stored: stored)
+                if let key = directoryKey, let state = lockedState(key) {
+                    report.locked.append(FsckLocked(path: plain, backing: backing, object: nil, detail: "unreadable while \(state)"))
+                } else {
+                    problem(plain, backing, nil, "directory", "its keys (.kmsfs.dir) do not open: \(error)", parentFD: parentFD, stored: stored)
+                }
+                collectUsage(dirFD)
                 return
             }
         }
@@ -102,6 +163,20 @@ public final class FilesystemCheck {
             if name.hasPrefix(EncryptedFileSystem.reservedPrefix), name.hasSuffix(LongName.sidecarSuffix) { continue }
             let backingPath = backing.isEmpty ? name : backing + "/" + name
             guard let plainName = fs.plaintextName(name, inDirectory: dirFD, keys: keys) else {
+                // Its usage first: quarantined or not, the entry still exists and needs its keys.
+                if entry.type == UInt8(DT_DIR), let child = try? Syscall.openat(dirFD, name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) {
+                    if let fd = try? Syscall.openat(child, DirectoryKeys.fileName, O_RDONLY | O_NOFOLLOW) {
+                        if let h = EncryptedFileSystem.header(of: fd) { usage.append((h.fileID.rawValue, .directory, h.keyID, h.keyVersion)) }
+                        close(fd)
+                    }
+                    collectUsage(child)
+                    close(child)
+                } else if entry.type == UInt8(DT_REG), let fd = try? Syscall.openat(dirFD, name, O_RDONLY | O_NOFOLLOW) {
+                    if let st = try? Syscall.fstat(fd), seen.insert(InodeKey(st)).inserted, let h = EncryptedFileSystem.header(of: fd) {
+                        usage.append((h.fileID.rawValue, .file, h.keyID, h.keyVersion))
+                    }
+                    close(fd)
+                }
                 problem((plain == "/" ? "" : plain) + "/?", backingPath, nil, "name", "the name does not decrypt under its directory's key", parentFD: dirFD, stored: name)
                 continue
             }
@@ -141,7 +216,11 @@ public final class FilesystemCheck {
                                                        principal: principal)
             cipher = try FileCipher(key: dek, fileID: header.fileID, layout: fs.layout)
         } catch {
-            problem(plain, backing, object, "key", "its data key does not unwrap: \(error)", parentFD: dirFD, stored: stored)
+            if let state = lockedState(header.keyID) {
+                report.locked.append(FsckLocked(path: plain, backing: backing, object: object.hex, detail: "unreadable while \(state)"))
+            } else {
+                problem(plain, backing, object, "key", "its data key does not unwrap: \(error)", parentFD: dirFD, stored: stored)
+            }
             return
         }
         let size: Int

@@ -50,9 +50,11 @@ enum AsymmetricKeys {
 
     /// Signs `message` with a DER private key.
     static func sign(_ message: [UInt8], privateKey: borrowing SecretKey, spec: KeySpec) throws(KeyManagerError) -> [UInt8] {
-        let pkey: OpaquePointer? = privateKey.withUnsafeBytes { raw in
-            var cursor: UnsafePointer<UInt8>? = raw.baseAddress.map { UnsafePointer($0.assumingMemoryBound(to: UInt8.self)) }
-            return d2i_AutoPrivateKey(nil, &cursor, raw.count)
+        let pkey: OpaquePointer? = KeyMemory.scope {
+            privateKey.withUnsafeBytes { raw in
+                var cursor: UnsafePointer<UInt8>? = raw.baseAddress.map { UnsafePointer($0.assumingMemoryBound(to: UInt8.self)) }
+                return d2i_AutoPrivateKey(nil, &cursor, raw.count)
+            }
         }
         guard let pkey else { throw .crypto("private key decoding") }
         defer { EVP_PKEY_free(pkey) }

@@ -139,6 +139,15 @@ extension KeyManager {
     /// key whose data key is already in memory: policy, then state. The mount
     /// calls this on every request that uses a cached key, so a disabled key
     /// or a revoked grant takes effect at once.
+    /// Why `key`'s state refuses to unwrap data keys ("key alias/x is
+    /// Disabled since …"), or nil when it does not (or the key is unknown).
+    public func unwrapRefusal(_ key: KeyID) -> String? {
+        invalidate(key)
+        guard let rec = try? record(key) else { return nil }
+        guard case .refused = KeyLifecycle.outcome(of: .unwrapDataKey, in: rec.state, key: rec.displayName) else { return nil }
+        return "key \(rec.displayName) is \(rec.state.rawValue)"
+    }
+
     public func checkUse(_ principal: Principal, _ operation: KeyOperation, key: KeyID, object: ID128? = nil,
                          path: () -> String? = { nil }) throws(KeyManagerError) {
         let rec = try record(key)

@@ -39,6 +39,9 @@ struct Fsck: ParsableCommand {
                 Output.line("\(p.kind.padding(toLength: 10, withPad: " ", startingAt: 0)) \(p.path)  [\(p.backing)]: \(p.detail)"
                             + (p.quarantined.map { " → moved to \($0)" } ?? ""))
             }
+            for l in report.locked {
+                Output.line("locked     \(l.path)  [\(l.backing)]: \(l.detail) (not damage; kept in the usage index)")
+            }
             Output.line("checked \(report.files) file(s), \(report.directories) director(ies), \(report.bytes) bytes: "
                         + (report.clean ? "no damage" : "\(report.problems.count) damaged" + (repair ? ", quarantined" : "")))
             if let u = report.usage {

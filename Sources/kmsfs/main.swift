@@ -1,6 +1,11 @@
 import ArgumentParser
+import ChunkCipher
 import Foundation
 import KeyManager
+
+// Passphrases, master keys and data keys pass through every kmsfs process:
+// none may leave in a core file or be read by ptrace from another user.
+KeyMemory.forbidCoreDumps()
 
 // Errors of the libraries already read as advice; print them as they are.
 // An offline command that touched a keystore leaves its audit records under a signed digest.

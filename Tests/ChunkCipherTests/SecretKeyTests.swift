@@ -1,7 +1,105 @@
+import Foundation
 import Testing
 import ChunkCipher
+#if canImport(Glibc)
+import Glibc
+#endif
 
-@Suite struct SecretKeyTests {
+@Suite(.serialized) struct SecretKeyTests {
+    @Test("key schedules of AES-GCM, AES-SIV and HMAC contexts live in the secure heap: the key's bytes appear nowhere else in writable memory")
+    func keySchedulesStayInTheSecureHeap() throws {
+        #expect(KeyMemory.installed, "the OpenSSL allocator must be in place before OpenSSL's first allocation")
+        let key = SecretKey.random()
+        let keyBase = key.withUnsafeBytes { UInt(bitPattern: $0.baseAddress) }
+        // The patterns to look for live in a read-only mapping (never scanned), not in the ordinary heap.
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let patterns = try #require(mmap(nil, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))
+        defer { munmap(patterns, page) }
+        key.withUnsafeBytes { raw in
+            for i in 0..<32 {
+                patterns.storeBytes(of: raw[i], toByteOffset: i, as: UInt8.self)
+                patterns.storeBytes(of: raw[(i & ~3) + 3 - (i & 3)], toByteOffset: 32 + i, as: UInt8.self)  // as big-endian words
+            }
+        }
+        mprotect(patterns, page, PROT_READ)
+        let before = KeyMemory.secureBytes
+        // Keyed on a thread whose stack we own and wipe, so no stack residue is mistaken for a leak.
+        let stackSize = 1 << 20
+        let stack = try #require(mmap(nil, stackSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))
+        defer { munmap(stack, stackSize) }
+        final class Work: @unchecked Sendable {
+            var key: SecretKey
+            var gcm: AESGCM?
+            var hmac: KeyDerivation.KeyedHMAC?
+            var names: NameCipher?
+            init(_ key: consuming SecretKey) { self.key = key }
+        }
+        let work = Work(key.duplicate())
+        var attr = pthread_attr_t()
+        pthread_attr_init(&attr)
+        pthread_attr_setstack(&attr, stack, stackSize)
+        var thread = pthread_t()
+        let box = Unmanaged.passRetained(work).toOpaque()
+        #expect(pthread_create(&thread, &attr, { raw in
+            let work = Unmanaged<Work>.fromOpaque(raw!).takeRetainedValue()
+            work.gcm = try? AESGCM(key: work.key)
+            work.hmac = KeyDerivation.KeyedHMAC(key: work.key)
+            work.names = try? NameCipher(nameKey: work.key, directoryID: ID128(high: 1, low: 2))
+            // Use each once, so per-thread contexts are made too.
+            let plain: [UInt8] = [1, 2, 3]
+            var out = [UInt8](repeating: 0, count: plain.count + AESGCM.boxOverhead)
+            plain.withUnsafeBytes { p in
+                out.withUnsafeMutableBytes { o in try? work.gcm?.sealBox(p, additionalData: UnsafeRawBufferPointer(start: nil, count: 0), into: o) }
+            }
+            _ = work.hmac?.mac([1, 2, 3])
+            _ = try? work.names?.encrypt("name")
+            return nil
+        }, box) == 0)
+        pthread_join(thread, nil)
+        pthread_attr_destroy(&attr)
+        memset(stack, 0, stackSize)
+        #expect(work.gcm != nil && work.hmac != nil && work.names != nil)
+        #expect(KeyMemory.secureBytes > before, "contexts were keyed in the secure heap")
+        // Scan every writable mapping but the secure heap's, a MiB at a time through a buffer that is itself skipped.
+        let chunk = 1 << 20
+        let scratch = try #require(mmap(nil, chunk, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))
+        defer { munmap(scratch, chunk) }
+        let scratchStart = UInt(bitPattern: scratch)
+        let maps = try String(contentsOfFile: "/proc/self/maps", encoding: .utf8)
+        let mem = open("/proc/self/mem", O_RDONLY)
+        defer { close(mem) }
+        var hits: [String] = []
+        for line in maps.split(separator: "\n") {
+            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+            guard fields.count >= 2, fields[1].hasPrefix("rw") else { continue }
+            let range = fields[0].split(separator: "-").compactMap { UInt(String($0), radix: 16) }
+            guard range.count == 2, !(range[0]..<range[1]).contains(keyBase) else { continue }
+            if fields.count >= 6, fields[5].hasPrefix("[v") { continue }  // [vvar], [vsyscall]
+            var address = range[0]
+            while address < range[1] {
+                defer { address += UInt(chunk) - 64 }
+                if address + UInt(chunk) > scratchStart, address < scratchStart + UInt(chunk) { continue }
+                let n = pread(mem, scratch, min(chunk, Int(range[1] - address)), off_t(Int64(bitPattern: UInt64(address))))
+                guard n >= 32 else { continue }
+                for p in 0..<2 where contains(scratch, n, patterns + 32 * p) { hits.append(String(line)) }
+            }
+        }
+        #expect(hits.isEmpty, "key bytes outside the secure heap: \(hits)")
+
+        func contains(_ haystack: UnsafeMutableRawPointer, _ count: Int, _ needle: UnsafeRawPointer) -> Bool {
+            let first = needle.load(as: UInt8.self)
+            var i = 0
+            while i + 32 <= count {
+                guard let hit = memchr(haystack + i, Int32(first), count - 32 - i + 1) else { return false }
+                let at = UnsafeRawPointer(hit) - UnsafeRawPointer(haystack)
+                if memcmp(hit, needle, 32) == 0 { return true }
+                i = at + 1
+            }
+            return false
+        }
+        withExtendedLifetime(work) {}
+    }
+
     @Test("random keys differ; a duplicate is equal")
     func randomAndDuplicate() {
         let a = SecretKey.random()

@@ -64,4 +64,44 @@ struct FsckTests {
         let after = try fs.run("ls $M; ls $M/d; cmp $M/d/keep1 $T/keep1 && cmp $M/d/keep2 $T/keep2 && echo same")
         #expect(after.stdout == "d\nkeep1\nkeep2\nsub\nsame\n", "\(after.stdout) \(after.stderr)")
     }
+
+    @Test("files fsck cannot read keep their usage: under a renamed (undecryptable) name, quarantined, or under a Disabled or PendingDeletion key (reported as locked, never quarantined), so the deletion guard holds")
+    func neverDropsUsageOfExistingFiles() throws {
+        let fs = try MountedFS()
+        #expect(try fs.key(["create", "--alias", "alias/team"]).ok)
+        #expect(try fs.key(["bind", "/team", "alias/team"]).ok)
+        let made = try fs.run("""
+            mkdir $M/team $M/d; echo t > $M/team/f; echo n > $M/d/renamed
+            echo "$(stat -c %i $M/d/renamed)" > $T/inode
+            """)
+        #expect(made.ok, "\(made.stderr)")
+        try fs.unmount()
+        let before = try usageRows(fs)
+        // A name an attacker changed: the file behind it still exists.
+        #expect(try fs.run("""
+            bad=$(find $C -path $C/.kmsfs -prune -o -inum $(cat $T/inode) -print); base=$(basename $bad)
+            if [ "${base:0:1}" = A ]; then repl=B; else repl=A; fi
+            mv "$bad" "$(dirname $bad)/$repl${base:1}"
+            """).ok)
+        #expect(try fs.key(["disable", "alias/team"]).ok)
+        let checked = try fs.kmsfs(["fsck", fs.cipherdir, "--json"])
+        #expect(checked.status == 1)
+        let report = try JSONSerialization.jsonObject(with: Data(checked.stdout.utf8)) as? [String: Any]
+        let problems = (report?["problems"] as? [[String: Any]] ?? []).map { "\($0["kind"] ?? "") \($0["path"] ?? "")" }
+        #expect(problems == ["name /d/?"], "\(problems)")
+        let locked = (report?["locked"] as? [[String: Any]] ?? []).map { "\($0["path"] ?? ""): \($0["detail"] ?? "")" }.sorted()
+        #expect(locked == ["/team: unreadable while key alias/team is Disabled"], "\(locked)")
+        #expect(try usageRows(fs) == before, "fsck dropped usage of files that exist")
+        let repaired = try fs.kmsfs(["fsck", fs.cipherdir, "--repair"])
+        #expect(repaired.ok && repaired.stdout.contains("1 damaged, quarantined"), "\(repaired.stdout) \(repaired.stderr)")
+        #expect(try usageRows(fs) == before, "a quarantined file still needs its key")
+        #expect(try fs.kmsfs(["fsck", fs.cipherdir]).ok)
+        #expect(try usageRows(fs) == before)
+        // The guard holds: the key the disabled team's files need is not destroyed when its window ends.
+        #expect(try fs.key(["schedule-deletion", "alias/team", "--days", "7"]).ok)
+        #expect(try fs.kmsfs(["fsck", fs.cipherdir, "--repair"]).ok)
+        #expect(try usageRows(fs) == before)
+        let later = try sh("KMSFS_TEST_NOW=\(Date().timeIntervalSince1970 + 8 * 86400) \(q(kmsfsBinary)) key list --fs \(q(fs.cipherdir)) --passphrase-file \(q(fs.passphraseFile)) 2>&1")
+        #expect(later.stdout.contains("was not destroyed"), "\(later.stdout)")
+    }
 }

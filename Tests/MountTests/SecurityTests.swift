@@ -190,4 +190,32 @@ import Testing
         let after = try fs.run("getfattr -n user.owner $M/prod/f >/dev/null 2>&1 && echo ok1; getfattr -n user.owner $M/open/f >/dev/null 2>&1 && echo ok2; true")
         #expect(after.stdout.split(separator: "\n").count == 1, "a value copied to another file must fail there: \(after.stdout)")
     }
+
+    @Test("a name that does not authenticate is not skipped in silence: the listing shows the intact entries, then fails with EIO, and the failure is audited with the reader's uid")
+    func damagedNameSurfaces() throws {
+        let fs = try MountedFS()
+        #expect(try fs.run("mkdir $M/d; echo a > $M/d/intact; echo b > $M/d/victim; stat -c %i $M/d/victim > $T/inode").ok)
+        try fs.unmount()
+        #expect(try fs.run("""
+            bad=$(find $C -path $C/.kmsfs -prune -o -inum $(cat $T/inode) -print); base=$(basename $bad)
+            if [ "${base:0:1}" = A ]; then repl=B; else repl=A; fi
+            mv "$bad" "$(dirname $bad)/$repl${base:1}"
+            """).ok)
+        try fs.mount()
+        let listed = try fs.python("""
+            names = []
+            try:
+                with os.scandir("d") as it:
+                    for e in it: names.append(e.name)
+                raise AssertionError("the listing hid the damaged name: %r" % names)
+            except OSError as e:
+                assert e.errno == errno.EIO, e
+            assert names == ["intact"], names
+            assert open("d/intact").read() == "a\\n"
+            print("ok")
+            """)
+        #expect(listed.ok, "\(listed.stderr)")
+        let audit = try sh("sqlite3 \(q(fs.keystore)) \"SELECT uid, error FROM audit_log WHERE event = 'IntegrityFailure'\"")
+        #expect(audit.stdout.contains("0|1 name(s) in a directory"), "\(audit.stdout)")
+    }
 }
