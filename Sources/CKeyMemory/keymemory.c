@@ -21,6 +21,13 @@ static atomic_uintptr_t lowest = UINTPTR_MAX;
 static atomic_uintptr_t highest = 0;
 static atomic_size_t live_secure;
 static int installed;
+static atomic_size_t limit;
+
+void kmsfs_keymem_set_limit(size_t bytes) { atomic_store(&limit, bytes); }
+
+int kmsfs_keymem_has_room(size_t n) {
+    return CRYPTO_secure_malloc_initialized() != 0 && CRYPTO_secure_used() + n <= atomic_load_explicit(&limit, memory_order_relaxed);
+}
 
 int kmsfs_keymem_is_secure(const void *p) {
     uintptr_t a = (uintptr_t)p;
@@ -38,7 +45,7 @@ static void note_secure(void *p) {
 }
 
 static void *secure_or_null(size_t n, const char *file, int line) {
-    if (n == 0 || CRYPTO_secure_malloc_initialized() == 0) return NULL;
+    if (n == 0 || !kmsfs_keymem_has_room(n)) return NULL;
     void *p = CRYPTO_secure_malloc(n, file, line);
     if (p != NULL) note_secure(p);
     return p;

@@ -21,7 +21,7 @@ public struct SecretKey: ~Copyable, @unchecked Sendable {
     private init(uninitializedCount count: Int) {
         precondition(count > 0 && count <= 4096, "secret keys are 1...4096 bytes")
         self.count = count
-        if SecureHeap.ready, let pointer = kmsfs_secure_zalloc(count) {
+        if SecureHeap.ready, kmsfs_keymem_has_room(count) != 0, let pointer = kmsfs_secure_zalloc(count) {
             self.base = pointer
             self.pageBytes = 0
             return
@@ -112,9 +112,13 @@ public struct SecretKey: ~Copyable, @unchecked Sendable {
 /// before other threads use OpenSSL.
 public enum SecureHeap {
     public static let size = 8 << 20
+    /// Left free for OpenSSL itself: its private DRBG reseeds from the secure
+    /// heap and fails when it is full, which would leave no random keys at all.
+    public static let reserve = 512 << 10
     static let ready: Bool = {
+        kmsfs_keymem_set_limit(size - reserve)
         // 1: fully locked; 2: made, but mlock was refused (memlock limit).
-        CRYPTO_secure_malloc_initialized() == 1 || CRYPTO_secure_malloc_init(size, 32) != 0
+        return CRYPTO_secure_malloc_initialized() == 1 || CRYPTO_secure_malloc_init(size, 32) != 0
     }()
 
     /// Makes the heap now; false if OpenSSL could not (keys then get pages).

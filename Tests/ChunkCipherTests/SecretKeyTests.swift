@@ -112,14 +112,15 @@ import Glibc
         #expect(a.count == 32)
     }
 
-    @Test("keys live in OpenSSL's secure heap; when it is full they get locked pages and still work")
+    @Test("keys live in OpenSSL's secure heap; when it is full (but for OpenSSL's reserve) they get locked pages and still work, past the DRBG's reseed interval")
     func secureHeap() {
         #expect(SecureHeap.prepare())
         let first = SecretKey.random().isInSecureHeap
         #expect(first)
-        // Fill the heap (1 MiB of 32-byte keys) and go past it.
+        // Fill the heap (8 MiB of 32-byte keys, more than the private DRBG's 2^16 generations between reseeds) and go past it.
         var keys: [Box] = []
         while keys.count < SecureHeap.size / 32 + 10 { keys.append(Box(SecretKey.random())) }
+        #expect(keys.count > 1 << 16)
         let outside = keys.filter { !$0.key.isInSecureHeap }.count
         #expect(outside >= 10)
         let copy = keys.last!.key.duplicate()

@@ -14,6 +14,14 @@ int kmsfs_keymem_installed(void);
 void kmsfs_keymem_begin(void);
 void kmsfs_keymem_end(void);
 
+/// Sets the bytes of the secure heap kmsfs may fill (keys and key schedules);
+/// the rest stays for OpenSSL's own secure allocations (its private DRBG
+/// reseeds from there, and fails if the heap is full).
+void kmsfs_keymem_set_limit(size_t bytes);
+
+/// Whether `n` more bytes fit in the secure heap under that limit.
+int kmsfs_keymem_has_room(size_t n);
+
 /// Bytes OpenSSL allocated in the secure heap through this allocator that are still live (tests, status).
 size_t kmsfs_keymem_secure_bytes(void);
 
