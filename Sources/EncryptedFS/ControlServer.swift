@@ -31,11 +31,22 @@ public struct ForwardedResult: Codable, Sendable {
     public var code: Int32
     public var stdout: String
     public var stderr: String
-    public init(code: Int32, stdout: String, stderr: String) {
+    /// Files the command made for the caller (path → base64): the caller
+    /// writes them as itself; the daemon never writes a peer's paths.
+    public var files: [String: String]?
+    public init(code: Int32, stdout: String, stderr: String, files: [String: String]? = nil) {
         self.code = code
         self.stdout = stdout
         self.stderr = stderr
+        self.files = files
     }
+}
+
+/// A command line to run in the daemon, with the input files the caller
+/// read as itself (path → base64): the daemon never reads a peer's paths.
+public struct ForwardedCommand: Sendable {
+    public var arguments: [String]
+    public var inputs: [String: String]
 }
 
 /// The daemon's local control socket, `CIPHERDIR/.kmsfs/control.sock`.
@@ -50,20 +61,35 @@ public struct ForwardedResult: Codable, Sendable {
 ///
 /// The socket is world-connectable (mode 0666 inside the traverse-only
 /// `.kmsfs`), because admins named by key policy need not be root; the peer
-/// credentials are what count. Requests are served one at a time.
+/// credentials are what count, and they are checked before a byte of the
+/// request is read. Each connection has its own thread (at most
+/// `maxConnections`, `connectionsPerUser` per uid other than root and the
+/// mounting user, who are never turned away), a request is at most `maxRequest` bytes and must
+/// arrive within `readTimeout`, so a stalled or flooding client holds only
+/// its own connection; commands then run one at a time.
 public final class ControlServer: @unchecked Sendable {
     public static let socketName = "control.sock"
     private let path: String
     private let listener: Int32
     private let status: @Sendable () -> MountStatus
     private let admit: @Sendable (Principal) -> Bool
-    private let execute: @Sendable ([String], Principal) -> ForwardedResult
+    private let execute: @Sendable (ForwardedCommand, Principal) -> ForwardedResult
     private let logger = Logger(label: "kmsfs.control")
     private var thread: Thread?
+    /// Commands run one at a time (they share the process's invocation state).
+    private let running = NSLock()
+    private let connections = NSLock()
+    private var open: [UInt32: Int] = [:]
+
+    public static let maxConnections = 32
+    public static let connectionsPerUser = 4
+    public static let maxRequest = 1 << 20
+    public static let readTimeout: Int = 5
 
     struct Request: Codable {
         var command: String
         var arguments: [String]?
+        var inputs: [String: String]?
     }
     struct Reply: Codable {
         var ok: Bool
@@ -75,7 +101,7 @@ public final class ControlServer: @unchecked Sendable {
     /// Listens on `directory/control.sock` (replacing a stale socket).
     public init(directory: String, status: @escaping @Sendable () -> MountStatus,
                 admit: @escaping @Sendable (Principal) -> Bool = { _ in false },
-                execute: @escaping @Sendable ([String], Principal) -> ForwardedResult = { _, _ in ForwardedResult(code: 1, stdout: "", stderr: "not supported\n") }) throws {
+                execute: @escaping @Sendable (ForwardedCommand, Principal) -> ForwardedResult = { _, _ in ForwardedResult(code: 1, stdout: "", stderr: "not supported\n") }) throws {
         path = directory + "/" + Self.socketName
         self.status = status
         self.admit = admit
@@ -114,36 +140,97 @@ public final class ControlServer: @unchecked Sendable {
         while true {
             let client = accept(listener, nil, nil)
             if client < 0 {
-                if errno == EINTR { continue }
+                if errno == EINTR || errno == ECONNABORTED { continue }
                 return
             }
-            handle(client)
-            close(client)
+            var uid: UInt32 = 0, gid: UInt32 = 0, pid: Int32 = 0
+            guard kmsfs_peer_credentials(client, &uid, &gid, &pid) == 0 else { close(client); continue }
+            let peer = Principal(uid: uid, gid: gid, pid: pid, processName: Self.processName(pid))
+            // Root and the mounting user are never turned away for capacity;
+            // any other uid holds at most `connectionsPerUser` at a time.
+            let privileged = uid == 0 || uid == geteuid()
+            let admitted = connections.withLock { () -> Bool in
+                guard open.values.reduce(0, +) < Self.maxConnections || privileged,
+                      privileged || open[uid, default: 0] < Self.connectionsPerUser else { return false }
+                open[uid, default: 0] += 1
+                return true
+            }
+            guard admitted else {
+                send(client, Reply(ok: false, error: "too many connections from uid \(uid); try again"))
+                close(client)
+                continue
+            }
+            let worker = Thread { [self] in
+                handle(client, peer: peer, privileged: privileged)
+                close(client)
+                connections.withLock { open[peer.uid, default: 1] -= 1 }
+            }
+            worker.name = "kmsfs-control-client"
+            worker.start()
         }
     }
 
-    private func handle(_ client: Int32) {
-        var uid: UInt32 = 0, gid: UInt32 = 0, pid: Int32 = 0
-        guard kmsfs_peer_credentials(client, &uid, &gid, &pid) == 0 else { return }
-        let peer = Principal(uid: uid, gid: gid, pid: pid, processName: Self.processName(pid))
-        let privileged = uid == 0 || uid == geteuid()
-        var line = [UInt8]()
-        var byte: UInt8 = 0
-        while line.count < 1 << 20, read(client, &byte, 1) == 1, byte != 0x0A { line.append(byte) }
+    private func handle(_ client: Int32, peer: Principal, privileged: Bool) {
+        let uid = peer.uid
+        var timeout = timeval(tv_sec: Self.readTimeout, tv_usec: 0)
+        setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(client, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        // Who may talk at all is decided before reading what they say.
+        guard privileged || admit(peer) else {
+            logger.notice("control connection refused", metadata: ["uid": "\(uid)"])
+            send(client, Reply(ok: false, error: "uid \(uid) may not administer this filesystem: no key policy grants it administer"))
+            return
+        }
+        let line: [UInt8]
+        switch Self.readLine(client) {
+        case .line(let bytes): line = bytes
+        case .tooLong:
+            send(client, Reply(ok: false, error: "request longer than \(Self.maxRequest) bytes"))
+            return
+        case .timedOut:
+            send(client, Reply(ok: false, error: "no complete request within \(Self.readTimeout) s"))
+            return
+        case .closed:
+            return
+        }
         guard let request = try? JSONDecoder().decode(Request.self, from: Data(line)) else {
-            send(client, Reply(ok: false, error: "malformed request"))
+            send(client, Reply(ok: false, error: "malformed request: expected one JSON object {\"command\": …} on one line"))
             return
         }
         switch request.command {
         case "status" where privileged:
             send(client, Reply(ok: true, status: status()))
-        case "run" where privileged || admit(peer):
-            send(client, Reply(ok: true, result: execute(request.arguments ?? [], peer)))
-        case "status", "run":
-            logger.notice("control request refused", metadata: ["uid": "\(uid)", "command": .string(request.command)])
-            send(client, Reply(ok: false, error: "uid \(uid) may not administer this filesystem: no key policy grants it administer"))
+        case "run":
+            let command = ForwardedCommand(arguments: request.arguments ?? [], inputs: request.inputs ?? [:])
+            let result = running.withLock { execute(command, peer) }
+            send(client, Reply(ok: true, result: result))
+        case "status":
+            send(client, Reply(ok: false, error: "uid \(uid) may not read the status of this mount (root or the mounting user)"))
         default:
-            send(client, Reply(ok: false, error: "unknown command \(request.command)"))
+            send(client, Reply(ok: false, error: "unknown command \(request.command.prefix(64))"))
+        }
+    }
+
+    enum LineRead { case line([UInt8]), tooLong, timedOut, closed }
+
+    /// Reads up to the first newline, in blocks, within the size and time bounds.
+    static func readLine(_ fd: Int32) -> LineRead {
+        var line = [UInt8]()
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = read(fd, &buffer, buffer.count)
+            if n < 0 {
+                if errno == EINTR { continue }
+                return errno == EAGAIN || errno == EWOULDBLOCK ? .timedOut : .closed
+            }
+            // End of stream: what came is the request (a client may omit the newline).
+            if n == 0 { return line.isEmpty ? .closed : .line(line) }
+            if let newline = buffer[0..<n].firstIndex(of: 0x0A) {
+                line.append(contentsOf: buffer[0..<newline])
+                return line.count > maxRequest ? .tooLong : .line(line)
+            }
+            line.append(contentsOf: buffer[0..<n])
+            if line.count > maxRequest { return .tooLong }
         }
     }
 
@@ -196,7 +283,16 @@ public final class ControlServer: @unchecked Sendable {
         defer { close(fd) }
         var data = try JSONEncoder().encode(request)
         data.append(0x0A)
-        _ = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        let sent = data.withUnsafeBytes { raw -> Bool in
+            var offset = 0
+            while offset < raw.count {
+                let n = write(fd, raw.baseAddress! + offset, raw.count - offset)
+                if n < 0, errno == EINTR { continue }
+                if n <= 0 { return false }
+                offset += n
+            }
+            return true
+        }
         var response = [UInt8]()
         var buffer = [UInt8](repeating: 0, count: 65536)
         while true {
@@ -204,7 +300,12 @@ public final class ControlServer: @unchecked Sendable {
             if n <= 0 { break }
             response.append(contentsOf: buffer[0..<n])
         }
-        return try JSONDecoder().decode(Reply.self, from: Data(response))
+        guard let reply = try? JSONDecoder().decode(Reply.self, from: Data(response)) else {
+            throw ControlRefusal(message: response.isEmpty
+                ? "the mount's daemon closed the connection without answering" + (sent ? "" : " (the request could not be sent)")
+                : "the mount's daemon answered something that is not a reply")
+        }
+        return reply
     }
 
     /// Asks a running daemon for its status; nil when no daemon answers.
@@ -224,8 +325,8 @@ public final class ControlServer: @unchecked Sendable {
     /// Runs `arguments` (a kmsfs command line without the program name) in the
     /// daemon serving `directory`. nil when no daemon answers; throws the
     /// daemon's refusal as `ControlRefusal`.
-    public static func forward(directory: String, arguments: [String]) throws -> ForwardedResult? {
-        guard let reply = try exchange(directory: directory, Request(command: "run", arguments: arguments)) else { return nil }
+    public static func forward(directory: String, arguments: [String], inputs: [String: String] = [:]) throws -> ForwardedResult? {
+        guard let reply = try exchange(directory: directory, Request(command: "run", arguments: arguments, inputs: inputs.isEmpty ? nil : inputs)) else { return nil }
         guard reply.ok, let result = reply.result else { throw ControlRefusal(message: reply.error ?? "refused") }
         return result
     }

@@ -103,7 +103,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
                                    isRoot: node.id == .root, logger: logger)
         }
         try keys { () throws(KeyManagerError) in
-            try keyManager.checkUse(who, .decrypt, key: loaded.keyID, object: loaded.directoryID) { self.nodes.path(of: node.id) }
+            try keyManager.checkUse(who, .decrypt, key: loaded.keyID, version: loaded.version, object: loaded.directoryID) { self.nodes.path(of: node.id) }
         }
         return loaded
     }
@@ -626,7 +626,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             if let shared = pinOpen(node.key) {
                 do throws(Errno) {
                     try keys { () throws(KeyManagerError) in
-                        try keyManager.checkUse(who, .decrypt, key: shared.keyID, object: shared.fileID.rawValue) { self.nodes.filePath(of: node) }
+                        try keyManager.checkUse(who, .decrypt, key: shared.keyID, version: shared.keyVersion, object: shared.fileID.rawValue) { self.nodes.filePath(of: node) }
                     }
                     if !shared.writable, flags & O_ACCMODE != O_RDONLY { throw Errno.permissionDenied }
                 } catch {

@@ -15,7 +15,7 @@ extension Errno {
     init(_ error: KeyManagerError) {
         switch error {
         case .accessDenied: self = .permissionDenied
-        case .invalidState: self = .keyRevoked
+        case .invalidState, .versionCutOff: self = .keyRevoked
         default: self = .ioError
         }
     }

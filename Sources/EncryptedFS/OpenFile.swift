@@ -57,6 +57,7 @@ final class OpenFile: @unchecked Sendable {
 
     var fileID: FileID { cipher.fileID }
     var keyID: KeyID { header.keyID }
+    var keyVersion: KeyVersion { header.keyVersion }
 
     /// Authenticates `header` against the key and the size on disk.
     /// `taken` is the backing file's current stat if the caller just took

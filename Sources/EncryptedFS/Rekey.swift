@@ -132,7 +132,7 @@ public final class Rekeyer: @unchecked Sendable {
                 return job
             }
             if failed > 0, failed == found {
-                try keyManager.setRekeyState(id, .failed, error: "\(failed) file(s) could not be moved; see the last error and `kmsfs fsck`", by: nil)
+                try keyManager.setRekeyState(id, .failed, error: Self.failureSummary(failed, cause: try keyManager.rekeyJob(id)?.lastError), by: nil)
                 return try keyManager.rekeyJob(id)!
             }
         }
@@ -140,11 +140,16 @@ public final class Rekeyer: @unchecked Sendable {
         let target = try keyManager.currentVersion(of: job.targetKey)
         try? walk(job, selects: Self.selection(job, target: target)) { _ in remaining += 1; return true }
         if remaining > 0 {
-            try keyManager.setRekeyState(id, .failed, error: "\(remaining) file(s) could not be moved; see the last error and `kmsfs fsck`", by: nil)
+            try keyManager.setRekeyState(id, .failed, error: Self.failureSummary(remaining, cause: try keyManager.rekeyJob(id)?.lastError), by: nil)
         } else {
             try keyManager.setRekeyState(id, .done, by: nil)
         }
         return try keyManager.rekeyJob(id)!
+    }
+
+    /// What a failed job says: how many files, and the cause of the last failure.
+    static func failureSummary(_ count: Int, cause: String?) -> String {
+        "\(count) file(s) could not be moved" + (cause.map { "; last cause: \($0)" } ?? "") + " (`kmsfs fsck` checks the files)"
     }
 
     /// Moves one batch on `job.workers` threads; returns how many failed.

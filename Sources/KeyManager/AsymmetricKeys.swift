@@ -1,8 +1,14 @@
 import ChunkCipher
 import COpenSSL
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 /// SIGN_VERIFY key material through OpenSSL's EVP_PKEY: RSA (PKCS#1 v1.5
-/// with SHA-256) and ECDSA on P-256 (SHA-256) or P-384 (SHA-384).
+/// with SHA-256) and ECDSA on P-256 (SHA-256), P-384 (SHA-384) or P-521 (SHA-512),
+/// the pairings of AWS KMS's ECDSA_SHA_256/384/512.
 /// A private key (DER, locked memory) and its public key (DER).
 struct KeyPair: ~Copyable {
     var privateKey: SecretKey
@@ -12,7 +18,7 @@ struct KeyPair: ~Copyable {
 enum AsymmetricKeys {
     /// A new key pair: the private key as DER in locked memory, the public key as DER.
     static func generate(_ spec: KeySpec) throws(KeyManagerError) -> KeyPair {
-        let id: Int32 = spec == .eccP256 || spec == .eccP384 ? EVP_PKEY_EC : EVP_PKEY_RSA
+        let id: Int32 = [.eccP256, .eccP384, .eccP521].contains(spec) ? EVP_PKEY_EC : EVP_PKEY_RSA
         guard let ctx = EVP_PKEY_CTX_new_id(id, nil) else { throw .crypto("EVP_PKEY_CTX_new_id") }
         defer { EVP_PKEY_CTX_free(ctx) }
         guard EVP_PKEY_keygen_init(ctx) == 1 else { throw .crypto("EVP_PKEY_keygen_init") }
@@ -22,6 +28,7 @@ enum AsymmetricKeys {
         case .rsa4096: kmsfs_rsa_keygen_bits(ctx, 4096)
         case .eccP256: kmsfs_ec_paramgen_curve(ctx, NID_X9_62_prime256v1)
         case .eccP384: kmsfs_ec_paramgen_curve(ctx, NID_secp384r1)
+        case .eccP521: kmsfs_ec_paramgen_curve(ctx, NID_secp521r1)
         case .aes256: 0
         }
         var pkey: OpaquePointer?
@@ -45,7 +52,11 @@ enum AsymmetricKeys {
     }
 
     static func digest(for spec: KeySpec) -> OpaquePointer? {
-        spec == .eccP384 ? EVP_sha384() : EVP_sha256()
+        switch spec {
+        case .eccP384: EVP_sha384()
+        case .eccP521: EVP_sha512()
+        default: EVP_sha256()
+        }
     }
 
     /// Signs `message` with a DER private key.
@@ -66,6 +77,19 @@ enum AsymmetricKeys {
         var signature = [UInt8](repeating: 0, count: length)
         guard EVP_DigestSign(md, &signature, &length, message, message.count) == 1 else { throw .crypto("signing") }
         return Array(signature.prefix(length))
+    }
+
+    /// A DER public key (SubjectPublicKeyInfo) as PEM, as `openssl` reads it.
+    static func pem(publicKey der: [UInt8]) -> String {
+        var body = ""
+        let encoded = Data(der).base64EncodedString()
+        var index = encoded.startIndex
+        while index < encoded.endIndex {
+            let end = encoded.index(index, offsetBy: 64, limitedBy: encoded.endIndex) ?? encoded.endIndex
+            body += encoded[index..<end] + "\n"
+            index = end
+        }
+        return "-----BEGIN PUBLIC KEY-----\n" + body + "-----END PUBLIC KEY-----\n"
     }
 
     /// Whether `signature` is valid for `message` under a DER public key.

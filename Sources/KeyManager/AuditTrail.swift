@@ -17,10 +17,15 @@ public struct AuditEvent: Sendable {
     /// The file's plaintext path; the key manager stores it as the audit
     /// path setting says (a keyed hash by default).
     public var path: String?
+    /// What an admin request asked for, as JSON (CloudTrail's
+    /// requestParameters): which alias, subject, path or successor. Never secrets.
+    public var request: String?
 
     public init(_ event: String, outcome: String = "success", key: KeyID? = nil, version: KeyVersion? = nil,
-                principal: Principal? = nil, object: ID128? = nil, error: String? = nil, path: String? = nil) {
+                principal: Principal? = nil, object: ID128? = nil, error: String? = nil, path: String? = nil,
+                request: [String: String]? = nil) {
         self.path = path
+        self.request = request.flatMap(AuditEvent.encodeRequest)
         self.event = event
         self.outcome = outcome
         self.key = key
@@ -31,7 +36,22 @@ public struct AuditEvent: Sendable {
     }
 }
 
+extension AuditEvent {
+    /// `parameters` as one JSON object with sorted keys.
+    static func encodeRequest(_ parameters: [String: String]) -> String? {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        return (try? encoder.encode(parameters)).map { String(decoding: $0, as: UTF8.self) }
+    }
+}
+
 enum AuditTrail {
+    /// The fields after the fixed ones: the path if any, then the request
+    /// parameters if any, marked so the two can never be confused.
+    static func optionalFields(path: String?, request: String?) -> [String] {
+        (path.map { [$0] } ?? []) + (request.map { ["request:" + $0] } ?? [])
+    }
+
     /// SHA-256(previous hash ‖ fields joined by U+001F): the link of the chain.
     /// (Built in one buffer: this runs for every record a mount writes.)
     ///
@@ -65,13 +85,13 @@ enum AuditTrail {
             String(time), e.event, e.outcome, e.key?.rawValue.hex ?? "", e.version.map { String($0.rawValue) } ?? "",
             e.principal.map { String($0.uid) } ?? "", e.principal.map { String($0.gid) } ?? "",
             e.principal.map { String($0.pid) } ?? "", e.principal?.processName ?? "", e.object?.hex ?? "", e.error ?? "",
-        ] + (e.path.map { [$0] } ?? []))
+        ] + optionalFields(path: e.path, request: e.request))
         try db.cachedStatement(sql: """
-            INSERT INTO audit_log (time, event, outcome, key_id, key_version, uid, gid, pid, process, object_id, error, path, prev_hash, hash)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            INSERT INTO audit_log (time, event, outcome, key_id, key_version, uid, gid, pid, process, object_id, error, path, request, prev_hash, hash)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             """).execute(arguments: [time, e.event, e.outcome, e.key?.rawValue.hex, e.version.map { Int($0.rawValue) },
                              e.principal.map { Int($0.uid) }, e.principal.map { Int($0.gid) }, e.principal.map { Int($0.pid) },
-                             e.principal?.processName, e.object?.hex, e.error, e.path, previous, Data(hash)])
+                             e.principal?.processName, e.object?.hex, e.error, e.path, e.request, previous, Data(hash)])
         chained = Data(hash)
     }
 }
@@ -182,7 +202,7 @@ extension KeyManager {
                 let hash = AuditTrail.chainHash(previous: previous, key: seq >= keyedFrom ? integrity.hmac : nil, fields: [
                     String(time), text("event"), text("outcome"), text("key_id"), text("key_version"), text("uid"),
                     text("gid"), text("pid"), text("process"), text("object_id"), text("error"),
-                ] + ((row["path"] as String?).map { [$0] } ?? []))
+                ] + AuditTrail.optionalFields(path: row["path"], request: row["request"]))
                 let recorded: Data = row["hash"]
                 guard Data(hash) == recorded else {
                     return AuditVerification(records: count, firstBad: seq, problem: "record \(seq) was altered")
@@ -230,9 +250,12 @@ public struct AuditRecord: Sendable, Codable {
     public var objectID: String?
     public var error: String?
     public var path: String?
+    /// The request's parameters (JSON object text), for admin operations.
+    public var request: String?
 
     init(row: Row) {
         path = row["path"]
+        request = row["request"]
         seq = row["seq"]; time = row["time"]; event = row["event"]; outcome = row["outcome"]
         keyID = row["key_id"]; keyVersion = row["key_version"]; uid = row["uid"]; gid = row["gid"]; pid = row["pid"]
         process = row["process"]; objectID = row["object_id"]; error = row["error"]
@@ -318,7 +341,7 @@ extension KeyManager {
             if let covered, covered >= seq { return false }
             let key: KeyID
             if let existing = try? resolve(Self.auditDigestAlias) { key = existing } else {
-                key = try createKey(spec: .eccP256, description: "signs the audit log's digests", aliases: [Self.auditDigestAlias], by: system).keyID
+                key = try makeKey(spec: .eccP256, description: "signs the audit log's digests", aliases: [Self.auditDigestAlias], by: system).keyID
             }
             let time = clock()
             let (version, signature) = try sign(digestMessage(seq: seq, hash: hash, time: time), with: key.rawValue.hex, by: system)

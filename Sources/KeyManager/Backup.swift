@@ -130,7 +130,7 @@ extension KeyManager {
     func digestKey() throws(KeyManagerError) -> KeyID {
         if let existing = try? resolve(Self.auditDigestAlias) { return existing }
         let system = Principal(uid: 0, gid: 0, pid: getpid(), processName: "kmsfs-audit")
-        return try createKey(spec: .eccP256, description: "signs the audit log's digests and backups", aliases: [Self.auditDigestAlias], by: system).keyID
+        return try makeKey(spec: .eccP256, description: "signs the audit log's digests and backups", aliases: [Self.auditDigestAlias], by: system).keyID
     }
 
     /// Verifies and restores a backup into keystore directory `directory`.

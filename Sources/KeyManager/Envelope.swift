@@ -52,6 +52,7 @@ extension KeyManager {
             audit(AuditEvent("Decrypt", outcome: "refused", key: key, version: version, principal: principal, object: object, error: error.description, path: path))
             throw error
         }
+        try checkFloor(rec, version, principal: principal, object: object, path: { path })
         guard let dek = try provider.unwrapDataKey(wrapped, key: key, version: version, context: dataKeyContext(object: object, key: key, version: version),
                                                    stored: { () throws(KeyManagerError) in try storedMaterial(key, version) }) else {
             let error = KeyManagerError.unwrapFailed(key: rec.displayName, version: version)
@@ -148,7 +149,9 @@ extension KeyManager {
         return "key \(rec.displayName) is \(rec.state.rawValue)"
     }
 
-    public func checkUse(_ principal: Principal, _ operation: KeyOperation, key: KeyID, object: ID128? = nil,
+    /// `version`, when given, is the version that wrapped the data key in
+    /// memory: a version cut off since (`key min-decryption-version`) is refused.
+    public func checkUse(_ principal: Principal, _ operation: KeyOperation, key: KeyID, version: KeyVersion? = nil, object: ID128? = nil,
                          path: () -> String? = { nil }) throws(KeyManagerError) {
         let rec = try record(key)
         try authorize(principal, operation, rec, object: object, path: path)
@@ -158,5 +161,6 @@ extension KeyManager {
                              principal: principal, object: object, error: error.description, path: path()))
             throw error
         }
+        if let version, operation == .decrypt { try checkFloor(rec, version, principal: principal, object: object, path: path) }
     }
 }

@@ -14,6 +14,8 @@ public enum KeyLimits {
     public static let defaultDeletionWindowDays = 30
     /// The shortest passphrase a keystore or backup is locked with (bytes).
     public static let minimumPassphraseLength = 8
+    /// On-demand rotations a key may have in its life (AWS KMS allows 25).
+    public static let onDemandRotations = 25
 
     /// Refuses a passphrase too short to resist guessing, even behind scrypt.
     static func checkPassphrase(_ passphrase: borrowing SecretKey, _ what: String) throws(KeyManagerError) {
@@ -67,6 +69,17 @@ extension KeyManager {
     public func createKey(spec: KeySpec = .aes256, description: String = "", aliases: [String] = [],
                           tags: [String: String] = [:], rotationDays: Int? = KeyLimits.defaultRotationDays,
                           by principal: Principal) throws(KeyManagerError) -> KeyMetadata {
+        var request = ["keySpec": spec.rawValue]
+        if !aliases.isEmpty { request["aliasNames"] = aliases.joined(separator: ",") }
+        return try adminOperation("CreateKey", principal, request: request) { () throws(KeyManagerError) in
+            for alias in aliases { try Self.refuseReserved(alias) }
+            return try makeKey(spec: spec, description: description, aliases: aliases, tags: tags, rotationDays: rotationDays, by: principal)
+        }
+    }
+
+    /// Creates a key; kmsfs's own keys (reserved aliases) come through here directly.
+    func makeKey(spec: KeySpec, description: String, aliases: [String], tags: [String: String] = [:],
+                 rotationDays: Int? = KeyLimits.defaultRotationDays, by principal: Principal) throws(KeyManagerError) -> KeyMetadata {
         for alias in aliases { try Self.validate(alias: alias) }
         for (name, value) in tags { try Self.validate(tag: name, value: value) }
         let rotation = spec == .aes256 ? rotationDays : nil
@@ -100,7 +113,11 @@ extension KeyManager {
                                    arguments: [id.rawValue.hex, op.rawValue, subject.description])
                 }
             }
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("CreateKey", key: id, version: KeyVersion(rawValue: 1), principal: principal), at: now)
+            var request = ["keySpec": spec.rawValue]
+            if !aliases.isEmpty { request["aliasNames"] = aliases.joined(separator: ",") }
+            if !tags.isEmpty { request["tags"] = tags.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",") }
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("CreateKey", key: id, version: KeyVersion(rawValue: 1), principal: principal,
+                                                                        request: request), at: now)
         }
         return try record(id).metadata
     }
@@ -142,19 +159,29 @@ extension KeyManager {
 
     // MARK: Lifecycle
 
-    /// Makes a new version current for new data keys; older versions keep decrypting.
+    /// Makes a new version current for new data keys; older versions keep
+    /// decrypting. An on-demand rotation does not move the automatic
+    /// schedule, and a key takes at most `KeyLimits.onDemandRotations`.
     @discardableResult
     public func rotate(_ reference: String, by principal: Principal) throws(KeyManagerError) -> KeyVersion {
-        let id = try resolve(reference)
-        let rec = try authorizeAdmin(principal, id)
-        guard rec.metadata.spec == .aes256 else {
-            throw .invalidArgument("key \(rec.displayName) is \(rec.metadata.spec.rawValue): only AES_256 keys rotate; create a new signing key instead")
+        try adminOperation("RotateKeyOnDemand", principal, request: ["keyId": reference]) { () throws(KeyManagerError) in
+            let id = try resolve(reference)
+            let rec = try authorizeAdmin(principal, id)
+            try check(.change, rec)
+            guard rec.metadata.spec == .aes256 else {
+                throw .invalidArgument("key \(rec.displayName) is \(rec.metadata.spec.rawValue): only AES_256 keys rotate; create a new signing key instead")
+            }
+            try check(.rotate, rec)
+            let done = try rotations(of: id).filter { $0.rotationType == .onDemand }.count
+            guard done < KeyLimits.onDemandRotations else {
+                throw .invalidArgument("key \(rec.displayName) has had \(done) on-demand rotations, the most a key may have "
+                                       + "(\(KeyLimits.onDemandRotations), as in AWS KMS); automatic rotation continues, or create a new key and deprecate this one")
+            }
+            return try rotateUnchecked(rec, principal: principal, type: .onDemand)
         }
-        try check(.rotate, rec)
-        return try rotateUnchecked(rec, principal: principal, event: "RotateKey")
     }
 
-    func rotateUnchecked(_ rec: KeyRecord, principal: Principal?, event: String) throws(KeyManagerError) -> KeyVersion {
+    func rotateUnchecked(_ rec: KeyRecord, principal: Principal?, type: RotationType) throws(KeyManagerError) -> KeyVersion {
         let now = clock()
         let next = KeyVersion(rawValue: rec.metadata.currentVersion.rawValue + 1)
         let (material, _) = try newMaterial(.aes256, id: rec.id, version: next)
@@ -164,27 +191,74 @@ extension KeyManager {
             guard current == Int(rec.metadata.currentVersion.rawValue) else { return }
             try db.execute(sql: "INSERT INTO key_versions (key_id, version, created_at, material) VALUES (?, ?, ?, ?)",
                            arguments: [rec.id.rawValue.hex, next.rawValue, now, Data(material)])
-            try db.execute(sql: "UPDATE keys SET current_version = ?, last_rotated_at = ? WHERE id = ?",
-                           arguments: [next.rawValue, now, rec.id.rawValue.hex])
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(event, key: rec.id, version: next, principal: principal), at: now)
+            try db.execute(sql: "INSERT INTO rotations (key_id, version, time, type) VALUES (?, ?, ?, ?)",
+                           arguments: [rec.id.rawValue.hex, next.rawValue, now, type.rawValue])
+            // last_rotated_at anchors the automatic schedule: an on-demand
+            // rotation moves it only for a key that does not rotate by itself
+            // (where it feeds the rotation-overdue alert).
+            try db.execute(sql: """
+                UPDATE keys SET current_version = ?,
+                    last_rotated_at = CASE WHEN ? OR rotation_days IS NULL THEN ? ELSE last_rotated_at END WHERE id = ?
+                """, arguments: [next.rawValue, type == .automatic, now, rec.id.rawValue.hex])
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(type == .automatic ? "RotateKey" : "RotateKeyOnDemand",
+                                                                        key: rec.id, version: next, principal: principal,
+                                                                        request: ["keyId": rec.id.rawValue.hex, "rotationType": type.rawValue]), at: now)
         }
         invalidate(rec.id)
         return try record(rec.id).metadata.currentVersion
     }
 
+    /// Every rotation of a key, oldest first: the version it made, when, and
+    /// whether it was AUTOMATIC or ON_DEMAND. (Rotations made before kmsfs
+    /// recorded their type take it from the audit log.)
+    public func rotations(of reference: String) throws(KeyManagerError) -> [KeyRotation] {
+        try rotations(of: try resolve(reference))
+    }
+
+    func rotations(of id: KeyID) throws(KeyManagerError) -> [KeyRotation] {
+        try verifiedRead { db in
+            try Row.fetchAll(db, sql: """
+                SELECT v.version, v.created_at, r.type,
+                    (SELECT a.event FROM audit_log a WHERE a.key_id = v.key_id AND a.key_version = v.version
+                        AND a.event IN ('RotateKey', 'RotateKeyAutomatically', 'RotateKeyOnDemand') ORDER BY a.seq LIMIT 1) AS event
+                FROM key_versions v LEFT JOIN rotations r ON r.key_id = v.key_id AND r.version = v.version
+                WHERE v.key_id = ? AND v.version > 1 ORDER BY v.version
+                """, arguments: [id.rawValue.hex]).map { row in
+                let recorded = (row["type"] as String?).flatMap(RotationType.init(rawValue:))
+                let legacy: RotationType = (row["event"] as String?) == "RotateKeyAutomatically" ? .automatic : .onDemand
+                return KeyRotation(keyID: id, version: KeyVersion(rawValue: UInt32(row["version"] as Int)),
+                                   rotationDate: row["created_at"], rotationType: recorded ?? legacy)
+            }
+        }
+    }
+
     /// Turns automatic rotation on with a period in days, or off with nil.
+    /// Turning it on starts the period now (as AWS does); changing the period
+    /// of a rotating key keeps its last rotation as the start.
     public func setRotation(_ reference: String, days: Int?, by principal: Principal) throws(KeyManagerError) {
-        let id = try resolve(reference)
-        let rec = try authorizeAdmin(principal, id)
-        guard rec.metadata.spec == .aes256 else { throw .invalidArgument("only AES_256 keys rotate") }
-        if let days, !KeyLimits.rotationDays.contains(days) {
-            throw .invalidArgument("rotation period \(days) days is outside \(KeyLimits.rotationDays.lowerBound)–\(KeyLimits.rotationDays.upperBound)")
+        let event = days == nil ? "DisableKeyRotation" : "EnableKeyRotation"
+        var request = ["keyId": reference]
+        if let days { request["rotationPeriodInDays"] = String(days) }
+        try adminOperation(event, principal, request: request) { () throws(KeyManagerError) in
+            let id = try resolve(reference)
+            let rec = try authorizeAdmin(principal, id)
+            try check(.change, rec)
+            guard rec.metadata.spec == .aes256 else {
+                throw .invalidArgument("key \(rec.displayName) is \(rec.metadata.spec.rawValue): only AES_256 keys rotate")
+            }
+            if let days, !KeyLimits.rotationDays.contains(days) {
+                throw .invalidArgument("rotation period \(days) days is outside \(KeyLimits.rotationDays.lowerBound)-\(KeyLimits.rotationDays.upperBound)")
+            }
+            let now = clock()
+            try sealedWrite { db in
+                try db.execute(sql: """
+                    UPDATE keys SET rotation_days = ?, last_rotated_at = CASE WHEN rotation_days IS NULL AND ? IS NOT NULL THEN ? ELSE last_rotated_at END
+                    WHERE id = ?
+                    """, arguments: [days, days, now, id.rawValue.hex])
+                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(event, key: id, principal: principal, request: request), at: now)
+            }
+            invalidate(id)
         }
-        try sealedWrite { db in
-            try db.execute(sql: "UPDATE keys SET rotation_days = ? WHERE id = ?", arguments: [days, id.rawValue.hex])
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(days == nil ? "DisableKeyRotation" : "EnableKeyRotation", key: id, principal: principal), at: clock())
-        }
-        invalidate(id)
     }
 
     /// Enables a Disabled key, or undeprecates a Deprecated one.
@@ -198,13 +272,23 @@ extension KeyManager {
     }
 
     /// Schedules destruction after a window of 7–30 days (default 30).
+    /// Refused while a directory is bound to the key: its new files would
+    /// have nowhere to go (rebind the directories first).
     public func scheduleDeletion(_ reference: String, days: Int = KeyLimits.defaultDeletionWindowDays,
                                  by principal: Principal) throws(KeyManagerError) -> Double {
-        guard KeyLimits.deletionWindowDays.contains(days) else {
-            throw .invalidArgument("deletion window \(days) days is outside 7–30")
-        }
         let date = clock() + Double(days) * 86_400
-        try transition(reference, .scheduleDeletion, event: "ScheduleKeyDeletion", by: principal) { _ in "deletion_date = \(date)" }
+        try transition(reference, .scheduleDeletion, event: "ScheduleKeyDeletion", by: principal,
+                       request: ["pendingWindowInDays": String(days)]) { () throws(KeyManagerError) in
+            guard KeyLimits.deletionWindowDays.contains(days) else {
+                throw .invalidArgument("deletion window \(days) days is outside 7-30")
+            }
+            let id = try resolve(reference)
+            let bound = try boundPaths(of: id)
+            guard bound.isEmpty else {
+                throw .invalidArgument("key \(reference) still governs new files under \(bound.joined(separator: ", ")); "
+                                       + "bind \(bound.count == 1 ? "it" : "them") to another key first (`kmsfs key bind \(bound[0]) NEWKEY`)")
+            }
+        } extra: { _ in "deletion_date = \(date)" }
         return date
     }
 
@@ -214,57 +298,110 @@ extension KeyManager {
     }
 
     /// Deprecates a key in favour of `successor`: no new data keys; its files
-    /// are to move to the successor (DESIGN.md §7).
-    public func deprecate(_ reference: String, successor: String, by principal: Principal) throws(KeyManagerError) {
-        let next = try resolve(successor)
-        let nextRecord = try record(next)
-        let id = try resolve(reference)
-        guard next != id else { throw .invalidArgument("a key cannot succeed itself") }
-        guard nextRecord.metadata.spec == .aes256 else { throw .invalidArgument("the successor must be an AES_256 key") }
-        try check(.rewrapTo, nextRecord)
-        try transition(reference, .deprecate, event: "DeprecateKey", by: principal) { _ in "successor = '\(next.rawValue.hex)'" }
+    /// are to move to the successor (DESIGN.md §7). The successor will hold
+    /// the old key's files, so this takes administer rights on both. Returns
+    /// the policy subjects that may use the old key but not the successor
+    /// (after `carryPolicy` copied the old key's encrypt and decrypt
+    /// subjects over, none): once the files move, they lose access.
+    @discardableResult
+    public func deprecate(_ reference: String, successor: String, carryPolicy: Bool = false,
+                          by principal: Principal) throws(KeyManagerError) -> [String] {
+        var lost = [String]()
+        var successorHex = ""
+        try transition(reference, .deprecate, event: "DeprecateKey", by: principal,
+                       request: ["successorKeyId": successor, "carryPolicy": String(carryPolicy)]) { () throws(KeyManagerError) in
+            let next = try resolve(successor)
+            let id = try resolve(reference)
+            guard next != id else { throw .invalidArgument("a key cannot succeed itself") }
+            successorHex = next.rawValue.hex
+            let nextRecord = try authorizeAdmin(principal, next)
+            guard nextRecord.metadata.spec == .aes256 else { throw .invalidArgument("the successor must be an AES_256 key") }
+            try check(.rewrapTo, nextRecord)
+            let old = try record(id)
+            for op in [KeyOperation.encrypt, .decrypt] {
+                for subject in old.policy[op, default: []].subtracting(nextRecord.policy[op, default: []]).sorted(by: { $0.description < $1.description }) {
+                    if carryPolicy {
+                        try sealedWrite { db in
+                            try db.execute(sql: "INSERT OR IGNORE INTO policies (key_id, operation, subject) VALUES (?, ?, ?)",
+                                           arguments: [next.rawValue.hex, op.rawValue, subject.description])
+                            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("PutKeyPolicy", key: next, principal: principal,
+                                                  request: ["operation": op.rawValue, "grant": subject.description, "carriedFrom": id.rawValue.hex]),
+                                                  at: clock())
+                        }
+                    } else {
+                        lost.append("\(op.rawValue) \(subject)")
+                    }
+                }
+            }
+            invalidate(next)
+        } extra: { _ in "successor = '\(successorHex)'" }
+        return lost
     }
 
-    /// Applies a lifecycle action: policy, table check, state change and audit in one transaction.
+    /// Applies a lifecycle action: policy, table check, `precheck`, state
+    /// change and audit in one transaction; any refusal is audited with the
+    /// request's parameters.
     private func transition(_ reference: String, _ action: LifecycleAction, event: String, by principal: Principal,
+                            request: [String: String] = [:], precheck: () throws(KeyManagerError) -> Void = {},
                             extra: (KeyRecord) -> String?) throws(KeyManagerError) {
-        let id = try resolve(reference)
-        invalidate(id)
-        let rec = try authorizeAdmin(principal, id)
-        let outcome: LifecycleOutcome
-        do { outcome = try check(action, rec) } catch {
-            audit(AuditEvent(event, outcome: "refused", key: id, principal: principal, error: error.description))
-            throw error
+        let parameters = request.merging(["keyId": reference]) { a, _ in a }
+        try adminOperation(event, principal, request: parameters) { () throws(KeyManagerError) in
+            let id = try resolve(reference)
+            invalidate(id)
+            let rec = try authorizeAdmin(principal, id)
+            guard case .allowed(let newState) = try check(action, rec) else { return }
+            try precheck()
+            let now = clock()
+            let set = ["state = '\(newState.rawValue)'", "state_changed_at = \(now)", extra(rec)].compactMap { $0 }.joined(separator: ", ")
+            try sealedWrite { db in
+                try db.execute(sql: "UPDATE keys SET \(set) WHERE id = ? AND state = ?", arguments: [id.rawValue.hex, rec.state.rawValue])
+                guard db.changesCount == 1 else { throw KeyManagerError.database("key \(rec.displayName) changed meanwhile; try again") }
+                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(event, key: id, principal: principal, request: parameters), at: now)
+            }
+            invalidate(id)
         }
-        guard case .allowed(let newState) = outcome else { return }
-        let now = clock()
-        let set = ["state = '\(newState.rawValue)'", "state_changed_at = \(now)", extra(rec)].compactMap { $0 }.joined(separator: ", ")
-        try sealedWrite { db in
-            try db.execute(sql: "UPDATE keys SET \(set) WHERE id = ? AND state = ?", arguments: [id.rawValue.hex, rec.state.rawValue])
-            guard db.changesCount == 1 else { throw KeyManagerError.database("key \(rec.displayName) changed meanwhile; try again") }
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(event, key: id, principal: principal), at: now)
-        }
-        invalidate(id)
     }
 
     /// Retires an old version no data key needs any more; it decrypts nothing after.
     public func retireVersion(_ reference: String, version: KeyVersion, by principal: Principal) throws(KeyManagerError) {
-        let id = try resolve(reference)
-        let rec = try authorizeAdmin(principal, id)
-        try flushUsage()
-        guard version != rec.metadata.currentVersion else {
-            throw .invalidArgument("version \(version) is the current version of \(rec.displayName); rotate first")
+        let request = ["keyId": reference, "keyVersion": String(version.rawValue)]
+        try adminOperation("RetireKeyVersion", principal, request: request) { () throws(KeyManagerError) in
+            let id = try resolve(reference)
+            let rec = try authorizeAdmin(principal, id)
+            try check(.change, rec)
+            try flushUsage()
+            guard version != rec.metadata.currentVersion else {
+                throw .invalidArgument("version \(version) is the current version of \(rec.displayName); rotate first")
+            }
+            try sealedWrite { db in
+                let n = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM usage WHERE key_id = ? AND version = ?",
+                                         arguments: [id.rawValue.hex, version.rawValue]) ?? 0
+                guard n == 0 else { throw KeyManagerError.versionInUse(key: rec.displayName, version: version, references: n) }
+                try db.execute(sql: "UPDATE key_versions SET retired = 1, material = NULL WHERE key_id = ? AND version = ?",
+                               arguments: [id.rawValue.hex, version.rawValue])
+                guard db.changesCount == 1 else { throw KeyManagerError.versionNotFound(key: rec.displayName, version: version) }
+                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("RetireKeyVersion", key: id, version: version, principal: principal,
+                                                                            request: request), at: clock())
+            }
+            forgetWrappers(id)
         }
-        try sealedWrite { db in
-            let n = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM usage WHERE key_id = ? AND version = ?",
-                                     arguments: [id.rawValue.hex, version.rawValue]) ?? 0
-            guard n == 0 else { throw KeyManagerError.versionInUse(key: rec.displayName, version: version, references: n) }
-            try db.execute(sql: "UPDATE key_versions SET retired = 1, material = NULL WHERE key_id = ? AND version = ?",
-                           arguments: [id.rawValue.hex, version.rawValue])
-            guard db.changesCount == 1 else { throw KeyManagerError.versionNotFound(key: rec.displayName, version: version) }
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("RetireKeyVersion", key: id, version: version, principal: principal), at: clock())
+    }
+
+    /// Runs `body`, an admin operation; a refusal is audited as `event` with
+    /// the request's parameters (a denial was already audited by the policy
+    /// check, an outside keystore edit by the integrity check).
+    func adminOperation<T>(_ event: String, _ principal: Principal, key: KeyID? = nil, request: [String: String],
+                           _ body: () throws(KeyManagerError) -> T) throws(KeyManagerError) -> T {
+        do { return try body() } catch {
+            switch error {
+            case .accessDenied, .keystoreTampered, .wrongPassphrase: break
+            case .invalidArgument, .keyNotFound, .versionNotFound, .versionInUse, .deletionBlocked:
+                audit(AuditEvent(event, outcome: "invalid", key: key, principal: principal, error: error.description, request: request))
+            default:
+                audit(AuditEvent(event, outcome: "refused", key: key, principal: principal, error: error.description, request: request))
+            }
+            throw error
         }
-        forgetWrappers(id)
     }
 
     /// Runs due automatic rotations and ends deletion windows. A key whose
@@ -280,7 +417,7 @@ extension KeyManager {
         checkOverdueRotations(records)
         for rec in records {
             if rec.state == .enabled, let due = rec.metadata.nextRotationAt, due <= now {
-                _ = try rotateUnchecked(rec, principal: nil, event: "RotateKeyAutomatically")
+                _ = try rotateUnchecked(rec, principal: nil, type: .automatic)
                 report.rotated.append(rec.id)
             }
             if rec.state == .pendingDeletion, let date = rec.metadata.deletionDate, date <= now {
@@ -317,45 +454,93 @@ extension KeyManager {
 
     // MARK: Aliases and tags
 
-    /// Points `alias` at a key (creating or moving it).
+    /// Points `alias` at a key, creating it or moving it. As in AWS KMS,
+    /// moving an alias takes administer rights on the key it leaves as well
+    /// as the key it joins, and both must have the same spec and usage.
+    /// Names kmsfs uses itself (`alias/kmsfs-…`) are reserved.
     public func setAlias(_ alias: String, to reference: String, by principal: Principal) throws(KeyManagerError) {
-        try Self.validate(alias: alias)
-        let id = try resolve(reference)
-        _ = try authorizeAdmin(principal, id)
-        try sealedWrite { db in
-            try db.execute(sql: "INSERT INTO aliases (alias, key_id) VALUES (?, ?) ON CONFLICT(alias) DO UPDATE SET key_id = excluded.key_id",
-                           arguments: [alias, id.rawValue.hex])
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("UpdateAlias", key: id, principal: principal), at: clock())
+        var event = "CreateAlias"
+        try adminOperation(event, principal, request: ["aliasName": alias, "targetKeyId": reference]) { () throws(KeyManagerError) in
+            try Self.validate(alias: alias)
+            try Self.refuseReserved(alias)
+            let id = try resolve(reference)
+            let rec = try authorizeAdmin(principal, id)
+            try check(.change, rec)
+            let currentHex: String? = try verifiedRead { db in try String.fetchOne(db, sql: "SELECT key_id FROM aliases WHERE alias = ?", arguments: [alias]) }
+            var previous: KeyID?
+            if let currentHex, let current = KeyID(hex: currentHex) {
+                event = "UpdateAlias"
+                guard current != id else { return }
+                let old = try authorizeAdmin(principal, current)
+                guard old.metadata.spec == rec.metadata.spec, old.metadata.usage == rec.metadata.usage else {
+                    throw .invalidArgument("\(alias) names a \(old.metadata.spec.rawValue) key; it can move only to another \(old.metadata.spec.rawValue) key, not \(rec.metadata.spec.rawValue)")
+                }
+                previous = current
+            }
+            try sealedWrite { db in
+                try db.execute(sql: "INSERT INTO aliases (alias, key_id) VALUES (?, ?) ON CONFLICT(alias) DO UPDATE SET key_id = excluded.key_id",
+                               arguments: [alias, id.rawValue.hex])
+                var request = ["aliasName": alias, "targetKeyId": id.rawValue.hex]
+                if let previous { request["previousKeyId"] = previous.rawValue.hex }
+                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(event, key: id, principal: principal, request: request), at: clock())
+            }
+            invalidate(id)
+            if let previous { invalidate(previous) }
         }
-        invalidate(id)
     }
 
-    /// Removes an alias.
-    public func deleteAlias(_ alias: String, by principal: Principal) throws(KeyManagerError) {
-        let id = try resolve(alias)
-        _ = try authorizeAdmin(principal, id)
-        try sealedWrite { db in
-            try db.execute(sql: "DELETE FROM aliases WHERE alias = ?", arguments: [alias])
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("DeleteAlias", key: id, principal: principal), at: clock())
+    /// Removes an alias (`alias/NAME`, or NAME). A key id is not an alias and is refused.
+    public func deleteAlias(_ name: String, by principal: Principal) throws(KeyManagerError) {
+        let alias = name.hasPrefix("alias/") ? name : "alias/" + name
+        try adminOperation("DeleteAlias", principal, request: ["aliasName": alias]) { () throws(KeyManagerError) in
+            guard KeyID(hex: name) == nil else {
+                throw .invalidArgument("\(name) is a key id, not an alias; `kmsfs key describe \(name)` lists its aliases")
+            }
+            try Self.refuseReserved(alias)
+            let hex: String? = try verifiedRead { db in try String.fetchOne(db, sql: "SELECT key_id FROM aliases WHERE alias = ?", arguments: [alias]) }
+            guard let hex, let id = KeyID(hex: hex) else { throw .invalidArgument("there is no alias \(alias); `kmsfs key list` shows the aliases") }
+            let rec = try authorizeAdmin(principal, id)
+            try check(.change, rec)
+            try sealedWrite { db in
+                try db.execute(sql: "DELETE FROM aliases WHERE alias = ?", arguments: [alias])
+                guard db.changesCount == 1 else { throw KeyManagerError.database("alias \(alias) changed meanwhile; try again") }
+                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("DeleteAlias", key: id, principal: principal,
+                                                                            request: ["aliasName": alias]), at: clock())
+            }
+            invalidate(id)
         }
-        invalidate(id)
     }
 
     /// Sets (or with nil removes) a tag such as `env=prod`.
     public func setTag(_ reference: String, name: String, value: String?, by principal: Principal) throws(KeyManagerError) {
-        let id = try resolve(reference)
-        _ = try authorizeAdmin(principal, id)
-        if let value { try Self.validate(tag: name, value: value) }
-        try sealedWrite { db in
-            if let value {
-                try db.execute(sql: "INSERT INTO tags (key_id, name, value) VALUES (?, ?, ?) ON CONFLICT(key_id, name) DO UPDATE SET value = excluded.value",
-                               arguments: [id.rawValue.hex, name, value])
-            } else {
-                try db.execute(sql: "DELETE FROM tags WHERE key_id = ? AND name = ?", arguments: [id.rawValue.hex, name])
+        let event = value == nil ? "UntagResource" : "TagResource"
+        var request = ["keyId": reference, "tagKey": name]
+        if let value { request["tagValue"] = value }
+        try adminOperation(event, principal, request: request) { () throws(KeyManagerError) in
+            let id = try resolve(reference)
+            let rec = try authorizeAdmin(principal, id)
+            try check(.change, rec)
+            if let value { try Self.validate(tag: name, value: value) }
+            try sealedWrite { db in
+                if let value {
+                    try db.execute(sql: "INSERT INTO tags (key_id, name, value) VALUES (?, ?, ?) ON CONFLICT(key_id, name) DO UPDATE SET value = excluded.value",
+                                   arguments: [id.rawValue.hex, name, value])
+                } else {
+                    try db.execute(sql: "DELETE FROM tags WHERE key_id = ? AND name = ?", arguments: [id.rawValue.hex, name])
+                }
+                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(event, key: id, principal: principal, request: request), at: clock())
             }
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(value == nil ? "UntagResource" : "TagResource", key: id, principal: principal), at: clock())
+            invalidate(id)
         }
-        invalidate(id)
+    }
+
+    /// Aliases kmsfs makes and relies on itself: no command may create, move or delete them.
+    public static let reservedAliasPrefixes = ["alias/kmsfs-", "alias/aws/"]
+
+    static func refuseReserved(_ alias: String) throws(KeyManagerError) {
+        if reservedAliasPrefixes.contains(where: { alias.hasPrefix($0) }) {
+            throw .invalidArgument("\(alias) is reserved for kmsfs's own keys (names starting \(reservedAliasPrefixes.joined(separator: " or "))); pick another name")
+        }
     }
 
     static func validate(alias: String) throws(KeyManagerError) {

@@ -21,41 +21,66 @@ extension KeyManager {
         Data(KeyDerivation.hmacSHA256(key: metadataKey, message: Array("kmsfs/v1/binding".utf8) + Array(path.utf8)))
     }
 
-    /// Binds a directory path to a key.
+    /// Binds a directory path to a key. Redirecting a path's new files takes
+    /// administer rights on both keys: the new one, and the one governing the
+    /// path now (its own binding or its nearest bound ancestor's), so a uid
+    /// that administers only its own key cannot pull another team's
+    /// directories (or the root) onto it.
     public func bind(path: String, to reference: String, by principal: Principal) throws(KeyManagerError) {
-        let id = try resolve(reference)
-        let rec = try authorizeAdmin(principal, id)
-        guard rec.metadata.spec == .aes256 else { throw .invalidArgument("only AES_256 keys can govern files") }
-        try check(.generateDataKey, rec)
         let normalized = Self.normalize(path: path)
-        let sealer = try AESGCM.make(metadataKey)
-        let pathBytes = Array(normalized.utf8)
-        let sealed = try keepingKeyManagerError {
-            try pathBytes.withUnsafeBytes { raw in try KeyWrap.seal(raw, under: sealer, context: Array("kmsfs/v1/binding-path".utf8)) }
+        try adminOperation("BindKey", principal, request: ["path": normalized, "targetKeyId": reference]) { () throws(KeyManagerError) in
+            let id = try resolve(reference)
+            let rec = try authorizeAdmin(principal, id)
+            guard rec.metadata.spec == .aes256 else { throw .invalidArgument("only AES_256 keys can govern files; \(rec.displayName) is \(rec.metadata.spec.rawValue)") }
+            try check(.change, rec)
+            try check(.generateDataKey, rec)
+            let replaced = try governingBinding(normalized)
+            if let replaced, replaced != id { _ = try authorizeAdmin(principal, replaced) }
+            let sealer = try AESGCM.make(metadataKey)
+            let pathBytes = Array(normalized.utf8)
+            let sealed = try keepingKeyManagerError {
+                try pathBytes.withUnsafeBytes { raw in try KeyWrap.seal(raw, under: sealer, context: Array("kmsfs/v1/binding-path".utf8)) }
+            }
+            try sealedWrite { db in
+                try db.execute(sql: """
+                    INSERT INTO bindings (path_mac, path_sealed, key_id) VALUES (?, ?, ?)
+                    ON CONFLICT(path_mac) DO UPDATE SET key_id = excluded.key_id, path_sealed = excluded.path_sealed
+                    """, arguments: [pathMAC(normalized), Data(sealed), id.rawValue.hex])
+                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("BindKey", key: id, principal: principal,
+                                                                            request: ["path": normalized, "targetKeyId": id.rawValue.hex,
+                                                                                      "previousKeyId": replaced?.rawValue.hex ?? "none"]), at: clock())
+            }
+            caches.withLock { $0.bindings = nil; $0.boundKeys = [:] }
         }
-        try sealedWrite { db in
-            try db.execute(sql: """
-                INSERT INTO bindings (path_mac, path_sealed, key_id) VALUES (?, ?, ?)
-                ON CONFLICT(path_mac) DO UPDATE SET key_id = excluded.key_id, path_sealed = excluded.path_sealed
-                """, arguments: [pathMAC(normalized), Data(sealed), id.rawValue.hex])
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("BindKey", key: id, principal: principal), at: clock())
-        }
-        caches.withLock { $0.bindings = nil; $0.boundKeys = [:] }
     }
 
-    /// Removes the binding of a path (the root's binding cannot be removed, only moved).
+    /// Removes the binding of a path (the root's binding cannot be removed,
+    /// only moved). Needs administer rights on the unbound key and on the key
+    /// that governs the path afterwards (its nearest bound ancestor's).
     public func unbind(path: String, by principal: Principal) throws(KeyManagerError) {
         let normalized = Self.normalize(path: path)
-        guard normalized != "/" else { throw .invalidArgument("the root must stay bound; bind it to another key instead") }
-        let mac = pathMAC(normalized)
-        let hex: String? = try verifiedRead { db in try String.fetchOne(db, sql: "SELECT key_id FROM bindings WHERE path_mac = ?", arguments: [mac]) }
-        guard let hex, let id = KeyID(hex: hex) else { throw .invalidArgument("\(normalized) is not bound") }
-        _ = try authorizeAdmin(principal, id)
-        try sealedWrite { db in
-            try db.execute(sql: "DELETE FROM bindings WHERE path_mac = ?", arguments: [mac])
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("UnbindKey", key: id, principal: principal), at: clock())
+        try adminOperation("UnbindKey", principal, request: ["path": normalized]) { () throws(KeyManagerError) in
+            guard normalized != "/" else { throw .invalidArgument("the root must stay bound; bind it to another key instead") }
+            let mac = pathMAC(normalized)
+            let hex: String? = try verifiedRead { db in try String.fetchOne(db, sql: "SELECT key_id FROM bindings WHERE path_mac = ?", arguments: [mac]) }
+            guard let hex, let id = KeyID(hex: hex) else { throw .invalidArgument("\(normalized) is not bound; `kmsfs key bind` lists the bindings") }
+            _ = try authorizeAdmin(principal, id)
+            let parent = String(normalized[..<(normalized.lastIndex(of: "/") ?? normalized.startIndex)])
+            let inherited = try bindingOf(parent.isEmpty ? "/" : parent)
+            if inherited != id { _ = try authorizeAdmin(principal, inherited) }
+            try sealedWrite { db in
+                try db.execute(sql: "DELETE FROM bindings WHERE path_mac = ?", arguments: [mac])
+                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("UnbindKey", key: id, principal: principal,
+                                                                            request: ["path": normalized, "inheritedKeyId": inherited.rawValue.hex]),
+                                      at: clock())
+            }
+            caches.withLock { $0.bindings = nil; $0.boundKeys = [:] }
         }
-        caches.withLock { $0.bindings = nil; $0.boundKeys = [:] }
+    }
+
+    /// The paths bound to `key`.
+    func boundPaths(of key: KeyID) throws(KeyManagerError) -> [String] {
+        try listBindings().filter { $0.key == key }.map(\.path)
     }
 
     /// The key governing new files in directory `path`: its own binding or
@@ -76,7 +101,14 @@ extension KeyManager {
         return rec.id
     }
 
-    private func bindingOf(_ path: String) throws(KeyManagerError) -> KeyID {
+    func bindingOf(_ path: String) throws(KeyManagerError) -> KeyID {
+        guard let id = try governingBinding(path) else { throw .keystoreCorrupt("the root directory has no key binding") }
+        return id
+    }
+
+    /// The key bound to `path` or its nearest bound ancestor; nil only
+    /// before the root is first bound (at init).
+    func governingBinding(_ path: String) throws(KeyManagerError) -> KeyID? {
         let bindings = try bindingMap()
         if let known = caches.withLock({ $0.boundKeys[path] }) { return known }
         var components = Self.normalize(path: path).split(separator: "/").map(String.init)
@@ -85,7 +117,7 @@ extension KeyManager {
                 caches.withLock { $0.boundKeys[path] = id }
                 return id
             }
-            guard !components.isEmpty else { throw .keystoreCorrupt("the root directory has no key binding") }
+            guard !components.isEmpty else { return nil }
             components.removeLast()
         }
     }

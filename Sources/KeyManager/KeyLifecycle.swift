@@ -11,6 +11,10 @@ public enum LifecycleAction: String, CaseIterable, Sendable {
     case scheduleDeletion = "schedule deletion of"
     case cancelDeletion = "cancel deletion of"
     case deprecate = "deprecate"
+    /// Aliases, tags, policy, grants, bindings, rotation settings, version
+    /// retirement and cut-off: everything but describe. A Destroyed key
+    /// accepts none of them.
+    case change = "change"
 }
 
 /// What an action does in a state.
@@ -76,6 +80,8 @@ public enum KeyLifecycle {
             return .refused(remedy: "it is already deprecated; `kmsfs key describe \(key)` shows its successor")
         case (.deprecate, .pendingDeletion):
             return .refused(remedy: "run `kmsfs key cancel-deletion \(key)` first")
+        case (.change, let state):
+            return .allowed(state)
         }
     }
 }

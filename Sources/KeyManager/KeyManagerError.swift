@@ -24,6 +24,8 @@ public enum KeyManagerError: Error, Equatable, Sendable, CustomStringConvertible
     case unwrapFailed(key: String, version: KeyVersion)
     case versionNotFound(key: String, version: KeyVersion)
     case versionInUse(key: String, version: KeyVersion, references: Int)
+    /// The version is below the key's minimum decryption version (reversible cut-off).
+    case versionCutOff(key: String, version: KeyVersion, minimum: KeyVersion)
     case crypto(String)
     case database(String)
 
@@ -53,14 +55,19 @@ public enum KeyManagerError: Error, Equatable, Sendable, CustomStringConvertible
         case .invalidArgument(let why):
             return why
         case .deletionBlocked(let key, let references):
-            return "key \(key) was not destroyed: \(references) file(s) or directories still use it; "
-                + "rekey them (`kmsfs rekey start --key \(key)`) and deletion completes on the next check"
+            return "key \(key) was not destroyed: \(references) file(s), directories or bindings still use it. To move them: "
+                + "`kmsfs key cancel-deletion \(key)`, then `kmsfs key deprecate \(key) --successor NEWKEY` (queues a rekey of its files), "
+                + "rebind its directories with `kmsfs key bind PATH NEWKEY`, and once `kmsfs key usage \(key)` shows 0, "
+                + "`kmsfs key schedule-deletion \(key)` again"
         case .unwrapFailed(let key, let version):
             return "the data key could not be unwrapped with key \(key) version \(version): the header was altered or belongs elsewhere"
         case .versionNotFound(let key, let version):
             return "key \(key) has no version \(version)"
         case .versionInUse(let key, let version, let references):
             return "key \(key) version \(version) still wraps \(references) data key(s); rekey them before retiring it"
+        case .versionCutOff(let key, let version, let minimum):
+            return "key \(key) version \(version) is cut off: versions below \(minimum) do not decrypt "
+                + "(undo with `kmsfs key min-decryption-version \(key) --clear`, or rekey the file onto a newer version)"
         case .crypto(let what):
             return "cryptographic failure: \(what)"
         case .database(let what):

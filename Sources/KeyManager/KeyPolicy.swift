@@ -13,6 +13,8 @@ extension KeyManager {
     func authorize(_ principal: Principal, _ operation: KeyOperation, _ rec: KeyRecord,
                    object: ID128? = nil, path: () -> String? = { nil }) throws(KeyManagerError) {
         if rec.policy[operation, default: []].contains(where: { $0.matches(principal) }) { return }
+        let now = clock()
+        if rec.grants.contains(where: { $0.allows(operation, to: principal, at: now) }) { return }
         let error = KeyManagerError.accessDenied(key: rec.displayName, principal: principal, operation: operation)
         audit(AuditEvent("Authorize", outcome: "denied", key: rec.id, principal: principal, object: object, error: error.description, path: path()))
         throw error
@@ -26,29 +28,39 @@ extension KeyManager {
 
     /// Grants `operation` on a key to a subject (`uid:N`, `gid:N` or `*`).
     public func grant(_ operation: KeyOperation, to subject: PolicySubject, on reference: String, by principal: Principal) throws(KeyManagerError) {
-        let id = try resolve(reference)
-        _ = try authorizeAdmin(principal, id)
-        try sealedWrite { db in
-            try db.execute(sql: "INSERT OR IGNORE INTO policies (key_id, operation, subject) VALUES (?, ?, ?)",
-                           arguments: [id.rawValue.hex, operation.rawValue, subject.description])
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("PutKeyPolicy", key: id, principal: principal, error: "grant \(operation.rawValue) \(subject)"), at: clock())
+        let request = ["keyId": reference, "operation": operation.rawValue, "grant": subject.description]
+        try adminOperation("PutKeyPolicy", principal, request: request) { () throws(KeyManagerError) in
+            let id = try resolve(reference)
+            let rec = try authorizeAdmin(principal, id)
+            try check(.change, rec)
+            try sealedWrite { db in
+                try db.execute(sql: "INSERT OR IGNORE INTO policies (key_id, operation, subject) VALUES (?, ?, ?)",
+                               arguments: [id.rawValue.hex, operation.rawValue, subject.description])
+                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("PutKeyPolicy", key: id, principal: principal,
+                                                                            request: request.merging(["keyId": id.rawValue.hex]) { $1 }), at: clock())
+            }
+            invalidate(id)
         }
-        invalidate(id)
     }
 
     /// Revokes a grant. The last administrator cannot be removed.
     public func revoke(_ operation: KeyOperation, from subject: PolicySubject, on reference: String, by principal: Principal) throws(KeyManagerError) {
-        let id = try resolve(reference)
-        let rec = try authorizeAdmin(principal, id)
-        if operation == .administer, rec.policy[.administer, default: []] == [subject] {
-            throw .invalidArgument("\(subject) is the last administrator of key \(rec.displayName); grant another first")
+        let request = ["keyId": reference, "operation": operation.rawValue, "revoke": subject.description]
+        try adminOperation("PutKeyPolicy", principal, request: request) { () throws(KeyManagerError) in
+            let id = try resolve(reference)
+            let rec = try authorizeAdmin(principal, id)
+            try check(.change, rec)
+            if operation == .administer, rec.policy[.administer, default: []] == [subject] {
+                throw .invalidArgument("\(subject) is the last administrator of key \(rec.displayName); grant another first")
+            }
+            try sealedWrite { db in
+                try db.execute(sql: "DELETE FROM policies WHERE key_id = ? AND operation = ? AND subject = ?",
+                               arguments: [id.rawValue.hex, operation.rawValue, subject.description])
+                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("PutKeyPolicy", key: id, principal: principal,
+                                                                            request: request.merging(["keyId": id.rawValue.hex]) { $1 }), at: clock())
+            }
+            invalidate(id)
         }
-        try sealedWrite { db in
-            try db.execute(sql: "DELETE FROM policies WHERE key_id = ? AND operation = ? AND subject = ?",
-                           arguments: [id.rawValue.hex, operation.rawValue, subject.description])
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("PutKeyPolicy", key: id, principal: principal, error: "revoke \(operation.rawValue) \(subject)"), at: clock())
-        }
-        invalidate(id)
     }
 }
 

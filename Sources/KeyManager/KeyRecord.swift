@@ -6,6 +6,10 @@ import GRDB
 struct KeyRecord: Sendable {
     var metadata: KeyMetadata
     var policy: [KeyOperation: Set<PolicySubject>]
+    /// Grants, expired ones included (authorization skips those).
+    var grants: [KeyGrant] = []
+    /// Versions below this refuse to decrypt (reversible); nil: no floor.
+    var minDecryptionVersion: KeyVersion?
 
     var id: KeyID { metadata.keyID }
     var state: KeyState { metadata.state }
@@ -42,9 +46,49 @@ struct KeyRecord: Sendable {
             currentVersion: KeyVersion(rawValue: UInt32(row["current_version"] as Int)),
             rotationPeriodDays: row["rotation_days"], lastRotatedAt: row["last_rotated_at"],
             deletionDate: row["deletion_date"], successor: successor.flatMap { KeyID(hex: $0) })
-        return KeyRecord(metadata: metadata, policy: policy)
+        let grants = try Row.fetchAll(db, sql: "SELECT * FROM grants WHERE key_id = ? ORDER BY created_at, id", arguments: [hex])
+            .compactMap { KeyGrant(row: $0, key: id) }
+        let floor = try Int.fetchOne(db, sql: "SELECT min_version FROM key_floors WHERE key_id = ?", arguments: [hex])
+        return KeyRecord(metadata: metadata, policy: policy, grants: grants,
+                         minDecryptionVersion: floor.map { KeyVersion(rawValue: UInt32($0)) })
     }
 
     /// The name users know the key by: its first alias, or its id.
     var displayName: String { metadata.aliases.first ?? id.rawValue.hex }
+}
+
+/// A scoped permission on one key for one subject (AWS CreateGrant): some
+/// operations, optionally until a time. Expired grants stop working on
+/// their own; `key grant revoke` removes one at once.
+public struct KeyGrant: Sendable, Codable, Equatable {
+    public var grantID: String
+    public var keyID: KeyID
+    public var grantee: String
+    public var operations: [KeyOperation]
+    public var createdAt: Double
+    public var expiresAt: Double?
+    /// The uid that created it.
+    public var createdBy: UInt32
+
+    /// The operations a grant may give: using the key, never administering it.
+    public static let grantable: [KeyOperation] = [.encrypt, .decrypt]
+
+    init?(row: Row, key: KeyID) {
+        guard let subject = PolicySubject(argument: row["grantee"]) else { return nil }
+        let operations = (row["operations"] as String).split(separator: ",").compactMap { KeyOperation(rawValue: String($0)) }
+        grantID = row["id"]
+        keyID = key
+        grantee = subject.description
+        self.operations = operations
+        createdAt = row["created_at"]
+        expiresAt = row["expires_at"]
+        createdBy = UInt32(row["created_by"] as Int)
+    }
+
+    /// Whether it gives `operation` to `principal` at `now`.
+    func allows(_ operation: KeyOperation, to principal: Principal, at now: Double) -> Bool {
+        guard operations.contains(operation), expiresAt.map({ now < $0 }) ?? true,
+              let subject = PolicySubject(argument: grantee) else { return false }
+        return subject.matches(principal)
+    }
 }

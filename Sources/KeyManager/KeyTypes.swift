@@ -8,6 +8,7 @@ public enum KeySpec: String, CaseIterable, Sendable, Codable {
     case rsa4096 = "RSA_4096"
     case eccP256 = "ECC_NIST_P256"
     case eccP384 = "ECC_NIST_P384"
+    case eccP521 = "ECC_NIST_P521"
 
     /// What keys of this spec may do.
     public var usage: KeyUsage { self == .aes256 ? .encryptDecrypt : .signVerify }
@@ -23,6 +24,7 @@ public enum KeySpec: String, CaseIterable, Sendable, Codable {
         switch text.uppercased() {
         case "ECC_P256": return .eccP256
         case "ECC_P384": return .eccP384
+        case "ECC_P521": return .eccP521
         case let upper: return KeySpec(rawValue: upper)
         }
     }
@@ -129,6 +131,20 @@ public struct KeyMetadata: Sendable, Codable, Equatable {
     public var nextRotationAt: Double? {
         rotationPeriodDays.map { lastRotatedAt + Double($0) * 86_400 }
     }
+}
+
+/// How a key version came to be (AWS ListKeyRotations' RotationType).
+public enum RotationType: String, Sendable, Codable {
+    case automatic = "AUTOMATIC"
+    case onDemand = "ON_DEMAND"
+}
+
+/// One rotation: the version it made current, when, and how.
+public struct KeyRotation: Sendable, Codable, Equatable {
+    public var keyID: KeyID
+    public var version: KeyVersion
+    public var rotationDate: Double
+    public var rotationType: RotationType
 }
 
 /// One version of a master key.

@@ -49,6 +49,9 @@ struct KeystoreIntegrity {
         Table(name: "tags", primaryKey: ["key_id", "name"], columns: ["key_id", "name", "value"]),
         Table(name: "bindings", primaryKey: ["path_mac"], columns: ["path_mac", "path_sealed", "key_id"]),
         Table(name: "policies", primaryKey: ["key_id", "operation", "subject"], columns: ["key_id", "operation", "subject"]),
+        Table(name: "rotations", primaryKey: ["key_id", "version"], columns: ["key_id", "version", "time", "type"]),
+        Table(name: "grants", primaryKey: ["id"], columns: ["id", "key_id", "grantee", "operations", "created_at", "expires_at", "created_by"]),
+        Table(name: "key_floors", primaryKey: ["key_id"], columns: ["key_id", "min_version"]),
         // A job's identity and state, not its progress counters (written per file).
         Table(name: "rekey_jobs", primaryKey: ["id"], columns: [
             "id", "state", "mode", "source_key", "source_version", "target_key", "path", "rate", "workers", "uid", "gid", "created_at"]),

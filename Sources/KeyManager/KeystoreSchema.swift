@@ -106,6 +106,23 @@ enum KeystoreSchema {
                 ALTER TABLE rekey_intents ADD COLUMN mac BLOB;
                 """)
         }
+        migrator.registerMigration("v6-admin") { db in
+            try db.execute(sql: """
+                -- What an admin request asked for (JSON, never secrets): CloudTrail's requestParameters.
+                ALTER TABLE audit_log ADD COLUMN request TEXT;
+                -- Each rotation and its type (AUTOMATIC or ON_DEMAND).
+                CREATE TABLE rotations (
+                    key_id TEXT NOT NULL REFERENCES keys(id), version INTEGER NOT NULL,
+                    time REAL NOT NULL, type TEXT NOT NULL, PRIMARY KEY (key_id, version));
+                -- Scoped, optionally expiring permissions (AWS CreateGrant).
+                CREATE TABLE grants (
+                    id TEXT PRIMARY KEY, key_id TEXT NOT NULL REFERENCES keys(id),
+                    grantee TEXT NOT NULL, operations TEXT NOT NULL,
+                    created_at REAL NOT NULL, expires_at REAL, created_by INTEGER NOT NULL);
+                -- Versions below min_version refuse to decrypt (reversible; Vault's min_decryption_version).
+                CREATE TABLE key_floors (key_id TEXT PRIMARY KEY REFERENCES keys(id), min_version INTEGER NOT NULL);
+                """)
+        }
         return migrator
     }
 }

@@ -134,9 +134,14 @@ extension KeyManager {
             reference = String(source[..<colon])
             version = KeyVersion(rawValue: n)
         }
+        var request = ["keyId": source, "mode": mode.rawValue]
+        if let target { request["targetKeyId"] = target }
+        return try adminOperation("StartRekey", principal, request: request) { () throws(KeyManagerError) in
         let sourceID = try resolve(reference)
         let sourceRecord = try authorizeAdmin(principal, sourceID)
         guard sourceRecord.metadata.usage == .encryptDecrypt else { throw .invalidArgument("\(reference) is a SIGN_VERIFY key; it wraps no files") }
+        // Its files must be readable to be moved: say so now, not as N failures later.
+        try check(.rewrapFrom, sourceRecord)
         let targetID = try target.map { (t) throws(KeyManagerError) in try resolve(t) } ?? sourceRecord.metadata.successor ?? sourceID
         let targetRecord = try authorizeAdmin(principal, targetID)
         try check(.rewrapTo, targetRecord)
@@ -163,10 +168,13 @@ extension KeyManager {
                                  workers, Int(principal.uid), Int(principal.gid), now, now])
             let id = db.lastInsertedRowID
             try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("StartRekey", key: sourceID, version: version, principal: principal,
-                                                 error: "job \(id): \(mode.rawValue) to \(targetID.rawValue.hex)"), at: now)
+                                                 error: "job \(id): \(mode.rawValue) to \(targetID.rawValue.hex)",
+                                                 request: request.merging(["jobId": String(id)]) { $1 }), at: now)
             return id
         }
-        return try rekeyJob(id)!
+        guard let job = try rekeyJob(id) else { throw .database("rekey job \(id) vanished") }
+        return job
+        }
     }
 
     /// A job row, its path unsealed (paths are stored sealed under the metadata key: no names at rest).

@@ -65,7 +65,7 @@ struct AuditCommand: ParsableCommand {
     struct Export: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Write audit records as JSON lines shaped like AWS CloudTrail events, for a SIEM.",
-            discussion: "Field names follow CloudTrail (eventTime, eventSource, eventName, userIdentity, resources, errorCode, …); kmsfs-specific values sit under additionalEventData.")
+            discussion: "Field names follow CloudTrail (eventTime, eventSource, eventName, userIdentity, resources, errorCode, ...); kmsfs-specific values sit under additionalEventData.")
         @OptionGroup var fs: FilesystemOption
         @OptionGroup var filters: Filters
         @Option(help: "The export format (jsonl).") var format = "jsonl"
@@ -96,7 +96,7 @@ extension AuditCommand {
     struct Paths: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Show or set how records name the file of an open or create: hashed (default), plain, or off; or hash a path to search for.",
-            discussion: "hashed stores hmac:… keyed with the keystore's metadata key, so records on one path correlate without revealing it; `--hash PATH` prints the value to look for.")
+            discussion: "hashed stores hmac:<hash> keyed with the keystore's metadata key, so records on one path correlate without revealing it; `--hash PATH` prints the value to look for.")
         @OptionGroup var fs: FilesystemOption
         @Argument(help: "hashed, plain or off.") var mode: AuditPathMode?
         @Option(help: "Print the hashed form of this path inside the filesystem, e.g. /projects/report.txt.") var hash: String?
@@ -188,6 +188,7 @@ struct CloudTrailEvent: Encodable {
     var errorCode: String?
     var errorMessage: String?
     var readOnly: Bool
+    var requestParameters: [String: String]?
     var additionalEventData: Extra
 
     init(_ r: AuditRecord, filesystem: String) {
@@ -198,11 +199,12 @@ struct CloudTrailEvent: Encodable {
         userIdentity = Identity(principalId: r.uid.map { "uid:\($0)" }, uid: r.uid, gid: r.gid, pid: r.pid, processName: r.process)
         resources = r.keyID.map { [Resource(type: "AWS::KMS::Key", ARN: "arn:kmsfs:kms:local:\(filesystem):key/\($0)")] } ?? []
         if r.outcome != "success" {
-            errorCode = ["denied": "AccessDeniedException", "refused": "KMSInvalidStateException",
+            errorCode = ["denied": "AccessDeniedException", "refused": "KMSInvalidStateException", "invalid": "ValidationException",
                          "integrity-failure": "InvalidCiphertextException", "failure": "KMSInternalException"][r.outcome] ?? r.outcome
             errorMessage = r.error
         }
         readOnly = ["Decrypt", "DescribeKey", "ListKeys"].contains(r.event)
+        requestParameters = r.request.flatMap { try? JSONDecoder().decode([String: String].self, from: Data($0.utf8)) }
         additionalEventData = Extra(outcome: r.outcome, keyVersion: r.keyVersion, objectId: r.objectID, path: r.path, sequence: r.seq)
     }
 }

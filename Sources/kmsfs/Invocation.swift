@@ -20,6 +20,11 @@ final class Invocation: @unchecked Sendable {
     var opened: KeyManager?
     private(set) var stdout = ""
     private(set) var stderr = ""
+    /// Files the caller read as itself and sent with the command (path → bytes).
+    var inputs: [String: [UInt8]] = [:]
+    /// Files made for the caller, which it writes as itself (path → bytes).
+    private(set) var outputs: [String: [UInt8]] = [:]
+    var forwarded: Bool { captures }
 
     init(principal: Principal, manager: KeyManager? = nil, daemon: DaemonServices? = nil, captures: Bool = false) {
         self.principal = principal
@@ -41,6 +46,35 @@ final class Invocation: @unchecked Sendable {
         }
     }
 
+    /// Reads an input file: from disk as this process, or inside the daemon
+    /// from what the caller sent (the daemon never opens a peer's paths).
+    func readInput(_ path: String, limit: Int = Invocation.maxFileBytes) throws -> [UInt8] {
+        if captures {
+            guard let bytes = inputs[Self.absolute(path)] else { throw Failure("\(path) was not sent with the request") }
+            return bytes
+        }
+        guard let handle = FileHandle(forReadingAtPath: path) else { throw Failure("cannot read \(path)") }
+        defer { try? handle.close() }
+        let data = try handle.read(upToCount: limit + 1) ?? Data()
+        guard data.count <= limit else { throw Failure("\(path) is larger than \(limit) bytes") }
+        return [UInt8](data)
+    }
+
+    /// Writes an output file: directly, or inside the daemon into the reply
+    /// for the caller to write as itself.
+    func writeOutput(_ path: String, _ bytes: [UInt8]) throws {
+        if captures { outputs[Self.absolute(path)] = bytes; return }
+        guard FileManager.default.createFile(atPath: path, contents: Data(bytes)) else { throw Failure("cannot write \(path)") }
+    }
+
+    /// The largest input or output file carried over the control socket.
+    static let maxFileBytes = 256 << 10
+    /// Options naming files the command reads, and those it writes for the caller.
+    static let inputOptions: Set<String> = ["--message-file", "--signature-file"]
+    static let outputOptions: [String: Set<String>] = ["sign": ["--out"], "get-public-key": ["--out"]]
+
+    static func absolute(_ path: String) -> String { path.isEmpty ? path : URL(fileURLWithPath: path).standardizedFileURL.path }
+
     /// The command families a daemon runs for a peer.
     static let forwardable: Set<String> = ["key", "audit", "rekey", "backup"]
 
@@ -49,13 +83,29 @@ final class Invocation: @unchecked Sendable {
     static func forwardIfMounted(keystore: String, cipherdir: String) throws {
         let arguments = Array(CommandLine.arguments.dropFirst())
         guard let family = arguments.first, forwardable.contains(family) else { return }
+        let forwarded = absolutizingFilesystem(arguments, cipherdir)
+        // Input files are read here, as the caller, and sent along.
+        var inputs = [String: String]()
+        var expected = Set<String>()
+        let outputs = arguments.count > 1 ? outputOptions[arguments[1], default: []] : []
+        for (option, value) in optionValues(forwarded) {
+            if inputOptions.contains(option) {
+                let bytes = try Invocation.current.readInput(value)
+                inputs[value] = Data(bytes).base64EncodedString()
+            }
+            if outputs.contains(option) { expected.insert(value) }
+        }
         let result: ForwardedResult?
         do {
-            result = try ControlServer.forward(directory: keystore, arguments: absolutizingFilesystem(arguments, cipherdir))
+            result = try ControlServer.forward(directory: keystore, arguments: forwarded, inputs: inputs)
         } catch let refusal as ControlRefusal {
             throw Failure(refusal.message)
         }
         guard let result else { return }
+        for (path, encoded) in result.files ?? [:] where expected.contains(path) {
+            guard let data = Data(base64Encoded: encoded) else { throw Failure("the daemon sent an unreadable \(path)") }
+            try Invocation.current.writeOutput(path, [UInt8](data))
+        }
         FileHandle.standardOutput.write(Data(result.stdout.utf8))
         FileHandle.standardError.write(Data(result.stderr.utf8))
         throw ExitCode(result.code)
@@ -64,8 +114,7 @@ final class Invocation: @unchecked Sendable {
     /// Paths given to a command are relative to this shell's directory, not
     /// the daemon's: `--fs` becomes the CIPHERDIR, file options absolute.
     static func absolutizingFilesystem(_ arguments: [String], _ cipherdir: String) -> [String] {
-        let fileOptions: Set<String> = ["--jsonl", "--out", "--backup-passphrase-file"]
-        func absolute(_ path: String) -> String { path.isEmpty ? path : URL(fileURLWithPath: path).standardizedFileURL.path }
+        let fileOptions = Set(["--jsonl", "--out", "--backup-passphrase-file"]).union(inputOptions)
         var out = [String]()
         var pending: String?
         for argument in arguments {
@@ -85,9 +134,26 @@ final class Invocation: @unchecked Sendable {
         return out
     }
 
+    /// (option, value) pairs of a command line, both `--o v` and `--o=v`.
+    static func optionValues(_ arguments: [String]) -> [(String, String)] {
+        var out = [(String, String)]()
+        for (i, argument) in arguments.enumerated() where argument.hasPrefix("--") {
+            if let eq = argument.firstIndex(of: "=") {
+                out.append((String(argument[..<eq]), String(argument[argument.index(after: eq)...])))
+            } else if i + 1 < arguments.count {
+                out.append((argument, arguments[i + 1]))
+            }
+        }
+        return out
+    }
+
     /// Runs a forwarded command line inside the daemon as `peer`.
-    static func runForwarded(_ arguments: [String], as peer: Principal, manager: KeyManager, daemon: DaemonServices) -> ForwardedResult {
+    static func runForwarded(_ command: ForwardedCommand, as peer: Principal, manager: KeyManager, daemon: DaemonServices) -> ForwardedResult {
+        let arguments = command.arguments
         let invocation = Invocation(principal: peer, manager: manager, daemon: daemon, captures: true)
+        for (path, encoded) in command.inputs {
+            if let data = Data(base64Encoded: encoded), data.count <= maxFileBytes { invocation.inputs[path] = [UInt8](data) }
+        }
         let previous = current
         current = invocation
         defer { current = previous }
@@ -101,7 +167,8 @@ final class Invocation: @unchecked Sendable {
         } catch {
             code = report(error)
         }
-        return ForwardedResult(code: code, stdout: invocation.stdout, stderr: invocation.stderr)
+        return ForwardedResult(code: code, stdout: invocation.stdout, stderr: invocation.stderr,
+                               files: invocation.outputs.isEmpty ? nil : invocation.outputs.mapValues { Data($0).base64EncodedString() })
     }
 
     /// Prints an error the way kmsfs does and returns the exit code.

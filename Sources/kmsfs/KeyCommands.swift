@@ -39,7 +39,8 @@ struct KeyCommand: ParsableCommand {
         abstract: "Manage master keys: create, rotate, enable, disable, delete, deprecate, aliases, tags, policy, bindings.",
         subcommands: [Create.self, List.self, Describe.self, Rotate.self, Rotation.self, Enable.self, Disable.self,
                       ScheduleDeletion.self, CancelDeletion.self, Deprecate.self, Usage.self, Alias.self, TagCommand.self,
-                      Policy.self, Bind.self, RetireVersion.self])
+                      Policy.self, Bind.self, RetireVersion.self, Rotations.self, MinDecryptionVersion.self, Sign.self, Verify.self,
+                      GetPublicKey.self, GrantCommand.self, AccessReport.self])
 
     struct Create: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Create a master key (AES_256 by default).")
@@ -47,8 +48,8 @@ struct KeyCommand: ParsableCommand {
         @Option(name: .customLong("alias"), help: "An alias such as alias/prod (repeatable).") var aliases: [String] = []
         @Option(help: "What the key is for.") var description = ""
         @Option(name: .customLong("tag"), help: "A tag NAME=VALUE, e.g. env=prod (repeatable).") var tags: [Tag] = []
-        @Option(help: "AES_256, RSA_2048, RSA_3072, RSA_4096, ECC_NIST_P256 or ECC_NIST_P384.") var spec: KeySpec = .aes256
-        @Option(help: "Automatic rotation period in days, 90–2560.") var rotationDays: Int = 365
+        @Option(help: "AES_256, RSA_2048, RSA_3072, RSA_4096, ECC_NIST_P256, ECC_NIST_P384 or ECC_NIST_P521.") var spec: KeySpec = .aes256
+        @Option(help: "Automatic rotation period in days, 90-2560.") var rotationDays: Int = 365
         @Flag(help: "Create without automatic rotation.") var noRotation = false
         @OptionGroup var output: JSONOption
 
@@ -122,7 +123,9 @@ struct KeyCommand: ParsableCommand {
     }
 
     struct Rotate: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Rotate a key now: a new version wraps new data keys; old versions keep decrypting.")
+        static let configuration = CommandConfiguration(
+            abstract: "Rotate a key now: a new version wraps new data keys; old versions keep decrypting.",
+            discussion: "An on-demand rotation does not move the automatic schedule; a key may have at most 25 of them.")
         @OptionGroup var fs: FilesystemOption
         @Argument(help: "Key id or alias.") var key: String
         func run() throws {
@@ -135,14 +138,21 @@ struct KeyCommand: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Set or turn off automatic rotation.")
         @OptionGroup var fs: FilesystemOption
         @Argument(help: "Key id or alias.") var key: String
-        @Option(help: "Rotate every N days (90–2560).") var days: Int?
+        @Option(help: "Rotate every N days (90-2560).") var days: Int?
         @Flag(help: "Turn automatic rotation off.") var off = false
         func validate() throws {
-            guard (days == nil) != off else { throw ValidationError("give exactly one of --days N or --off") }
+            guard (days != nil) != off else { throw ValidationError("give exactly one of --days N or --off") }
         }
         func run() throws {
-            try fs.open().setRotation(key, days: off ? nil : days, by: caller)
-            Output.line(off ? "automatic rotation of \(key) is off" : "\(key) rotates every \(days!) days")
+            if let days {
+                try fs.open().setRotation(key, days: days, by: caller)
+                Output.line("\(key) rotates every \(days) days")
+            } else if off {
+                try fs.open().setRotation(key, days: nil, by: caller)
+                Output.line("automatic rotation of \(key) is off")
+            } else {
+                throw ValidationError("give exactly one of --days N or --off")
+            }
         }
     }
 
@@ -162,10 +172,11 @@ struct KeyCommand: ParsableCommand {
 
     struct ScheduleDeletion: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Schedule a key's destruction after a 7–30 day window; it is destroyed only when no file needs it.")
+            abstract: "Schedule a key's destruction after a 7-30 day window; it is destroyed only when no file needs it.",
+            discussion: "Refused while a directory is bound to the key: bind it to another key first.")
         @OptionGroup var fs: FilesystemOption
         @Argument(help: "Key id or alias.") var key: String
-        @Option(help: "Days before destruction (7–30).") var days: Int = 30
+        @Option(help: "Days before destruction (7-30).") var days: Int = 30
         func run() throws {
             let date = try fs.open().scheduleDeletion(key, days: days, by: caller)
             Output.line("\(key) is PendingDeletion; it will be destroyed after \(Output.date(date)) if no file still uses it")
@@ -186,10 +197,17 @@ struct KeyCommand: ParsableCommand {
         @Option(help: "The key that replaces it.") var successor: String
         @Option(help: "How the queued rekey job moves its files: rewrap or reencrypt.") var mode: RekeyMode = .rewrap
         @Option(help: "Throttle the queued rekey job to this many MB/s.") var rate: Double?
+        @Flag(help: "Copy the key's encrypt and decrypt grants to the successor, so no one loses access when the files move.")
+        var carryPolicy = false
         func run() throws {
             let manager = try fs.open()
-            try manager.deprecate(key, successor: successor, by: caller)
+            let lost = try manager.deprecate(key, successor: successor, carryPolicy: carryPolicy, by: caller)
             Output.line("\(key) is Deprecated; new data goes to \(successor)")
+            if !lost.isEmpty {
+                Output.note("warning: \(successor)'s policy does not grant " + lost.joined(separator: ", ")
+                            + ", which \(key) grants; once the files move they lose that access. "
+                            + "Grant it on \(successor) (`kmsfs key policy \(successor) --grant OPERATION SUBJECT`) or deprecate with --carry-policy")
+            }
             // Queue the move of its files; the mount runs it, or `rekey resume` offline.
             if let active = try manager.activeRekeyJob() {
                 Output.note("rekey job \(active.id) is \(active.state.rawValue); start one for \(key) when it ends: `kmsfs rekey start --key \(key)`")
@@ -243,8 +261,14 @@ struct KeyCommand: ParsableCommand {
         }
         func run() throws {
             let manager = try fs.open()
-            if delete { try manager.deleteAlias(alias, by: caller); Output.line("deleted \(alias)") } else {
-                try manager.setAlias(alias, to: key!, by: caller); Output.line("\(alias) → \(key!)")
+            if delete {
+                try manager.deleteAlias(alias, by: caller)
+                Output.line("deleted \(alias.hasPrefix("alias/") ? alias : "alias/" + alias)")
+            } else if let key {
+                try manager.setAlias(alias, to: key, by: caller)
+                Output.line("\(alias) → \(key)")
+            } else {
+                throw ValidationError("give a KEY to point the alias at, or --delete")
             }
         }
     }
@@ -322,6 +346,208 @@ struct KeyCommand: ParsableCommand {
         func run() throws {
             try fs.open().retireVersion(key, version: KeyVersion(rawValue: version), by: caller)
             Output.line("\(key) version \(version) retired")
+        }
+    }
+
+    struct Rotations: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List a key's rotations: each version made, when, and whether AUTOMATIC or ON_DEMAND.")
+        @OptionGroup var fs: FilesystemOption
+        @Argument(help: "Key id or alias.") var key: String
+        @OptionGroup var output: JSONOption
+
+        struct Entry: Encodable {
+            var keyId: String
+            var version: UInt32
+            var rotationDate: String
+            var rotationType: String
+        }
+
+        func run() throws {
+            let rotations = try fs.open().rotations(of: key)
+            let entries = rotations.map { Entry(keyId: $0.keyID.rawValue.hex, version: $0.version.rawValue,
+                                                rotationDate: Output.date($0.rotationDate), rotationType: $0.rotationType.rawValue) }
+            if output.json { try Output.json(entries); return }
+            if entries.isEmpty { Output.line("\(key) has not been rotated"); return }
+            Output.table(["VERSION", "DATE", "TYPE"], entries.map { [String($0.version), $0.rotationDate, $0.rotationType] })
+        }
+    }
+
+    struct MinDecryptionVersion: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "min-decryption-version",
+            abstract: "Cut off old versions at once: versions below N refuse to decrypt until the floor is lifted.",
+            discussion: "Reversible (unlike retire-version, the material stays): --clear lifts it. Files under cut-off versions read as EKEYREVOKED; `kmsfs rekey start --key KEY:V` still moves them onto the current version.")
+        @OptionGroup var fs: FilesystemOption
+        @Argument(help: "Key id or alias.") var key: String
+        @Argument(help: "The lowest version that may decrypt.") var version: UInt32?
+        @Flag(help: "Lift the floor: every version decrypts again.") var clear = false
+        func validate() throws {
+            guard (version != nil) != clear else { throw ValidationError("give a VERSION or --clear") }
+        }
+        func run() throws {
+            let manager = try fs.open()
+            if let version {
+                try manager.setMinDecryptionVersion(key, version: KeyVersion(rawValue: version), by: caller)
+                Output.line("versions of \(key) below \(version) no longer decrypt")
+            } else {
+                try manager.setMinDecryptionVersion(key, version: nil, by: caller)
+                Output.line("every version of \(key) decrypts again")
+            }
+        }
+    }
+
+    struct Sign: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Sign a message with a SIGN_VERIFY key (RSA PKCS#1 v1.5 with SHA-256, or ECDSA).")
+        @OptionGroup var fs: FilesystemOption
+        @Argument(help: "Key id or alias.") var key: String
+        @Option(help: "The message (at most 256 KiB).") var messageFile: String
+        @Option(help: "Where to write the signature (DER for ECDSA, raw for RSA), as `openssl dgst -verify` reads it.") var out: String
+        func run() throws {
+            let message = try Invocation.current.readInput(messageFile)
+            let signature = try fs.open().signMessage(message, with: key, by: caller)
+            try Invocation.current.writeOutput(out, signature)
+            Output.line("signed \(message.count) bytes with \(key); signature in \(out)")
+        }
+    }
+
+    struct Verify: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Verify a signature made with a SIGN_VERIFY key; exits 0 only when it is valid.")
+        @OptionGroup var fs: FilesystemOption
+        @Argument(help: "Key id or alias.") var key: String
+        @Option(help: "The message.") var messageFile: String
+        @Option(help: "The signature.") var signatureFile: String
+        func run() throws {
+            let message = try Invocation.current.readInput(messageFile)
+            let signature = try Invocation.current.readInput(signatureFile)
+            guard try fs.open().verifyMessage(message, signature: signature, with: key, by: caller) else {
+                Output.note("kmsfs: the signature is not valid for this message and key")
+                throw ExitCode(1)
+            }
+            Output.line("valid signature")
+        }
+    }
+
+    struct GetPublicKey: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Write the public key of a SIGN_VERIFY key as PEM.")
+        @OptionGroup var fs: FilesystemOption
+        @Argument(help: "Key id or alias.") var key: String
+        @Option(help: "Where to write it (PEM); without it, print it.") var out: String?
+        func run() throws {
+            let pem = try fs.open().publicKeyPEM(key, by: caller)
+            if let out { try Invocation.current.writeOutput(out, Array(pem.utf8)); Output.line("public key of \(key) in \(out)") } else { Output.line(pem) }
+        }
+    }
+
+    struct GrantCommand: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "grant",
+            abstract: "Scoped, optionally expiring permissions on one key for one uid or gid (as AWS KMS grants).",
+            subcommands: [Create.self, List.self, Revoke.self])
+
+        struct Create: ParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "Give a subject some of a key's operations (encrypt, decrypt), optionally until a time.")
+            @OptionGroup var fs: FilesystemOption
+            @Argument(help: "Key id or alias.") var key: String
+            @Option(help: "uid:N, gid:N or *.") var grantee: String
+            @Option(help: "Comma-separated: encrypt, decrypt.") var operations: String
+            @Option(help: "When it stops working, ISO 8601 (e.g. 2027-01-31T00:00:00Z).") var expires: String?
+            @OptionGroup var output: JSONOption
+            func run() throws {
+                guard let subject = PolicySubject(argument: grantee) else { throw ValidationError("--grantee is uid:N, gid:N or *") }
+                var ops = [KeyOperation]()
+                for name in operations.split(separator: ",") {
+                    guard let op = KeyOperation(rawValue: name.trimmingCharacters(in: .whitespaces)) else {
+                        throw ValidationError("unknown operation \(name); grants give encrypt and/or decrypt")
+                    }
+                    ops.append(op)
+                }
+                var expiry: Double?
+                if let expires {
+                    guard let date = try? Date(expires, strategy: .iso8601) else { throw ValidationError("--expires must be ISO 8601, e.g. 2027-01-31T00:00:00Z") }
+                    expiry = date.timeIntervalSince1970
+                }
+                let grant = try fs.open().createGrant(on: key, grantee: subject, operations: ops, expiresAt: expiry, by: caller)
+                if output.json { try Output.json(GrantView(grant)) } else { Output.line(grant.grantID) }
+            }
+        }
+
+        struct List: ParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "List a key's grants.")
+            @OptionGroup var fs: FilesystemOption
+            @Argument(help: "Key id or alias.") var key: String
+            @OptionGroup var output: JSONOption
+            func run() throws {
+                let grants = try fs.open().listGrants(key, by: caller).map(GrantView.init)
+                if output.json { try Output.json(grants); return }
+                Output.table(["GRANT ID", "GRANTEE", "OPERATIONS", "CREATED", "EXPIRES"], grants.map {
+                    [$0.grantId, $0.grantee, $0.operations.joined(separator: ","), $0.creationDate, $0.expirationDate ?? "never"]
+                })
+            }
+        }
+
+        struct Revoke: ParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "Remove a grant (an administrator of the key, or the grantee giving it up).")
+            @OptionGroup var fs: FilesystemOption
+            @Argument(help: "Key id or alias.") var key: String
+            @Argument(help: "The grant id.") var grantID: String
+            func run() throws {
+                try fs.open().revokeGrant(key, grantID: grantID, by: caller)
+                Output.line("grant \(grantID) on \(key) removed")
+            }
+        }
+
+        struct GrantView: Encodable {
+            var grantId: String
+            var keyId: String
+            var grantee: String
+            var operations: [String]
+            var creationDate: String
+            var expirationDate: String?
+            var createdBy: UInt32
+            init(_ g: KeyGrant) {
+                grantId = g.grantID
+                keyId = g.keyID.rawValue.hex
+                grantee = g.grantee
+                operations = g.operations.map(\.rawValue)
+                creationDate = Output.date(g.createdAt)
+                expirationDate = g.expiresAt.map { Output.date($0) }
+                createdBy = g.createdBy
+            }
+        }
+    }
+
+    struct AccessReport: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "access-report",
+            abstract: "Who may do what with each key (policy and grants), when each last used it, and who has not for N days.",
+            discussion: "Lists the keys the caller administers (all of them for root). Exit status 0; unused access is flagged, not removed.")
+        @OptionGroup var fs: FilesystemOption
+        @Option(help: "Flag subjects that have not used a key for this many days.") var unusedDays: Int = 90
+        @OptionGroup var output: JSONOption
+
+        struct Entry: Encodable {
+            var keyId: String
+            var aliases: [String]
+            var state: String
+            var subject: String
+            var operations: [String]
+            var sources: [String]
+            var lastUsed: String?
+            var unused: Bool
+        }
+
+        func run() throws {
+            guard unusedDays > 0 else { throw ValidationError("--unused-days must be at least 1") }
+            let findings = try fs.open().accessReport(unusedDays: unusedDays, by: caller)
+            let entries = findings.map {
+                Entry(keyId: $0.keyID.rawValue.hex, aliases: $0.aliases, state: $0.state.rawValue, subject: $0.subject,
+                      operations: $0.operations, sources: $0.sources, lastUsed: $0.lastUsedAt.map { Output.date($0) }, unused: $0.unused)
+            }
+            if output.json { try Output.json(entries); return }
+            Output.table(["KEY", "SUBJECT", "MAY", "VIA", "LAST USED", "FINDING"], entries.map {
+                [$0.aliases.first ?? $0.keyId, $0.subject, $0.operations.joined(separator: ","), $0.sources.joined(separator: "; "),
+                 $0.lastUsed ?? "never", $0.unused ? "unused \(unusedDays)+ days" : ""]
+            })
         }
     }
 }

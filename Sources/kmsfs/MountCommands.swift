@@ -19,7 +19,7 @@ struct Mount: ParsableCommand {
     @Argument(help: "An empty directory to mount on.") var mountpoint: String
     @OptionGroup var passphrase: PassphraseOptions
     @Flag(name: .customShort("f"), help: "Stay in the foreground.") var foreground = false
-    @Option(name: .customShort("o"), help: "Mount options, comma-separated: allow_other (adds default_permissions), ro, default_permissions, max_read=N, …")
+    @Option(name: .customShort("o"), help: "Mount options, comma-separated: allow_other (adds default_permissions), ro, default_permissions, max_read=N, ...")
     var options: [String] = []
     @Option(help: "FUSE worker threads.") var threads = 4
     @Option(help: ArgumentHelp("Record successful file opens and creates in the audit log: on (always, but for benchmarks).", visibility: .private))
@@ -73,6 +73,10 @@ struct Mount: ParsableCommand {
             digests.setEventHandler { [manager] in manager.sealAuditDigest() }
             digests.resume()
             defer { digests.cancel() }
+            // Rotations, deletion windows and overdue alerts while mounted.
+            let schedules = ScheduleRunner(manager: manager)
+            schedules.start()
+            defer { schedules.stop() }
             let fs = try EncryptedFileSystem(cipherdir: cipher, keyManager: manager)
             // Finish or roll back what an interrupted rekey left, before anything reads a file.
             let rekey = RekeyService(filesystem: fs)
@@ -96,7 +100,7 @@ struct Mount: ParsableCommand {
                 MountStatus(cipherdir: cipher, mountpoint: mount, pid: getpid(), startedAt: started,
                             statistics: fs.statistics, keysInUse: fs.keysInUse)
             }, admit: { [manager] peer in manager.admitAdministrator(peer) },
-               execute: { [manager] arguments, peer in Invocation.runForwarded(arguments, as: peer, manager: manager, daemon: services) })
+               execute: { [manager] command, peer in Invocation.runForwarded(command, as: peer, manager: manager, daemon: services) })
             rekey.start()
             defer { rekey.stop() }
             control.start()

@@ -90,12 +90,21 @@ enum Paths {
 var caller: Principal { Invocation.current.principal }
 
 enum Clock {
-    /// The system clock; debug builds honour KMSFS_TEST_NOW (seconds since 1970)
-    /// so end-to-end tests can move time. Release builds ignore it.
+    /// The system clock; debug builds honour KMSFS_TEST_NOW (seconds since
+    /// 1970) and KMSFS_TEST_CLOCK_FILE (a file holding that number, read at
+    /// each call, so a test can move a running daemon's time) so end-to-end
+    /// tests can move time. Release builds ignore both.
     static var current: @Sendable () -> Double {
         #if DEBUG
-        if let text = ProcessInfo.processInfo.environment["KMSFS_TEST_NOW"], let now = Double(text) {
+        let environment = ProcessInfo.processInfo.environment
+        if let text = environment["KMSFS_TEST_NOW"], let now = Double(text) {
             return { now }
+        }
+        if let file = environment["KMSFS_TEST_CLOCK_FILE"] {
+            return {
+                let text = (try? String(contentsOfFile: file, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+                return text.flatMap(Double.init) ?? KeyManager.systemClock()
+            }
         }
         #endif
         return KeyManager.systemClock

@@ -14,6 +14,8 @@ let expectedTable: [String: [KeyState: KeyState?]] = [
     "scheduleDeletion": [.enabled: .pendingDeletion, .disabled: .pendingDeletion, .deprecated: .pendingDeletion, .pendingDeletion: nil, .destroyed: nil],
     "cancelDeletion": [.enabled: nil, .disabled: nil, .deprecated: nil, .pendingDeletion: .disabled, .destroyed: nil],
     "deprecate": [.enabled: .deprecated, .disabled: .deprecated, .deprecated: nil, .pendingDeletion: nil, .destroyed: nil],
+    // Tags, aliases, policy, grants, rotation settings: any state but Destroyed, which accepts only describe.
+    "change": [.enabled: .enabled, .disabled: .disabled, .deprecated: .deprecated, .pendingDeletion: .pendingDeletion, .destroyed: nil],
 ]
 
 struct TransitionCase: Sendable, CustomTestStringConvertible {
@@ -62,6 +64,7 @@ let transitionCases = expectedTable.keys.sorted().flatMap { action in KeyState.a
             case "scheduleDeletion": _ = try km.scheduleDeletion(ref, by: owner)
             case "cancelDeletion": try km.cancelDeletion(ref, by: owner)
             case "deprecate": try km.deprecate(ref, successor: "alias/default", by: owner)
+            case "change": try km.setTag(ref, name: "team", value: "x", by: owner)
             default: Issue.record("unknown action")
             }
         }
@@ -89,6 +92,7 @@ let transitionCases = expectedTable.keys.sorted().flatMap { action in KeyState.a
         let actions: [String: LifecycleAction] = [
             "generateDataKey": .generateDataKey, "decrypt": .unwrapDataKey, "rotate": .rotate, "enable": .enable,
             "disable": .disable, "scheduleDeletion": .scheduleDeletion, "cancelDeletion": .cancelDeletion, "deprecate": .deprecate,
+            "change": .change,
         ]
         for (name, row) in expectedTable {
             for (state, expected) in row {
