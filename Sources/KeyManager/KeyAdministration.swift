@@ -271,9 +271,11 @@ extension KeyManager {
         try transition(reference, .disable, event: "DisableKey", by: principal) { _ in nil }
     }
 
-    /// Schedules destruction after a window of 7–30 days (default 30).
-    /// Refused while a directory is bound to the key: its new files would
-    /// have nowhere to go (rebind the directories first).
+    /// Schedules destruction after a window of 7–30 days (default 30). A key
+    /// still bound to a directory is not destroyed until it is rebound (the
+    /// deletion guard); `key schedule-deletion` warns about such bindings.
+    /// A deprecated key keeps handing its directories' new files to its
+    /// successor while pending deletion.
     public func scheduleDeletion(_ reference: String, days: Int = KeyLimits.defaultDeletionWindowDays,
                                  by principal: Principal) throws(KeyManagerError) -> Double {
         let date = clock() + Double(days) * 86_400
@@ -282,14 +284,13 @@ extension KeyManager {
             guard KeyLimits.deletionWindowDays.contains(days) else {
                 throw .invalidArgument("deletion window \(days) days is outside 7-30")
             }
-            let id = try resolve(reference)
-            let bound = try boundPaths(of: id)
-            guard bound.isEmpty else {
-                throw .invalidArgument("key \(reference) still governs new files under \(bound.joined(separator: ", ")); "
-                                       + "bind \(bound.count == 1 ? "it" : "them") to another key first (`kmsfs key bind \(bound[0]) NEWKEY`)")
-            }
         } extra: { _ in "deletion_date = \(date)" }
         return date
+    }
+
+    /// The directory paths bound to a key.
+    public func boundPaths(of reference: String) throws(KeyManagerError) -> [String] {
+        try boundPaths(of: try resolve(reference))
     }
 
     /// Cancels a scheduled deletion; the key is left Disabled.

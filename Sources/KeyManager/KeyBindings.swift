@@ -95,7 +95,9 @@ extension KeyManager {
     public func successorOf(_ key: KeyID) throws(KeyManagerError) -> KeyID {
         var rec = try record(key)
         for _ in 0..<8 {
-            guard rec.state == .deprecated, let successor = rec.metadata.successor else { break }
+            // A deprecated key scheduled for deletion still hands over: its
+            // directories' new files must not start failing.
+            guard rec.state == .deprecated || rec.state == .pendingDeletion, let successor = rec.metadata.successor else { break }
             rec = try record(successor)
         }
         return rec.id

@@ -173,13 +173,22 @@ struct KeyCommand: ParsableCommand {
     struct ScheduleDeletion: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Schedule a key's destruction after a 7-30 day window; it is destroyed only when no file needs it.",
-            discussion: "Refused while a directory is bound to the key: bind it to another key first.")
+            discussion: "A key still bound to a directory is not destroyed until the directory is bound to another key; the command warns about such bindings.")
         @OptionGroup var fs: FilesystemOption
         @Argument(help: "Key id or alias.") var key: String
         @Option(help: "Days before destruction (7-30).") var days: Int = 30
         func run() throws {
-            let date = try fs.open().scheduleDeletion(key, days: days, by: caller)
+            let manager = try fs.open()
+            let date = try manager.scheduleDeletion(key, days: days, by: caller)
             Output.line("\(key) is PendingDeletion; it will be destroyed after \(Output.date(date)) if no file still uses it")
+            let bound = try manager.boundPaths(of: key)
+            if !bound.isEmpty {
+                let successor = try manager.describe(key).metadata.successor
+                Output.note("warning: \(key) is still bound to \(bound.joined(separator: ", ")): "
+                            + (successor.map { "new files there go to its successor \($0.rawValue.hex) meanwhile; " }
+                               ?? "new files there fail (EKEYREVOKED) meanwhile; ")
+                            + "it is not destroyed until you rebind (`kmsfs key bind \(bound[0]) NEWKEY`)")
+            }
         }
     }
 

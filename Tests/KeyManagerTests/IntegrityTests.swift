@@ -17,6 +17,7 @@ func chainFields(_ row: Row) -> [String] {
     }
     return ["time", "event", "outcome", "key_id", "key_version", "uid", "gid", "pid", "process", "object_id", "error"].map(text)
         + ((row["path"] as String?).map { [$0] } ?? [])
+        + ((row["request"] as String?).map { ["request:" + $0] } ?? [])
 }
 
 /// The keystore's own defences against someone who can write its file.
