@@ -56,8 +56,9 @@ public struct ForwardedCommand: Sendable {
 /// - `status` answers root and the uid the daemon runs as.
 /// - `run` executes an admin command line (`kmsfs key …`, `audit …`,
 ///   `rekey …`) inside the daemon, as the peer: the `admit` closure decides
-///   who may use the admin plane at all (and records refusals), and each
-///   key operation then checks the key's policy for that principal.
+///   who may talk at all (and records refusals) — administrators of some
+///   key run any command, holders of encrypt or decrypt only the key-use
+///   commands — and each key operation then checks its key's policy.
 ///
 /// The socket is world-connectable (mode 0666 inside the traverse-only
 /// `.kmsfs`), because admins named by key policy need not be root; the peer
@@ -72,7 +73,7 @@ public final class ControlServer: @unchecked Sendable {
     private let path: String
     private let listener: Int32
     private let status: @Sendable () -> MountStatus
-    private let admit: @Sendable (Principal) -> Bool
+    private let admit: @Sendable (Principal) -> ControlAdmission
     private let execute: @Sendable (ForwardedCommand, Principal) -> ForwardedResult
     private let logger = Logger(label: "kmsfs.control")
     private var thread: Thread?
@@ -100,7 +101,7 @@ public final class ControlServer: @unchecked Sendable {
 
     /// Listens on `directory/control.sock` (replacing a stale socket).
     public init(directory: String, status: @escaping @Sendable () -> MountStatus,
-                admit: @escaping @Sendable (Principal) -> Bool = { _ in false },
+                admit: @escaping @Sendable (Principal) -> ControlAdmission = { _ in .refused },
                 execute: @escaping @Sendable (ForwardedCommand, Principal) -> ForwardedResult = { _, _ in ForwardedResult(code: 1, stdout: "", stderr: "not supported\n") }) throws {
         path = directory + "/" + Self.socketName
         self.status = status
@@ -176,9 +177,10 @@ public final class ControlServer: @unchecked Sendable {
         setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         setsockopt(client, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         // Who may talk at all is decided before reading what they say.
-        guard privileged || admit(peer) else {
+        let admission = privileged ? .administrator : admit(peer)
+        guard admission != .refused else {
             logger.notice("control connection refused", metadata: ["uid": "\(uid)"])
-            send(client, Reply(ok: false, error: "uid \(uid) may not administer this filesystem: no key policy grants it administer"))
+            send(client, Reply(ok: false, error: "uid \(uid) may not use this filesystem's keys: no key policy or grant names it"))
             return
         }
         let line: [UInt8]
@@ -200,6 +202,9 @@ public final class ControlServer: @unchecked Sendable {
         switch request.command {
         case "status" where privileged:
             send(client, Reply(ok: true, status: status()))
+        case "run" where admission == .keyUser && !Self.keyUseCommand(request.arguments ?? []):
+            send(client, Reply(ok: false, error: "uid \(uid) may not administer this filesystem: no key policy grants it administer "
+                                                + "(with encrypt or decrypt alone, only key sign, verify and get-public-key)"))
         case "run":
             let command = ForwardedCommand(arguments: request.arguments ?? [], inputs: request.inputs ?? [:])
             let result = running.withLock { execute(command, peer) }
@@ -209,6 +214,11 @@ public final class ControlServer: @unchecked Sendable {
         default:
             send(client, Reply(ok: false, error: "unknown command \(request.command.prefix(64))"))
         }
+    }
+
+    /// The commands a key user (encrypt or decrypt, no administer) may run.
+    static func keyUseCommand(_ arguments: [String]) -> Bool {
+        arguments.count >= 2 && arguments[0] == "key" && ["sign", "verify", "get-public-key"].contains(arguments[1])
     }
 
     enum LineRead { case line([UInt8]), tooLong, timedOut, closed }

@@ -688,7 +688,8 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     /// Reads and authenticates the header of backing file `fd`, unwraps its
     /// data key for `principal` and makes its open state (which owns `fd`;
     /// on failure `fd` is closed).
-    func makeOpenFile(fd: Int32, writable: Bool, principal who: Principal, path: String? = nil) throws(Errno) -> OpenFile {
+    /// `rekeying`: opened by the rekey job, which may unwrap a cut-off version to move the file off it.
+    func makeOpenFile(fd: Int32, writable: Bool, principal who: Principal, path: String? = nil, rekeying: Bool = false) throws(Errno) -> OpenFile {
         let header: FileHeader
         do throws(Errno) {
             let raw = try Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0)
@@ -703,7 +704,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         do throws(Errno) {
             let dataKey = try keys { () throws(KeyManagerError) in
                 try keyManager.decryptDataKey(header.wrappedKey, for: header.fileID.rawValue, key: header.keyID,
-                                              version: header.keyVersion, principal: who, path: path)
+                                              version: header.keyVersion, principal: who, path: path, movingOffCutOff: rekeying)
             }
             let cipher: FileCipher
             do throws(CipherError) { cipher = try FileCipher(key: dataKey, fileID: header.fileID, layout: layout) } catch { throw Errno.ioError }

@@ -328,7 +328,7 @@ public final class Rekeyer: @unchecked Sendable {
         do throws(Errno) {
             let key = InodeKey(try Syscall.fstat(fd))
             file = try fs.openShared(key) { fs.pinOpen(key) } make: { () throws(Errno) -> OpenFile in
-                try fs.makeOpenFile(fd: try Syscall.call { dup(fd) }, writable: true, principal: job.principal)
+                try fs.makeOpenFile(fd: try Syscall.call { dup(fd) }, writable: true, principal: job.principal, rekeying: true)
             }
         } catch { throw RekeyFailure(error) }
         defer { fs.releaseFile(file) }
@@ -417,7 +417,7 @@ public final class Rekeyer: @unchecked Sendable {
             guard header.fileID.rawValue == candidate.object, selects(header) else { return .skipped }
             let dataKey = try fs.keys { () throws(KeyManagerError) in
                 try keyManager.decryptDataKey(header.wrappedKey, for: candidate.object, key: header.keyID, version: header.keyVersion,
-                                              principal: job.principal)
+                                              principal: job.principal, movingOffCutOff: true)
             }
             let wrapped = try fs.keys { () throws(KeyManagerError) in
                 try keyManager.wrapDataKey(dataKey, for: candidate.object, key: job.targetKey, principal: job.principal)

@@ -30,9 +30,12 @@ extension KeyManager {
     }
 
     /// Unwraps a data key for `object` after checking policy (decrypt) and
-    /// state. A wrong context or altered bytes give `unwrapFailed`.
+    /// state. A wrong context or altered bytes give `unwrapFailed`. The
+    /// rekey job passes `movingOffCutOff` to unwrap a version below the
+    /// key's floor (`min-decryption-version`) so it can move the file onto
+    /// the current version; every other caller honours the floor.
     public func decryptDataKey(_ wrapped: [UInt8], for object: ID128, key: KeyID, version: KeyVersion,
-                               principal: Principal, path: String? = nil) throws(KeyManagerError) -> SecretKey {
+                               principal: Principal, path: String? = nil, movingOffCutOff: Bool = false) throws(KeyManagerError) -> SecretKey {
         // A header naming a key or version this keystore never had was altered (or comes from elsewhere).
         func altered(_ why: String) -> KeyManagerError {
             audit(AuditEvent("Decrypt", outcome: "integrity-failure", key: key, version: version, principal: principal, object: object,
@@ -52,7 +55,7 @@ extension KeyManager {
             audit(AuditEvent("Decrypt", outcome: "refused", key: key, version: version, principal: principal, object: object, error: error.description, path: path))
             throw error
         }
-        try checkFloor(rec, version, principal: principal, object: object, path: { path })
+        if !movingOffCutOff { try checkFloor(rec, version, principal: principal, object: object, path: { path }) }
         guard let dek = try provider.unwrapDataKey(wrapped, key: key, version: version, context: dataKeyContext(object: object, key: key, version: version),
                                                    stored: { () throws(KeyManagerError) in try storedMaterial(key, version) }) else {
             let error = KeyManagerError.unwrapFailed(key: rec.displayName, version: version)

@@ -151,9 +151,10 @@ extension KeyManager {
         try adminOperation("Verify", principal, request: ["keyId": reference]) { () throws(KeyManagerError) in
             let id = try resolve(reference)
             let rec = try record(id)
-            try check(.change, rec)
             guard rec.metadata.usage == .signVerify else { throw .invalidArgument("key \(rec.displayName) is not a SIGN_VERIFY key") }
             try authorize(principal, .decrypt, rec)
+            // Like decrypting: a Disabled or PendingDeletion key does not verify.
+            try check(.unwrapDataKey, rec)
             let valid = try verify(message, signature: signature, key: id.rawValue.hex, version: rec.metadata.currentVersion)
             audit(AuditEvent("Verify", outcome: valid ? "success" : "invalid", key: id, version: rec.metadata.currentVersion, principal: principal,
                              error: valid ? nil : "the signature does not verify",

@@ -64,18 +64,39 @@ extension KeyManager {
     }
 }
 
+/// How far a live mount's control socket lets a peer in (root and the
+/// mounting user always fully).
+public enum ControlAdmission: Sendable, Equatable {
+    /// Administers some key: every admin command, each checked against its key's policy.
+    case administrator
+    /// Holds encrypt or decrypt on some key (by policy or an unexpired grant)
+    /// but administers none: only the key-use commands (`key sign`, `key
+    /// verify`, `key get-public-key`), each checked against its key.
+    case keyUser
+    case refused
+}
+
 extension KeyManager {
-    /// Whether some key's policy lets `principal` administer it: the test a
-    /// live mount applies before running an admin command for a peer (each
-    /// key operation then checks its own key's policy). A refusal is audited.
-    public func admitAdministrator(_ principal: Principal) -> Bool {
-        let subjects = (try? verifiedRead { db in
-            try String.fetchAll(db, sql: "SELECT DISTINCT subject FROM policies WHERE operation = ?",
-                                arguments: [KeyOperation.administer.rawValue])
-        }) ?? []
-        if subjects.compactMap(PolicySubject.init(argument:)).contains(where: { $0.matches(principal) }) { return true }
+    /// Who may talk to a live mount's control socket at all, decided from the
+    /// peer's credentials before any of its request is read (each operation
+    /// then checks its own key's policy). A refusal is audited.
+    public func controlAdmission(_ principal: Principal) -> ControlAdmission {
+        let now = clock()
+        let (administrators, users) = (try? verifiedRead { db in
+            (try String.fetchAll(db, sql: "SELECT DISTINCT subject FROM policies WHERE operation = ?",
+                                 arguments: [KeyOperation.administer.rawValue]),
+             try String.fetchAll(db, sql: """
+                SELECT subject FROM policies WHERE operation != ?
+                UNION SELECT grantee FROM grants WHERE expires_at IS NULL OR expires_at > ?
+                """, arguments: [KeyOperation.administer.rawValue, now]))
+        }) ?? ([], [])
+        func matches(_ subjects: [String]) -> Bool {
+            subjects.compactMap(PolicySubject.init(argument:)).contains { $0.matches(principal) }
+        }
+        if matches(administrators) { return .administrator }
+        if matches(users) { return .keyUser }
         audit(AuditEvent("AdminAccess", outcome: "denied", principal: principal,
-                         error: "uid \(principal.uid) administers no key; control socket request refused"))
-        return false
+                         error: "uid \(principal.uid) may use no key; control socket request refused"))
+        return .refused
     }
 }

@@ -91,14 +91,18 @@ struct KeyCommand: ParsableCommand {
             var versions: [KeyVersionInfo]
             var policy: [String: [String]]
             var nextRotationAt: Double?
+            /// Versions below it refuse to decrypt (`key min-decryption-version`).
+            var minDecryptionVersion: KeyVersion?
         }
 
         func run() throws {
-            let (metadata, versions, policy) = try fs.open().describe(key)
+            let manager = try fs.open()
+            let (metadata, versions, policy) = try manager.describe(key)
+            let floor = metadata.state == .destroyed ? nil : try manager.minDecryptionVersion(key)
             if output.json {
                 try Output.json(Description(metadata: metadata, versions: versions,
                                             policy: Dictionary(uniqueKeysWithValues: policy.map { ($0.key.rawValue, $0.value) }),
-                                            nextRotationAt: metadata.nextRotationAt))
+                                            nextRotationAt: metadata.nextRotationAt, minDecryptionVersion: floor))
                 return
             }
             Output.line("key id:        \(metadata.keyID)")
@@ -110,6 +114,7 @@ struct KeyCommand: ParsableCommand {
             if let deletion = metadata.deletionDate, metadata.state == .pendingDeletion { Output.line("deletion date: \(Output.date(deletion))") }
             Output.line("created:       \(Output.date(metadata.createdAt))")
             Output.line("rotation:      \(metadata.rotationPeriodDays.map { "every \($0) days, next \(Output.date(metadata.nextRotationAt))" } ?? "off")")
+            if let floor { Output.line("cut off below: version \(floor.rawValue) (min-decryption-version)") }
             Output.line("tags:          \(metadata.tags.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ", "))")
             for op in KeyOperation.allCases {
                 Output.line("may \(op.rawValue):".padding(toLength: 15, withPad: " ", startingAt: 0) + (policy[op] ?? []).joined(separator: ", "))
@@ -117,7 +122,7 @@ struct KeyCommand: ParsableCommand {
             Output.line("")
             Output.table(["VERSION", "CREATED", "STATUS", "FILES+DIRS"], versions.map { v in
                 [String(v.version.rawValue), Output.date(v.createdAt),
-                 v.version == metadata.currentVersion ? "current" : (v.retired ? "retired" : "decrypt-only"), String(v.usageCount)]
+                 v.version == metadata.currentVersion ? "current" : (v.retired ? "retired" : (floor.map { v.version < $0 } == true ? "cut-off" : "decrypt-only")), String(v.usageCount)]
             })
         }
     }
@@ -437,13 +442,27 @@ struct KeyCommand: ParsableCommand {
     }
 
     struct GetPublicKey: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Write the public key of a SIGN_VERIFY key as PEM.")
+        static let configuration = CommandConfiguration(abstract: "Write the public key of a SIGN_VERIFY key (SubjectPublicKeyInfo, PEM or DER).")
         @OptionGroup var fs: FilesystemOption
         @Argument(help: "Key id or alias.") var key: String
-        @Option(help: "Where to write it (PEM); without it, print it.") var out: String?
+        @Option(help: "Where to write it; without it, print it (PEM only).") var out: String?
+        @Option(help: "pem (default) or der.") var format: String = "pem"
+        func validate() throws {
+            guard format == "pem" || format == "der" else { throw ValidationError("--format is pem or der") }
+            if format == "der" && out == nil { throw ValidationError("--format der needs --out FILE") }
+        }
         func run() throws {
             let pem = try fs.open().publicKeyPEM(key, by: caller)
-            if let out { try Invocation.current.writeOutput(out, Array(pem.utf8)); Output.line("public key of \(key) in \(out)") } else { Output.line(pem) }
+            guard let out else { Output.line(pem); return }
+            var bytes = Array(pem.utf8)
+            if format == "der" {
+                // The PEM body is the DER, base64 between the BEGIN and END lines.
+                let body = pem.split(separator: "\n").filter { !$0.hasPrefix("-----") }.joined()
+                guard let der = Data(base64Encoded: body) else { throw ValidationError("the public key's PEM did not decode") }
+                bytes = Array(der)
+            }
+            try Invocation.current.writeOutput(out, bytes)
+            Output.line("public key of \(key) in \(out) (\(format.uppercased()))")
         }
     }
 

@@ -99,7 +99,7 @@ struct Mount: ParsableCommand {
             let control = try ControlServer(directory: keystore, status: { [fs] in
                 MountStatus(cipherdir: cipher, mountpoint: mount, pid: getpid(), startedAt: started,
                             statistics: fs.statistics, keysInUse: fs.keysInUse)
-            }, admit: { [manager] peer in manager.admitAdministrator(peer) },
+            }, admit: { [manager] peer in manager.controlAdmission(peer) },
                execute: { [manager] command, peer in Invocation.runForwarded(command, as: peer, manager: manager, daemon: services) })
             rekey.start()
             defer { rekey.stop() }

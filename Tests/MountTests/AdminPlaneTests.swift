@@ -32,7 +32,7 @@ struct AdminPlaneTests {
         let setpriv = "setpriv --reuid 4242 --regid 4242 --clear-groups"
         let refused = try fs.run("\(setpriv) $K key disable alias/default --fs $C")
         #expect(refused.status == 1)
-        #expect(refused.stderr.contains("uid 4242 may not administer"), "\(refused.stderr)")
+        #expect(refused.stderr.contains("uid 4242 may not use this filesystem's keys"), "\(refused.stderr)")
         #expect(try fs.run("$K key describe alias/default --fs $M").stdout.contains("Enabled"))
         let audit = try fs.run("$K audit list --json --limit 5 --fs $M").stdout
         #expect(audit.contains("\"event\" : \"AdminAccess\"") && audit.contains("\"uid\" : 4242"), "\(audit)")
