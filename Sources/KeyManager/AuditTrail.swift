@@ -146,6 +146,14 @@ extension KeyManager {
         if let event = filter.event { clauses.append("event = ?"); arguments.append(event) }
         if let uid = filter.uid { clauses.append("uid = ?"); arguments.append(Int(uid)) }
         if let outcome = filter.outcome { clauses.append("outcome = ?"); arguments.append(outcome) }
+        if let viewer = filter.viewer, viewer.uid != 0 {
+            let administered = try verifiedRead({ db in try KeyRecord.fetchAll(db) })
+                .filter { rec in rec.policy[.administer, default: []].contains { $0.matches(viewer) } }
+                .map { $0.id.rawValue.hex }
+            clauses.append("(uid = ? OR key_id IN (\(administered.map { _ in "?" }.joined(separator: ", "))))")
+            arguments.append(Int(viewer.uid))
+            arguments.append(contentsOf: administered.map { $0 as DatabaseValueConvertible? })
+        }
         let condition = clauses.isEmpty ? "" : "WHERE " + clauses.joined(separator: " AND ")
         let sql = "SELECT * FROM (SELECT * FROM audit_log \(condition) ORDER BY seq DESC" + (limit.map { " LIMIT \($0)" } ?? "") + ") ORDER BY seq"
         let bound = StatementArguments(arguments)
@@ -225,6 +233,9 @@ public struct AuditFilter: Sendable {
     public var event: String?
     public var uid: UInt32?
     public var outcome: String?
+    /// When set (a non-root peer of a live mount), only records of keys it
+    /// administers and its own records: one team does not read another's trail.
+    public var viewer: Principal?
     public init(since: Double? = nil, until: Double? = nil, key: String? = nil, event: String? = nil, uid: UInt32? = nil, outcome: String? = nil) {
         self.since = since
         self.until = until

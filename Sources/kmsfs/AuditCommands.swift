@@ -33,8 +33,12 @@ struct AuditCommand: ParsableCommand {
         @Option(help: "Only records of this uid.") var uid: UInt32?
         @Option(help: "Only this outcome: success, denied, refused, failure, integrity-failure.") var outcome: String?
 
-        func filter() throws -> AuditFilter {
-            AuditFilter(since: try since.map(Self.time), until: try until.map(Self.time), key: key, event: event, uid: uid, outcome: outcome)
+        /// The filter as given; a peer of a live mount other than root and
+        /// the mounting user sees only its keys' records and its own.
+        func filter(for caller: Principal) throws -> AuditFilter {
+            var filter = AuditFilter(since: try since.map(Self.time), until: try until.map(Self.time), key: key, event: event, uid: uid, outcome: outcome)
+            if Invocation.current.daemon != nil, caller.uid != 0, caller.uid != geteuid() { filter.viewer = caller }
+            return filter
         }
 
         static func time(_ text: String) throws -> Double {
@@ -52,7 +56,7 @@ struct AuditCommand: ParsableCommand {
         @OptionGroup var output: JSONOption
 
         func run() throws {
-            let records = try fs.open().auditRecords(try filters.filter(), limit: limit)
+            let records = try fs.open().auditRecords(try filters.filter(for: caller), limit: limit)
             if output.json { try Output.json(records); return }
             Output.table(["#", "TIME", "EVENT", "OUTCOME", "KEY", "VER", "UID", "OBJECT", "PATH"], records.map { r in
                 [String(r.seq), Output.date(r.time), r.event, r.outcome, r.keyID.map { String($0.prefix(12)) } ?? "-",
@@ -79,7 +83,7 @@ struct AuditCommand: ParsableCommand {
             let manager = try fs.open()
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-            for record in try manager.auditRecords(try filters.filter(), limit: limit) {
+            for record in try manager.auditRecords(try filters.filter(for: caller), limit: limit) {
                 Output.line(String(decoding: try encoder.encode(CloudTrailEvent(record, filesystem: manager.filesystemID.hex)), as: UTF8.self))
             }
         }

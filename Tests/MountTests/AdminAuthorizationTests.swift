@@ -315,3 +315,23 @@ struct AdminAuthorizationTests {
         #expect(text.contains("90-2560"))
     }
 }
+
+@Suite("admin authorization: the audit trail is read by team", .serialized)
+struct AuditVisibilityTests {
+    @Test("over a live mount, uid 4242 reads only the records of keys it administers and its own; root reads all")
+    func teamSeesItsOwnTrail() throws {
+        let fs = try teamMount()
+        #expect(try fs.run("echo secret > $M/f && cat $M/f >/dev/null && $K key create --alias alias/other --fs $M >/dev/null").ok)
+        #expect(try fs.run("\(asTeam) $K key rotate alias/team --fs $M >/dev/null").ok)
+        let team = try fs.run("$K key describe alias/team --json --fs $M").stdout
+        let teamID = try #require((jsonObject(team)["metadata"] as? [String: Any])?["keyID"] as? String)
+        let seen = jsonArray(try fs.run("\(asTeam) $K audit list --json --limit 500 --fs $M").stdout)
+        #expect(!seen.isEmpty)
+        #expect(seen.allSatisfy { $0["keyID"] as? String == teamID || $0["uid"] as? Int == 4242 }, "\(seen.map { "\($0["event"] ?? "") \($0["keyID"] ?? "-") \($0["uid"] ?? "-")" })")
+        #expect(seen.contains { $0["event"] as? String == "RotateKeyOnDemand" })
+        let exported = try fs.run("\(asTeam) $K audit export --fs $M").stdout.split(separator: "\n")
+        #expect(exported.count == seen.count, "export and list show the same records")
+        let all = jsonArray(try fs.run("$K audit list --json --limit 500 --fs $M").stdout)
+        #expect(all.contains { $0["event"] as? String == "CreateKey" && $0["keyID"] as? String != teamID }, "root sees every key's records")
+    }
+}
