@@ -9,6 +9,23 @@ import Foundation
 import Glibc
 #endif
 
+/// A backup signer the restorer already trusts.
+public enum BackupTrust: Sendable {
+    /// The signer's public key, DER SubjectPublicKeyInfo.
+    case publicKey([UInt8])
+    /// `sha256:HEX` of that DER (as `backup create` prints it).
+    case fingerprint(String)
+
+    func accepts(_ signer: [UInt8]) -> Bool {
+        switch self {
+        case .publicKey(let der): return der == signer
+        case .fingerprint(let text):
+            let given = text.lowercased().hasPrefix("sha256:") ? text.lowercased() : "sha256:" + text.lowercased()
+            return given == KeyManager.backupFingerprint(signer)
+        }
+    }
+}
+
 /// What a restore did.
 public struct RestoreReport: Sendable, Codable {
     /// "new keystore" or "merged".
@@ -139,12 +156,36 @@ extension KeyManager {
     /// `passphrase`), keys and versions it lacks are added; a key or version
     /// that differs, or that it has destroyed, is a conflict and nothing is
     /// written — never a silent overwrite.
+    ///
+    /// The signature is checked against a key the restorer already trusts,
+    /// never only the one the file carries: `trust` when given, else the
+    /// existing keystore's digest key (a merge). Restoring into an empty
+    /// directory needs `trust`.
     public static func restoreBackup(_ file: [UInt8], backupPassphrase: borrowing SecretKey, into directory: String,
-                                     passphrase: borrowing SecretKey, by principal: Principal,
+                                     passphrase: borrowing SecretKey, trust: BackupTrust? = nil, by principal: Principal,
                                      clock: @escaping @Sendable () -> Double = KeyManager.systemClock) throws(KeyManagerError) -> RestoreReport {
         let parsed = try BackupFile(file)
         guard AsymmetricKeys.verify(Array(file[0..<parsed.signedLength]), signature: parsed.signature, publicKey: parsed.publicKey, spec: .eccP256) else {
             throw .invalidArgument("the backup's signature does not verify: the file was altered or damaged")
+        }
+        let target = directory + "/" + databaseName
+        let existing = FileManager.default.fileExists(atPath: target)
+            ? try KeyManager.open(in: directory, passphrase: passphrase, clock: clock) : nil
+        let signerFingerprint = backupFingerprint(parsed.publicKey)
+        let signerID = KeyID(rawValue: parsed.signer).rawValue.hex
+        if let trust {
+            guard trust.accepts(parsed.publicKey) else {
+                throw .invalidArgument("the backup is signed by key \(signerID) (\(signerFingerprint)), not by the key you trust: refused")
+            }
+        } else if let existing {
+            guard try existing.trustsBackupSigner(parsed) else {
+                throw .invalidArgument("the backup is signed by key \(signerID) (\(signerFingerprint)), which is not this keystore's digest key: "
+                                       + "refused. If you trust that signer, pass --trusted-fingerprint \(signerFingerprint)")
+            }
+        } else {
+            throw .invalidArgument("restoring into an empty keystore needs the signer you trust: --trusted-fingerprint (printed by "
+                                   + "`kmsfs backup create`) or --trusted-key FILE (from `kmsfs key get-public-key alias/kmsfs-audit-digest`); "
+                                   + "this backup is signed by key \(signerID) (\(signerFingerprint))")
         }
         let scrypt = ScryptParameters(logN: parsed.logN, r: 8, p: 1)
         let backupKEK = try AESGCM.make(try scrypt.deriveKey(passphrase: backupPassphrase, salt: parsed.salt))
@@ -169,9 +210,12 @@ extension KeyManager {
         }
         let restored = try KeyManager.open(in: staging, passphrase: backupPassphrase, clock: clock)
         guard restored.filesystemID == parsed.filesystemID else { throw .invalidArgument("the backup's header and contents name different filesystems") }
-        let signer = KeyID(rawValue: parsed.signer).rawValue.hex
-        let target = directory + "/" + databaseName
-        if !FileManager.default.fileExists(atPath: target) {
+        // The signer must be the digest key inside the copy: a trusted key cannot vouch for another keystore's contents.
+        guard try restored.trustsBackupSigner(parsed) else {
+            throw .invalidArgument("the backup's contents do not hold the key that signed it: refused")
+        }
+        let signer = signerID
+        guard let current = existing else {
             // A new keystore: relock with the keystore passphrase, then move it in place.
             let salt = SecureRandom.bytes(32)
             let stored = ScryptParameters.strong
@@ -188,12 +232,44 @@ extension KeyManager {
             let keys = try KeyManager.open(in: directory, passphrase: passphrase, clock: clock).listKeys().map(\.keyID.rawValue.hex)
             return RestoreReport(mode: "new keystore", keysAdded: keys, versionsAdded: 0, signer: signer, createdAt: parsed.createdAt)
         }
-        let current = try KeyManager.open(in: directory, passphrase: passphrase, clock: clock)
         guard current.filesystemID == restored.filesystemID else {
             throw .invalidArgument("the backup belongs to filesystem \(restored.filesystemID.hex), this keystore to \(current.filesystemID.hex); restore it into an empty keystore directory instead")
         }
         _ = try current.authorizeAdmin(principal, try current.resolve("alias/default"))
         return try current.merge(from: restored, signer: signer, createdAt: parsed.createdAt, by: principal)
+    }
+
+    /// Whether `backup` was signed by this keystore's digest key (the id and
+    /// the public half both match).
+    func trustsBackupSigner(_ backup: BackupFile) throws(KeyManagerError) -> Bool {
+        guard let digest = try? resolve(Self.auditDigestAlias), digest.rawValue == backup.signer else { return false }
+        let stored: Data? = try verifiedRead { db in
+            try Data.fetchOne(db, sql: "SELECT public_key FROM key_versions WHERE key_id = ? AND version = ?",
+                              arguments: [digest.rawValue.hex, Int(backup.signerVersion)])
+        }
+        return stored.map { [UInt8]($0) == backup.publicKey } ?? false
+    }
+
+    /// "sha256:" and the hex SHA-256 of a signer's public key (DER SubjectPublicKeyInfo).
+    public static func backupFingerprint(_ publicKey: [UInt8]) -> String {
+        "sha256:" + KeyDerivation.sha256(publicKey).map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined()
+    }
+
+    /// The key id and fingerprint of a backup file's signer (not yet trusted).
+    public static func backupSigner(_ file: [UInt8]) throws(KeyManagerError) -> (keyID: String, fingerprint: String) {
+        let parsed = try BackupFile(file)
+        return (KeyID(rawValue: parsed.signer).rawValue.hex, backupFingerprint(parsed.publicKey))
+    }
+
+    /// The fingerprint of this keystore's backup signer (its digest key), made on first use.
+    public func backupSignerFingerprint() throws(KeyManagerError) -> String {
+        let digest = try digestKey()
+        let rec = try record(digest)
+        let key: Data? = try read { db in
+            try Data.fetchOne(db, sql: "SELECT public_key FROM key_versions WHERE key_id = ? AND version = ?",
+                              arguments: [digest.rawValue.hex, rec.metadata.currentVersion.rawValue])
+        }
+        return Self.backupFingerprint([UInt8](key ?? Data()))
     }
 
     /// Adds to this keystore the keys and versions of `other` it lacks; refuses on any conflict.

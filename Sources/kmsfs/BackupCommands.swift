@@ -29,7 +29,10 @@ struct BackupCommand: ParsableCommand {
             try handle.write(contentsOf: Data(bytes))
             try handle.synchronize()
             try handle.close()
+            let signer = try KeyManager.backupSigner(bytes)
             Output.line("backup written to \(out) (\(bytes.count) bytes)")
+            Output.line("signed by key \(signer.keyID), fingerprint \(signer.fingerprint)")
+            Output.line("keep the fingerprint apart from the backup: restoring into an empty keystore asks for it (--trusted-fingerprint)")
         }
     }
 
@@ -40,10 +43,35 @@ struct BackupCommand: ParsableCommand {
         @Argument(help: "The backup file.") var file: String
         @Option(help: "The CIPHERDIR.") var fs: String
         @Option(help: "Read the backup passphrase from this file.") var backupPassphraseFile: String
+        @Option(help: "The signer you trust: sha256:HEX, as `backup create` printed it. Needed for an empty keystore; a merge trusts the keystore's own digest key.")
+        var trustedFingerprint: String?
+        @Option(help: "The signer you trust: its public key, PEM or DER (`kmsfs key get-public-key alias/kmsfs-audit-digest --out FILE`).")
+        var trustedKey: String?
         @OptionGroup var passphrase: PassphraseOptions
         @OptionGroup var output: JSONOption
 
+        func validate() throws {
+            if trustedFingerprint != nil && trustedKey != nil { throw ValidationError("give --trusted-fingerprint or --trusted-key, not both") }
+            if let trustedFingerprint {
+                let hex = trustedFingerprint.lowercased().hasPrefix("sha256:") ? String(trustedFingerprint.dropFirst(7)) : trustedFingerprint
+                guard hex.count == 64, hex.allSatisfy(\.isHexDigit) else { throw ValidationError("--trusted-fingerprint is sha256: and 64 hex digits") }
+            }
+        }
+
+        /// The trust anchor given on the command line, if any.
+        func trust() throws -> BackupTrust? {
+            if let trustedFingerprint { return .fingerprint(trustedFingerprint) }
+            guard let trustedKey else { return nil }
+            guard let data = FileManager.default.contents(atPath: trustedKey) else { throw Failure("cannot read \(trustedKey)") }
+            let text = String(decoding: data, as: UTF8.self)
+            guard text.hasPrefix("-----BEGIN PUBLIC KEY-----") else { return .publicKey([UInt8](data)) }
+            let body = text.split(separator: "\n").filter { !$0.hasPrefix("-----") }.joined()
+            guard let der = Data(base64Encoded: body) else { throw Failure("\(trustedKey) is not a PEM public key") }
+            return .publicKey([UInt8](der))
+        }
+
         func run() throws {
+            let trust = try trust()
             let cipherdir = try Paths.cipherdir(of: fs)
             let directory = cipherdir + "/.kmsfs"
             if MountTable.kmsfsMounts().contains(where: { $0.source == cipherdir }) || ControlServer.isServing(directory: directory) {
@@ -55,7 +83,7 @@ struct BackupCommand: ParsableCommand {
             let backup = try PassphraseReader.read(file: backupPassphraseFile, command: nil, prompt: "", confirm: false)
             let secret = try passphrase.read(prompt: fresh ? "New keystore passphrase: " : "Keystore passphrase: ", confirm: fresh)
             let report = try KeyManager.restoreBackup([UInt8](data), backupPassphrase: backup, into: directory, passphrase: secret,
-                                                      by: caller, clock: Clock.current)
+                                                      trust: trust, by: caller, clock: Clock.current)
             if output.json { try Output.json(report); return }
             Output.line("backup of \(Output.date(report.createdAt)), signed by key \(report.signer), restored: \(report.mode)")
             Output.line(report.mode == "merged" ? "added \(report.keysAdded.count) key(s) and \(report.versionsAdded) version(s)"
