@@ -440,26 +440,49 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     public func rmdir(_ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno) {
         let dir = try nodes.node(parent)
         let stored = try storedName(name, in: dir, context)
-        let object = try removeDirectoryKeys(dir, stored)
-        do throws(Errno) {
+        let object = try removingDirectoryKeys(dir, stored) { () throws(Errno) in
             try Syscall.call { unlinkat(dir.fd, stored, AT_REMOVEDIR) }
-        } catch {
-            logger.error("rmdir failed after its keys were removed", metadata: ["error": "\(error)"])
-            throw error
         }
         removeSidecar(stored, in: dir)
         if let object { try? keyManager.forgetUsage(object) }
     }
 
-    /// Checks a backing directory holds nothing but its `.kmsfs.dir`, removes
-    /// that, and returns the directory id (ENOTEMPTY otherwise).
-    private func removeDirectoryKeys(_ parent: Node, _ stored: String) throws(Errno) -> ID128? {
+    /// Where a directory's keys wait, in its parent, while the directory is removed.
+    static let setAsidePrefix = reservedPrefix + ".rmdir-"
+
+    /// Removes an empty backing directory with `remove` (rmdir, or a rename
+    /// over it) and returns its directory id; ENOTEMPTY if it holds more than
+    /// its `.kmsfs.dir`. The keys file is first hard-linked into the parent
+    /// under a reserved name and only then unlinked from the directory, so
+    /// if `remove` fails the directory gets its very keys back and stays
+    /// readable; a crash in between leaves at most a hidden set-aside file,
+    /// which the parent's own removal clears.
+    private func removingDirectoryKeys(_ parent: Node, _ stored: String, _ remove: () throws(Errno) -> Void) throws(Errno) -> ID128? {
         let fd = try Syscall.openat(parent.fd, stored, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
         defer { close(fd) }
         let entries = try Syscall.listDirectory(fd)
-        guard entries.allSatisfy({ $0.name == DirectoryKeys.fileName }) else { throw .directoryNotEmpty }
+        guard entries.allSatisfy({ $0.name == DirectoryKeys.fileName || $0.name.hasPrefix(Self.setAsidePrefix) }) else { throw .directoryNotEmpty }
+        for stale in entries where stale.name.hasPrefix(Self.setAsidePrefix) { unlinkat(fd, stale.name, 0) }
+        guard entries.contains(where: { $0.name == DirectoryKeys.fileName }) else {
+            try remove()
+            return nil
+        }
         let object = fileID(in: fd, stored: DirectoryKeys.fileName)
-        if !entries.isEmpty { try Syscall.call { unlinkat(fd, DirectoryKeys.fileName, 0) } }
+        let aside = Self.setAsidePrefix + ID128.random().hex
+        try Syscall.call { linkat(fd, DirectoryKeys.fileName, parent.fd, aside, 0) }
+        do throws(Errno) {
+            try Syscall.call { unlinkat(fd, DirectoryKeys.fileName, 0) }
+            try remove()
+        } catch {
+            // Put the keys back (the link in the directory is gone only if the unlink ran).
+            if linkat(parent.fd, aside, fd, DirectoryKeys.fileName, 0) != 0, errno != EEXIST {
+                logger.error("a failed rmdir could not restore the directory's keys", metadata: ["kept as": "\(aside)", "errno": "\(errno)"])
+                throw error
+            }
+            unlinkat(parent.fd, aside, 0)
+            throw error
+        }
+        unlinkat(parent.fd, aside, 0)
         return object
     }
 
@@ -472,19 +495,27 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         let moving = try Syscall.fstatat(from.fd, oldStored)
         let exchanged = flags & (KMSFS_RENAME_EXCHANGE) != 0 ? try Syscall.fstatat(to.fd, newStored) : nil
         var replacedObject: ID128?
+        var replacingDirectory = false
         if flags & (KMSFS_RENAME_EXCHANGE) == 0, let target = try? Syscall.fstatat(to.fd, newStored) {
             if flags & (KMSFS_RENAME_NOREPLACE) != 0 { throw .fileExists }
             switch target.st_mode & S_IFMT {
             case S_IFDIR:
                 guard moving.st_mode & S_IFMT == S_IFDIR else { throw .isDirectory }
-                replacedObject = try removeDirectoryKeys(to, newStored)
+                replacingDirectory = true
             case S_IFREG where target.st_nlink == 1 && InodeKey(target) != InodeKey(moving):
                 replacedObject = nodes.fileID(of: InodeKey(target)) ?? fileID(in: to.fd, stored: newStored)
             default: break
             }
         }
         try writeSidecar(newStored, plaintext: newName, in: to, context)
-        try Syscall.call { kmsfs_renameat2(from.fd, oldStored, to.fd, newStored, flags) }
+        if replacingDirectory {
+            // The replaced directory's keys go only if the rename succeeds.
+            replacedObject = try removingDirectoryKeys(to, newStored) { () throws(Errno) in
+                try Syscall.call { kmsfs_renameat2(from.fd, oldStored, to.fd, newStored, flags) }
+            }
+        } else {
+            try Syscall.call { kmsfs_renameat2(from.fd, oldStored, to.fd, newStored, flags) }
+        }
         if flags & (KMSFS_RENAME_EXCHANGE) != 0 {
             try writeSidecar(oldStored, plaintext: name, in: from, context)
         } else if oldStored != newStored || from.id != to.id {
