@@ -64,7 +64,10 @@ public final class FilesystemCheck {
     }
 
     public func run() throws(KeyManagerError) -> FsckReport {
-        try Rekeyer(filesystem: fs).recover()
+        for failure in try Rekeyer(filesystem: fs).recover() {
+            report.problems.append(FsckProblem(path: "?", backing: failure.path, object: failure.object.hex, kind: "rekey",
+                                               detail: failure.description, quarantined: nil))
+        }
         checkDirectory(fs.nodes.rootFD, backing: "", plain: "/", parentFD: nil, stored: nil, volume: nil)
         // Quarantined entries still exist and still need their keys.
         if let quarantined = try? Syscall.openat(fs.nodes.rootFD, Self.quarantineDirectory, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) {

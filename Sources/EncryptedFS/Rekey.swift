@@ -450,7 +450,12 @@ public final class Rekeyer: @unchecked Sendable {
     /// is neither old nor new is written new (both were recorded before the
     /// write); a reencrypt is rolled back from its backup to the wholly old
     /// file, to be redone. Runs before a mount serves and before any run.
-    public func recover() throws(KeyManagerError) {
+    ///
+    /// A file whose repair fails (its disk read-only or full, an I/O error)
+    /// keeps its intent, to be retried next time, is audited, and is
+    /// returned with its cause; the other intents are still handled.
+    public func recover() throws(KeyManagerError) -> [RecoveryFailure] {
+        var failures: [RecoveryFailure] = []
         for intent in try keyManager.rekeyIntents() {
             // The keystore file is writable by whoever can write CIPHERDIR:
             // an intent is acted on only if kmsfs wrote it (its MAC), only
@@ -466,8 +471,16 @@ public final class Rekeyer: @unchecked Sendable {
                 try keyManager.clearRekeyIntent(intent.object)
                 continue
             }
-            var fd = (try? openConfined(intent.path, O_RDWR)) ?? -1
-            if fd < 0 { fd = locate(intent.object) }
+            var fd: Int32 = -1
+            do throws(Errno) { fd = try openConfined(intent.path, O_RDWR) } catch {
+                // Only a file that is not there may be looked for elsewhere (renamed) or given up;
+                // one that is there but cannot be opened (read-only, immutable) keeps its intent.
+                guard error == .noSuchFileOrDirectory || error.rawValue == ENOTDIR else {
+                    failures.append(recoveryFailed(intent, "open it", error))
+                    continue
+                }
+                fd = locate(intent.object)
+            }
             guard fd >= 0 else {
                 logger.warning("rekey intent for a file that is gone", metadata: ["object": .string(intent.object.hex)])
                 try keyManager.clearRekeyIntent(intent.object)
@@ -489,7 +502,10 @@ public final class Rekeyer: @unchecked Sendable {
                         do throws(Errno) {
                             try Syscall.pwrite(fd, intent.newHeader, at: 0)
                             try Syscall.call { fsync(fd) }
-                        } catch { throw .database("cannot repair the header of object \(intent.object.hex): \(error)") }
+                        } catch {
+                            failures.append(recoveryFailed(intent, "write its new header", error))
+                            continue
+                        }
                     }
                     try keyManager.commitRekeyed(job: intent.job, object: intent.object, kind: intent.kind, key: newHeader.keyID,
                                                  version: newHeader.keyVersion, bytes: 0)
@@ -516,7 +532,10 @@ public final class Rekeyer: @unchecked Sendable {
                             var times = [st.st_atim, st.st_mtim]
                             _ = futimens(fd, &times)
                             try Syscall.call { fsync(fd) }
-                        } catch { throw .database("cannot roll back object \(intent.object.hex) from its backup: \(error)") }
+                        } catch {
+                            failures.append(recoveryFailed(intent, "roll it back from its backup", error))
+                            continue
+                        }
                     }
                 }
                 try keyManager.recordUsage(intent.object, kind: intent.kind, key: intent.oldKey, version: intent.oldVersion)
@@ -528,13 +547,36 @@ public final class Rekeyer: @unchecked Sendable {
             logger.notice("repaired an interrupted rekey", metadata: ["object": .string(intent.object.hex), "mode": .string(intent.mode.rawValue)])
         }
         // Backups without an intent belong to files already committed.
+        let kept = Set(failures.map { $0.object.hex + ".old" })
         if let dir = try? Syscall.openat(fs.nodes.rootFD, Self.backupDirectory, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) {
             defer { close(dir) }
-            for entry in (try? Syscall.listDirectory(dir)) ?? [] { unlinkat(dir, entry.name, 0) }
+            for entry in (try? Syscall.listDirectory(dir)) ?? [] where !kept.contains(entry.name) { unlinkat(dir, entry.name, 0) }
         }
+        return failures
+    }
+
+    private func recoveryFailed(_ intent: RekeyIntent, _ action: String, _ error: Errno) -> RecoveryFailure {
+        let failure = RecoveryFailure(object: intent.object, path: intent.path, action: action, error: error)
+        logger.error("an interrupted rekey could not be repaired", metadata: ["object": .string(intent.object.hex), "error": .string("\(error)")])
+        keyManager.audit(AuditEvent("RekeyRecovery", outcome: "failed", key: intent.oldKey, version: intent.oldVersion, object: intent.object,
+                                    error: failure.description))
+        return failure
     }
 
     /// An intent that recovery will not act on: audited as refused and dropped.
+    /// An interrupted rekey whose file could not be repaired (its intent is kept).
+    public struct RecoveryFailure: Error, Sendable, CustomStringConvertible {
+        public var object: ID128
+        /// The file's backing path, relative to CIPHERDIR.
+        public var path: String
+        public var action: String
+        public var error: Errno
+        public var description: String {
+            "interrupted rekey of \(path) (object \(object.hex)): could not \(action): \(error); "
+                + "the intent is kept and the repair is retried at the next mount or fsck once the cause is fixed"
+        }
+    }
+
     private func refuseRecovery(_ intent: RekeyIntent, _ why: String) {
         logger.error("rekey intent refused", metadata: ["object": .string(intent.object.hex), "why": .string(why)])
         keyManager.audit(AuditEvent("RekeyRecovery", outcome: "refused", object: intent.object, error: why))

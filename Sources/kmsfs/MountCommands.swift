@@ -80,7 +80,10 @@ struct Mount: ParsableCommand {
             let fs = try EncryptedFileSystem(cipherdir: cipher, keyManager: manager)
             // Finish or roll back what an interrupted rekey left, before anything reads a file.
             let rekey = RekeyService(filesystem: fs)
-            try rekey.rekeyer.recover()
+            let unrepaired = try rekey.rekeyer.recover()
+            guard unrepaired.isEmpty else {
+                throw Failure("not mounted: " + unrepaired.map(\.description).joined(separator: "\n"))
+            }
             var mountOptions = ["fsname=\(cipher)", "subtype=kmsfs"]
             mountOptions += options.flatMap { $0.split(separator: ",").map(String.init) }
             // When other users can reach the mount, the kernel checks mode

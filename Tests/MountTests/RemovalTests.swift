@@ -31,3 +31,53 @@ struct RemovalTests {
         #expect(checked.ok, "\(checked.stdout) \(checked.stderr)")
     }
 }
+
+@Suite("rekey crash recovery: a file that cannot be repaired keeps its intent and is named", .serialized)
+struct RecoveryFailureTests {
+    @Test("an interrupted reencrypt whose file is immutable: mount refuses naming the file and errno, fsck reports it, the intent stays; once writable, the mount repairs it and every file reads")
+    func unrepairableFileIsNamed() throws {
+        let fs = try MountedFS()
+        // One large file, so re-encrypting it takes long enough to be caught in the middle
+        // (small files finish between the poll and the kill).
+        #expect(try fs.run("mkdir -p $M/data $T/ref && head -c 160M /dev/urandom > $M/data/big && cp $M/data/big $T/ref/big").ok)
+        #expect(try fs.key(["create", "--alias", "alias/b"]).ok)
+        try fs.unmount()
+        func intents() throws -> [String] {
+            try sh("sqlite3 \(q(fs.keystore)) 'SELECT path FROM rekey_intents'").stdout.split(separator: "\n").map(String.init)
+        }
+        // Start a reencrypt and kill it the moment it has recorded a file's intent (polled, with a deadline).
+        let killed = try sh("""
+            \(q(kmsfsBinary)) rekey start --key alias/default --to alias/b --mode reencrypt --fs \(q(fs.cipherdir)) --passphrase-file \(q(fs.passphraseFile)) >/dev/null 2>&1 &
+            job=$!
+            for i in $(seq 1 3000); do
+              if [ -n "$(sqlite3 \(q(fs.keystore)) 'SELECT path FROM rekey_intents' 2>/dev/null)" ]; then kill -9 $job; wait $job || true; echo killed; exit 0; fi
+              kill -0 $job 2>/dev/null || break
+              sleep 0.01
+            done
+            kill -9 $job 2>/dev/null || true
+            echo missed
+            """)
+        #expect(killed.stdout.contains("killed"), "\(killed.stdout) \(killed.stderr)")
+        let pending = try intents()
+        try #require(pending.count == 1, "the kill did not land inside a file")
+        #expect(try fs.kmsfs(["rekey", "pause", "--fs", fs.cipherdir]).ok)
+        let file = fs.cipherdir + "/" + pending[0]
+        #expect(try sh("chattr +i \(q(file))").ok)
+        defer { _ = try? sh("chattr -i \(q(file))") }
+        let refused = try sh(([kmsfsBinary, "mount", fs.cipherdir, fs.mountpoint, "--passphrase-file", fs.passphraseFile]).map(q).joined(separator: " "))
+        #expect(refused.status != 0 && refused.stderr.contains("interrupted rekey of \(pending[0])")
+                && refused.stderr.contains("could not open it") && refused.stderr.contains("not permitted") && !refused.stderr.contains("database"),
+                "\(refused.stderr)")
+        #expect(try intents() == pending, "the intent is kept for the next try")
+        let checked = try fs.kmsfs(["fsck", fs.cipherdir, "--json"])
+        let problems = (jsonObject(checked.stdout)["problems"] as? [[String: Any]] ?? []).filter { $0["kind"] as? String == "rekey" }
+        #expect(checked.status == 1 && problems.count == 1 && problems.first?["backing"] as? String == pending[0], "\(checked.stdout)")
+        #expect(try intents() == pending)
+        #expect(try sh("chattr -i \(q(file))").ok)
+        try fs.mount()
+        #expect(try intents().isEmpty, "repaired at mount")
+        #expect(try fs.run("diff -r $T/ref $M/data").ok)
+        let audit = try fs.run("$K audit list --event RekeyRecovery --json --limit 10 --fs $M").stdout
+        #expect(audit.contains("\"outcome\" : \"failed\""), "\(audit)")
+    }
+}
