@@ -102,3 +102,9 @@ public enum KeyDerivation {
     /// Fetched once: EVP_sha256() makes OpenSSL 3 look the algorithm up on every digest.
     nonisolated(unsafe) private static let sha256Type: OpaquePointer? = EVP_MD_fetch(nil, "SHA256", nil)
 }
+
+/// The OpenSSL this process runs with.
+public enum CryptoLibrary {
+    /// "OpenSSL 3.0.x …" as the loaded libcrypto reports it.
+    public static var version: String { String(cString: OpenSSL_version(OPENSSL_VERSION)) }
+}

@@ -82,3 +82,9 @@ public final class FUSESession: @unchecked Sendable {
         if let session { fuse_session_destroy(session) }
     }
 }
+
+/// The libfuse this process runs with.
+public enum FUSELibrary {
+    /// libfuse's package version ("3.14.0"), from the loaded library, not the headers.
+    public static var version: String { String(cString: fuse_pkgversion()) }
+}

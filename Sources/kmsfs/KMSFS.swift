@@ -11,5 +11,6 @@ struct KMSFS: ParsableCommand {
             versioned, customer-managed master keys wrap. See docs/ for the format and \
             threat model.
             """,
+        version: Version.description,
         subcommands: [Init.self, Mount.self, Unmount.self, Status.self, KeyCommand.self, RekeyCommand.self, AuditCommand.self, BackupCommand.self, Fsck.self, Passwd.self])
 }

@@ -151,6 +151,16 @@ extension Unmount {
     }
 }
 
+extension Status {
+    /// The format version in the header of CIPHERDIR's root `.kmsfs.dir` (bytes 4-5, big-endian).
+    static func headerVersion(of cipherdir: String) -> Int? {
+        guard let handle = FileHandle(forReadingAtPath: cipherdir + "/.kmsfs.dir"),
+              let bytes = try? handle.read(upToCount: 6), bytes.count == 6 else { return nil }
+        try? handle.close()
+        return Int(bytes[4]) << 8 | Int(bytes[5])
+    }
+}
+
 struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Show whether a filesystem is mounted, where, its open files, bytes and errors, and (with the passphrase) its keys.")
@@ -164,19 +174,31 @@ struct Status: ParsableCommand {
         var mountpoint: String?
         var daemon: MountStatus?
         var keys: [KeyMetadata]?
+        /// The on-disk formats: the root directory's header version and the keystore's schema.
+        var format: Format
+        struct Format: Encodable {
+            var fileFormat: Int?
+            var keystoreSchema: String?
+            /// What this build writes.
+            var current: String
+        }
     }
 
     func run() throws {
         let path = URL(fileURLWithPath: fs).standardizedFileURL.path
         let mount = MountTable.kmsfsMounts().first { $0.source == path || $0.mountpoint == path }
         let cipherdir = mount?.source ?? path
-        var report = Report(cipherdir: cipherdir, mounted: mount != nil, mountpoint: mount?.mountpoint)
+        var report = Report(cipherdir: cipherdir, mounted: mount != nil, mountpoint: mount?.mountpoint,
+                            format: .init(fileFormat: Self.headerVersion(of: cipherdir),
+                                          keystoreSchema: KeyManager.appliedSchema(in: cipherdir + "/.kmsfs"),
+                                          current: "file format \(FormatV1.version), keystore schema \(KeyManager.knownSchema)"))
         if mount != nil { report.daemon = try? ControlServer.query(directory: cipherdir + "/.kmsfs") }
         if passphrase.passphraseFile != nil || passphrase.extpass != nil {
             report.keys = try KeyManager.open(in: try Paths.keystore(of: cipherdir), passphrase: passphrase.read()).listKeys()
         }
         if output.json { try Output.json(report); return }
         Output.line("cipherdir:      \(cipherdir)")
+        Output.line("format:         file format \(report.format.fileFormat.map(String.init) ?? "unknown"), keystore schema \(report.format.keystoreSchema ?? "unknown")")
         Output.line("mounted:        \(report.mounted ? "yes, at \(mount!.mountpoint)" : "no")")
         if let d = report.daemon {
             let s = d.statistics

@@ -124,7 +124,7 @@ enum Output {
 
     static func json<T: Encodable>(_ value: T) throws {
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
         Output.line(String(decoding: try encoder.encode(value), as: UTF8.self))
     }
 
