@@ -2,7 +2,7 @@
 SWIFT ?= swift
 export PATH := /opt/swift/usr/bin:$(PATH)
 
-.PHONY: all deps build release test demo man bench bench-cipher bench-keys bench-rekey bench-audit clean
+.PHONY: all deps build release install test demo man bench bench-cipher bench-keys bench-rekey bench-audit clean
 
 all: build
 
@@ -14,6 +14,12 @@ build: deps
 
 release: deps
 	$(SWIFT) build -c release
+
+## Installs the release build: binary, mount(8) helpers, man pages, completions, systemd unit.
+PREFIX ?= /usr/local
+SBINDIR ?= /sbin
+install: release
+	scripts/install.sh .build/release/kmsfs $(PREFIX) $(SBINDIR)
 
 ## Builds everything and runs the whole test suite (mounts real FUSE filesystems).
 test: deps

@@ -11,7 +11,10 @@ KeyMemory.forbidCoreDumps()
 // An offline command that touched a keystore leaves its audit records under a signed digest.
 var status: Int32 = 0
 do {
-    var command = try KMSFS.parseAsRoot()
+    let arguments = Array(CommandLine.arguments.dropFirst())
+    var command = try MountHelper.invoked(as: CommandLine.arguments[0])
+        ? KMSFS.parseAsRoot(try MountHelper.arguments(arguments))
+        : KMSFS.parseAsRoot()
     try command.run()
 } catch {
     status = Invocation.report(error)

@@ -1,7 +1,7 @@
 import Foundation
 import Testing
 
-@Suite("the administrator's toolbox: versions, formats, JSON other tools read")
+@Suite("the administrator's toolbox: versions, formats, JSON other tools read, mount(8) and fstab", .serialized)
 struct ToolboxTests {
     @Test("kmsfs --version names its version, the formats it writes and the OpenSSL, SQLite and libfuse it runs with (as the system's tools report them)")
     func version() throws {
@@ -31,5 +31,57 @@ struct ToolboxTests {
         #expect(described.contains("\"alias/default\"") && !described.contains("\\/"))
         try fs.unmount()
         #expect(try fs.run("$K status --fs $C").stdout.contains("file format 1"))
+    }
+
+    @Test("mount -t fuse.kmsfs and an fstab line (passfile=, noauto, nofail, _netdev, x-systemd.*) mount through the mount.fuse.kmsfs helper; umount unmounts; without passfile= the helper refuses")
+    func mountHelper() throws {
+        let fs = try MountedFS()
+        try fs.unmount()
+        let helper = "/sbin/mount.fuse.kmsfs"
+        let existing = try? FileManager.default.destinationOfSymbolicLink(atPath: helper)
+        let created = existing == nil && !FileManager.default.fileExists(atPath: helper)
+        if created {
+            try FileManager.default.createSymbolicLink(atPath: helper, withDestinationPath: kmsfsBinary)
+        } else {
+            #expect(existing == kmsfsBinary, "\(helper) is another program; remove it to run this test")
+        }
+        defer { if created { try? FileManager.default.removeItem(atPath: helper) } }
+        let direct = try fs.run("""
+            mount -t fuse.kmsfs $C $M -o passfile=$P,noauto,nofail,_netdev,x-systemd.automount,rw
+            echo data > $M/f && cat $M/f
+            grep -c " $M fuse.kmsfs " /proc/mounts
+            umount $M
+            grep -c " $M fuse.kmsfs " /proc/mounts || true
+            """)
+        #expect(direct.ok && direct.stdout == "data\n1\n0\n", "\(direct.stdout) \(direct.stderr)")
+        let fstab = try fs.run("""
+            printf '%s %s fuse.kmsfs passfile=%s,noauto,nofail,_netdev 0 0\\n' $C $M $P > $T/fstab
+            mount --fstab $T/fstab $M
+            cat $M/f
+            umount $M
+            """)
+        #expect(fstab.ok && fstab.stdout == "data\n", "\(fstab.stdout) \(fstab.stderr)")
+        let refused = try fs.run("mount -t fuse.kmsfs $C $M -o noauto")
+        #expect(refused.status != 0 && refused.stderr.contains("passfile=FILE"), "\(refused.stderr)")
+        #expect(try fs.run("grep -c \" $M fuse.kmsfs \" /proc/mounts || true").stdout == "0\n")
+    }
+
+    @Test("scripts/install.sh (make install) puts the binary, both mount helpers, every man page, bash/zsh/fish completions and the systemd unit under PREFIX and DESTDIR")
+    func install() throws {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("kmsfs-install-\(UUID().uuidString.prefix(8))").path
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let installed = try sh("DESTDIR=\(q(root)) \(q(repositoryRoot.path))/scripts/install.sh \(q(kmsfsBinary)) /opt/kmsfs /opt/kmsfs/sbin")
+        #expect(installed.ok, "\(installed.stderr)")
+        let p = root + "/opt/kmsfs"
+        #expect(try sh("\(q(p))/bin/kmsfs --version").stdout.hasPrefix("kmsfs "))
+        for helper in ["mount.kmsfs", "mount.fuse.kmsfs"] {
+            #expect((try? FileManager.default.destinationOfSymbolicLink(atPath: p + "/sbin/" + helper)) == "/opt/kmsfs/bin/kmsfs", "\(helper)")
+        }
+        let pages = try FileManager.default.contentsOfDirectory(atPath: p + "/share/man/man1").filter { $0.hasSuffix(".1") }
+        let shipped = try FileManager.default.contentsOfDirectory(atPath: repositoryRoot.path + "/man").filter { $0.hasSuffix(".1") }
+        #expect(pages.count == shipped.count && pages.contains("kmsfs.mount.1"))
+        #expect(try sh("bash -n \(q(p))/share/bash-completion/completions/kmsfs && grep -c kmsfs \(q(p))/share/zsh/site-functions/_kmsfs \(q(p))/share/fish/vendor_completions.d/kmsfs.fish").ok)
+        let unit = try String(contentsOfFile: p + "/lib/systemd/system/kmsfs@.service", encoding: .utf8)
+        #expect(unit.contains("ExecStart=/opt/kmsfs/bin/kmsfs mount") && unit.contains("LoadCredential=passphrase:") && !unit.contains("/usr/bin/kmsfs"))
     }
 }
