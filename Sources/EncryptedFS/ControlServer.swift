@@ -15,6 +15,8 @@ public struct MountStatus: Codable, Sendable {
     public var statistics: FilesystemStatistics
     /// Master keys whose data keys are held by open files right now.
     public var keysInUse: [String]
+    /// The bound keys and who may encrypt and decrypt with them.
+    public var governingKeys: [GoverningKey]?
 
     public init(cipherdir: String, mountpoint: String, pid: Int32, startedAt: Double, statistics: FilesystemStatistics, keysInUse: [String]) {
         self.cipherdir = cipherdir

@@ -19,6 +19,9 @@ struct Init: ParsableCommand {
     @Flag(help: "Store file names unencrypted (debugging and benchmarks only).")
     var plaintextNames = false
 
+    @Flag(help: "Let every uid encrypt and decrypt with the default key, for a mount shared with -o allow_other: POSIX permissions then decide who reads and writes what, as on ext4. Administer stays with the creator and root.")
+    var shared = false
+
     @Option(help: ArgumentHelp("log2 of scrypt's cost N (default 16).", visibility: .hidden))
     var kdfLogN: UInt8 = ScryptParameters.strong.logN
 
@@ -45,9 +48,12 @@ struct Init: ParsableCommand {
         let manager = try KeyManager.create(in: keystore, passphrase: secret, options: options, creator: caller, clock: Clock.current)
         try EncryptedFileSystem.initializeRoot(cipherdir: cipherdir, keyManager: manager, principal: caller)
         let key = try manager.resolve("alias/default")
+        if shared {
+            for op in [KeyOperation.encrypt, .decrypt] { try manager.grant(op, to: .anyone, on: "alias/default", by: caller) }
+        }
         Output.line("created kmsfs filesystem \(manager.filesystemID) in \(cipherdir)")
         Output.line("chunk size \(chunkSize) bytes, names \(plaintextNames ? "in plaintext" : "encrypted (AES-256-SIV)")")
-        Output.line("default key \(key) (alias/default) bound to /")
+        Output.line("default key \(key) (alias/default) bound to /" + (shared ? "; every uid may encrypt and decrypt with it (--shared)" : ""))
     }
 }
 

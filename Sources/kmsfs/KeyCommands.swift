@@ -307,22 +307,35 @@ struct KeyCommand: ParsableCommand {
             discussion: "SUBJECT is uid:N, gid:N or * (anyone). Example: kmsfs key policy alias/prod --grant decrypt gid:100 --fs DIR")
         @OptionGroup var fs: FilesystemOption
         @Argument(help: "Key id or alias.") var key: String
-        @Option(parsing: .upToNextOption, help: "OPERATION SUBJECT to grant.") var grant: [String] = []
-        @Option(parsing: .upToNextOption, help: "OPERATION SUBJECT to revoke.") var revoke: [String] = []
+        @Option(parsing: .upToNextOption, help: "OPERATION[,OPERATION] SUBJECT to grant; repeat for more.") var grant: [String] = []
+        @Option(parsing: .upToNextOption, help: "OPERATION[,OPERATION] SUBJECT to revoke; repeat for more.") var revoke: [String] = []
+        @OptionGroup var output: JSONOption
 
-        func pair(_ values: [String]) throws -> (KeyOperation, PolicySubject)? {
-            if values.isEmpty { return nil }
-            guard values.count == 2, let op = KeyOperation(rawValue: values[0]), let subject = PolicySubject(argument: values[1]) else {
-                throw ValidationError("expected OPERATION SUBJECT, e.g. `decrypt uid:1000` (operations: encrypt, decrypt, administer)")
+        /// `--grant encrypt,decrypt uid:7 --grant decrypt gid:100` arrives as one list: read it in pairs.
+        static func pairs(_ values: [String]) throws -> [(KeyOperation, PolicySubject)] {
+            guard values.count % 2 == 0 else {
+                throw ValidationError("expected OPERATION SUBJECT pairs, e.g. `--grant decrypt uid:1000 --grant encrypt,decrypt gid:100` (operations: encrypt, decrypt, administer)")
             }
-            return (op, subject)
+            return try stride(from: 0, to: values.count, by: 2).flatMap { i -> [(KeyOperation, PolicySubject)] in
+                guard let subject = PolicySubject(argument: values[i + 1]) else { throw ValidationError("\(values[i + 1]) is not uid:N, gid:N or *") }
+                return try values[i].split(separator: ",").map { name in
+                    guard let op = KeyOperation(rawValue: String(name)) else { throw ValidationError("unknown operation \(name) (encrypt, decrypt, administer)") }
+                    return (op, subject)
+                }
+            }
+        }
+
+        func validate() throws {
+            _ = try Self.pairs(grant)
+            _ = try Self.pairs(revoke)
         }
 
         func run() throws {
             let manager = try fs.open()
-            if let (op, subject) = try pair(grant) { try manager.grant(op, to: subject, on: key, by: caller) }
-            if let (op, subject) = try pair(revoke) { try manager.revoke(op, from: subject, on: key, by: caller) }
+            for (op, subject) in try Self.pairs(grant) { try manager.grant(op, to: subject, on: key, by: caller) }
+            for (op, subject) in try Self.pairs(revoke) { try manager.revoke(op, from: subject, on: key, by: caller) }
             let policy = try manager.describe(key).policy
+            if output.json { try Output.json(Dictionary(uniqueKeysWithValues: KeyOperation.allCases.map { ($0.rawValue, policy[$0] ?? []) })); return }
             for op in KeyOperation.allCases { Output.line("\(op.rawValue): \((policy[op] ?? []).joined(separator: " "))") }
         }
     }

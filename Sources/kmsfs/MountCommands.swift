@@ -99,16 +99,25 @@ struct Mount: ParsableCommand {
             try session.mount()
             let started = Date().timeIntervalSince1970
             let services = DaemonServices(rekey: rekey)
-            let control = try ControlServer(directory: keystore, status: { [fs] in
-                MountStatus(cipherdir: cipher, mountpoint: mount, pid: getpid(), startedAt: started,
-                            statistics: fs.statistics, keysInUse: fs.keysInUse)
+            let control = try ControlServer(directory: keystore, status: { [fs, manager] in
+                var status = MountStatus(cipherdir: cipher, mountpoint: mount, pid: getpid(), startedAt: started,
+                                         statistics: fs.statistics, keysInUse: fs.keysInUse)
+                status.governingKeys = try? manager.governingKeys()
+                return status
             }, admit: { [manager] peer in manager.controlAdmission(peer) },
                execute: { [manager] command, peer in Invocation.runForwarded(command, as: peer, manager: manager, daemon: services) })
             rekey.start()
             defer { rekey.stop() }
             control.start()
             defer { control.stop() }  // first: no admin command reaches a daemon that is going away
-            if let notify { Daemon.report(notify, "ok") }
+            // A shared mount whose keys admit only the owner: say so, with the fix.
+            let sharing = mountOptions.contains("allow_other")
+                ? (try? manager.sharingWarnings(owner: getuid(), mountpoint: mount)) ?? [] : []
+            if let notify {
+                Daemon.report(notify, (["ok"] + sharing.map { "warning: " + $0 }).joined(separator: "\n"))
+            } else {
+                sharing.forEach { Output.note("kmsfs: warning: " + $0) }
+            }
             try session.run(threads: threads)
         } catch {
             let message = (error as? KeyManagerError)?.description ?? "\(error)"
@@ -207,6 +216,10 @@ struct Status: ParsableCommand {
             Output.line("bytes:          \(s.bytesRead) read, \(s.bytesWritten) written")
             Output.line("errors:         \(s.integrityFailures) integrity failures, \(s.deniedRequests) denied requests")
             Output.line("keys in use:    \(d.keysInUse.isEmpty ? "-" : d.keysInUse.joined(separator: ", "))")
+            for key in d.governingKeys ?? [] {
+                Output.line("governing key:  \(key.key) for \(key.paths.joined(separator: ", ")); "
+                            + "encrypt: \(key.encrypt.joined(separator: " ")); decrypt: \(key.decrypt.joined(separator: " "))")
+            }
         } else if report.mounted {
             Output.line("daemon:         not answering on \(cipherdir)/.kmsfs/\(ControlServer.socketName) (run as root or the mounting user)")
         }
@@ -267,7 +280,9 @@ enum Daemon {
         var byte: UInt8 = 0
         while read(notifyPipe[0], &byte, 1) == 1 { reply.append(byte) }
         close(notifyPipe[0])
-        let message = String(decoding: reply, as: UTF8.self)
+        let lines = String(decoding: reply, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false)
+        let message = lines.first.map(String.init) ?? ""
+        for warning in lines.dropFirst() { Output.note("kmsfs: " + warning) }
         guard message == "ok" else {
             var childStatus: Int32 = 0
             waitpid(pid, &childStatus, 0)

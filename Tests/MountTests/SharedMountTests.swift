@@ -1,0 +1,82 @@
+import Foundation
+import Testing
+
+@Suite("shared mounts: allow_other set up on purpose, never misconfigured silently", .serialized)
+struct SharedMountTests {
+    @Test("allow_other on keys that admit only the owner warns once per key with the command that shares it; status shows who may encrypt and decrypt; after that command the warning is gone")
+    func warnsAndShows() throws {
+        let fs = try MountedFS()
+        try fs.unmount()
+        let umount = "\(q(kmsfsBinary)) umount \(q(fs.mountpoint))"
+        defer { _ = try? sh("fusermount3 -u \(q(fs.mountpoint)) 2>/dev/null || true") }
+        let mounted = try sh(([kmsfsBinary, "mount", fs.cipherdir, fs.mountpoint, "-o", "allow_other", "--passphrase-file", fs.passphraseFile]).map(q).joined(separator: " "))
+        #expect(mounted.ok, "\(mounted.stderr)")
+        let warnings = mounted.stderr.split(separator: "\n").filter { $0.contains("warning:") }
+        #expect(warnings.count == 1 && warnings[0].contains("alias/default") && warnings[0].contains("kmsfs key policy alias/default --grant encrypt,decrypt '*'"),
+                "\(mounted.stderr)")
+        let line = String(try #require(warnings.first))
+        let start = try #require(line.range(of: "kmsfs key policy"))
+        let command = String(line[start.lowerBound...])
+        let status = try fs.run("$K status --fs $M").stdout
+        #expect(status.contains("governing key:  alias/default for /; encrypt: uid:0; decrypt: uid:0"), "\(status)")
+        // The printed command works as printed (kmsfs on PATH as the binary).
+        let shared = try fs.run("PATH=\(q((kmsfsBinary as NSString).deletingLastPathComponent)):$PATH; \(command)")
+        #expect(shared.ok, "\(shared.stderr)")
+        let json = jsonObject(try fs.run("$K status --json --fs $M").stdout)
+        let keys = (json["daemon"] as? [String: Any])?["governingKeys"] as? [[String: Any]]
+        #expect(keys?.first?["encrypt"] as? [String] == ["*", "uid:0"] && keys?.first?["decrypt"] as? [String] == ["*", "uid:0"], "\(json)")
+        #expect(try sh(umount).ok)
+        let again = try sh(([kmsfsBinary, "mount", fs.cipherdir, fs.mountpoint, "-o", "allow_other", "--passphrase-file", fs.passphraseFile]).map(q).joined(separator: " "))
+        #expect(again.ok && !again.stderr.contains("warning"), "\(again.stderr)")
+        #expect(try sh(umount).ok)
+    }
+
+    @Test("key policy takes several --grant and --revoke in one command, and operations joined by commas")
+    func severalGrants() throws {
+        let fs = try MountedFS()
+        let out = try fs.run("$K key policy alias/default --grant encrypt,decrypt gid:100 --grant administer uid:5 --grant decrypt uid:7 --fs $M")
+        #expect(out.ok && out.stdout.contains("encrypt: gid:100 uid:0") && out.stdout.contains("decrypt: gid:100 uid:0 uid:7")
+                && out.stdout.contains("administer: uid:0 uid:5"), "\(out.stdout) \(out.stderr)")
+        let revoked = try fs.run("$K key policy alias/default --revoke decrypt uid:7 --revoke encrypt,decrypt gid:100 --json --fs $M")
+        let policy = jsonObject(revoked.stdout)
+        #expect(policy["decrypt"] as? [String] == ["uid:0"] && policy["encrypt"] as? [String] == ["uid:0"], "\(revoked.stdout)")
+        let odd = try fs.run("$K key policy alias/default --grant decrypt --fs $M")
+        #expect(odd.status != 0 && odd.stderr.contains("OPERATION SUBJECT pairs"))
+    }
+
+    @Test("init --shared and allow_other: a second uid works as on ext4 — owner-only files refused, group-writable and sticky directories, setgid inheritance, chown by root then writes by the new owner")
+    func posixDecides() throws {
+        let fs = try MountedFS(mountOptions: ["allow_other"], initOptions: ["--shared"])
+        let as4242 = "setpriv --reuid 4242 --regid 4242 --clear-groups"
+        let as4343 = "setpriv --reuid 4343 --regid 4343 --clear-groups"
+        let as4444 = "setpriv --reuid 4444 --regid 4242 --clear-groups"
+        let out = try fs.run("""
+            res() { if "$@" >/dev/null 2>$T/err; then echo ok; else sed 's/.*: //' $T/err | head -1; fi; }
+            mkdir -m 1777 $M/tmp && mkdir -m 2775 $M/team && chgrp 4242 $M/team && mkdir -m 0700 $M/private
+            res \(as4242) sh -c 'echo mine > \(fs.mountpoint)/tmp/a && chmod 600 \(fs.mountpoint)/tmp/a'
+            res \(as4242) sh -c 'echo open > \(fs.mountpoint)/tmp/b && chmod 644 \(fs.mountpoint)/tmp/b'
+            res \(as4343) cat $M/tmp/a
+            res \(as4343) cat $M/tmp/b
+            res \(as4343) rm -f $M/tmp/b
+            res \(as4343) ls $M/private
+            res \(as4444) sh -c 'echo g > \(fs.mountpoint)/team/g'
+            stat -c %g $M/team/g
+            res \(as4343) sh -c 'echo x > \(fs.mountpoint)/team/x'
+            chown 4343 $M/tmp/a
+            res \(as4343) sh -c 'echo now-mine >> \(fs.mountpoint)/tmp/a'
+            \(as4343) cat $M/tmp/a
+            res \(as4242) ls -l $M $M/tmp $M/team
+            """)
+        #expect(out.ok, "\(out.stderr)")
+        #expect(out.stdout.split(separator: "\n").map(String.init) == [
+            "ok", "ok",                          // 4242 writes in the sticky, world-writable directory
+            "Permission denied", "ok",           // 0600 refused to another uid, 0644 readable
+            "Operation not permitted",           // sticky: not another uid's file
+            "Permission denied",                 // 0700 directory
+            "ok", "4242",                        // group-writable setgid directory; the new file inherits its group
+            "Permission denied",                 // not in the group
+            "ok", "mine", "now-mine",            // chown by root, then the new owner writes
+            "ok",                                // listing works for the other uid
+        ], "\(out.stdout)")
+    }
+}
