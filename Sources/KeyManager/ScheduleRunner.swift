@@ -16,15 +16,20 @@ import Dispatch
 /// against the monotonic clock (a suspended machine waking, an NTP step),
 /// so a long-lived mount rotates on time without any command being run.
 ///
-/// It ticks once a second; a tick only compares two clocks unless a run is due.
-/// (@unchecked: the timer is set up in `start` and only cancelled after.)
+/// It ticks once a second on a thread of its own (not a Dispatch queue: a
+/// busy daemon's pool must not starve it); a tick only compares two clocks
+/// unless a run is due. A run that fails is retried 5 s later.
+/// (@unchecked: the thread is set up in `start` and only stopped after.)
 public final class ScheduleRunner: @unchecked Sendable {
     public static let period = 60.0
     /// A wall-clock move this much larger or smaller than the monotonic one is a jump.
     public static let jumpTolerance = 5.0
 
     private let manager: KeyManager
-    private let timer: DispatchSourceTimer
+    private let stopping = DispatchSemaphore(value: 0)
+    private let stopped = DispatchSemaphore(value: 0)
+    private var running = false
+    static let retryDelay = 5.0
     private let state = Mutex(State())
     private let logger = Logger(label: "kmsfs.schedules")
     private let report: @Sendable (ScheduleReport) -> Void
@@ -38,19 +43,35 @@ public final class ScheduleRunner: @unchecked Sendable {
     public init(manager: KeyManager, report: @escaping @Sendable (ScheduleReport) -> Void = { _ in }) {
         self.manager = manager
         self.report = report
-        timer = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "kmsfs.schedules", qos: .utility))
     }
 
     public func start() {
         let now = manager.clock()
         state.withLock { $0 = State(lastRunWall: now, lastTickWall: now, lastTickMonotonic: Self.monotonic()) }
-        timer.schedule(deadline: .now() + 1, repeating: 1)
-        timer.setEventHandler { [self] in tick() }
-        timer.resume()
+        running = true
+        var thread = pthread_t()
+        let box = Unmanaged.passRetained(self).toOpaque()
+        let made = pthread_create(&thread, nil, { raw in
+            let runner = Unmanaged<ScheduleRunner>.fromOpaque(raw!).takeRetainedValue()
+            // Wakes each second until stop() signals.
+            while runner.stopping.wait(timeout: .now() + 1) == .timedOut { runner.tick() }
+            runner.stopped.signal()
+            return nil
+        }, box)
+        if made == 0 {
+            pthread_detach(thread)
+        } else {
+            Unmanaged<ScheduleRunner>.fromOpaque(box).release()
+            running = false
+            logger.error("cannot start the schedule thread; schedules run when commands open the keystore", metadata: ["errno": "\(made)"])
+        }
     }
 
     public func stop() {
-        timer.cancel()
+        guard running else { return }
+        stopping.signal()
+        stopped.wait()
+        running = false
     }
 
     static func monotonic() -> Double {
@@ -75,7 +96,8 @@ public final class ScheduleRunner: @unchecked Sendable {
             let done = try manager.runSchedules()
             if done != ScheduleReport() { report(done) }
         } catch {
-            logger.error("scheduled key work failed", metadata: ["error": .string("\(error)")])
+            logger.error("scheduled key work failed; retrying in 5 s", metadata: ["error": .string("\(error)")])
+            state.withLock { $0.lastRunWall = wall - Self.period + Self.retryDelay }
         }
     }
 }

@@ -317,9 +317,9 @@ struct KeyCommand: ParsableCommand {
                 throw ValidationError("expected OPERATION SUBJECT pairs, e.g. `--grant decrypt uid:1000 --grant encrypt,decrypt gid:100` (operations: encrypt, decrypt, administer)")
             }
             return try stride(from: 0, to: values.count, by: 2).flatMap { i -> [(KeyOperation, PolicySubject)] in
-                guard let subject = PolicySubject(argument: values[i + 1]) else { throw ValidationError("\(values[i + 1]) is not uid:N, gid:N or *") }
+                guard let subject = PolicySubject(argument: values[i + 1]) else { throw ValidationError("expected OPERATION SUBJECT: \(values[i + 1]) is not uid:N, gid:N or *") }
                 return try values[i].split(separator: ",").map { name in
-                    guard let op = KeyOperation(rawValue: String(name)) else { throw ValidationError("unknown operation \(name) (encrypt, decrypt, administer)") }
+                    guard let op = KeyOperation(rawValue: String(name)) else { throw ValidationError("expected OPERATION SUBJECT: unknown operation \(name) (encrypt, decrypt, administer)") }
                     return (op, subject)
                 }
             }
