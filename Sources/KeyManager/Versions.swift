@@ -1,4 +1,7 @@
 import GRDB
+#if canImport(Glibc)
+import Glibc
+#endif
 
 extension KeyManager {
     /// The SQLite library this process runs with ("3.40.1").
@@ -9,6 +12,8 @@ extension KeyManager {
     /// The newest schema migration applied to the keystore in `directory`,
     /// read without the passphrase (nil if there is none or it does not open).
     public static func appliedSchema(in directory: String) -> String? {
+        // Only a caller that may read the keystore asks SQLite (others would wait on nothing useful).
+        guard access(directory + "/" + databaseName, R_OK) == 0 else { return nil }
         var readonly = Configuration()
         readonly.readonly = true
         guard let probe = try? DatabaseQueue(path: directory + "/" + databaseName, configuration: readonly) else { return nil }

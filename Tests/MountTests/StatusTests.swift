@@ -21,7 +21,8 @@ import Testing
         #expect((stats["bytesWritten"] as? Int ?? 0) >= 100000)
         #expect((daemon["keysInUse"] as? [String])?.count == 1)
         let other = try fs.run("chmod 755 \"$C\" \"$C/.kmsfs\"; setpriv --reuid=4242 --regid=4242 --clear-groups \"$K\" status --fs \"$C\" --json")
-        let seen = try JSONSerialization.jsonObject(with: Data(other.stdout.utf8)) as? [String: Any] ?? [:]
+        #expect(other.ok, "status as uid 4242: \(other.stderr)")
+        let seen = (try? JSONSerialization.jsonObject(with: Data(other.stdout.utf8))) as? [String: Any] ?? [:]
         #expect(seen["mounted"] as? Bool == true)
         #expect(seen["daemon"] == nil, "a uid that is neither root nor the daemon's owner gets no statistics")
         try fs.unmount()
