@@ -65,9 +65,8 @@ struct BackupCommand: ParsableCommand {
             guard let data = FileManager.default.contents(atPath: trustedKey) else { throw Failure("cannot read \(trustedKey)") }
             let text = String(decoding: data, as: UTF8.self)
             guard text.hasPrefix("-----BEGIN PUBLIC KEY-----") else { return .publicKey([UInt8](data)) }
-            let body = text.split(separator: "\n").filter { !$0.hasPrefix("-----") }.joined()
-            guard let der = Data(base64Encoded: body) else { throw Failure("\(trustedKey) is not a PEM public key") }
-            return .publicKey([UInt8](der))
+            guard let der = PEM.der(text) else { throw Failure("\(trustedKey) is not a PEM public key") }
+            return .publicKey(der)
         }
 
         func run() throws {

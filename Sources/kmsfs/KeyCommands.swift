@@ -470,9 +470,8 @@ struct KeyCommand: ParsableCommand {
             var bytes = Array(pem.utf8)
             if format == "der" {
                 // The PEM body is the DER, base64 between the BEGIN and END lines.
-                let body = pem.split(separator: "\n").filter { !$0.hasPrefix("-----") }.joined()
-                guard let der = Data(base64Encoded: body) else { throw ValidationError("the public key's PEM did not decode") }
-                bytes = Array(der)
+                guard let der = PEM.der(pem) else { throw ValidationError("the public key's PEM did not decode") }
+                bytes = der
             }
             try Invocation.current.writeOutput(out, bytes)
             Output.line("public key of \(key) in \(out) (\(format.uppercased()))")

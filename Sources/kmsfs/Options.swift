@@ -142,3 +142,10 @@ enum Output {
         }
     }
 }
+
+/// PEM text to the DER it carries (the base64 between the BEGIN and END lines).
+enum PEM {
+    static func der(_ text: String) -> [UInt8]? {
+        Data(base64Encoded: text.split(separator: "\n").filter { !$0.hasPrefix("-----") }.joined()).map { [UInt8]($0) }
+    }
+}
