@@ -29,6 +29,29 @@ public enum KeyManagerError: Error, Equatable, Sendable, CustomStringConvertible
     case crypto(String)
     case database(String)
 
+    /// A stable, machine-readable code (AWS KMS's exception name where one
+    /// fits), as `--json` error output gives it. Documented in docs/JSON.md.
+    public var code: String {
+        switch self {
+        case .wrongPassphrase: "WrongPassphrase"
+        case .keystoreNotFound: "KeystoreNotFound"
+        case .keystoreExists: "KeystoreExists"
+        case .keystoreCorrupt: "KeystoreCorrupt"
+        case .keystoreFromNewerVersion: "KeystoreFromNewerVersion"
+        case .keystoreTampered: "KeystoreTampered"
+        case .keyNotFound, .versionNotFound: "NotFoundException"
+        case .invalidState: "KMSInvalidStateException"
+        case .accessDenied: "AccessDeniedException"
+        case .invalidArgument: "ValidationException"
+        case .deletionBlocked: "DeletionBlocked"
+        case .unwrapFailed: "InvalidCiphertextException"
+        case .versionInUse: "VersionInUse"
+        case .versionCutOff: "KeyVersionCutOff"
+        case .crypto: "CryptoError"
+        case .database: "DatabaseError"
+        }
+    }
+
     public var description: String {
         switch self {
         case .wrongPassphrase:

@@ -95,13 +95,8 @@ final class Invocation: @unchecked Sendable {
             }
             if outputs.contains(option) { expected.insert(value) }
         }
-        let result: ForwardedResult?
-        do {
-            result = try ControlServer.forward(directory: keystore, arguments: forwarded, inputs: inputs)
-        } catch let refusal as ControlRefusal {
-            throw Failure(refusal.message)
-        }
-        guard let result else { return }
+        // A refusal (ControlRefusal) reaches the caller as it is: `report` gives it its code.
+        guard let result = try ControlServer.forward(directory: keystore, arguments: forwarded, inputs: inputs) else { return }
         for (path, encoded) in result.files ?? [:] where expected.contains(path) {
             guard let data = Data(base64Encoded: encoded) else { throw Failure("the daemon sent an unreadable \(path)") }
             try Invocation.current.writeOutput(path, [UInt8](data))
@@ -165,24 +160,43 @@ final class Invocation: @unchecked Sendable {
             var command = try KMSFS.parseAsRoot(arguments)
             try command.run()
         } catch {
-            code = report(error)
+            code = report(error, json: arguments.contains("--json"))
         }
         return ForwardedResult(code: code, stdout: invocation.stdout, stderr: invocation.stderr,
                                files: invocation.outputs.isEmpty ? nil : invocation.outputs.mapValues { Data($0).base64EncodedString() })
     }
 
-    /// Prints an error the way kmsfs does and returns the exit code.
-    static func report(_ error: Error) -> Int32 {
+    /// Prints an error the way kmsfs does and returns the exit code. With
+    /// `json` (the command line has `--json`), the error is one JSON object on
+    /// stderr: `{"error": {"code": CODE, "message": TEXT}}` (docs/JSON.md).
+    static func report(_ error: Error, json: Bool = false) -> Int32 {
+        let (code, message, status): (String, String, Int32)
         switch error {
-        case let error as KeyManagerError: Output.note("kmsfs: \(error.description)"); return 1
-        case let error as Failure: Output.note("kmsfs: \(error.description)"); return 1
-        case let error as MountError: Output.note("kmsfs: \(error.description)"); return 1
+        case let error as KeyManagerError: (code, message, status) = (error.code, error.description, 1)
+        case let error as ControlRefusal: (code, message, status) = ("ControlRefused", error.description, 1)
+        case let error as Failure: (code, message, status) = ("Failed", error.description, 1)
+        case let error as MountError: (code, message, status) = ("MountFailed", error.description, 1)
         default:
-            let code = KMSFS.exitCode(for: error).rawValue
-            let message = KMSFS.fullMessage(for: error)
-            if !message.isEmpty { code == 0 ? Output.line(message) : Output.note(message) }
-            return code
+            let exit = KMSFS.exitCode(for: error).rawValue
+            let text = KMSFS.fullMessage(for: error)
+            // Help and --version are not errors: printed as they are. An ExitCode
+            // with no message (a forwarded command's status) prints nothing more.
+            if exit == 0 || !json || text.isEmpty {
+                if !text.isEmpty { exit == 0 ? Output.line(text) : Output.note(text) }
+                return exit
+            }
+            (code, message, status) = ("UsageError", text, exit)
         }
+        if json {
+            struct Body: Encodable { var error: Detail; struct Detail: Encodable { var code: String; var message: String } }
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+            let data = (try? encoder.encode(Body(error: .init(code: code, message: message)))) ?? Data()
+            Output.note(String(decoding: data, as: UTF8.self))
+        } else {
+            Output.note("kmsfs: " + message)
+        }
+        return status
     }
 }
 

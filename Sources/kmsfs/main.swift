@@ -17,7 +17,7 @@ do {
         : KMSFS.parseAsRoot()
     try command.run()
 } catch {
-    status = Invocation.report(error)
+    status = Invocation.report(error, json: CommandLine.arguments.contains("--json"))
 }
 Invocation.current.opened?.sealAuditDigest()
 KeyManager.drainAlerts()

@@ -84,4 +84,25 @@ struct ToolboxTests {
         let unit = try String(contentsOfFile: p + "/lib/systemd/system/kmsfs@.service", encoding: .utf8)
         #expect(unit.contains("ExecStart=/opt/kmsfs/bin/kmsfs mount") && unit.contains("LoadCredential=passphrase:") && !unit.contains("/usr/bin/kmsfs"))
     }
+
+    @Test("with --json, errors are one JSON object on stderr with a stable code, offline and over the mount (as uid 4242 too); without it, the usual message")
+    func jsonErrors() throws {
+        let fs = try MountedFS()
+        func error(_ output: Output) -> (code: String?, message: String?) {
+            let body = jsonObject(output.stderr.trimmingCharacters(in: .whitespacesAndNewlines))["error"] as? [String: Any]
+            return (body?["code"] as? String, body?["message"] as? String)
+        }
+        let missing = try fs.run("$K key describe alias/nope --json --fs $M")
+        #expect(missing.status == 1 && error(missing).code == "NotFoundException" && error(missing).message?.contains("alias/nope") == true, "\(missing.stderr)")
+        let usage = try fs.run("$K key policy alias/default --grant read everyone --json --fs $M")
+        #expect(usage.status == 64 && error(usage).code == "UsageError", "\(usage.stderr)")
+        let denied = try fs.run("setpriv --reuid 4242 --regid 4242 --clear-groups $K key list --json --fs $M")
+        #expect(denied.status == 1 && error(denied).code == "ControlRefused", "\(denied.stderr)")
+        #expect(missing.stderr.split(separator: "\n").count == 1, "one object, nothing else: \(missing.stderr)")
+        try fs.unmount()
+        let offline = try fs.kmsfs(["key", "describe", "alias/nope", "--json", "--fs", fs.cipherdir])
+        #expect(error(offline).code == "NotFoundException", "\(offline.stderr)")
+        let plain = try fs.kmsfs(["key", "describe", "alias/nope", "--fs", fs.cipherdir])
+        #expect(plain.stderr.hasPrefix("kmsfs: no key alias/nope"), "\(plain.stderr)")
+    }
 }
