@@ -110,7 +110,8 @@ struct RekeyTests {
         let deprecated = try fs.run("$K key deprecate alias/default --successor alias/b --rate 3 --fs $M")
         #expect(deprecated.ok && deprecated.stdout.contains("rekey job 1 queued"), "\(deprecated.stdout) \(deprecated.stderr)")
         // A file created under A's binding after the deprecation lands on B.
-        #expect(try fs.run("echo born-after > $M/data/a/born-after && cp $M/data/a/born-after $T/ref/a/").ok)
+        let bornAfter = try fs.run("echo born-after > $M/data/a/born-after && cp $M/data/a/born-after $T/ref/a/")
+        #expect(bornAfter.ok, "\(bornAfter.stderr)")
         let job = try waitForRekey(fs)
         let stopped = try fs.run("""
             touch $T/stop
