@@ -185,16 +185,18 @@ extension KeyManager {
     /// A write to protected rows: verifies them first (an outside edit is
     /// refused, audited and named), runs `body`, and reseals — one transaction.
     func sealedWrite<T>(_ body: (Database) throws -> T) throws(KeyManagerError) -> T {
-        let result: Result<T, KeyManagerError> = try write { db in
+        let result: Result<(T, UInt64), KeyManagerError> = try write { db in
             let (findings, generation) = try integrity.verify(db)
             guard findings.isEmpty else { return .failure(.keystoreTampered(findings)) }
             let value = try body(db)
             try integrity.reseal(db, generation: generation + 1)
-            noteGeneration(generation + 1)
-            return .success(value)
+            return .success((value, generation + 1))
         }
         switch result {
-        case .success(let value): return value
+        case .success(let (value, generation)):
+            // Noted once committed: a reader must never be held to a generation it cannot see yet.
+            noteGeneration(generation)
+            return value
         case .failure(let error):
             reportTampering(error)
             throw error
@@ -202,11 +204,15 @@ extension KeyManager {
     }
 
     /// Verifies the protected rows as seen by `db` (inside the caller's read).
-    func verifyIntegrity(_ db: Database) throws {
+    /// `seen` is the newest generation this process had seen committed
+    /// before the read began: its snapshot must be at least that new.
+    func verifyIntegrity(_ db: Database, seen: UInt64) throws {
         let (findings, generation) = try integrity.verify(db)
         if !findings.isEmpty { throw KeyManagerError.keystoreTampered(findings) }
-        // A generation older than one this process has seen is a rollback.
-        let seen = caches.withLock { $0.integrityGeneration }
+        // A generation older than one this process saw committed before this read
+        // started is a rollback. (Compared with the value now, a snapshot taken
+        // just before another thread's commit would look rolled back: it failed
+        // a live rekey about once in six runs.)
         if generation < seen {
             throw KeyManagerError.keystoreTampered(["the protected rows were rolled back to an older copy (generation \(generation) after \(seen))"])
         }
@@ -215,9 +221,10 @@ extension KeyManager {
 
     /// A read whose rows are first checked against the seal.
     func verifiedRead<T>(_ body: (Database) throws -> T) throws(KeyManagerError) -> T {
+        let seen = caches.withLock { $0.integrityGeneration }
         do {
             return try read { db in
-                try verifyIntegrity(db)
+                try verifyIntegrity(db, seen: seen)
                 return try body(db)
             }
         } catch {

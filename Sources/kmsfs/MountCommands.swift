@@ -259,7 +259,9 @@ enum Daemon {
         posix_spawn_file_actions_adddup2(&actions, notifyPipe[1], 4)
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
+        // The daemon's log goes nowhere unless KMSFS_DAEMON_LOG names a file to append it to.
+        let log = ProcessInfo.processInfo.environment["KMSFS_DAEMON_LOG"] ?? "/dev/null"
+        posix_spawn_file_actions_addopen(&actions, 2, log, O_WRONLY | O_CREAT | O_APPEND, 0o600)
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
         defer { posix_spawnattr_destroy(&attributes) }
