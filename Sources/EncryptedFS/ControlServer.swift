@@ -257,7 +257,8 @@ public final class ControlServer: @unchecked Sendable {
         data.withUnsafeBytes { raw in
             var offset = 0
             while offset < raw.count {
-                let n = write(client, raw.baseAddress! + offset, raw.count - offset)
+                let n = Glibc.send(client, raw.baseAddress! + offset, raw.count - offset, Int32(MSG_NOSIGNAL))
+                if n < 0, errno == EINTR { continue }
                 if n <= 0 { return }
                 offset += n
             }
@@ -298,7 +299,9 @@ public final class ControlServer: @unchecked Sendable {
         let sent = data.withUnsafeBytes { raw -> Bool in
             var offset = 0
             while offset < raw.count {
-                let n = write(fd, raw.baseAddress! + offset, raw.count - offset)
+                // MSG_NOSIGNAL: a daemon that refused us before reading (and closed)
+                // must not kill this process with SIGPIPE; its reply is still there to read.
+                let n = Glibc.send(fd, raw.baseAddress! + offset, raw.count - offset, Int32(MSG_NOSIGNAL))
                 if n < 0, errno == EINTR { continue }
                 if n <= 0 { return false }
                 offset += n
