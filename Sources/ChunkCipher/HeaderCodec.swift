@@ -10,6 +10,14 @@ public enum FormatV1 {
     /// external KMS ciphertext blob fits too).
     public static let maxWrappedKeySize = 256
 
+    /// The format version a header claims (nil if it is not a kmsfs header),
+    /// read without decoding the rest: a newer version still reports its number.
+    public static func version<Bytes: RandomAccessCollection>(ofHeader raw: Bytes) -> UInt16? where Bytes.Element == UInt8, Bytes.Index == Int {
+        let b = Array(raw.prefix(versionOffset + 2))
+        guard b.count == versionOffset + 2, Array(b[0..<4]) == magic else { return nil }
+        return UInt16(b.bigEndian(at: versionOffset, width: 2))
+    }
+
     static let versionOffset = 4
     static let chunkLog2Offset = 6
     static let flagsOffset = 7

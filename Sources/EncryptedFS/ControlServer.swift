@@ -206,7 +206,7 @@ public final class ControlServer: @unchecked Sendable {
             send(client, Reply(ok: true, status: status()))
         case "run" where admission == .keyUser && !Self.keyUseCommand(request.arguments ?? []):
             send(client, Reply(ok: false, error: "uid \(uid) may not administer this filesystem: no key policy grants it administer "
-                                                + "(with encrypt or decrypt alone, only key sign, verify and get-public-key)"))
+                                                + "(with encrypt or decrypt alone, only key sign, verify, get-public-key and retiring its own grant)"))
         case "run":
             let command = ForwardedCommand(arguments: request.arguments ?? [], inputs: request.inputs ?? [:])
             let result = running.withLock { execute(command, peer) }
@@ -218,9 +218,11 @@ public final class ControlServer: @unchecked Sendable {
         }
     }
 
-    /// The commands a key user (encrypt or decrypt, no administer) may run.
+    /// The commands a key user (encrypt or decrypt, no administer) may run:
+    /// using a signing key, and giving up (retiring) a grant it holds.
     static func keyUseCommand(_ arguments: [String]) -> Bool {
-        arguments.count >= 2 && arguments[0] == "key" && ["sign", "verify", "get-public-key"].contains(arguments[1])
+        guard arguments.count >= 2, arguments[0] == "key" else { return false }
+        return ["sign", "verify", "get-public-key"].contains(arguments[1]) || arguments.dropFirst().starts(with: ["grant", "revoke"])
     }
 
     enum LineRead { case line([UInt8]), tooLong, timedOut, closed }

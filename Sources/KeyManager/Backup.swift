@@ -261,17 +261,6 @@ extension KeyManager {
         return (KeyID(rawValue: parsed.signer).rawValue.hex, backupFingerprint(parsed.publicKey))
     }
 
-    /// The fingerprint of this keystore's backup signer (its digest key), made on first use.
-    public func backupSignerFingerprint() throws(KeyManagerError) -> String {
-        let digest = try digestKey()
-        let rec = try record(digest)
-        let key: Data? = try read { db in
-            try Data.fetchOne(db, sql: "SELECT public_key FROM key_versions WHERE key_id = ? AND version = ?",
-                              arguments: [digest.rawValue.hex, rec.metadata.currentVersion.rawValue])
-        }
-        return Self.backupFingerprint([UInt8](key ?? Data()))
-    }
-
     /// Adds to this keystore the keys and versions of `other` it lacks; refuses on any conflict.
     func merge(from other: KeyManager, signer: String, createdAt: Double, by principal: Principal) throws(KeyManagerError) -> RestoreReport {
         struct Version { var key: String; var version: Int; var createdAt: Double; var material: Data?; var publicKey: Data?; var retired: Int }

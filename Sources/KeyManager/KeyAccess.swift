@@ -233,7 +233,7 @@ extension KeyManager {
                     sources[subject.description, default: []].insert("policy")
                 }
             }
-            for grant in rec.grants where grant.expiresAt.map({ now < $0 }) ?? true {
+            for grant in rec.grants where grant.isLive(at: now) {
                 for op in grant.operations { operations[grant.grantee, default: []].insert(op.rawValue) }
                 sources[grant.grantee, default: []].insert("grant " + grant.grantID
                     + (grant.expiresAt.map { " until " + Date(timeIntervalSince1970: $0).formatted(.iso8601) } ?? ""))

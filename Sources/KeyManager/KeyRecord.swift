@@ -85,9 +85,12 @@ public struct KeyGrant: Sendable, Codable, Equatable {
         createdBy = UInt32(row["created_by"] as Int)
     }
 
+    /// Whether it still works at `now` (not yet expired).
+    func isLive(at now: Double) -> Bool { expiresAt.map { now < $0 } ?? true }
+
     /// Whether it gives `operation` to `principal` at `now`.
     func allows(_ operation: KeyOperation, to principal: Principal, at now: Double) -> Bool {
-        guard operations.contains(operation), expiresAt.map({ now < $0 }) ?? true,
+        guard operations.contains(operation), isLive(at: now),
               let subject = PolicySubject(argument: grantee) else { return false }
         return subject.matches(principal)
     }

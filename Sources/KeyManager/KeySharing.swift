@@ -29,11 +29,7 @@ extension KeyManager {
             let rec = try record(id)
             func subjects(_ op: KeyOperation) -> [String] {
                 let byPolicy: [String] = (rec.policy[op] ?? []).map { $0.description }.sorted()
-                let live: [KeyGrant] = rec.grants.filter { grant in
-                    guard grant.operations.contains(op) else { return false }
-                    guard let expiry = grant.expiresAt else { return true }
-                    return now < expiry
-                }
+                let live = rec.grants.filter { $0.operations.contains(op) && $0.isLive(at: now) }
                 return byPolicy + live.map { $0.grantee + " (grant)" }
             }
             out.append(GoverningKey(key: rec.displayName, keyID: id.rawValue.hex, paths: bound.sorted(),
@@ -46,10 +42,11 @@ extension KeyManager {
     /// admits no one but root and `owner` (the mounting uid) to encrypt or
     /// decrypt, naming the command that would admit others.
     public func sharingWarnings(owner: UInt32, mountpoint: String) throws(KeyManagerError) -> [String] {
-        try governingKeys().compactMap { key in
-            let private_ = Set(["uid:0", "uid:\(owner)"])
-            guard (key.encrypt + key.decrypt).allSatisfy(private_.contains) else { return nil }
-            return "-o allow_other, but only \((key.encrypt + key.decrypt).isEmpty ? "nobody" : Set(key.encrypt + key.decrypt).sorted().joined(separator: " and ")) "
+        let ownerOnly: Set<String> = ["uid:0", "uid:\(owner)"]
+        return try governingKeys().compactMap { key in
+            let users = Set(key.encrypt + key.decrypt)
+            guard users.isSubset(of: ownerOnly) else { return nil }
+            return "-o allow_other, but only \(users.isEmpty ? "nobody" : users.sorted().joined(separator: " and ")) "
                 + "may encrypt or decrypt with \(key.key) (governing \(key.paths.joined(separator: ", "))): other users get EACCES there. "
                 + "To share it: kmsfs key policy \(key.key) --grant encrypt,decrypt '*' --fs \(mountpoint)"
         }

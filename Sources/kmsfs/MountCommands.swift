@@ -161,12 +161,11 @@ extension Unmount {
 }
 
 extension Status {
-    /// The format version in the header of CIPHERDIR's root `.kmsfs.dir` (bytes 4-5, big-endian).
+    /// The format version in the header of CIPHERDIR's root `.kmsfs.dir`.
     static func headerVersion(of cipherdir: String) -> Int? {
-        guard let handle = FileHandle(forReadingAtPath: cipherdir + "/.kmsfs.dir"),
-              let bytes = try? handle.read(upToCount: 6), bytes.count == 6 else { return nil }
-        try? handle.close()
-        return Int(bytes[4]) << 8 | Int(bytes[5])
+        guard let handle = FileHandle(forReadingAtPath: cipherdir + "/.kmsfs.dir") else { return nil }
+        defer { try? handle.close() }
+        return (try? handle.read(upToCount: FormatV1.headerSize)).flatMap { FormatV1.version(ofHeader: [UInt8]($0)) }.map(Int.init)
     }
 }
 

@@ -172,5 +172,12 @@ import ChunkCipher
         var damaged = sealed
         damaged[5] = 2
         #expect(cipherError { _ = try file.open(damaged) } == .unsupportedFormatVersion(2))
+        // Its number can still be read (kmsfs status reports it), and a non-kmsfs header has none.
+        #expect(FormatV1.version(ofHeader: sealed) == FormatV1.version)
+        #expect(FormatV1.version(ofHeader: damaged) == 2)
+        var foreign = sealed
+        foreign[0] = 0
+        #expect(FormatV1.version(ofHeader: foreign) == nil)
+        #expect(FormatV1.version(ofHeader: Array(sealed.prefix(5))) == nil)
     }
 }

@@ -127,7 +127,7 @@ struct KeyFeatureTests {
         let admin = try fs.run("\(asTeam) $K key disable alias/sig-rsa-2048 --fs $M")
         #expect(admin.status == 1 && admin.stderr.contains("may not administer this filesystem"), "\(admin.stderr)")
         let list = try fs.run("\(asTeam) $K key list --fs $M")
-        #expect(list.status == 1 && list.stderr.contains("only key sign, verify and get-public-key"), "\(list.stderr)")
+        #expect(list.status == 1 && list.stderr.contains("only key sign, verify, get-public-key and retiring its own grant"), "\(list.stderr)")
         #expect(try fs.run("$K key disable alias/sig-ecc-nist-p256 --fs $M >/dev/null").ok)
         let disabledSign = try fs.run("cd $T/team && $K key sign alias/sig-ecc-nist-p256 --message-file msg --out sig2 --fs $M")
         #expect(disabledSign.status != 0 && disabledSign.stderr.contains("Disabled"), "\(disabledSign.stderr)")
@@ -172,6 +172,12 @@ struct KeyFeatureTests {
         // Two days later it has expired: no command was run, the read is refused.
         try clocked.advance(days: 2)
         #expect(try read().contains("Permission denied"), "an expired grant still works")
+        // The grantee may give a grant up itself (RetireGrant), over the socket; then it is refused again.
+        let own = try fs.run("$K key grant create alias/g --grantee uid:4242 --operations decrypt --fs $M").stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(try read() == "shared")
+        let retired = try fs.run("\(asTeam) $K key grant revoke alias/g \(own) --fs $M")
+        #expect(retired.ok, "\(retired.stderr)")
+        #expect(try read().contains("Permission denied"))
         // A new grant, then revoked by id: refused again.
         let second = try fs.run("$K key grant create alias/g --grantee uid:4242 --operations decrypt --fs $M").stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(try read() == "shared")
@@ -182,7 +188,7 @@ struct KeyFeatureTests {
         #expect(try fs.run("$K key grant create alias/g --grantee uid:4242 --operations administer --fs $M").status != 0)
         let records = try fs.run("$K audit export --format jsonl --fs $M").stdout.split(separator: "\n").map { jsonObject(String($0)) }
         let names = Set(records.compactMap { $0["eventName"] as? String })
-        #expect(names.isSuperset(of: ["CreateGrant", "RevokeGrant"]), "\(names)")
+        #expect(names.isSuperset(of: ["CreateGrant", "RevokeGrant", "RetireGrant"]), "\(names)")
         let used = records.filter { $0["eventName"] as? String == "Decrypt" && ($0["userIdentity"] as? [String: Any]).map { "\($0)".contains("4242") } == true }
         #expect(!used.isEmpty, "the grantee's reads are audited")
     }
