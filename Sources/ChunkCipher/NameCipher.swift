@@ -30,9 +30,10 @@ public final class NameCipher: @unchecked Sendable {
 
     deinit { EVP_CIPHER_CTX_free(template) }
 
-    /// The encrypted, encoded form of `name` (before long-name hashing).
-    public func encrypt(_ name: String) throws(CipherError) -> String {
-        let plain = Array(name.utf8)
+    /// The encrypted, encoded form of the name whose bytes are `name` (before
+    /// long-name hashing). Names are bytes: any but `/` and NUL, UTF-8 or not.
+    public func encrypt<Name: Collection<UInt8>>(_ name: Name) throws(CipherError) -> String {
+        let plain = Array(name)
         guard !plain.isEmpty, !plain.contains(0), !plain.contains(UInt8(ascii: "/")) else {
             throw .invalidArgument("a file name is 1 or more bytes without '/' or NUL")
         }
@@ -50,10 +51,15 @@ public final class NameCipher: @unchecked Sendable {
         return Base64URL.encode(out)
     }
 
-    /// The plaintext name of an encoded entry; `integrityFailure(.name)` if it
-    /// was changed or belongs to another directory, `malformed` if it is not
-    /// an encoded name at all.
-    public func decrypt(_ encoded: String) throws(CipherError) -> String {
+    /// The encrypted, encoded form of a text name (its UTF-8 bytes).
+    public func encrypt(_ name: String) throws(CipherError) -> String {
+        try encrypt(Array(name.utf8))
+    }
+
+    /// The plaintext name (its bytes) of an encoded entry; `integrityFailure(.name)`
+    /// if it was changed or belongs to another directory, `malformed` if it is
+    /// not an encoded name at all.
+    public func decrypt(_ encoded: String) throws(CipherError) -> [UInt8] {
         guard let raw = Base64URL.decode(encoded), raw.count > Self.tagSize else {
             throw .malformed("'\(encoded.prefix(64))' is not an encrypted name")
         }
@@ -69,9 +75,8 @@ public final class NameCipher: @unchecked Sendable {
                 && EVP_DecryptUpdate(ctx, p.baseAddress, &length, body, Int32(body.count)) == 1
                 && EVP_DecryptFinal_ex(ctx, p.baseAddress! + Int(length), &length) == 1
         }
-        guard ok, let name = String(validating: plain, as: UTF8.self), !plain.contains(0),
-              !plain.contains(UInt8(ascii: "/")) else { throw .integrityFailure(.name) }
-        return name
+        guard ok, !plain.contains(0), !plain.contains(UInt8(ascii: "/")) else { throw .integrityFailure(.name) }
+        return plain
     }
 
     private func context(encrypt: Int32) throws(CipherError) -> OpaquePointer {

@@ -42,6 +42,17 @@ public final class StringSealer: Sendable {
         return plain
     }
 
+    /// Seals bytes to base64url text.
+    public func sealEncoded(_ plain: [UInt8], context: [UInt8] = []) throws(CipherError) -> String {
+        Base64URL.encode(try seal(plain, context: context))
+    }
+
+    /// Opens base64url text made by `sealEncoded` (or `sealText`) to its bytes.
+    public func openEncoded(_ encoded: String, context: [UInt8] = []) throws(CipherError) -> [UInt8] {
+        guard let raw = Base64URL.decode(encoded) else { throw .malformed("not a sealed value") }
+        return try open(raw, context: context)
+    }
+
     /// Seals a string to base64url text.
     public func sealText(_ text: String, context: [UInt8] = []) throws(CipherError) -> String {
         Base64URL.encode(try seal(Array(text.utf8), context: context))

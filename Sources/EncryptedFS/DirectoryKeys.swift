@@ -1,4 +1,5 @@
 import ChunkCipher
+import FUSEBridge
 import KeyManager
 import Logging
 import CLinux
@@ -11,7 +12,7 @@ import Glibc
 /// directory: a format-v1 header whose object id is the directory id and
 /// whose wrapped key is the directory's name key (sealed length 0).
 final class DirectoryKeys: Sendable {
-    static let fileName = ".kmsfs.dir"
+    static let fileName: FileName = ".kmsfs.dir"
 
     let directoryID: ID128
     let keyID: KeyID

@@ -103,7 +103,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
                                    isRoot: node.id == .root, logger: logger)
         }
         try keys { () throws(KeyManagerError) in
-            try keyManager.checkUse(who, .decrypt, key: loaded.keyID, version: loaded.version, object: loaded.directoryID) { self.nodes.path(of: node.id) }
+            try keyManager.checkUse(who, .decrypt, key: loaded.keyID, version: loaded.version, object: loaded.directoryID) { self.nodes.path(of: node.id).description }
         }
         return loaded
     }
@@ -137,23 +137,23 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         let keys = try directoryKeys(dir, context)
         if operation == .encrypt {
             try self.keys { () throws(KeyManagerError) in
-                try keyManager.checkUse(principal(context), .encrypt, key: keys.keyID, object: keys.directoryID) { self.nodes.path(of: dir.id) }
+                try keyManager.checkUse(principal(context), .encrypt, key: keys.keyID, object: keys.directoryID) { self.nodes.path(of: dir.id).description }
             }
         }
     }
 
     /// The name stored in CIPHERDIR for plaintext `name` in directory `node`.
-    func storedName(_ name: String, in node: Node, _ context: RequestContext) throws(Errno) -> String {
-        guard !name.isEmpty, name != ".", name != ".." else { throw .invalidArgument }
-        guard name.utf8.count <= 255 else { throw .fileNameTooLong }
+    func storedName(_ name: FileName, in node: Node, _ context: RequestContext) throws(Errno) -> FileName {
+        guard !name.isEmpty, !name.isDotOrDotDot else { throw .invalidArgument }
+        guard name.count <= 255 else { throw .fileNameTooLong }
         if plaintextNames {
             guard !name.hasPrefix(Self.reservedPrefix) else { throw .notPermitted }
             return name
         }
         let dir = try directoryKeys(node, context)
         if let known = node.storedNames.withLock({ $0[name] }) { return known }
-        let stored: String
-        do throws(CipherError) { stored = LongName.storedName(for: try dir.names.encrypt(name)) } catch { throw .invalidArgument }
+        let stored: FileName
+        do throws(CipherError) { stored = FileName(LongName.storedName(for: try dir.names.encrypt(name.bytes))) } catch { throw .invalidArgument }
         node.storedNames.withLock { cache in
             if cache.count >= Node.storedNamesLimit { cache.removeAll(keepingCapacity: true) }
             cache[name] = stored
@@ -162,59 +162,60 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     }
 
     /// For a hashed long name, writes the sidecar holding the full encoded name.
-    func writeSidecar(_ stored: String, plaintext name: String, in node: Node, _ context: RequestContext) throws(Errno) {
-        guard !plaintextNames, LongName.isHashed(stored) else { return }
+    func writeSidecar(_ stored: FileName, plaintext name: FileName, in node: Node, _ context: RequestContext) throws(Errno) {
+        guard !plaintextNames, stored.isHashedLongName else { return }
         let names = try directoryKeys(node, context).names
         let encoded: String
-        do throws(CipherError) { encoded = try names.encrypt(name) } catch { throw .ioError }
-        let fd = try Syscall.openat(node.fd, stored + LongName.sidecarSuffix, O_WRONLY | O_CREAT | O_TRUNC, 0o400)
+        do throws(CipherError) { encoded = try names.encrypt(name.bytes) } catch { throw .ioError }
+        let fd = try Syscall.openat(node.fd, stored.appending(LongName.sidecarSuffix), O_WRONLY | O_CREAT | O_TRUNC, 0o400)
         defer { close(fd) }
         try Syscall.pwrite(fd, Array(encoded.utf8), at: 0)
     }
 
-    func removeSidecar(_ stored: String, in node: Node) {
-        guard LongName.isHashed(stored) else { return }
-        unlinkat(node.fd, stored + LongName.sidecarSuffix, 0)
+    func removeSidecar(_ stored: FileName, in node: Node) {
+        guard stored.isHashedLongName else { return }
+        Syscall.unlinkQuietly(node.fd, stored.appending(LongName.sidecarSuffix))
     }
 
     /// The plaintext name of a stored entry, or nil for kmsfs's own files and undecryptable names.
-    func plaintextName(_ stored: String, inDirectory dirFD: Int32, keys dir: DirectoryKeys?) -> String? {
+    func plaintextName(_ stored: FileName, inDirectory dirFD: Int32, keys dir: DirectoryKeys?) -> FileName? {
         if case .name(let name) = decodeName(stored, inDirectory: dirFD, keys: dir) { return name }
         return nil
     }
 
     /// What a backing entry's name is to the mount.
     enum DecodedName {
-        case name(String)
+        case name(FileName)
         /// kmsfs's own (`.kmsfs.dir`, a long name's sidecar, `.kmsfs`).
         case internalEntry
         /// A name that does not authenticate (or a long name whose sidecar is missing or does not match).
         case damaged
     }
 
-    func decodeName(_ stored: String, inDirectory dirFD: Int32, keys dir: DirectoryKeys?) -> DecodedName {
+    func decodeName(_ stored: FileName, inDirectory dirFD: Int32, keys dir: DirectoryKeys?) -> DecodedName {
         if stored.hasPrefix(Self.reservedPrefix) {
-            guard LongName.isHashed(stored) else { return .internalEntry }
+            guard stored.isHashedLongName else { return .internalEntry }
             guard let dir else { return plaintextNames ? .internalEntry : .damaged }
-            guard let fd = try? Syscall.openat(dirFD, stored + LongName.sidecarSuffix, O_RDONLY) else { return .damaged }
+            guard let fd = try? Syscall.openat(dirFD, stored.appending(LongName.sidecarSuffix), O_RDONLY) else { return .damaged }
             defer { close(fd) }
             let encoded = String(decoding: (try? Syscall.pread(fd, count: 4096, at: 0)) ?? [], as: UTF8.self)
-            guard LongName.storedName(for: encoded) == stored, let name = try? dir.names.decrypt(encoded) else { return .damaged }
-            return .name(name)
+            guard LongName.storedName(for: encoded) == stored.description, let name = try? dir.names.decrypt(encoded) else { return .damaged }
+            return .name(FileName(bytes: name))
         }
         if plaintextNames { return .name(stored) }
-        guard let dir else { return .damaged }
-        do throws(CipherError) { return .name(try dir.names.decrypt(stored)) } catch { return .damaged }
+        // Encrypted names are base64url: one that is not even ASCII is damage.
+        guard let dir, let encoded = stored.text else { return .damaged }
+        do throws(CipherError) { return .name(FileName(bytes: try dir.names.decrypt(encoded))) } catch { return .damaged }
     }
 
     /// Backing attributes turned into what the application sees.
-    func plaintextAttributes(_ st: stat, symlinkTarget: () -> String?) -> stat {
+    func plaintextAttributes(_ st: stat, symlinkTarget: () -> [UInt8]?) -> stat {
         var out = st
         switch st.st_mode & S_IFMT {
         case S_IFREG:
             out.st_size = off_t((try? layout.plaintextSize(ciphertextSize: Int(st.st_size))) ?? 0)
         case S_IFLNK:
-            if let target = symlinkTarget() { out.st_size = off_t(target.utf8.count) }
+            if let target = symlinkTarget() { out.st_size = off_t(target.count) }
         default: break
         }
         return out
@@ -225,12 +226,12 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         return EntryReply(node: node.id, attributes: attributes, attributeTimeout: timeout, entryTimeout: timeout)
     }
 
-    func decryptedTarget(of node: Node, _ context: RequestContext) throws(Errno) -> String {
+    func decryptedTarget(of node: Node, _ context: RequestContext) throws(Errno) -> [UInt8] {
         let stored = try Syscall.readlinkat(node.fd, "")
         if plaintextNames { return stored }
         try checkParentKey(of: node, .decrypt, context)
         let volume = try volumeKeys(context)
-        do throws(CipherError) { return try volume.symlinks.openText(stored) } catch {
+        do throws(CipherError) { return try volume.symlinks.openEncoded(String(decoding: stored, as: UTF8.self)) } catch {
             integrityFailure(error, object: nil, what: "symlink target", path: nodes.filePath(of: node), principal: principal(context))
             throw .ioError
         }
@@ -248,14 +249,14 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     }
 
     /// Gives a new entry to the requesting user when the daemon runs as root.
-    func adopt(_ parent: Node, _ stored: String, _ context: RequestContext) {
+    func adopt(_ parent: Node, _ stored: FileName, _ context: RequestContext) {
         guard runningAsRoot, context.uid != 0 || context.gid != 0 else { return }
-        fchownat(parent.fd, stored, context.uid, context.gid, AT_SYMLINK_NOFOLLOW)
+        _ = stored.withCString { fchownat(parent.fd, $0, context.uid, context.gid, AT_SYMLINK_NOFOLLOW) }
     }
 
     /// The object id in the header of a backing file (a regular file, or a
     /// directory's `.kmsfs.dir`), if readable.
-    func fileID(in directoryFD: Int32, stored: String) -> ID128? {
+    func fileID(in directoryFD: Int32, stored: FileName) -> ID128? {
         guard let fd = try? Syscall.openat(directoryFD, stored, O_RDONLY | O_NOFOLLOW) else { return nil }
         defer { close(fd) }
         return Self.header(of: fd)?.fileID.rawValue
@@ -269,7 +270,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
 
     // MARK: Names and attributes
 
-    public func lookup(_ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno) -> EntryReply {
+    public func lookup(_ parent: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) -> EntryReply {
         let dir = try nodes.node(parent)
         let stored = try storedName(name, in: dir, context)
         let st = try Syscall.fstatat(dir.fd, stored)
@@ -325,7 +326,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         return try getattr(id, context)
     }
 
-    public func readlink(_ id: NodeID, _ context: RequestContext) throws(Errno) -> String {
+    public func readlink(_ id: NodeID, _ context: RequestContext) throws(Errno) -> [UInt8] {
         let node = try nodes.node(id)
         guard node.isSymlink else { throw .invalidArgument }
         return try decryptedTarget(of: node, context)
@@ -352,7 +353,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
 
     // MARK: Creating and removing
 
-    public func mknod(_ parent: NodeID, _ name: String, mode: mode_t, device: dev_t, _ context: RequestContext) throws(Errno) -> EntryReply {
+    public func mknod(_ parent: NodeID, _ name: FileName, mode: mode_t, device: dev_t, _ context: RequestContext) throws(Errno) -> EntryReply {
         switch mode & S_IFMT {
         case S_IFREG:
             let (entry, opened) = try create(parent, name, mode: mode, flags: O_WRONLY, context)
@@ -362,7 +363,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             let dir = try nodes.node(parent)
             let stored = try storedName(name, in: dir, context)
             try writeSidecar(stored, plaintext: name, in: dir, context)
-            try Syscall.call { mknodat(dir.fd, stored, mode, 0) }
+            try Syscall.call { stored.withCString { mknodat(dir.fd, $0, mode, 0) } }
             adopt(dir, stored, context)
             return try lookup(parent, name, context)
         default:
@@ -370,24 +371,23 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         }
     }
 
-    public func mkdir(_ parent: NodeID, _ name: String, mode: mode_t, _ context: RequestContext) throws(Errno) -> EntryReply {
+    public func mkdir(_ parent: NodeID, _ name: FileName, mode: mode_t, _ context: RequestContext) throws(Errno) -> EntryReply {
         let dir = try nodes.node(parent)
         let stored = try storedName(name, in: dir, context)
-        let parentPath = nodes.path(of: parent)
-        let path = parentPath == "/" ? "/" + name : parentPath + "/" + name
-        let key = try keys { () throws(KeyManagerError) in try keyManager.boundKey(forDirectory: path) }
+        let path = nodes.path(of: parent).appending(name)
+        let key = try keys { () throws(KeyManagerError) in try keyManager.boundKey(forDirectory: path.bindingPath) }
         try writeSidecar(stored, plaintext: name, in: dir, context)
         // The daemon needs to write .kmsfs.dir; the mode is set after.
-        try Syscall.call { mkdirat(dir.fd, stored, 0o700) }
+        try Syscall.call { stored.withCString { mkdirat(dir.fd, $0, 0o700) } }
         do throws(Errno) {
             let fd = try Syscall.openat(dir.fd, stored, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
             defer { close(fd) }
             _ = try DirectoryKeys.create(in: fd, key: key, keyManager: keyManager, principal: principal(context),
                                          layout: layout, isRoot: false)
-            try Syscall.call { fchmodat(dir.fd, stored, mode & 0o7777, 0) }
+            try Syscall.call { stored.withCString { fchmodat(dir.fd, $0, mode & 0o7777, 0) } }
         } catch {
-            unlinkat(dir.fd, stored + "/" + DirectoryKeys.fileName, 0)
-            unlinkat(dir.fd, stored, AT_REMOVEDIR)
+            Syscall.unlinkQuietly(dir.fd, FileName(bytes: stored.bytes + [UInt8(ascii: "/")] + DirectoryKeys.fileName.bytes))
+            Syscall.unlinkQuietly(dir.fd, stored, AT_REMOVEDIR)
             removeSidecar(stored, in: dir)
             throw error
         }
@@ -395,53 +395,56 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         return try lookup(parent, name, context)
     }
 
-    public func symlink(target: String, _ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno) -> EntryReply {
+    public func symlink(target: [UInt8], _ parent: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) -> EntryReply {
         let dir = try nodes.node(parent)
         let stored = try storedName(name, in: dir, context)
-        let sealed: String
+        guard !target.isEmpty, !target.contains(0) else { throw target.isEmpty ? .noSuchFileOrDirectory : .invalidArgument }
+        guard target.count < Int(PATH_MAX) else { throw .fileNameTooLong }
+        var sealed: [UInt8]
         if plaintextNames { sealed = target } else {
             try checkDirectoryKey(dir, .encrypt, context)
             let volume = try volumeKeys(context)
-            do throws(CipherError) { sealed = try volume.symlinks.sealText(target) } catch { throw .ioError }
+            do throws(CipherError) { sealed = Array(try volume.symlinks.sealEncoded(target).utf8) } catch { throw .ioError }
         }
-        guard sealed.utf8.count < Int(PATH_MAX) else { throw .fileNameTooLong }
+        guard sealed.count < Int(PATH_MAX) else { throw .fileNameTooLong }
+        sealed.append(0)
         try writeSidecar(stored, plaintext: name, in: dir, context)
-        try Syscall.call { symlinkat(sealed, dir.fd, stored) }
+        try Syscall.call { stored.withCString { s in sealed.withUnsafeBufferPointer { t in t.withMemoryRebound(to: CChar.self) { symlinkat($0.baseAddress!, dir.fd, s) } } } }
         adopt(dir, stored, context)
         return try lookup(parent, name, context)
     }
 
-    public func link(_ id: NodeID, _ newParent: NodeID, _ newName: String, _ context: RequestContext) throws(Errno) -> EntryReply {
+    public func link(_ id: NodeID, _ newParent: NodeID, _ newName: FileName, _ context: RequestContext) throws(Errno) -> EntryReply {
         let node = try nodes.node(id)
         let dir = try nodes.node(newParent)
         guard !node.isDirectory else { throw .notPermitted }
         let stored = try storedName(newName, in: dir, context)
         try writeSidecar(stored, plaintext: newName, in: dir, context)
         if node.isSymlink {
-            try Syscall.call { linkat(node.fd, "", dir.fd, stored, KMSFS_AT_EMPTY_PATH) }
+            try Syscall.call { stored.withCString { linkat(node.fd, "", dir.fd, $0, KMSFS_AT_EMPTY_PATH) } }
         } else {
-            try Syscall.call { linkat(AT_FDCWD, node.procPath, dir.fd, stored, AT_SYMLINK_FOLLOW) }
+            try Syscall.call { stored.withCString { linkat(AT_FDCWD, node.procPath, dir.fd, $0, AT_SYMLINK_FOLLOW) } }
         }
         return try lookup(newParent, newName, context)
     }
 
-    public func unlink(_ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno) {
+    public func unlink(_ parent: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) {
         let dir = try nodes.node(parent)
         let stored = try storedName(name, in: dir, context)
         let st = try Syscall.fstatat(dir.fd, stored)
         guard st.st_mode & S_IFMT != S_IFDIR else { throw .isDirectory }
         let lastLink = st.st_mode & S_IFMT == S_IFREG && st.st_nlink == 1
         let object = lastLink ? nodes.fileID(of: InodeKey(st)) ?? fileID(in: dir.fd, stored: stored) : nil
-        try Syscall.call { unlinkat(dir.fd, stored, 0) }
+        try Syscall.unlinkat(dir.fd, stored)
         removeSidecar(stored, in: dir)
         if let object { try? keyManager.forgetUsage(object) }
     }
 
-    public func rmdir(_ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno) {
+    public func rmdir(_ parent: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) {
         let dir = try nodes.node(parent)
         let stored = try storedName(name, in: dir, context)
         let object = try removingDirectoryKeys(dir, stored) { () throws(Errno) in
-            try Syscall.call { unlinkat(dir.fd, stored, AT_REMOVEDIR) }
+            try Syscall.unlinkat(dir.fd, stored, AT_REMOVEDIR)
         }
         removeSidecar(stored, in: dir)
         if let object { try? keyManager.forgetUsage(object) }
@@ -457,25 +460,25 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     /// if `remove` fails the directory gets its very keys back and stays
     /// readable; a crash in between leaves at most a hidden set-aside file,
     /// which the parent's own removal clears.
-    private func removingDirectoryKeys(_ parent: Node, _ stored: String, _ remove: () throws(Errno) -> Void) throws(Errno) -> ID128? {
+    private func removingDirectoryKeys(_ parent: Node, _ stored: FileName, _ remove: () throws(Errno) -> Void) throws(Errno) -> ID128? {
         let fd = try Syscall.openat(parent.fd, stored, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
         defer { close(fd) }
         let entries = try Syscall.listDirectory(fd)
         guard entries.allSatisfy({ $0.name == DirectoryKeys.fileName || $0.name.hasPrefix(Self.setAsidePrefix) }) else { throw .directoryNotEmpty }
-        for stale in entries where stale.name.hasPrefix(Self.setAsidePrefix) { unlinkat(fd, stale.name, 0) }
+        for stale in entries where stale.name.hasPrefix(Self.setAsidePrefix) { Syscall.unlinkQuietly(fd, stale.name) }
         guard entries.contains(where: { $0.name == DirectoryKeys.fileName }) else {
             try remove()
             return nil
         }
         let object = fileID(in: fd, stored: DirectoryKeys.fileName)
         let aside = Self.setAsidePrefix + ID128.random().hex
-        try Syscall.call { linkat(fd, DirectoryKeys.fileName, parent.fd, aside, 0) }
+        try Syscall.call { DirectoryKeys.fileName.withCString { linkat(fd, $0, parent.fd, aside, 0) } }
         do throws(Errno) {
-            try Syscall.call { unlinkat(fd, DirectoryKeys.fileName, 0) }
+            try Syscall.unlinkat(fd, DirectoryKeys.fileName)
             try remove()
         } catch {
             // Put the keys back (the link in the directory is gone only if the unlink ran).
-            if linkat(parent.fd, aside, fd, DirectoryKeys.fileName, 0) != 0, errno != EEXIST {
+            if DirectoryKeys.fileName.withCString({ linkat(parent.fd, aside, fd, $0, 0) }) != 0, errno != EEXIST {
                 logger.error("a failed rmdir could not restore the directory's keys", metadata: ["kept as": "\(aside)", "errno": "\(errno)"])
                 throw error
             }
@@ -486,7 +489,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         return object
     }
 
-    public func rename(_ parent: NodeID, _ name: String, _ newParent: NodeID, _ newName: String, flags: UInt32,
+    public func rename(_ parent: NodeID, _ name: FileName, _ newParent: NodeID, _ newName: FileName, flags: UInt32,
                        _ context: RequestContext) throws(Errno) {
         let from = try nodes.node(parent)
         let to = try nodes.node(newParent)
@@ -511,10 +514,10 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         if replacingDirectory {
             // The replaced directory's keys go only if the rename succeeds.
             replacedObject = try removingDirectoryKeys(to, newStored) { () throws(Errno) in
-                try Syscall.call { kmsfs_renameat2(from.fd, oldStored, to.fd, newStored, flags) }
+                try Syscall.withNames(oldStored, newStored) { (a, b) throws(Errno) in _ = try Syscall.call { kmsfs_renameat2(from.fd, a, to.fd, b, flags) } }
             }
         } else {
-            try Syscall.call { kmsfs_renameat2(from.fd, oldStored, to.fd, newStored, flags) }
+            try Syscall.withNames(oldStored, newStored) { (a, b) throws(Errno) in _ = try Syscall.call { kmsfs_renameat2(from.fd, a, to.fd, b, flags) } }
         }
         if flags & (KMSFS_RENAME_EXCHANGE) != 0 {
             try writeSidecar(oldStored, plaintext: name, in: from, context)
@@ -550,7 +553,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             // after the intact entries, so tools see the damage instead of a
             // directory that silently looks smaller.
             integrityFailure(.integrityFailure(.name), object: dir?.directoryID, what: "\(damaged) name(s) in a directory",
-                             key: dir?.keyID, path: nodes.path(of: id), principal: principal(context))
+                             key: dir?.keyID, path: nodes.path(of: id).description, principal: principal(context))
         }
         return open.withLock { s in
             let handle = s.next
@@ -580,14 +583,14 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
 
     // MARK: Files
 
-    public func create(_ parent: NodeID, _ name: String, mode: mode_t, flags: Int32, _ context: RequestContext) throws(Errno) -> (EntryReply, OpenReply) {
+    public func create(_ parent: NodeID, _ name: FileName, mode: mode_t, flags: Int32, _ context: RequestContext) throws(Errno) -> (EntryReply, OpenReply) {
         let dir = try nodes.node(parent)
         let stored = try storedName(name, in: dir, context)
         let directory = nodes.path(of: parent)
-        let key = try keys { () throws(KeyManagerError) in try keyManager.boundKey(forDirectory: directory) }
+        let key = try keys { () throws(KeyManagerError) in try keyManager.boundKey(forDirectory: directory.bindingPath) }
         let fileID = FileID.random()
         let who = principal(context)
-        let path = directory == "/" ? "/" + name : directory + "/" + name
+        let path = directory.appending(name).description
         let dataKey = try keys { () throws(KeyManagerError) in
             try keyManager.generateDataKey(for: fileID.rawValue, kind: .file, key: key, principal: who, path: path)
         }
@@ -621,7 +624,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
                                 onIntegrityFailure: failureHandler(fileID, key, path: path, opener: who))
         } catch {
             close(fd)
-            unlinkat(dir.fd, stored, 0)
+            Syscall.unlinkQuietly(dir.fd, stored)
             try? keyManager.forgetUsage(fileID.rawValue)
             throw error
         }
@@ -824,11 +827,11 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
 
     static let xattrPrefix = "user.kmsfs."
 
-    func backingXattrName(_ name: String, _ context: RequestContext) throws(Errno) -> String {
+    func backingXattrName(_ name: FileName, _ context: RequestContext) throws(Errno) -> FileName {
         guard name.hasPrefix("user.") else { throw .notSupported }
         if plaintextNames { return name }
         let volume = try volumeKeys(context)
-        do throws(CipherError) { return Self.xattrPrefix + (try volume.xattrNames.encrypt(name)) } catch { throw .invalidArgument }
+        do throws(CipherError) { return FileName(Self.xattrPrefix + (try volume.xattrNames.encrypt(name.bytes))) } catch { throw .invalidArgument }
     }
 
     /// The sealer of `node`'s extended-attribute values and the object id
@@ -865,9 +868,9 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     }
 
     /// What an attribute value is bound to: its object and its name.
-    static func xattrContext(_ object: ID128, _ name: String) -> [UInt8] { object.bytes + Array(name.utf8) }
+    static func xattrContext(_ object: ID128, _ name: FileName) -> [UInt8] { object.bytes + name.bytes }
 
-    public func setxattr(_ id: NodeID, _ name: String, value: UnsafeRawBufferPointer, flags: Int32, _ context: RequestContext) throws(Errno) {
+    public func setxattr(_ id: NodeID, _ name: FileName, value: UnsafeRawBufferPointer, flags: Int32, _ context: RequestContext) throws(Errno) {
         let node = try nodes.node(id)
         let backing = try backingXattrName(name, context)
         var sealed = Array(value)
@@ -875,7 +878,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             let (sealer, object) = try xattrSealer(node, modifying: true, context)
             do throws(CipherError) { sealed = try sealer.seal(sealed, context: Self.xattrContext(object, name)) } catch { throw .ioError }
         }
-        try Syscall.call { CLinux.setxattr(node.procPath, backing, sealed, sealed.count, flags) }
+        try Syscall.call { backing.withCString { CLinux.setxattr(node.procPath, $0, sealed, sealed.count, flags) } }
     }
 
     /// Only the `user.` namespace is kept (encrypted). Other namespaces are
@@ -884,48 +887,48 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     /// filesystem that there are no ACLs or security labels, instead of two
     /// requests per file — and the kernel's check for file capabilities on
     /// every write gets its answer at once.
-    public func getxattr(_ id: NodeID, _ name: String, _ context: RequestContext) throws(Errno) -> [UInt8] {
+    public func getxattr(_ id: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) -> [UInt8] {
         let node = try nodes.node(id)
         guard name.hasPrefix("user.") else { throw .notSupported }
         let backing = try backingXattrName(name, context)
-        let size = try Syscall.call { CLinux.getxattr(node.procPath, backing, nil, 0) }
+        let size = try Syscall.call { backing.withCString { CLinux.getxattr(node.procPath, $0, nil, 0) } }
         var raw = [UInt8](repeating: 0, count: size)
-        let n = try Syscall.call { CLinux.getxattr(node.procPath, backing, &raw, raw.count) }
+        let n = try Syscall.call { backing.withCString { CLinux.getxattr(node.procPath, $0, &raw, raw.count) } }
         raw.removeLast(raw.count - n)
         if plaintextNames { return raw }
         let (sealer, object) = try xattrSealer(node, modifying: false, context)
         if let value = try? sealer.open(raw, context: Self.xattrContext(object, name)) { return value }
         // A value written before values were sealed per object (policy was checked above).
         let volume = try volumeKeys(context)
-        do throws(CipherError) { return try volume.xattrValues.open(raw, context: Array(name.utf8)) } catch {
+        do throws(CipherError) { return try volume.xattrValues.open(raw, context: Array(name.bytes)) } catch {
             integrityFailure(error, object: nil, what: "extended attribute", path: nodes.filePath(of: node), principal: principal(context))
             throw .ioError
         }
     }
 
-    public func listxattr(_ id: NodeID, _ context: RequestContext) throws(Errno) -> [String] {
+    public func listxattr(_ id: NodeID, _ context: RequestContext) throws(Errno) -> [FileName] {
         let node = try nodes.node(id)
         guard !node.isSymlink else { return [] }
         let size = try Syscall.call { CLinux.listxattr(node.procPath, nil, 0) }
         var raw = [CChar](repeating: 0, count: size)
         let n = try Syscall.call { CLinux.listxattr(node.procPath, &raw, raw.count) }
-        let names = raw[0..<n].split(separator: 0).map { String(decoding: $0.map { UInt8(bitPattern: $0) }, as: UTF8.self) }
+        let names = raw[0..<n].split(separator: 0).map { FileName(bytes: $0.map { UInt8(bitPattern: $0) }) }
         if plaintextNames { return names.filter { $0.hasPrefix("user.") } }
         guard names.contains(where: { $0.hasPrefix(Self.xattrPrefix) }) else { return [] }
         _ = try xattrSealer(node, modifying: false, context)
         let volume = try volumeKeys(context)
         return names.compactMap { backing in
             guard backing.hasPrefix(Self.xattrPrefix) else { return nil }
-            return try? volume.xattrNames.decrypt(String(backing.dropFirst(Self.xattrPrefix.count)))
+            return (try? volume.xattrNames.decrypt(String(decoding: backing.bytes.dropFirst(Self.xattrPrefix.utf8.count), as: UTF8.self))).map { FileName(bytes: $0) }
         }
     }
 
-    public func removexattr(_ id: NodeID, _ name: String, _ context: RequestContext) throws(Errno) {
+    public func removexattr(_ id: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) {
         let node = try nodes.node(id)
         guard name.hasPrefix("user.") else { throw .notSupported }
         let backing = try backingXattrName(name, context)
         if !plaintextNames { _ = try xattrSealer(node, modifying: true, context) }
-        try Syscall.call { CLinux.removexattr(node.procPath, backing) }
+        try Syscall.call { backing.withCString { CLinux.removexattr(node.procPath, $0) } }
     }
 
     public func destroy() {
@@ -935,4 +938,9 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             s.files.removeAll()
         }
     }
+}
+
+extension FileName {
+    /// A stored name that stands for a name too long to store (not its sidecar).
+    var isHashedLongName: Bool { hasPrefix(LongName.prefix) && !hasSuffix(LongName.sidecarSuffix) }
 }

@@ -1,5 +1,6 @@
 import ChunkCipher
 import CLinux
+import FUSEBridge
 import KeyManager
 import Logging
 import SystemPackage
@@ -79,7 +80,7 @@ public final class FilesystemCheck {
     }
 
     private func problem(_ plain: String, _ backing: String, _ object: ID128?, _ kind: String, _ detail: String,
-                         parentFD: Int32?, stored: String?) {
+                         parentFD: Int32?, stored: FileName?) {
         var p = FsckProblem(path: plain, backing: backing, object: object?.hex, kind: kind, detail: detail)
         if repair, let parentFD, let stored { p.quarantined = quarantine(parentFD, stored, object) }
         logger.warning("fsck found damage", metadata: ["path": .string(plain), "kind": .string(kind)])
@@ -87,11 +88,11 @@ public final class FilesystemCheck {
     }
 
     /// Moves `stored` (and a long name's sidecar) out of the tree.
-    private func quarantine(_ parentFD: Int32, _ stored: String, _ object: ID128?) -> String? {
+    private func quarantine(_ parentFD: Int32, _ stored: FileName, _ object: ID128?) -> String? {
         mkdir(fs.cipherdir + "/" + Self.quarantineDirectory, 0o700)
-        let name = (object?.hex ?? ID128.random().hex) + "-" + String(stored.prefix(64))
-        guard renameat(parentFD, stored, AT_FDCWD, fs.cipherdir + "/" + Self.quarantineDirectory + "/" + name) == 0 else { return nil }
-        if LongName.isHashed(stored) { unlinkat(parentFD, stored + LongName.sidecarSuffix, 0) }
+        let name = (object?.hex ?? ID128.random().hex) + "-" + String(stored.description.prefix(64))
+        guard stored.withCString({ renameat(parentFD, $0, AT_FDCWD, fs.cipherdir + "/" + Self.quarantineDirectory + "/" + name) }) == 0 else { return nil }
+        if stored.isHashedLongName { Syscall.unlinkQuietly(parentFD, stored.appending(LongName.sidecarSuffix)) }
         return Self.quarantineDirectory + "/" + name
     }
 
@@ -130,7 +131,7 @@ public final class FilesystemCheck {
         }
     }
 
-    private func checkDirectory(_ dirFD: Int32, backing: String, plain: String, parentFD: Int32?, stored: String?, volume: VolumeKeys?) {
+    private func checkDirectory(_ dirFD: Int32, backing: String, plain: String, parentFD: Int32?, stored: FileName?, volume: VolumeKeys?) {
         report.directories += 1
         let keys: DirectoryKeys?
         if fs.plaintextNames {
@@ -162,9 +163,9 @@ public final class FilesystemCheck {
         for entry in entries {
             let name = entry.name
             if parentFD == nil, name == EncryptedFileSystem.reservedPrefix { continue }
-            if name == DirectoryKeys.fileName || name.hasPrefix(DirectoryKeys.fileName + ".") { continue }
+            if name == DirectoryKeys.fileName || name.hasPrefix(DirectoryKeys.fileName.description + ".") { continue }
             if name.hasPrefix(EncryptedFileSystem.reservedPrefix), name.hasSuffix(LongName.sidecarSuffix) { continue }
-            let backingPath = backing.isEmpty ? name : backing + "/" + name
+            let backingPath = backing.isEmpty ? name.description : backing + "/" + name.description
             guard let plainName = fs.plaintextName(name, inDirectory: dirFD, keys: keys) else {
                 // Its usage first: quarantined or not, the entry still exists and needs its keys.
                 if entry.type == UInt8(DT_DIR), let child = try? Syscall.openat(dirFD, name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) {
@@ -183,7 +184,7 @@ public final class FilesystemCheck {
                 problem((plain == "/" ? "" : plain) + "/?", backingPath, nil, "name", "the name does not decrypt under its directory's key", parentFD: dirFD, stored: name)
                 continue
             }
-            let plainPath = plain == "/" ? "/" + plainName : plain + "/" + plainName
+            let plainPath = (plain == "/" ? "/" : plain + "/") + plainName.description
             switch entry.type {
             case UInt8(DT_DIR):
                 guard let child = try? Syscall.openat(dirFD, name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) else { continue }
@@ -191,7 +192,7 @@ public final class FilesystemCheck {
                 close(child)
             case UInt8(DT_LNK):
                 guard !fs.plaintextNames, let volume, let target = try? Syscall.readlinkat(dirFD, name) else { continue }
-                do throws(CipherError) { _ = try volume.symlinks.openText(target) } catch {
+                do throws(CipherError) { _ = try volume.symlinks.openEncoded(String(decoding: target, as: UTF8.self)) } catch {
                     problem(plainPath, backingPath, nil, "symlink", "the target does not authenticate: \(error)", parentFD: dirFD, stored: name)
                 }
             case UInt8(DT_REG):
@@ -202,7 +203,7 @@ public final class FilesystemCheck {
         }
     }
 
-    private func checkFile(_ dirFD: Int32, _ stored: String, backing: String, plain: String) {
+    private func checkFile(_ dirFD: Int32, _ stored: FileName, backing: String, plain: String) {
         guard let fd = try? Syscall.openat(dirFD, stored, O_RDONLY | O_NOFOLLOW) else { return }
         defer { close(fd) }
         guard let st = try? Syscall.fstat(fd), seen.insert(InodeKey(st)).inserted else { return }

@@ -31,7 +31,7 @@ final class Node: @unchecked Sendable {
     // Guarded by the table's lock.
     var lookups: UInt64 = 0
     var parent: NodeID?
-    var name: String
+    var name: FileName
     var keys: DirectoryKeys?
     /// A regular file's object id once a create or open has read it (it
     /// never changes for an inode), so an unlink need not read the header.
@@ -40,10 +40,10 @@ final class Node: @unchecked Sendable {
     /// deterministic under the directory's key, so entries never go stale;
     /// the cache only spares a lookup's name being encrypted again by the
     /// create, unlink or rename that follows it.
-    let storedNames = Mutex<[String: String]>([:])
+    let storedNames = Mutex<[FileName: FileName]>([:])
     static let storedNamesLimit = 4096
 
-    init(id: NodeID, fd: Int32, key: InodeKey, type: mode_t, parent: NodeID?, name: String) {
+    init(id: NodeID, fd: Int32, key: InodeKey, type: mode_t, parent: NodeID?, name: FileName) {
         self.id = id
         self.fd = fd
         self.key = key
@@ -90,7 +90,7 @@ final class NodeTable: Sendable {
 
     /// The node of `name` in `parent` (already `fstatat`-ed as `st`), its
     /// lookup count raised by one. Opens an `KMSFS_O_PATH` descriptor for a new one.
-    func remember(parentFD: Int32, storedName: String, st: stat, parent: NodeID, name: String) throws(Errno) -> Node {
+    func remember(parentFD: Int32, storedName: FileName, st: stat, parent: NodeID, name: FileName) throws(Errno) -> Node {
         let key = InodeKey(st)
         if let existing = state.withLock({ s -> Node? in
             guard let id = s.byInode[key], let node = s.nodes[id] else { return nil }
@@ -134,7 +134,7 @@ final class NodeTable: Sendable {
 
     /// Records that an entry moved (a directory's path decides its key
     /// binding; a file's is what its audit records name).
-    func moved(_ key: InodeKey, to parent: NodeID, name: String) {
+    func moved(_ key: InodeKey, to parent: NodeID, name: FileName) {
         state.withLock { s in
             guard let id = s.byInode[key], let node = s.nodes[id] else { return }
             node.parent = parent
@@ -142,23 +142,16 @@ final class NodeTable: Sendable {
         }
     }
 
-    /// The plaintext path of a directory node, "/" for the root.
-    func path(of id: NodeID) -> String {
+    /// The plaintext path of a directory node (no components for the root).
+    func path(of id: NodeID) -> PlainPath {
         state.withLock { s in
-            var parts: [String] = []
+            var parts: [FileName] = []
             var current = id
             while current != .root, let node = s.nodes[current], let parent = node.parent {
                 parts.append(node.name)
                 current = parent
             }
-            guard !parts.isEmpty else { return "/" }
-            var path = ""
-            path.reserveCapacity(parts.reduce(0) { $0 + $1.utf8.count + 1 })
-            for part in parts.reversed() {
-                path.append("/")
-                path.append(part)
-            }
-            return path
+            return PlainPath(components: parts.reversed())
         }
     }
 
@@ -170,9 +163,8 @@ final class NodeTable: Sendable {
 
     func filePath(of node: Node) -> String? {
         guard let parent = state.withLock({ _ in node.parent }) else { return nil }
-        let dir = path(of: parent)
         let name = state.withLock { _ in node.name }
-        return dir == "/" ? "/" + name : dir + "/" + name
+        return path(of: parent).appending(name).description
     }
 
     /// Remembers the object id of a regular file's node.
@@ -205,4 +197,37 @@ final class NodeTable: Sendable {
     }
 
     var count: Int { state.withLock { $0.nodes.count } }
+}
+
+/// A path in the mount as its components' bytes. Audit records show it as
+/// text (`description`, lossy for names that are not UTF-8); key bindings,
+/// which are made from text, are resolved with `bindingPath`.
+struct PlainPath: CustomStringConvertible {
+    var components: [FileName]
+
+    func appending(_ name: FileName) -> PlainPath { PlainPath(components: components + [name]) }
+
+    /// "/a/b", "/" for the root; U+FFFD where a name is not UTF-8. For people only.
+    var description: String {
+        components.isEmpty ? "/" : components.reduce(into: "") { path, name in
+            path.append("/")
+            path.append(name.description)
+        }
+    }
+
+    /// The path whose binding governs this one: all of it if every name is
+    /// UTF-8, else the part before the first name that is not. A binding is
+    /// made from a text path, so none can lie at or below such a name, and
+    /// the nearest text ancestor's binding is the one inherited. (Decoding
+    /// lossily instead could match a binding on a directory whose name
+    /// really contains U+FFFD.)
+    var bindingPath: String {
+        var path = ""
+        for name in components {
+            guard let text = name.text else { break }
+            path.append("/")
+            path.append(text)
+        }
+        return path.isEmpty ? "/" : path
+    }
 }

@@ -238,7 +238,7 @@ public final class Rekeyer: @unchecked Sendable {
         let fd = try Syscall.openat(fs.nodes.rootFD, start.isEmpty ? "." : start, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
         defer { close(fd) }
         var seen = Set<InodeKey>()
-        _ = walk(start, fd: fd, seen: &seen, keepOpen: keepOpen, selects: selects, visit: visit)
+        _ = walk(start.description, fd: fd, seen: &seen, keepOpen: keepOpen, selects: selects, visit: visit)
     }
 
     /// Visits every backing file and `.kmsfs.dir` under `directory` (sorted,
@@ -250,8 +250,11 @@ public final class Rekeyer: @unchecked Sendable {
             if directory.isEmpty, entry.name == EncryptedFileSystem.reservedPrefix { continue }
             let isKeys = entry.name == DirectoryKeys.fileName
             if !isKeys, entry.name.hasPrefix(EncryptedFileSystem.reservedPrefix),
-               !LongName.isHashed(entry.name) || entry.name.hasSuffix(LongName.sidecarSuffix) { continue }
-            let path = directory.isEmpty ? entry.name : directory + "/" + entry.name
+               !entry.name.isHashedLongName { continue }
+            // Stored names are base64url (or, with plaintext names, what the
+            // user gave: the path is then only a hint, and recovery finds a
+            // file by its object id when the hint does not lead to it).
+            let path = directory.isEmpty ? entry.name.description : directory + "/" + entry.name.description
             if entry.type == DT_DIR {
                 guard let child = try? Syscall.openat(fd, entry.name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) else { continue }
                 let more = walk(path, fd: child, seen: &seen, keepOpen: keepOpen, selects: selects, visit: visit)
@@ -269,7 +272,7 @@ public final class Rekeyer: @unchecked Sendable {
             } else {
                 close(file)
             }
-            let candidate = Candidate(directory: directory, name: entry.name, kind: isKeys ? .directory : .file,
+            let candidate = Candidate(directory: directory, name: entry.name.description, kind: isKeys ? .directory : .file,
                                       object: header.fileID.rawValue, bytes: isKeys ? 0 : Int(st.st_size), fd: kept)
             if !visit(candidate) { return false }
         }
@@ -277,19 +280,19 @@ public final class Rekeyer: @unchecked Sendable {
     }
 
     /// The backing directory (relative to CIPHERDIR) of plaintext directory `path`.
-    func startDirectory(_ path: String?) throws(Errno) -> String {
-        guard let path, path != "/" else { return "" }
-        var stored: [String] = []
+    func startDirectory(_ path: String?) throws(Errno) -> FileName {
+        guard let path, path != "/" else { return FileName(bytes: []) }
+        var stored: [FileName] = []
         var node = try fs.nodes.node(.root)
         let context = RequestContext(uid: 0, gid: 0, pid: getpid())
         for component in path.split(separator: "/").map(String.init) where !component.isEmpty {
-            let name = try fs.storedName(component, in: node, context)
+            let name = try fs.storedName(FileName(component), in: node, context)
             let fd = try Syscall.openat(node.fd, name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
             let st = try Syscall.fstat(fd)
-            node = Node(id: NodeID(rawValue: 0), fd: fd, key: InodeKey(st), type: S_IFDIR, parent: nil, name: component)
+            node = Node(id: NodeID(rawValue: 0), fd: fd, key: InodeKey(st), type: S_IFDIR, parent: nil, name: FileName(component))
             stored.append(name)
         }
-        return stored.joined(separator: "/")
+        return FileName(bytes: Array(stored.map { Array($0.bytes) }.joined(separator: [UInt8(ascii: "/")])))
     }
 
     // MARK: Moving one file
@@ -409,7 +412,7 @@ public final class Rekeyer: @unchecked Sendable {
     /// new header to a temporary file and renaming it over the old one.
     private func rewrapDirectoryKeys(_ candidate: Candidate, _ job: RekeyJob, selects: (FileHeader) -> Bool) throws(RekeyFailure) -> Outcome {
         let dirFD = candidate.fd
-        let temporary = DirectoryKeys.fileName + ".rekey"
+        let temporary = DirectoryKeys.fileName.description + ".rekey"
         do throws(Errno) {
             let fd = try Syscall.openat(dirFD, DirectoryKeys.fileName, O_RDONLY | O_NOFOLLOW)
             defer { close(fd) }
@@ -435,7 +438,7 @@ public final class Rekeyer: @unchecked Sendable {
             defer { close(out) }
             try Syscall.pwrite(out, bytes, at: 0)
             try Syscall.call { fsync(out) }
-            try Syscall.call { renameat(dirFD, temporary, dirFD, DirectoryKeys.fileName) }
+            try Syscall.call { renameat(dirFD, temporary, dirFD, DirectoryKeys.fileName.description) }
             fs.nodes.dropKeys(ofDirectory: candidate.object)
             return .moved(bytes: 0, key: wrapped.key, version: wrapped.version)
         } catch {
@@ -550,7 +553,7 @@ public final class Rekeyer: @unchecked Sendable {
         let kept = Set(failures.map { $0.object.hex + ".old" })
         if let dir = try? Syscall.openat(fs.nodes.rootFD, Self.backupDirectory, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) {
             defer { close(dir) }
-            for entry in (try? Syscall.listDirectory(dir)) ?? [] where !kept.contains(entry.name) { unlinkat(dir, entry.name, 0) }
+            for entry in (try? Syscall.listDirectory(dir)) ?? [] where !kept.contains(entry.name.description) { Syscall.unlinkQuietly(dir, entry.name) }
         }
         return failures
     }

@@ -1,4 +1,5 @@
 import CLinux
+import FUSEBridge
 import SystemPackage
 #if canImport(Glibc)
 import Glibc
@@ -21,10 +22,34 @@ enum Syscall {
         try call { Glibc.openat(dir, name, flags | O_CLOEXEC, mode) }
     }
 
+    static func openat(_ dir: Int32, _ name: FileName, _ flags: Int32, _ mode: mode_t = 0) throws(Errno) -> Int32 {
+        try name.withCString { (c) throws(Errno) in try call { Glibc.openat(dir, c, flags | O_CLOEXEC, mode) } }
+    }
+
     static func fstatat(_ dir: Int32, _ name: String, flags: Int32 = AT_SYMLINK_NOFOLLOW) throws(Errno) -> stat {
         var st = stat()
         try call { Glibc.fstatat(dir, name, &st, flags) }
         return st
+    }
+
+    static func fstatat(_ dir: Int32, _ name: FileName, flags: Int32 = AT_SYMLINK_NOFOLLOW) throws(Errno) -> stat {
+        var st = stat()
+        try name.withCString { (c) throws(Errno) in _ = try call { Glibc.fstatat(dir, c, &st, flags) } }
+        return st
+    }
+
+    /// Calls `body` with the C strings of two names.
+    static func withNames<R>(_ a: FileName, _ b: FileName, _ body: (UnsafePointer<CChar>, UnsafePointer<CChar>) throws(Errno) -> R) throws(Errno) -> R {
+        try a.withCString { (ca) throws(Errno) in try b.withCString { (cb) throws(Errno) in try body(ca, cb) } }
+    }
+
+    static func unlinkat(_ dir: Int32, _ name: FileName, _ flags: Int32 = 0) throws(Errno) {
+        try name.withCString { (c) throws(Errno) in _ = try call { Glibc.unlinkat(dir, c, flags) } }
+    }
+
+    /// unlinkat whose failure does not matter (clean-up of what may not be there).
+    static func unlinkQuietly(_ dir: Int32, _ name: FileName, _ flags: Int32 = 0) {
+        _ = name.withCString { Glibc.unlinkat(dir, $0, flags) }
     }
 
     static func fstat(_ fd: Int32) throws(Errno) -> stat {
@@ -69,14 +94,20 @@ enum Syscall {
         return Array(buffer[0..<n])
     }
 
-    static func readlinkat(_ dir: Int32, _ name: String) throws(Errno) -> String {
-        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        let n = try call { Glibc.readlinkat(dir, name, &buffer, buffer.count - 1) }
-        return String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    /// A symlink's content, byte for byte.
+    static func readlinkat(_ dir: Int32, _ name: FileName) throws(Errno) -> [UInt8] {
+        var buffer = [UInt8](repeating: 0, count: Int(PATH_MAX) + 1)
+        let n = try name.withCString { (c) throws(Errno) in
+            try buffer.withUnsafeMutableBufferPointer { (b) throws(Errno) in
+                try b.withMemoryRebound(to: CChar.self) { (p) throws(Errno) in try call { Glibc.readlinkat(dir, c, p.baseAddress!, p.count - 1) } }
+            }
+        }
+        buffer.removeLast(buffer.count - n)
+        return buffer
     }
 
     /// The names in a directory (without "." and ".."), with their d_type.
-    static func listDirectory(_ dirFD: Int32) throws(Errno) -> [(name: String, type: UInt8, inode: UInt64)] {
+    static func listDirectory(_ dirFD: Int32) throws(Errno) -> [(name: FileName, type: UInt8, inode: UInt64)] {
         let fd = try openat(dirFD, ".", O_RDONLY | O_DIRECTORY)
         guard let dir = fdopendir(fd) else {
             let error = errno
@@ -84,7 +115,7 @@ enum Syscall {
             throw Errno(rawValue: error)
         }
         defer { closedir(dir) }
-        var out: [(String, UInt8, UInt64)] = []
+        var out: [(FileName, UInt8, UInt64)] = []
         while true {
             errno = 0
             guard let entry = Glibc.readdir(dir) else {
@@ -92,9 +123,9 @@ enum Syscall {
                 break
             }
             let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                String(cString: raw.bindMemory(to: CChar.self).baseAddress!)
+                FileName(cString: raw.bindMemory(to: CChar.self).baseAddress!)
             }
-            if name == "." || name == ".." { continue }
+            if name.isDotOrDotDot { continue }
             out.append((name, entry.pointee.d_type, UInt64(entry.pointee.d_ino)))
         }
         return out

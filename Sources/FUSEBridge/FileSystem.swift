@@ -72,12 +72,12 @@ public struct AttributeChanges: Sendable {
 
 /// One directory entry for readdir.
 public struct DirectoryEntry: Sendable {
-    public var name: String
+    public var name: FileName
     public var inode: UInt64
     public var type: mode_t
     /// The offset of the entry after this one.
     public var nextOffset: Int64
-    public init(name: String, inode: UInt64, type: mode_t, nextOffset: Int64) {
+    public init(name: FileName, inode: UInt64, type: mode_t, nextOffset: Int64) {
         self.name = name
         self.inode = inode
         self.type = type
@@ -89,18 +89,18 @@ public struct DirectoryEntry: Sendable {
 /// throws an `Errno`; `FUSEBridge` turns it into the reply in one place.
 /// Operations left out reply ENOSYS.
 public protocol FileSystem: AnyObject, Sendable {
-    func lookup(_ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno) -> EntryReply
+    func lookup(_ parent: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) -> EntryReply
     func forget(_ node: NodeID, _ count: UInt64)
     func getattr(_ node: NodeID, _ context: RequestContext) throws(Errno) -> (stat, Double)
     func setattr(_ node: NodeID, _ changes: AttributeChanges, handle: UInt64?, _ context: RequestContext) throws(Errno) -> (stat, Double)
-    func readlink(_ node: NodeID, _ context: RequestContext) throws(Errno) -> String
-    func mknod(_ parent: NodeID, _ name: String, mode: mode_t, device: dev_t, _ context: RequestContext) throws(Errno) -> EntryReply
-    func mkdir(_ parent: NodeID, _ name: String, mode: mode_t, _ context: RequestContext) throws(Errno) -> EntryReply
-    func unlink(_ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno)
-    func rmdir(_ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno)
-    func symlink(target: String, _ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno) -> EntryReply
-    func rename(_ parent: NodeID, _ name: String, _ newParent: NodeID, _ newName: String, flags: UInt32, _ context: RequestContext) throws(Errno)
-    func link(_ node: NodeID, _ newParent: NodeID, _ newName: String, _ context: RequestContext) throws(Errno) -> EntryReply
+    func readlink(_ node: NodeID, _ context: RequestContext) throws(Errno) -> [UInt8]
+    func mknod(_ parent: NodeID, _ name: FileName, mode: mode_t, device: dev_t, _ context: RequestContext) throws(Errno) -> EntryReply
+    func mkdir(_ parent: NodeID, _ name: FileName, mode: mode_t, _ context: RequestContext) throws(Errno) -> EntryReply
+    func unlink(_ parent: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno)
+    func rmdir(_ parent: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno)
+    func symlink(target: [UInt8], _ parent: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) -> EntryReply
+    func rename(_ parent: NodeID, _ name: FileName, _ newParent: NodeID, _ newName: FileName, flags: UInt32, _ context: RequestContext) throws(Errno)
+    func link(_ node: NodeID, _ newParent: NodeID, _ newName: FileName, _ context: RequestContext) throws(Errno) -> EntryReply
     func open(_ node: NodeID, flags: Int32, _ context: RequestContext) throws(Errno) -> OpenReply
     /// Reads up to `size` bytes at `offset` and hands them to `reply` (valid only during the call).
     func read(_ node: NodeID, handle: UInt64, size: Int, offset: Int64, _ context: RequestContext, _ reply: (UnsafeRawBufferPointer) -> Void) throws(Errno)
@@ -116,11 +116,11 @@ public protocol FileSystem: AnyObject, Sendable {
     /// access(2) with `mask` (R_OK, W_OK, X_OK or F_OK). The kernel asks only
     /// when it does not check permissions itself (no `default_permissions`).
     func access(_ node: NodeID, mask: Int32, _ context: RequestContext) throws(Errno)
-    func setxattr(_ node: NodeID, _ name: String, value: UnsafeRawBufferPointer, flags: Int32, _ context: RequestContext) throws(Errno)
-    func getxattr(_ node: NodeID, _ name: String, _ context: RequestContext) throws(Errno) -> [UInt8]
-    func listxattr(_ node: NodeID, _ context: RequestContext) throws(Errno) -> [String]
-    func removexattr(_ node: NodeID, _ name: String, _ context: RequestContext) throws(Errno)
-    func create(_ parent: NodeID, _ name: String, mode: mode_t, flags: Int32, _ context: RequestContext) throws(Errno) -> (EntryReply, OpenReply)
+    func setxattr(_ node: NodeID, _ name: FileName, value: UnsafeRawBufferPointer, flags: Int32, _ context: RequestContext) throws(Errno)
+    func getxattr(_ node: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) -> [UInt8]
+    func listxattr(_ node: NodeID, _ context: RequestContext) throws(Errno) -> [FileName]
+    func removexattr(_ node: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno)
+    func create(_ parent: NodeID, _ name: FileName, mode: mode_t, flags: Int32, _ context: RequestContext) throws(Errno) -> (EntryReply, OpenReply)
     func fallocate(_ node: NodeID, handle: UInt64, mode: Int32, offset: Int64, length: Int64, _ context: RequestContext) throws(Errno)
     /// Called once when the session ends.
     func destroy()
@@ -129,25 +129,25 @@ public protocol FileSystem: AnyObject, Sendable {
 extension FileSystem {
     public func forget(_ node: NodeID, _ count: UInt64) {}
     public func setattr(_ node: NodeID, _ changes: AttributeChanges, handle: UInt64?, _ context: RequestContext) throws(Errno) -> (stat, Double) { throw .noFunction }
-    public func readlink(_ node: NodeID, _ context: RequestContext) throws(Errno) -> String { throw .noFunction }
-    public func mknod(_ parent: NodeID, _ name: String, mode: mode_t, device: dev_t, _ context: RequestContext) throws(Errno) -> EntryReply { throw .noFunction }
-    public func mkdir(_ parent: NodeID, _ name: String, mode: mode_t, _ context: RequestContext) throws(Errno) -> EntryReply { throw .noFunction }
-    public func unlink(_ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno) { throw .noFunction }
-    public func rmdir(_ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno) { throw .noFunction }
-    public func symlink(target: String, _ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno) -> EntryReply { throw .noFunction }
-    public func rename(_ parent: NodeID, _ name: String, _ newParent: NodeID, _ newName: String, flags: UInt32, _ context: RequestContext) throws(Errno) { throw .noFunction }
-    public func link(_ node: NodeID, _ newParent: NodeID, _ newName: String, _ context: RequestContext) throws(Errno) -> EntryReply { throw .noFunction }
+    public func readlink(_ node: NodeID, _ context: RequestContext) throws(Errno) -> [UInt8] { throw .noFunction }
+    public func mknod(_ parent: NodeID, _ name: FileName, mode: mode_t, device: dev_t, _ context: RequestContext) throws(Errno) -> EntryReply { throw .noFunction }
+    public func mkdir(_ parent: NodeID, _ name: FileName, mode: mode_t, _ context: RequestContext) throws(Errno) -> EntryReply { throw .noFunction }
+    public func unlink(_ parent: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) { throw .noFunction }
+    public func rmdir(_ parent: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) { throw .noFunction }
+    public func symlink(target: [UInt8], _ parent: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) -> EntryReply { throw .noFunction }
+    public func rename(_ parent: NodeID, _ name: FileName, _ newParent: NodeID, _ newName: FileName, flags: UInt32, _ context: RequestContext) throws(Errno) { throw .noFunction }
+    public func link(_ node: NodeID, _ newParent: NodeID, _ newName: FileName, _ context: RequestContext) throws(Errno) -> EntryReply { throw .noFunction }
     public func write(_ node: NodeID, handle: UInt64, data: UnsafeRawBufferPointer, offset: Int64, _ context: RequestContext) throws(Errno) -> Int { throw .readOnlyFileSystem }
     public func flush(_ node: NodeID, handle: UInt64, _ context: RequestContext) throws(Errno) {}
     public func release(_ node: NodeID, handle: UInt64) {}
     public func fsync(_ node: NodeID, handle: UInt64, dataOnly: Bool) throws(Errno) {}
     public func releasedir(_ node: NodeID, handle: UInt64) {}
     public func access(_ node: NodeID, mask: Int32, _ context: RequestContext) throws(Errno) { throw .noFunction }
-    public func setxattr(_ node: NodeID, _ name: String, value: UnsafeRawBufferPointer, flags: Int32, _ context: RequestContext) throws(Errno) { throw .notSupported }
-    public func getxattr(_ node: NodeID, _ name: String, _ context: RequestContext) throws(Errno) -> [UInt8] { throw .notSupported }
-    public func listxattr(_ node: NodeID, _ context: RequestContext) throws(Errno) -> [String] { [] }
-    public func removexattr(_ node: NodeID, _ name: String, _ context: RequestContext) throws(Errno) { throw .notSupported }
-    public func create(_ parent: NodeID, _ name: String, mode: mode_t, flags: Int32, _ context: RequestContext) throws(Errno) -> (EntryReply, OpenReply) { throw .noFunction }
+    public func setxattr(_ node: NodeID, _ name: FileName, value: UnsafeRawBufferPointer, flags: Int32, _ context: RequestContext) throws(Errno) { throw .notSupported }
+    public func getxattr(_ node: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) -> [UInt8] { throw .notSupported }
+    public func listxattr(_ node: NodeID, _ context: RequestContext) throws(Errno) -> [FileName] { [] }
+    public func removexattr(_ node: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) { throw .notSupported }
+    public func create(_ parent: NodeID, _ name: FileName, mode: mode_t, flags: Int32, _ context: RequestContext) throws(Errno) -> (EntryReply, OpenReply) { throw .noFunction }
     public func fallocate(_ node: NodeID, handle: UInt64, mode: Int32, offset: Int64, length: Int64, _ context: RequestContext) throws(Errno) { throw .notSupported }
     public func destroy() {}
 }

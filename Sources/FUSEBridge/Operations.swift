@@ -1,5 +1,8 @@
 import CFUSE
 import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
 
 
 /// Holds the filesystem for the C callbacks, which reach it through
@@ -45,8 +48,15 @@ enum Operations {
         fuse_reply_entry(req, &e)
     }
 
-    static func name(_ raw: UnsafePointer<CChar>?) -> String {
-        raw.map { String(cString: $0) } ?? ""
+    /// A request's name, byte for byte.
+    static func name(_ raw: UnsafePointer<CChar>?) -> FileName {
+        raw.map { FileName(cString: $0) } ?? FileName(bytes: [])
+    }
+
+    /// A request's symlink target, byte for byte.
+    static func target(_ raw: UnsafePointer<CChar>?) -> [UInt8] {
+        guard let raw else { return [] }
+        return Array(UnsafeRawBufferPointer(start: raw, count: strlen(raw)))
     }
 
     static func make() -> fuse_lowlevel_ops {
@@ -103,8 +113,10 @@ enum Operations {
         }
         ops.readlink = { req, ino in
             Operations.reply(req) { () throws(Errno) in
-                let target = try Operations.fileSystem(req).readlink(NodeID(rawValue: ino), Operations.context(req))
-                _ = target.withCString { fuse_reply_readlink(req, $0) }
+                var target = try Operations.fileSystem(req).readlink(NodeID(rawValue: ino), Operations.context(req))
+                guard !target.contains(0) else { throw .ioError }
+                target.append(0)
+                _ = target.withUnsafeBufferPointer { $0.withMemoryRebound(to: CChar.self) { fuse_reply_readlink(req, $0.baseAddress) } }
             }
         }
         ops.mknod = { req, parent, name, mode, rdev in
@@ -131,7 +143,7 @@ enum Operations {
         }
         ops.symlink = { req, link, parent, name in
             Operations.reply(req) { () throws(Errno) in
-                Operations.replyEntry(req, try Operations.fileSystem(req).symlink(target: Operations.name(link), NodeID(rawValue: parent), Operations.name(name), Operations.context(req)))
+                Operations.replyEntry(req, try Operations.fileSystem(req).symlink(target: Operations.target(link), NodeID(rawValue: parent), Operations.name(name), Operations.context(req)))
             }
         }
         ops.rename = { req, parent, name, newParent, newName, flags in
@@ -271,7 +283,7 @@ enum Operations {
         ops.listxattr = { req, ino, size in
             Operations.reply(req) { () throws(Errno) in
                 let names = try Operations.fileSystem(req).listxattr(NodeID(rawValue: ino), Operations.context(req))
-                let packed: [UInt8] = names.flatMap { Array($0.utf8) + [UInt8(0)] }
+                let packed: [UInt8] = names.flatMap { $0.bytes + [UInt8(0)] }
                 if size == 0 { fuse_reply_xattr(req, packed.count); return }
                 guard packed.count <= size else { throw Errno(rawValue: ERANGE) }
                 packed.withUnsafeBytes { _ = fuse_reply_buf(req, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }

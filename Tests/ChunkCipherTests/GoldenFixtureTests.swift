@@ -34,7 +34,7 @@ import ChunkCipher
         let stored = try String(contentsOf: Self.fixtures.appendingPathComponent("v1-name.txt"), encoding: .utf8)
             .trimmingCharacters(in: .whitespacesAndNewlines)
         let names = try NameCipher(nameKey: key(Self.nameKey), directoryID: Self.directoryID)
-        #expect(try names.decrypt(stored) == "Quarterly Report (final).xlsx")
+        #expect(try names.decrypt(stored) == Array("Quarterly Report (final).xlsx".utf8))
         #expect(try names.encrypt("Quarterly Report (final).xlsx") == stored)
     }
 

@@ -16,7 +16,22 @@ import ChunkCipher
         let encoded = try c.encrypt(name)
         #expect(!encoded.contains(name) || name.count < 3)
         #expect(encoded.allSatisfy { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" })
-        #expect(try c.decrypt(encoded) == name)
+        #expect(try c.decrypt(encoded) == Array(name.utf8))
+    }
+
+    @Test("names are bytes: every byte but '/' and NUL round-trips, UTF-8 or not, and one differing byte is another name")
+    func bytes() throws {
+        let c = try cipher()
+        for byte in UInt8(1)...UInt8(255) where byte != UInt8(ascii: "/") {
+            #expect(try c.decrypt(c.encrypt([byte])) == [byte])
+        }
+        let latin1 = try c.encrypt([0x63, 0x61, 0x66, 0xE9]), other = try c.encrypt([0x63, 0x61, 0x66, 0xE8])
+        #expect(latin1 != other)
+        #expect(try c.decrypt(latin1) == [0x63, 0x61, 0x66, 0xE9])
+        let long = [UInt8](repeating: 0x80, count: 255)
+        #expect(try c.decrypt(c.encrypt(long)) == long)
+        #expect(cipherError { _ = try c.encrypt([0x61, 0x2F]) } != nil)
+        #expect(cipherError { _ = try c.encrypt([0x61, 0x00]) } != nil)
     }
 
     @Test("encryption is deterministic within a directory and differs across directories")

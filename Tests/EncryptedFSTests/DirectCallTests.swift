@@ -40,7 +40,7 @@ import SystemPackage
         #expect(try fs.getattr(entry.node, context).0.st_size == 10_000)
 
         let dir = try fs.opendir(.root, context)
-        var names: [String] = []
+        var names: [FileName] = []
         try fs.readdir(.root, handle: dir, offset: 0) { names.append($0.name); return true }
         fs.releasedir(.root, handle: dir)
         #expect(names == [".", "..", "notes.txt"])

@@ -7,7 +7,7 @@ import SystemPackage
 final class GreetingFileSystem: FileSystem, @unchecked Sendable {
     let files: [String: [UInt8]] = ["hello.txt": Array("hello from FUSEBridge\n".utf8),
                                     "big.bin": (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 7) }]
-    let order = ["hello.txt", "big.bin"]
+    let order: [FileName] = ["hello.txt", "big.bin"]
     var lastContext: RequestContext?
 
     func attributes(_ node: NodeID) -> stat {
@@ -19,12 +19,12 @@ final class GreetingFileSystem: FileSystem, @unchecked Sendable {
         } else {
             st.st_mode = S_IFREG | 0o444
             st.st_nlink = 1
-            st.st_size = off_t(files[order[Int(node.rawValue) - 2]]!.count)
+            st.st_size = off_t(files[order[Int(node.rawValue) - 2].description]!.count)
         }
         return st
     }
 
-    func lookup(_ parent: NodeID, _ name: String, _ context: RequestContext) throws(Errno) -> EntryReply {
+    func lookup(_ parent: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) -> EntryReply {
         guard parent == .root, let i = order.firstIndex(of: name) else { throw .noSuchFileOrDirectory }
         let node = NodeID(rawValue: UInt64(i + 2))
         return EntryReply(node: node, attributes: attributes(node), attributeTimeout: 1, entryTimeout: 1)
@@ -39,7 +39,7 @@ final class GreetingFileSystem: FileSystem, @unchecked Sendable {
     }
 
     func read(_ node: NodeID, handle: UInt64, size: Int, offset: Int64, _ context: RequestContext, _ reply: (UnsafeRawBufferPointer) -> Void) throws(Errno) {
-        let data = files[order[Int(node.rawValue) - 2]]!
+        let data = files[order[Int(node.rawValue) - 2].description]!
         let start = min(Int(offset), data.count), end = min(start + size, data.count)
         data[start..<end].withUnsafeBytes { reply($0) }
     }
@@ -47,7 +47,7 @@ final class GreetingFileSystem: FileSystem, @unchecked Sendable {
     func opendir(_ node: NodeID, _ context: RequestContext) throws(Errno) -> UInt64 { 1 }
 
     func readdir(_ node: NodeID, handle: UInt64, offset: Int64, _ add: (DirectoryEntry) -> Bool) throws(Errno) {
-        let entries = [".", ".."] + order
+        let entries: [FileName] = [".", ".."] + order
         var i = Int(offset)
         while i < entries.count, add(DirectoryEntry(name: entries[i], inode: UInt64(max(1, i)), type: i < 2 ? S_IFDIR : S_IFREG,
                                                     nextOffset: Int64(i + 1))) { i += 1 }
