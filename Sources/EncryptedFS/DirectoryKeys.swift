@@ -89,7 +89,7 @@ final class DirectoryKeys: Sendable {
 
 /// Keys derived from the root directory's name key for what must not depend
 /// on an entry's location (a symlink or a file can move between directories):
-/// symlink targets and extended-attribute names. Extended-attribute values
+/// symlink targets, extended-attribute names and device-node records. Extended-attribute values
 /// written by earlier builds were sealed here too and still open; new ones
 /// are sealed under their object's own key. Who may use them is decided by
 /// the governing key's policy, not by the root's (EncryptedFileSystem).
@@ -97,9 +97,12 @@ final class VolumeKeys: Sendable {
     let symlinks: StringSealer
     let xattrValues: StringSealer
     let xattrNames: NameCipher
+    /// Seals the records of block and character device nodes (`DeviceNode`).
+    let deviceNodes: StringSealer
 
     init(rootNameKey: borrowing SecretKey) throws(CipherError) {
         symlinks = try StringSealer(key: rootNameKey, info: "kmsfs/v1/symlink-target")
+        deviceNodes = try StringSealer(key: rootNameKey, info: "kmsfs/v1/device-node")
         xattrValues = try StringSealer(key: rootNameKey, info: "kmsfs/v1/xattr-value")
         let nameKey = try KeyDerivation.hkdfSHA256(key: rootNameKey, info: "kmsfs/v1/xattr-name", count: 32)
         xattrNames = try NameCipher(nameKey: nameKey, directoryID: ID128(high: 0, low: 0))

@@ -222,7 +222,14 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     }
 
     func entry(_ node: Node, _ st: stat, _ context: RequestContext) -> EntryReply {
-        let attributes = plaintextAttributes(st) { node.isSymlink ? try? self.decryptedTarget(of: node, context) : nil }
+        var attributes = plaintextAttributes(st) { node.isSymlink ? try? self.decryptedTarget(of: node, context) : nil }
+        if node.isDevice {
+            // Its record is a regular file in CIPHERDIR (DeviceNode).
+            attributes.st_mode = node.type | (st.st_mode & 0o7777)
+            attributes.st_rdev = node.device
+            attributes.st_size = 0
+            attributes.st_blocks = 0
+        }
         return EntryReply(node: node.id, attributes: attributes, attributeTimeout: timeout, entryTimeout: timeout)
     }
 
@@ -231,7 +238,14 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         if plaintextNames { return stored }
         try checkParentKey(of: node, .decrypt, context)
         let volume = try volumeKeys(context)
-        do throws(CipherError) { return try volume.symlinks.openEncoded(String(decoding: stored, as: UTF8.self)) } catch {
+        do throws(CipherError) {
+            if let id = LongSymlinkTarget.reference(in: stored) {
+                let text: String
+                do throws(Errno) { text = try longTargetText(id) } catch { throw CipherError.malformed("its out-of-line target \(id.hex) is missing: \(error)") }
+                return try volume.symlinks.openEncoded(text, context: LongSymlinkTarget.context(id))
+            }
+            return try volume.symlinks.openEncoded(String(decoding: stored, as: UTF8.self))
+        } catch {
             integrityFailure(error, object: nil, what: "symlink target", path: nodes.filePath(of: node), principal: principal(context))
             throw .ioError
         }
@@ -273,8 +287,14 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     public func lookup(_ parent: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) -> EntryReply {
         let dir = try nodes.node(parent)
         let stored = try storedName(name, in: dir, context)
-        let st = try Syscall.fstatat(dir.fd, stored)
-        let node = try nodes.remember(parentFD: dir.fd, storedName: stored, st: st, parent: parent, name: name)
+        var st = try Syscall.fstatat(dir.fd, stored)
+        var device: dev_t = 0
+        if DeviceNode.mayBeRecord(st),
+           let node = deviceNode(in: dir.fd, stored: stored, path: self.nodes.path(of: parent).appending(name).description, context) {
+            st.st_mode = node.type | (st.st_mode & 0o7777)
+            device = node.device
+        }
+        let node = try nodes.remember(parentFD: dir.fd, storedName: stored, st: st, parent: parent, name: name, device: device)
         return entry(node, st, context)
     }
 
@@ -366,8 +386,10 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             try Syscall.call { stored.withCString { mknodat(dir.fd, $0, mode, 0) } }
             adopt(dir, stored, context)
             return try lookup(parent, name, context)
+        case S_IFBLK, S_IFCHR:
+            return try makeDeviceNode(try nodes.node(parent), parent, name, mode: mode, device: device, context)
         default:
-            throw .notPermitted
+            throw .invalidArgument
         }
     }
 
@@ -401,15 +423,24 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         guard !target.isEmpty, !target.contains(0) else { throw target.isEmpty ? .noSuchFileOrDirectory : .invalidArgument }
         guard target.count < Int(PATH_MAX) else { throw .fileNameTooLong }
         var sealed: [UInt8]
+        var outOfLine: ID128?
         if plaintextNames { sealed = target } else {
             try checkDirectoryKey(dir, .encrypt, context)
             let volume = try volumeKeys(context)
             do throws(CipherError) { sealed = Array(try volume.symlinks.sealEncoded(target).utf8) } catch { throw .ioError }
+            if LongSymlinkTarget.needed(sealedCount: sealed.count) {
+                sealed = try storeLongTarget(target, volume: volume)
+                outOfLine = LongSymlinkTarget.reference(in: sealed)
+            }
         }
-        guard sealed.count < Int(PATH_MAX) else { throw .fileNameTooLong }
         sealed.append(0)
-        try writeSidecar(stored, plaintext: name, in: dir, context)
-        try Syscall.call { stored.withCString { s in sealed.withUnsafeBufferPointer { t in t.withMemoryRebound(to: CChar.self) { symlinkat($0.baseAddress!, dir.fd, s) } } } }
+        do throws(Errno) {
+            try writeSidecar(stored, plaintext: name, in: dir, context)
+            try Syscall.call { stored.withCString { s in sealed.withUnsafeBufferPointer { t in t.withMemoryRebound(to: CChar.self) { symlinkat($0.baseAddress!, dir.fd, s) } } } }
+        } catch {
+            removeLongTarget(outOfLine)
+            throw error
+        }
         adopt(dir, stored, context)
         return try lookup(parent, name, context)
     }
@@ -419,6 +450,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         let dir = try nodes.node(newParent)
         guard !node.isDirectory else { throw .notPermitted }
         let stored = try storedName(newName, in: dir, context)
+        if node.isDevice { try markHoldsDeviceNodes(dir.fd) }
         try writeSidecar(stored, plaintext: newName, in: dir, context)
         if node.isSymlink {
             try Syscall.call { stored.withCString { linkat(node.fd, "", dir.fd, $0, KMSFS_AT_EMPTY_PATH) } }
@@ -433,10 +465,12 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         let stored = try storedName(name, in: dir, context)
         let st = try Syscall.fstatat(dir.fd, stored)
         guard st.st_mode & S_IFMT != S_IFDIR else { throw .isDirectory }
-        let lastLink = st.st_mode & S_IFMT == S_IFREG && st.st_nlink == 1
+        let lastLink = st.st_mode & S_IFMT == S_IFREG && st.st_nlink == 1 && !DeviceNode.mayBeRecord(st)
         let object = lastLink ? nodes.fileID(of: InodeKey(st)) ?? fileID(in: dir.fd, stored: stored) : nil
+        let longTarget = lastLongTarget(in: dir.fd, stored: stored, st)
         try Syscall.unlinkat(dir.fd, stored)
         removeSidecar(stored, in: dir)
+        removeLongTarget(longTarget)
         if let object { try? keyManager.forgetUsage(object) }
     }
 
@@ -464,8 +498,9 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         let fd = try Syscall.openat(parent.fd, stored, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
         defer { close(fd) }
         let entries = try Syscall.listDirectory(fd)
-        guard entries.allSatisfy({ $0.name == DirectoryKeys.fileName || $0.name.hasPrefix(Self.setAsidePrefix) }) else { throw .directoryNotEmpty }
-        for stale in entries where stale.name.hasPrefix(Self.setAsidePrefix) { Syscall.unlinkQuietly(fd, stale.name) }
+        guard entries.allSatisfy({ $0.name == DirectoryKeys.fileName || $0.name == DeviceNode.marker || $0.name.hasPrefix(Self.setAsidePrefix) })
+        else { throw .directoryNotEmpty }
+        for stale in entries where stale.name.hasPrefix(Self.setAsidePrefix) || stale.name == DeviceNode.marker { Syscall.unlinkQuietly(fd, stale.name) }
         guard entries.contains(where: { $0.name == DirectoryKeys.fileName }) else {
             try remove()
             return nil
@@ -498,6 +533,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         let moving = try Syscall.fstatat(from.fd, oldStored)
         let exchanged = flags & (KMSFS_RENAME_EXCHANGE) != 0 ? try Syscall.fstatat(to.fd, newStored) : nil
         var replacedObject: ID128?
+        var replacedTarget: ID128?
         var replacingDirectory = false
         if flags & (KMSFS_RENAME_EXCHANGE) == 0, let target = try? Syscall.fstatat(to.fd, newStored) {
             if flags & (KMSFS_RENAME_NOREPLACE) != 0 { throw .fileExists }
@@ -505,10 +541,16 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             case S_IFDIR:
                 guard moving.st_mode & S_IFMT == S_IFDIR else { throw .isDirectory }
                 replacingDirectory = true
-            case S_IFREG where target.st_nlink == 1 && InodeKey(target) != InodeKey(moving):
+            case S_IFREG where target.st_nlink == 1 && InodeKey(target) != InodeKey(moving) && !DeviceNode.mayBeRecord(target):
                 replacedObject = nodes.fileID(of: InodeKey(target)) ?? fileID(in: to.fd, stored: newStored)
+            case S_IFLNK where InodeKey(target) != InodeKey(moving):
+                replacedTarget = lastLongTarget(in: to.fd, stored: newStored, target)
             default: break
             }
+        }
+        if from.id != to.id {
+            if DeviceNode.mayBeRecord(moving) { try markHoldsDeviceNodes(to.fd) }
+            if let exchanged, DeviceNode.mayBeRecord(exchanged) { try markHoldsDeviceNodes(from.fd) }
         }
         try writeSidecar(newStored, plaintext: newName, in: to, context)
         if replacingDirectory {
@@ -527,6 +569,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         nodes.moved(InodeKey(moving), to: newParent, name: newName)
         if let exchanged { nodes.moved(InodeKey(exchanged), to: parent, name: name) }
         if let replacedObject { try? keyManager.forgetUsage(replacedObject) }
+        removeLongTarget(replacedTarget)
     }
 
     // MARK: Directories
@@ -537,11 +580,17 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         var entries = [DirectoryEntry(name: ".", inode: node.key.inode, type: S_IFDIR, nextOffset: 1),
                        DirectoryEntry(name: "..", inode: UInt64((try? Syscall.fstatat(node.fd, "..").st_ino) ?? 1), type: S_IFDIR, nextOffset: 2)]
         var damaged = 0
-        for raw in try Syscall.listDirectory(node.fd) {
+        let backing = try Syscall.listDirectory(node.fd)
+        let holdsDevices = backing.contains { $0.name == DeviceNode.marker }
+        for raw in backing {
             switch decodeName(raw.name, inDirectory: node.fd, keys: dir) {
             case .name(let name):
-                entries.append(DirectoryEntry(name: name, inode: raw.inode, type: mode_t(raw.type) << 12,
-                                              nextOffset: Int64(entries.count + 1)))
+                var type = mode_t(raw.type) << 12
+                if holdsDevices, raw.type == DT_REG, let st = try? Syscall.fstatat(node.fd, raw.name), DeviceNode.mayBeRecord(st),
+                   let device = deviceNode(in: node.fd, stored: raw.name, path: nil, context) {
+                    type = device.type
+                }
+                entries.append(DirectoryEntry(name: name, inode: raw.inode, type: type, nextOffset: Int64(entries.count + 1)))
             case .internalEntry:
                 continue
             case .damaged:

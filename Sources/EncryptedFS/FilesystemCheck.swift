@@ -15,7 +15,7 @@ public struct FsckProblem: Codable, Sendable {
     /// The entry under CIPHERDIR.
     public var backing: String
     public var object: String?
-    /// header, chunk, truncated, key, name, directory, symlink.
+    /// header, chunk, truncated, key, name, directory, symlink, device.
     public var kind: String
     public var detail: String
     /// Where `--repair` moved it, relative to CIPHERDIR.
@@ -36,6 +36,8 @@ public struct FsckLocked: Codable, Sendable {
 public struct FsckReport: Codable, Sendable {
     public var files = 0
     public var directories = 0
+    /// Block and character devices (their records authenticated).
+    public var deviceNodes = 0
     public var bytes = 0
     public var problems: [FsckProblem] = []
     public var locked: [FsckLocked] = []
@@ -57,6 +59,8 @@ public final class FilesystemCheck {
     private var report = FsckReport()
     private var usage: [(object: ID128, kind: ObjectKind, key: KeyID, version: KeyVersion)] = []
     private var seen = Set<InodeKey>()
+    /// Out-of-line symlink targets some symlink refers to.
+    private var referencedTargets = Set<ID128>()
 
     public init(filesystem: EncryptedFileSystem, principal: Principal, repair: Bool) {
         self.fs = filesystem
@@ -70,6 +74,7 @@ public final class FilesystemCheck {
                                                detail: failure.description, quarantined: nil))
         }
         checkDirectory(fs.nodes.rootFD, backing: "", plain: "/", parentFD: nil, stored: nil, volume: nil)
+        checkLongTargets()
         // Quarantined entries still exist and still need their keys.
         if let quarantined = try? Syscall.openat(fs.nodes.rootFD, Self.quarantineDirectory, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) {
             collectUsage(quarantined)
@@ -94,6 +99,24 @@ public final class FilesystemCheck {
         guard stored.withCString({ renameat(parentFD, $0, AT_FDCWD, fs.cipherdir + "/" + Self.quarantineDirectory + "/" + name) }) == 0 else { return nil }
         if stored.isHashedLongName { Syscall.unlinkQuietly(parentFD, stored.appending(LongName.sidecarSuffix)) }
         return Self.quarantineDirectory + "/" + name
+    }
+
+    /// Out-of-line symlink targets no symlink refers to (left by a crash
+    /// between writing one and making its symlink, or between removing the
+    /// last link and the target): reported, and quarantined with `repair`.
+    /// Only when the whole tree was read: a symlink in a directory fsck
+    /// could not open may still refer to one.
+    private func checkLongTargets() {
+        guard !fs.plaintextNames, report.problems.isEmpty,
+              let dir = try? Syscall.openat(fs.nodes.rootFD, LongSymlinkTarget.directory, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) else { return }
+        defer { close(dir) }
+        for entry in (try? Syscall.listDirectory(dir)) ?? [] {
+            guard let id = ID128(hex: entry.name.description), !referencedTargets.contains(id) else { continue }
+            var p = FsckProblem(path: "?", backing: LongSymlinkTarget.path(id), object: nil, kind: "symlink",
+                                detail: "an out-of-line symlink target no symlink refers to")
+            if repair { p.quarantined = quarantine(dir, entry.name, nil) }
+            report.problems.append(p)
+        }
     }
 
     /// Why `key`'s state refuses to unwrap data keys (Disabled,
@@ -166,7 +189,9 @@ public final class FilesystemCheck {
             if name == DirectoryKeys.fileName || name.hasPrefix(DirectoryKeys.fileName.description + ".") { continue }
             if name.hasPrefix(EncryptedFileSystem.reservedPrefix), name.hasSuffix(LongName.sidecarSuffix) { continue }
             let backingPath = backing.isEmpty ? name.description : backing + "/" + name.description
-            guard let plainName = fs.plaintextName(name, inDirectory: dirFD, keys: keys) else {
+            let decoded = fs.decodeName(name, inDirectory: dirFD, keys: keys)
+            if case .internalEntry = decoded { continue }  // .kmsfs.nodes, a set-aside rmdir
+            guard case .name(let plainName) = decoded else {
                 // Its usage first: quarantined or not, the entry still exists and needs its keys.
                 if entry.type == UInt8(DT_DIR), let child = try? Syscall.openat(dirFD, name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) {
                     if let fd = try? Syscall.openat(child, DirectoryKeys.fileName, O_RDONLY | O_NOFOLLOW) {
@@ -192,21 +217,39 @@ public final class FilesystemCheck {
                 close(child)
             case UInt8(DT_LNK):
                 guard !fs.plaintextNames, let volume, let target = try? Syscall.readlinkat(dirFD, name) else { continue }
-                do throws(CipherError) { _ = try volume.symlinks.openEncoded(String(decoding: target, as: UTF8.self)) } catch {
+                do throws(CipherError) {
+                    if let id = LongSymlinkTarget.reference(in: target) {
+                        referencedTargets.insert(id)
+                        guard let text = try? fs.longTargetText(id) else { throw CipherError.malformed("its out-of-line target \(id.hex) is missing") }
+                        _ = try volume.symlinks.openEncoded(text, context: LongSymlinkTarget.context(id))
+                    } else {
+                        _ = try volume.symlinks.openEncoded(String(decoding: target, as: UTF8.self))
+                    }
+                } catch {
                     problem(plainPath, backingPath, nil, "symlink", "the target does not authenticate: \(error)", parentFD: dirFD, stored: name)
                 }
             case UInt8(DT_REG):
-                checkFile(dirFD, name, backing: backingPath, plain: plainPath)
+                checkFile(dirFD, name, backing: backingPath, plain: plainPath, volume: volume)
             default:
                 continue
             }
         }
     }
 
-    private func checkFile(_ dirFD: Int32, _ stored: FileName, backing: String, plain: String) {
+    private func checkFile(_ dirFD: Int32, _ stored: FileName, backing: String, plain: String, volume: VolumeKeys?) {
         guard let fd = try? Syscall.openat(dirFD, stored, O_RDONLY | O_NOFOLLOW) else { return }
         defer { close(fd) }
         guard let st = try? Syscall.fstat(fd), seen.insert(InodeKey(st)).inserted else { return }
+        if DeviceNode.mayBeRecord(st), let raw = try? Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0), raw.starts(with: DeviceNode.magic) {
+            report.deviceNodes += 1
+            guard let volume else { return }
+            do throws(CipherError) {
+                guard try DeviceNode.open(raw, with: volume.deviceNodes) != nil else { throw .malformed("a device-node record of \(raw.count) bytes") }
+            } catch {
+                problem(plain, backing, nil, "device", "the device-node record does not authenticate: \(error)", parentFD: dirFD, stored: stored)
+            }
+            return
+        }
         report.files += 1
         guard let header = EncryptedFileSystem.header(of: fd) else {
             problem(plain, backing, nil, "header", "the header does not parse", parentFD: dirFD, stored: stored)

@@ -36,6 +36,8 @@ final class Node: @unchecked Sendable {
     /// A regular file's object id once a create or open has read it (it
     /// never changes for an inode), so an unlink need not read the header.
     var fileID: ID128?
+    /// A block or character device's number (from its record; it never changes).
+    let device: dev_t
     /// Plaintext name → stored name for this directory. Name encryption is
     /// deterministic under the directory's key, so entries never go stale;
     /// the cache only spares a lookup's name being encrypted again by the
@@ -43,8 +45,9 @@ final class Node: @unchecked Sendable {
     let storedNames = Mutex<[FileName: FileName]>([:])
     static let storedNamesLimit = 4096
 
-    init(id: NodeID, fd: Int32, key: InodeKey, type: mode_t, parent: NodeID?, name: FileName) {
+    init(id: NodeID, fd: Int32, key: InodeKey, type: mode_t, parent: NodeID?, name: FileName, device: dev_t = 0) {
         self.id = id
+        self.device = device
         self.fd = fd
         self.key = key
         self.type = type
@@ -57,6 +60,7 @@ final class Node: @unchecked Sendable {
     var isDirectory: Bool { type == S_IFDIR }
     var isRegular: Bool { type == S_IFREG }
     var isSymlink: Bool { type == S_IFLNK }
+    var isDevice: Bool { type == S_IFBLK || type == S_IFCHR }
     /// A path through /proc that reopens the backing entry with real access modes.
     var procPath: String { "/proc/self/fd/\(fd)" }
 }
@@ -88,9 +92,10 @@ final class NodeTable: Sendable {
         return node
     }
 
-    /// The node of `name` in `parent` (already `fstatat`-ed as `st`), its
-    /// lookup count raised by one. Opens an `KMSFS_O_PATH` descriptor for a new one.
-    func remember(parentFD: Int32, storedName: FileName, st: stat, parent: NodeID, name: FileName) throws(Errno) -> Node {
+    /// The node of `name` in `parent` (already `fstatat`-ed as `st`, its type
+    /// as the mount shows it), its lookup count raised by one. Opens an
+    /// `KMSFS_O_PATH` descriptor for a new one.
+    func remember(parentFD: Int32, storedName: FileName, st: stat, parent: NodeID, name: FileName, device: dev_t = 0) throws(Errno) -> Node {
         let key = InodeKey(st)
         if let existing = state.withLock({ s -> Node? in
             guard let id = s.byInode[key], let node = s.nodes[id] else { return nil }
@@ -111,7 +116,7 @@ final class NodeTable: Sendable {
                 node.lookups += 1
                 return node
             }
-            let node = Node(id: NodeID(rawValue: s.next), fd: fd, key: key, type: st.st_mode & S_IFMT, parent: parent, name: name)
+            let node = Node(id: NodeID(rawValue: s.next), fd: fd, key: key, type: st.st_mode & S_IFMT, parent: parent, name: name, device: device)
             s.next += 1
             node.lookups = 1
             s.nodes[node.id] = node

@@ -42,7 +42,8 @@ struct Fsck: ParsableCommand {
             for l in report.locked {
                 Output.line("locked     \(l.path)  [\(l.backing)]: \(l.detail) (not damage; kept in the usage index)")
             }
-            Output.line("checked \(report.files) file(s), \(report.directories) director(ies), \(report.bytes) bytes: "
+            Output.line("checked \(report.files) file(s), \(report.directories) director(ies), "
+                        + (report.deviceNodes > 0 ? "\(report.deviceNodes) device node(s), " : "") + "\(report.bytes) bytes: "
                         + (report.clean ? "no damage" : "\(report.problems.count) damaged" + (repair ? ", quarantined" : "")))
             if let u = report.usage {
                 Output.line("usage index rebuilt: \(u.entries) entries (\(u.added) added, \(u.removed) removed, \(u.changed) changed)")

@@ -97,6 +97,12 @@ struct Mount: ParsableCommand {
             }
             let session = try FUSESession(fileSystem: fs, mountpoint: mount, options: mountOptions)
             try session.mount()
+            // The kernel has already applied the caller's umask to the mode of
+            // every create, mkdir and mknod; the daemon's own would mask it a
+            // second time (`umask 0; touch f` gave 0644, not 0666). Everything
+            // else the daemon creates names its mode (as libfuse's
+            // passthrough_ll and gocryptfs do it).
+            umask(0)
             let started = Date().timeIntervalSince1970
             let services = DaemonServices(rekey: rekey)
             let control = try ControlServer(directory: keystore, status: { [fs, manager] in
