@@ -263,9 +263,12 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     }
 
     /// Gives a new entry to the requesting user when the daemon runs as root.
+    /// In a setgid directory the entry keeps the directory's group, which
+    /// the backing entry inherited (as on ext4).
     func adopt(_ parent: Node, _ stored: FileName, _ context: RequestContext) {
         guard runningAsRoot, context.uid != 0 || context.gid != 0 else { return }
-        _ = stored.withCString { fchownat(parent.fd, $0, context.uid, context.gid, AT_SYMLINK_NOFOLLOW) }
+        let setgid = ((try? Syscall.fstat(parent.fd).st_mode) ?? 0) & S_ISGID != 0
+        _ = stored.withCString { fchownat(parent.fd, $0, context.uid, setgid ? gid_t.max : context.gid, AT_SYMLINK_NOFOLLOW) }
     }
 
     /// The object id in the header of a backing file (a regular file, or a
@@ -406,7 +409,10 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             defer { close(fd) }
             _ = try DirectoryKeys.create(in: fd, key: key, keyManager: keyManager, principal: principal(context),
                                          layout: layout, isRoot: false)
-            try Syscall.call { stored.withCString { fchmodat(dir.fd, $0, mode & 0o7777, 0) } }
+            // mkdir(2) never passes S_ISGID: a directory made in a setgid
+            // directory inherits it, as the backing one just did.
+            let inherited = try Syscall.fstat(fd).st_mode & S_ISGID
+            try Syscall.call { stored.withCString { fchmodat(dir.fd, $0, (mode & 0o7777) | inherited, 0) } }
         } catch {
             Syscall.unlinkQuietly(dir.fd, FileName(bytes: stored.bytes + [UInt8(ascii: "/")] + DirectoryKeys.fileName.bytes))
             Syscall.unlinkQuietly(dir.fd, stored, AT_REMOVEDIR)
@@ -876,11 +882,42 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
 
     static let xattrPrefix = "user.kmsfs."
 
-    func backingXattrName(_ name: FileName, _ context: RequestContext) throws(Errno) -> FileName {
+    /// Attributes whose encrypted name would pass the backing filesystem's
+    /// 255 bytes (a plaintext name of more than ~170 bytes) are stored as
+    /// this prefix and a hash of the encrypted name; the encrypted name
+    /// itself leads the stored value (2-byte length, then the name), so
+    /// listxattr can still return it. Never a prefix of "user.kmsfs." and
+    /// base64url, which has no '.'.
+    static let xattrHashedPrefix = "user.kmsfs.H."
+
+    /// The backing name of attribute `name`, and for a hashed one the encrypted name its value must lead with.
+    func backingXattrName(_ name: FileName, _ context: RequestContext) throws(Errno) -> (name: FileName, leading: [UInt8]?) {
         guard name.hasPrefix("user.") else { throw .notSupported }
-        if plaintextNames { return name }
+        guard name.count <= 255 else { throw .outOfRange }
+        if plaintextNames { return (name, nil) }
         let volume = try volumeKeys(context)
-        do throws(CipherError) { return FileName(Self.xattrPrefix + (try volume.xattrNames.encrypt(name.bytes))) } catch { throw .invalidArgument }
+        let encoded: String
+        do throws(CipherError) { encoded = try volume.xattrNames.encrypt(name.bytes) } catch { throw .invalidArgument }
+        guard Self.xattrPrefix.utf8.count + encoded.utf8.count > 255 else { return (FileName(Self.xattrPrefix + encoded), nil) }
+        let hashed = FileName(Self.xattrHashedPrefix + Base64URL.encode(KeyDerivation.sha256(Array(encoded.utf8))))
+        return (hashed, [UInt8(encoded.utf8.count >> 8), UInt8(encoded.utf8.count & 0xFF)] + Array(encoded.utf8))
+    }
+
+    /// The raw value of backing attribute `backing`.
+    func backingXattr(_ node: Node, _ backing: FileName) throws(Errno) -> [UInt8] {
+        let size = try Syscall.call { backing.withCString { CLinux.getxattr(node.procPath, $0, nil, 0) } }
+        var raw = [UInt8](repeating: 0, count: size)
+        let n = try Syscall.call { backing.withCString { CLinux.getxattr(node.procPath, $0, &raw, raw.count) } }
+        raw.removeLast(raw.count - n)
+        return raw
+    }
+
+    /// A hashed attribute's stored value split into its encrypted name and the sealed value.
+    static func splitHashedXattr(_ raw: [UInt8]) -> (encoded: String, sealed: [UInt8])? {
+        guard raw.count >= 2 else { return nil }
+        let count = Int(raw[0]) << 8 | Int(raw[1])
+        guard raw.count >= 2 + count else { return nil }
+        return (String(decoding: raw[2..<(2 + count)], as: UTF8.self), Array(raw[(2 + count)...]))
     }
 
     /// The sealer of `node`'s extended-attribute values and the object id
@@ -921,12 +958,13 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
 
     public func setxattr(_ id: NodeID, _ name: FileName, value: UnsafeRawBufferPointer, flags: Int32, _ context: RequestContext) throws(Errno) {
         let node = try nodes.node(id)
-        let backing = try backingXattrName(name, context)
+        let (backing, leading) = try backingXattrName(name, context)
         var sealed = Array(value)
         if !plaintextNames {
             let (sealer, object) = try xattrSealer(node, modifying: true, context)
             do throws(CipherError) { sealed = try sealer.seal(sealed, context: Self.xattrContext(object, name)) } catch { throw .ioError }
         }
+        if let leading { sealed = leading + sealed }
         try Syscall.call { backing.withCString { CLinux.setxattr(node.procPath, $0, sealed, sealed.count, flags) } }
     }
 
@@ -939,12 +977,16 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     public func getxattr(_ id: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) -> [UInt8] {
         let node = try nodes.node(id)
         guard name.hasPrefix("user.") else { throw .notSupported }
-        let backing = try backingXattrName(name, context)
-        let size = try Syscall.call { backing.withCString { CLinux.getxattr(node.procPath, $0, nil, 0) } }
-        var raw = [UInt8](repeating: 0, count: size)
-        let n = try Syscall.call { backing.withCString { CLinux.getxattr(node.procPath, $0, &raw, raw.count) } }
-        raw.removeLast(raw.count - n)
+        let (backing, leading) = try backingXattrName(name, context)
+        var raw = try backingXattr(node, backing)
         if plaintextNames { return raw }
+        if let leading {
+            guard raw.starts(with: leading) else {
+                integrityFailure(.integrityFailure(.name), object: nil, what: "extended attribute name", path: nodes.filePath(of: node), principal: principal(context))
+                throw .ioError
+            }
+            raw.removeFirst(leading.count)
+        }
         let (sealer, object) = try xattrSealer(node, modifying: false, context)
         if let value = try? sealer.open(raw, context: Self.xattrContext(object, name)) { return value }
         // A value written before values were sealed per object (policy was checked above).
@@ -967,15 +1009,24 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         _ = try xattrSealer(node, modifying: false, context)
         let volume = try volumeKeys(context)
         return names.compactMap { backing in
-            guard backing.hasPrefix(Self.xattrPrefix) else { return nil }
-            return (try? volume.xattrNames.decrypt(String(decoding: backing.bytes.dropFirst(Self.xattrPrefix.utf8.count), as: UTF8.self))).map { FileName(bytes: $0) }
+            let encoded: String
+            if backing.hasPrefix(Self.xattrHashedPrefix) {
+                guard let raw = try? backingXattr(node, backing), let split = Self.splitHashedXattr(raw),
+                      FileName(Self.xattrHashedPrefix + Base64URL.encode(KeyDerivation.sha256(Array(split.encoded.utf8)))) == backing else { return nil }
+                encoded = split.encoded
+            } else if backing.hasPrefix(Self.xattrPrefix) {
+                encoded = String(decoding: backing.bytes.dropFirst(Self.xattrPrefix.utf8.count), as: UTF8.self)
+            } else {
+                return nil
+            }
+            return (try? volume.xattrNames.decrypt(encoded)).map { FileName(bytes: $0) }
         }
     }
 
     public func removexattr(_ id: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) {
         let node = try nodes.node(id)
         guard name.hasPrefix("user.") else { throw .notSupported }
-        let backing = try backingXattrName(name, context)
+        let backing = try backingXattrName(name, context).name
         if !plaintextNames { _ = try xattrSealer(node, modifying: true, context) }
         try Syscall.call { backing.withCString { CLinux.removexattr(node.procPath, $0) } }
     }

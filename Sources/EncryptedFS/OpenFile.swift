@@ -143,6 +143,11 @@ final class OpenFile: @unchecked Sendable {
                 try extend(to: newSize)
             } else if newSize < size {
                 try shrink(to: newSize)
+            } else {
+                // truncate(2) to the size a file already has still changes
+                // its mtime and ctime (the kernel leaves that to us).
+                var times = [timespec(tv_sec: 0, tv_nsec: Int(KMSFS_UTIME_OMIT)), timespec(tv_sec: 0, tv_nsec: Int(KMSFS_UTIME_NOW))]
+                try Syscall.call { futimens(fd, &times) }
             }
         }
     }
