@@ -27,10 +27,17 @@ static inline int kmsfs_pipe_cloexec(int fds[2]) {
     return (int)syscall(SYS_pipe2, fds, O_CLOEXEC);
 }
 
-/// Closes every descriptor from `first` up (close_range(2), Linux 5.9+), so a
-/// daemon keeps none of the pipes its parent happened to inherit.
-static inline int kmsfs_close_from(unsigned int first) {
-    return (int)syscall(SYS_close_range, first, ~0U, 0);
+#include <spawn.h>
+/// glibc 2.34+ declares it only under _GNU_SOURCE.
+extern int posix_spawn_file_actions_addclosefrom_np(posix_spawn_file_actions_t *actions, int from);
+
+/// Makes a spawned child close every descriptor from `first` up before it
+/// runs, so the daemon starts holding nothing its parent happened to have.
+/// (Closing them in the daemon itself, as kmsfs once did, also closed the
+/// epoll descriptor libdispatch had already made there: its event thread
+/// then spun on EINVAL and no Dispatch source — URLSession's — ever fired.)
+static inline int kmsfs_spawn_close_from(posix_spawn_file_actions_t *actions, int first) {
+    return posix_spawn_file_actions_addclosefrom_np(actions, first);
 }
 
 #include <sys/socket.h>

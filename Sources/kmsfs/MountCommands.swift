@@ -30,11 +30,6 @@ struct Mount: ParsableCommand {
     var notifyFD: Int32?
 
     func run() throws {
-        if notifyFD != nil {
-            // Daemon child: hold nothing but stdio and our two pipes, or a
-            // caller waiting for end-of-file on a pipe it shared would hang.
-            _ = kmsfs_close_from(5)
-        }
         let cipher = URL(fileURLWithPath: cipherdir).standardizedFileURL.path
         let mount = URL(fileURLWithPath: mountpoint).standardizedFileURL.path
         let keystore = try Paths.keystore(of: cipher)
@@ -262,6 +257,9 @@ enum Daemon {
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_adddup2(&actions, secretPipe[0], 3)
         posix_spawn_file_actions_adddup2(&actions, notifyPipe[1], 4)
+        // The daemon holds nothing but stdio and these two pipes, or a caller
+        // waiting for end-of-file on a pipe it shared with us would hang.
+        _ = kmsfs_spawn_close_from(&actions, 5)
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
         // The daemon's log goes nowhere unless KMSFS_DAEMON_LOG names a file to append it to.

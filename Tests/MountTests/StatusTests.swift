@@ -2,6 +2,16 @@ import Foundation
 import Testing
 
 @Suite(.serialized) struct StatusTests {
+    @Test("the daemon keeps the descriptors libdispatch made: its event loop has its epoll and eventfd, and the keystore's files are not at their numbers (closing inherited descriptors in the daemon once let libdispatch's wake-ups land in keystore.db-shm)")
+    func daemonDescriptors() throws {
+        let fs = try MountedFS()
+        #expect(try fs.run("for i in 1 2 3; do echo $i > f$i; done; cat f2").stdout == "2\n")
+        let pid = (jsonObject(try fs.run("$K status --json --fs $M").stdout)["daemon"] as? [String: Any])?["pid"] as? Int ?? -1
+        let fds = try sh("for f in /proc/\(pid)/fd/*; do echo \"${f##*/} $(readlink $f)\"; done").stdout
+        let targets = fds.split(separator: "\n").map { $0.split(separator: " ", maxSplits: 1).last.map(String.init) ?? "" }
+        #expect(targets.contains("anon_inode:[eventpoll]") && targets.contains("anon_inode:[eventfd]"), "\(fds)")
+    }
+
     @Test("kmsfs status reports the mount, open files, bytes and keys in use from the daemon; other uids are refused")
     func status() throws {
         let fs = try MountedFS()
