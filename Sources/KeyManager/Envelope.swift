@@ -21,7 +21,7 @@ extension KeyManager {
         }
         let version = rec.metadata.currentVersion
         let dek = SecretKey.random()
-        let wrapped = try provider.wrapDataKey(dek, key: key, version: version, context: dataKeyContext(object: object, key: key, version: version)) {
+        let wrapped = try provider(for: key).wrapDataKey(dek, key: key, version: version, context: dataKeyContext(object: object, key: key, version: version)) {
             () throws(KeyManagerError) in try storedMaterial(key, version)
         }
         try recordUsage(object, kind: kind, key: key, version: version)
@@ -56,7 +56,7 @@ extension KeyManager {
             throw error
         }
         if !movingOffCutOff { try checkFloor(rec, version, principal: principal, object: object, path: { path }) }
-        guard let dek = try provider.unwrapDataKey(wrapped, key: key, version: version, context: dataKeyContext(object: object, key: key, version: version),
+        guard let dek = try provider(for: key).unwrapDataKey(wrapped, key: key, version: version, context: dataKeyContext(object: object, key: key, version: version),
                                                    stored: { () throws(KeyManagerError) in try storedMaterial(key, version) }) else {
             let error = KeyManagerError.unwrapFailed(key: rec.displayName, version: version)
             audit(AuditEvent("Decrypt", outcome: "integrity-failure", key: key, version: version, principal: principal, object: object, error: error.description, path: path))
@@ -77,12 +77,12 @@ extension KeyManager {
         try authorize(principal, .encrypt, destination)
         try check(.rewrapFrom, source)
         try check(.rewrapTo, destination)
-        guard let dek = try provider.unwrapDataKey(wrapped, key: key, version: version, context: dataKeyContext(object: object, key: key, version: version),
+        guard let dek = try provider(for: key).unwrapDataKey(wrapped, key: key, version: version, context: dataKeyContext(object: object, key: key, version: version),
                                                    stored: { () throws(KeyManagerError) in try storedMaterial(key, version) }) else {
             throw .unwrapFailed(key: source.displayName, version: version)
         }
         let newVersion = destination.metadata.currentVersion
-        let rewrapped = try provider.wrapDataKey(dek, key: target, version: newVersion,
+        let rewrapped = try provider(for: target).wrapDataKey(dek, key: target, version: newVersion,
                                                  context: dataKeyContext(object: object, key: target, version: newVersion)) {
             () throws(KeyManagerError) in try storedMaterial(target, newVersion)
         }

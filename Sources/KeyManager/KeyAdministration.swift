@@ -58,6 +58,7 @@ extension KeyManager {
             throw .invalidState(key: record.displayName, state: record.state, operation: action.rawValue,
                                 since: record.metadata.stateChangedAt, remedy: remedy)
         }
+        if Self.dataKeyActions.contains(action) { try checkExternalState(record, action) }
         return outcome
     }
 
@@ -79,7 +80,8 @@ extension KeyManager {
 
     /// Creates a key; kmsfs's own keys (reserved aliases) come through here directly.
     func makeKey(spec: KeySpec, description: String, aliases: [String], tags: [String: String] = [:],
-                 rotationDays: Int? = KeyLimits.defaultRotationDays, by principal: Principal) throws(KeyManagerError) -> KeyMetadata {
+                 rotationDays: Int? = KeyLimits.defaultRotationDays, by principal: Principal,
+                 external: ExternalKeyConfig? = nil, provider: (any KeyProvider)? = nil) throws(KeyManagerError) -> KeyMetadata {
         for alias in aliases { try Self.validate(alias: alias) }
         for (name, value) in tags { try Self.validate(tag: name, value: value) }
         let rotation = spec == .aes256 ? rotationDays : nil
@@ -88,7 +90,7 @@ extension KeyManager {
         }
         let id = KeyID.random()
         let now = clock()
-        let (material, publicKey) = try newMaterial(spec, id: id, version: KeyVersion(rawValue: 1))
+        let (material, publicKey) = try newMaterial(spec, id: id, version: KeyVersion(rawValue: 1), provider: provider ?? local)
         try sealedWrite { db in
             try db.execute(sql: """
                 INSERT INTO keys (id, spec, state, description, created_at, state_changed_at, current_version, rotation_days, last_rotated_at)
@@ -96,6 +98,11 @@ extension KeyManager {
                 """, arguments: [id.rawValue.hex, spec.rawValue, description, now, now, rotation, now])
             try db.execute(sql: "INSERT INTO key_versions (key_id, version, created_at, material, public_key) VALUES (?, 1, ?, ?, ?)",
                            arguments: [id.rawValue.hex, now, Data(material), publicKey.map { Data($0) }])
+            if let external {
+                let config = String(decoding: try JSONEncoder().encode(external), as: UTF8.self)
+                try db.execute(sql: "INSERT INTO external_keys (key_id, provider, config) VALUES (?, ?, ?)",
+                               arguments: [id.rawValue.hex, external.provider, config])
+            }
             for alias in aliases {
                 guard try Int.fetchOne(db, sql: "SELECT 1 FROM aliases WHERE alias = ?", arguments: [alias]) == nil else {
                     throw KeyManagerError.invalidArgument("alias \(alias) is already in use; pick another or move it with `kmsfs key alias`")
@@ -123,8 +130,10 @@ extension KeyManager {
     }
 
     /// New material for a key version (and the public key of a key pair), from the provider.
-    func newMaterial(_ spec: KeySpec, id: KeyID, version: KeyVersion) throws(KeyManagerError) -> ([UInt8], [UInt8]?) {
-        let material = try provider.createVersion(spec: spec, key: id, version: version)
+    func newMaterial(_ spec: KeySpec, id: KeyID, version: KeyVersion, provider: (any KeyProvider)? = nil) throws(KeyManagerError) -> ([UInt8], [UInt8]?) {
+        let chosen: any KeyProvider
+        if let provider { chosen = provider } else { chosen = try self.provider(for: id) }
+        let material = try chosen.createVersion(spec: spec, key: id, version: version)
         return (material.stored, material.publicKey)
     }
 
@@ -597,7 +606,7 @@ extension KeyManager {
             try Data.fetchOne(db, sql: "SELECT material FROM key_versions WHERE key_id = ? AND version = ?", arguments: [id.rawValue.hex, version.rawValue])
         }
         guard let wrapped else { throw .versionNotFound(key: rec.displayName, version: version) }
-        return (version, try provider.sign(message, spec: rec.metadata.spec, key: id, version: version, stored: [UInt8](wrapped)))
+        return (version, try provider(for: id).sign(message, spec: rec.metadata.spec, key: id, version: version, stored: [UInt8](wrapped)))
     }
 
     /// Verifies a signature made by `sign` (public key only; any state but Destroyed).

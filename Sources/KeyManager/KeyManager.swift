@@ -55,8 +55,8 @@ public final class KeyManager: @unchecked Sendable {
     let logger = Logger(label: "kmsfs.keymanager")
     /// Holds the master-key material (the passphrase-protected keystore).
     let local: LocalKeyProvider
-    /// The provider the envelope API wraps and unwraps with.
-    public var provider: any KeyProvider { local }
+    /// External providers, by key (nil: the key is local). Loaded once per key: where a key lives never changes.
+    let externalProviders = Mutex<[KeyID: AWSKMSProvider?]>([:])
     /// The key-encryption key derived from the passphrase (key schedule only).
     var kek: AESGCM { local.kek }
     /// Keys path MACs and sealed paths of bindings.
@@ -302,7 +302,8 @@ public final class KeyManager: @unchecked Sendable {
 
     func forgetWrappers(_ key: KeyID) {
         invalidate(key)
-        provider.forget(key: key)
+        local.forget(key: key)
+        externalProviders.withLock { $0[key]??.forget(key: key) }
     }
 
     /// The key's record, from a cache trusted for `recordTTL` seconds.

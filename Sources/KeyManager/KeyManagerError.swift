@@ -28,6 +28,8 @@ public enum KeyManagerError: Error, Equatable, Sendable, CustomStringConvertible
     case versionCutOff(key: String, version: KeyVersion, minimum: KeyVersion)
     case crypto(String)
     case database(String)
+    /// An external key provider (AWS KMS, PKCS#11) failed; `code` is its error name.
+    case provider(provider: String, code: String, message: String, remedy: String)
 
     /// A stable, machine-readable code (AWS KMS's exception name where one
     /// fits), as `--json` error output gives it. Documented in docs/JSON.md.
@@ -49,6 +51,7 @@ public enum KeyManagerError: Error, Equatable, Sendable, CustomStringConvertible
         case .versionCutOff: "KeyVersionCutOff"
         case .crypto: "CryptoError"
         case .database: "DatabaseError"
+        case .provider(_, let code, _, _): code
         }
     }
 
@@ -77,6 +80,8 @@ public enum KeyManagerError: Error, Equatable, Sendable, CustomStringConvertible
                 + "an administrator can grant it with `kmsfs key policy \(key) --grant \(operation.rawValue) uid:\(principal.uid)`"
         case .invalidArgument(let why):
             return why
+        case .provider(let provider, let code, let message, let remedy):
+            return "\(provider): \(code): \(message)" + (remedy.isEmpty ? "" : "; \(remedy)")
         case .deletionBlocked(let key, let references):
             return "key \(key) was not destroyed: \(references) file(s), directories or bindings still use it. To move them: "
                 + "`kmsfs key cancel-deletion \(key)`, then `kmsfs key deprecate \(key) --successor NEWKEY` (queues a rekey of its files), "

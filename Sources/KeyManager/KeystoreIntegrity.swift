@@ -52,6 +52,8 @@ struct KeystoreIntegrity {
         Table(name: "rotations", primaryKey: ["key_id", "version"], columns: ["key_id", "version", "time", "type"]),
         Table(name: "grants", primaryKey: ["id"], columns: ["id", "key_id", "grantee", "operations", "created_at", "expires_at", "created_by"]),
         Table(name: "key_floors", primaryKey: ["key_id"], columns: ["key_id", "min_version"]),
+        // Which external key a kmsfs key is: redirecting it would hand files to another KMS key.
+        Table(name: "external_keys", primaryKey: ["key_id"], columns: ["key_id", "provider", "config"]),
         // A job's identity and state, not its progress counters (written per file).
         Table(name: "rekey_jobs", primaryKey: ["id"], columns: [
             "id", "state", "mode", "source_key", "source_version", "target_key", "path", "rate", "workers", "uid", "gid", "created_at"]),

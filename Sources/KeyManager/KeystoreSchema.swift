@@ -123,6 +123,15 @@ enum KeystoreSchema {
                 CREATE TABLE key_floors (key_id TEXT PRIMARY KEY REFERENCES keys(id), min_version INTEGER NOT NULL);
                 """)
         }
+        migrator.registerMigration("v7-external-keys") { db in
+            try db.execute(sql: """
+                -- Master keys held outside the keystore (AWS KMS): where they are (JSON ExternalKeyConfig).
+                CREATE TABLE external_keys (key_id TEXT PRIMARY KEY REFERENCES keys(id), provider TEXT NOT NULL, config TEXT NOT NULL);
+                -- Intermediate keys, as the external provider encrypted them (AWSKMS.swift).
+                CREATE TABLE intermediate_keys (
+                    id TEXT PRIMARY KEY, key_id TEXT NOT NULL, version INTEGER NOT NULL, blob BLOB NOT NULL, created_at REAL NOT NULL);
+                """)
+        }
         return migrator
     }
 }

@@ -335,7 +335,7 @@ extension KeyManager {
         try authorize(principal, .encrypt, rec)
         try check(.rewrapTo, rec)
         let version = rec.metadata.currentVersion
-        let wrapped = try provider.wrapDataKey(dek, key: target, version: version, context: dataKeyContext(object: object, key: target, version: version)) {
+        let wrapped = try provider(for: target).wrapDataKey(dek, key: target, version: version, context: dataKeyContext(object: object, key: target, version: version)) {
             () throws(KeyManagerError) in try storedMaterial(target, version)
         }
         return (target, version, wrapped)

@@ -38,6 +38,8 @@ public final class ScheduleRunner: @unchecked Sendable {
         var lastRunWall = -Double.infinity
         var lastTickWall = 0.0
         var lastTickMonotonic = 0.0
+        /// When external keys' states were last read (monotonic).
+        var lastExternalPoll = 0.0
     }
 
     public init(manager: KeyManager, report: @escaping @Sendable (ScheduleReport) -> Void = { _ in }) {
@@ -83,6 +85,14 @@ public final class ScheduleRunner: @unchecked Sendable {
     private func tick() {
         let wall = manager.clock()
         let mono = Self.monotonic()
+        // Keys held in AWS KMS: a state changed there (disabled, deletion
+        // scheduled) takes effect here within one poll interval, audited.
+        let pollExternal = state.withLock { s -> Bool in
+            guard mono - s.lastExternalPoll >= KeyManager.externalPollInterval else { return false }
+            s.lastExternalPoll = mono
+            return true
+        }
+        if pollExternal { manager.refreshExternalKeyStates() }
         let due = state.withLock { s -> Bool in
             let jumped = abs((wall - s.lastTickWall) - (mono - s.lastTickMonotonic)) > Self.jumpTolerance
             s.lastTickWall = wall

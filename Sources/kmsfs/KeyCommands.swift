@@ -51,13 +51,38 @@ struct KeyCommand: ParsableCommand {
         @Option(help: "AES_256, RSA_2048, RSA_3072, RSA_4096, ECC_NIST_P256, ECC_NIST_P384 or ECC_NIST_P521.") var spec: KeySpec = .aes256
         @Option(help: "Automatic rotation period in days, 90-2560.") var rotationDays: Int = 365
         @Flag(help: "Create without automatic rotation.") var noRotation = false
+        @Option(help: "Where the material lives: local (the keystore) or aws-kms.") var provider = "local"
+        @Option(help: "With --provider aws-kms: the AWS KMS key (ARN, key id or alias ARN); an Enabled symmetric key.") var externalKey: String?
+        @Option(help: "With --provider aws-kms: the AWS region (default: AWS_REGION, AWS_DEFAULT_REGION).") var region: String?
+        @Option(help: "With --provider aws-kms: the KMS endpoint, as the AWS CLI's --endpoint-url.") var endpointUrl: String?
+        @Option(help: "With --provider aws-kms: a profile of ~/.aws/credentials (default: the environment's credentials, then AWS_PROFILE).") var profile: String?
         @OptionGroup var output: JSONOption
 
         func run() throws {
             let manager = try fs.open()
-            let key = try manager.createKey(spec: spec, description: description, aliases: aliases,
-                                            tags: Dictionary(tags.map { ($0.name, $0.value) }, uniquingKeysWith: { $1 }),
+            let tagMap = Dictionary(tags.map { ($0.name, $0.value) }, uniquingKeysWith: { $1 })
+            let key: KeyMetadata
+            switch provider {
+            case "local":
+                guard externalKey == nil, region == nil, endpointUrl == nil, profile == nil else {
+                    throw ValidationError("--external-key, --region, --endpoint-url and --profile go with --provider aws-kms")
+                }
+                key = try manager.createKey(spec: spec, description: description, aliases: aliases, tags: tagMap,
                                             rotationDays: noRotation ? nil : rotationDays, by: caller)
+            case "aws-kms":
+                guard let externalKey else { throw ValidationError("--provider aws-kms needs --external-key ARN_OR_ID") }
+                guard spec == .aes256 else { throw ValidationError("an aws-kms key is AES_256 (SIGN_VERIFY keys in AWS KMS are not supported yet)") }
+                let environment = ProcessInfo.processInfo.environment
+                let arnRegion = externalKey.hasPrefix("arn:") ? externalKey.split(separator: ":", omittingEmptySubsequences: false).dropFirst(3).first.map(String.init) : nil
+                guard let region = region ?? arnRegion ?? environment["AWS_REGION"] ?? environment["AWS_DEFAULT_REGION"], !region.isEmpty else {
+                    throw ValidationError("--provider aws-kms needs --region (or AWS_REGION, or a key ARN)")
+                }
+                key = try manager.createExternalKey(ExternalKeyConfig(provider: "aws-kms", keyID: externalKey, region: region,
+                                                                      endpoint: endpointUrl, profile: profile),
+                                                    description: description, aliases: aliases, tags: tagMap, by: caller)
+            default:
+                throw ValidationError("--provider is local or aws-kms (pkcs11 is not built yet)")
+            }
             if output.json { try Output.json(key) } else { Output.line("\(key.keyID)") }
         }
     }
@@ -93,22 +118,34 @@ struct KeyCommand: ParsableCommand {
             var nextRotationAt: Double?
             /// Versions below it refuse to decrypt (`key min-decryption-version`).
             var minDecryptionVersion: KeyVersion?
+            /// Where the material lives: "local" or "aws-kms".
+            var provider: String
+            /// For an external key: which one, where.
+            var externalKey: ExternalKeyConfig?
         }
 
         func run() throws {
             let manager = try fs.open()
             let (metadata, versions, policy) = try manager.describe(key)
             let floor = metadata.state == .destroyed ? nil : try manager.minDecryptionVersion(key)
+            let external = try manager.externalKey(key)
             if output.json {
                 try Output.json(Description(metadata: metadata, versions: versions,
                                             policy: Dictionary(uniqueKeysWithValues: policy.map { ($0.key.rawValue, $0.value) }),
-                                            nextRotationAt: metadata.nextRotationAt, minDecryptionVersion: floor))
+                                            nextRotationAt: metadata.nextRotationAt, minDecryptionVersion: floor,
+                                            provider: external?.provider ?? "local", externalKey: external))
                 return
             }
             Output.line("key id:        \(metadata.keyID)")
             Output.line("aliases:       \(metadata.aliases.joined(separator: ", "))")
             Output.line("description:   \(metadata.description)")
             Output.line("spec / usage:  \(metadata.spec.rawValue) / \(metadata.usage.rawValue)")
+            if let external {
+                Output.line("provider:      \(external.provider): \(external.arn ?? external.keyID) in \(external.region)"
+                            + (external.endpoint.map { " via \($0)" } ?? ""))
+            } else {
+                Output.line("provider:      local (material in the keystore, wrapped under the passphrase)")
+            }
             Output.line("state:         \(metadata.state.rawValue) since \(Output.date(metadata.stateChangedAt))")
             if let successor = metadata.successor { Output.line("successor:     \(successor)") }
             if let deletion = metadata.deletionDate, metadata.state == .pendingDeletion { Output.line("deletion date: \(Output.date(deletion))") }

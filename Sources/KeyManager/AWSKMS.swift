@@ -1,0 +1,389 @@
+import ChunkCipher
+import Foundation
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+import Synchronization
+
+/// Where an external master key lives (the `external_keys` row of a kmsfs
+/// key, integrity-protected like the key itself).
+public struct ExternalKeyConfig: Codable, Sendable, Equatable {
+    /// "aws-kms".
+    public var provider: String
+    /// The key as given (`--external-key`: ARN, key id or alias ARN).
+    public var keyID: String
+    /// The key's ARN, as DescribeKey answered when the kmsfs key was created.
+    public var arn: String?
+    public var region: String
+    /// `--endpoint-url`; nil for the region's public endpoint.
+    public var endpoint: String?
+    /// An `~/.aws/credentials` profile named at creation; nil: the environment, then AWS_PROFILE, then "default".
+    public var profile: String?
+
+    public init(provider: String, keyID: String, arn: String? = nil, region: String, endpoint: String? = nil, profile: String? = nil) {
+        self.provider = provider
+        self.keyID = keyID
+        self.arn = arn
+        self.region = region
+        self.endpoint = endpoint
+        self.profile = profile
+    }
+
+    /// The HTTPS endpoint requests go to.
+    var endpointURL: String { endpoint ?? "https://kms.\(region).amazonaws.com" }
+}
+
+/// AWS credentials from the standard places, in the AWS CLI's order:
+/// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`, then the
+/// profile (`profile`, else `AWS_PROFILE`, else "default") in
+/// `AWS_SHARED_CREDENTIALS_FILE` or `~/.aws/credentials`. Instance-role
+/// (IMDS) and SSO credentials are not read yet.
+enum AWSCredentials {
+    static func resolve(profile: String?, environment: [String: String] = ProcessInfo.processInfo.environment) throws(KeyManagerError) -> SigV4Signer.Credentials {
+        if profile == nil, let id = environment["AWS_ACCESS_KEY_ID"], let secret = environment["AWS_SECRET_ACCESS_KEY"], !id.isEmpty, !secret.isEmpty {
+            return .init(accessKeyID: id, secretAccessKey: secret, sessionToken: environment["AWS_SESSION_TOKEN"].flatMap { $0.isEmpty ? nil : $0 })
+        }
+        let name = profile ?? environment["AWS_PROFILE"] ?? "default"
+        let home = environment["HOME"] ?? NSHomeDirectory()
+        let file = environment["AWS_SHARED_CREDENTIALS_FILE"] ?? home + "/.aws/credentials"
+        guard let text = try? String(contentsOfFile: file, encoding: .utf8) else {
+            throw .provider(provider: "aws-kms", code: "NoCredentials",
+                            message: "no AWS credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY are not set and \(file) cannot be read",
+                            remedy: "export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or set AWS_PROFILE to a profile in ~/.aws/credentials")
+        }
+        var section: String?
+        var values: [String: String] = [:]
+        for raw in text.split(whereSeparator: \.isNewline) {
+            let line = raw.trimmingCharacters(in: .whitespaces)
+            if line.isEmpty || line.hasPrefix("#") || line.hasPrefix(";") { continue }
+            if line.hasPrefix("["), line.hasSuffix("]") {
+                section = String(line.dropFirst().dropLast()).trimmingCharacters(in: .whitespaces)
+                continue
+            }
+            guard section == name, let eq = line.firstIndex(of: "=") else { continue }
+            values[line[..<eq].trimmingCharacters(in: .whitespaces)] = line[line.index(after: eq)...].trimmingCharacters(in: .whitespaces)
+        }
+        guard let id = values["aws_access_key_id"], let secret = values["aws_secret_access_key"] else {
+            throw .provider(provider: "aws-kms", code: "NoCredentials", message: "profile \(name) in \(file) has no aws_access_key_id/aws_secret_access_key",
+                            remedy: "add the keys to the profile, or export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        }
+        return .init(accessKeyID: id, secretAccessKey: secret, sessionToken: values["aws_session_token"])
+    }
+}
+
+/// The AWS KMS JSON API (`TrentService.*`) over HTTPS or HTTP, signed with
+/// SigV4, through Foundation's URLSession. Each call has a bounded time-out
+/// and is retried with exponential backoff and full jitter when a retry can
+/// help (throttling, 5xx, a dropped connection), so no FUSE request waits
+/// on it for more than about `budget` seconds.
+final class AWSKMSClient: Sendable {
+    let config: ExternalKeyConfig
+    /// Seconds one attempt may take.
+    let attemptTimeout: Double
+    /// Attempts at most (the first and its retries).
+    let attempts: Int
+    private let session: URLSession
+
+    init(config: ExternalKeyConfig, attemptTimeout: Double = 5, attempts: Int = 4) {
+        self.config = config
+        self.attemptTimeout = attemptTimeout
+        self.attempts = attempts
+        let configuration = URLSessionConfiguration.ephemeral
+        configuration.timeoutIntervalForRequest = attemptTimeout
+        configuration.timeoutIntervalForResource = attemptTimeout
+        configuration.httpMaximumConnectionsPerHost = 4
+        session = URLSession(configuration: configuration)
+    }
+
+    /// Calls `TrentService.<operation>` with a JSON body; the decoded JSON reply.
+    func call(_ operation: String, _ body: [String: Any]) throws(KeyManagerError) -> [String: Any] {
+        let payload: Data
+        do { payload = try JSONSerialization.data(withJSONObject: body, options: [.sortedKeys]) } catch {
+            throw .invalidArgument("cannot encode a \(operation) request")
+        }
+        var lastError = KeyManagerError.provider(provider: "aws-kms", code: "Unreachable", message: "no attempt was made", remedy: "")
+        for attempt in 0..<attempts {
+            if attempt > 0 {
+                // Full jitter (AWS Architecture Blog, "Exponential Backoff And Jitter"): 0…min(2 s, 0.1 s × 2^n).
+                let cap = min(2.0, 0.1 * Double(1 << attempt))
+                Thread.sleep(forTimeInterval: Double.random(in: 0...cap))
+            }
+            do throws(KeyManagerError) {
+                return try once(operation, payload)
+            } catch {
+                lastError = error
+                guard case .provider(_, let code, _, _) = error, Self.retryable.contains(code) else { throw error }
+            }
+        }
+        throw lastError
+    }
+
+    /// Error codes a retry can help with.
+    static let retryable: Set<String> = ["ThrottlingException", "RequestLimitExceeded", "LimitExceededException", "Unreachable",
+                                         "InternalFailure", "KMSInternalException", "ServiceUnavailable", "DependencyTimeoutException"]
+
+    private final class Reply: @unchecked Sendable {
+        var data: Data?
+        var response: URLResponse?
+        var error: Error?
+    }
+
+    private func once(_ operation: String, _ payload: Data) throws(KeyManagerError) -> [String: Any] {
+        guard let url = URL(string: config.endpointURL), let host = url.host else {
+            throw .invalidArgument("the endpoint \(config.endpointURL) is not a URL")
+        }
+        let credentials = try AWSCredentials.resolve(profile: config.profile)
+        let signer = SigV4Signer(credentials: credentials, region: config.region, service: "kms")
+        let hostHeader = url.port.map { "\(host):\($0)" } ?? host
+        let headers = [("Host", hostHeader), ("Content-Type", "application/x-amz-json-1.1"), ("X-Amz-Target", "TrentService.\(operation)")]
+        let signed = signer.sign(.init(method: "POST", path: url.path.isEmpty ? "/" : url.path, headers: headers, body: [UInt8](payload)), at: Date())
+        var request = URLRequest(url: url, timeoutInterval: attemptTimeout)
+        request.httpMethod = "POST"
+        for (name, value) in headers + signed where name != "Host" { request.setValue(value, forHTTPHeaderField: name) }
+        request.httpBody = payload
+        let reply = Reply()
+        let done = DispatchSemaphore(value: 0)
+        let task = session.dataTask(with: request) { data, response, error in
+            reply.data = data
+            reply.response = response
+            reply.error = error
+            done.signal()
+        }
+        task.resume()
+        if done.wait(timeout: .now() + attemptTimeout + 1) == .timedOut {
+            task.cancel()
+            throw .provider(provider: "aws-kms", code: "Unreachable", message: "\(operation) to \(config.endpointURL) timed out after \(Int(attemptTimeout)) s",
+                            remedy: Self.networkRemedy)
+        }
+        if let error = reply.error {
+            throw .provider(provider: "aws-kms", code: "Unreachable", message: "\(operation) to \(config.endpointURL) failed: \(error.localizedDescription)",
+                            remedy: Self.networkRemedy)
+        }
+        let status = (reply.response as? HTTPURLResponse)?.statusCode ?? 0
+        let object = (reply.data.flatMap { try? JSONSerialization.jsonObject(with: $0) } as? [String: Any]) ?? [:]
+        guard status == 200 else {
+            // "__type" is "ExceptionName" or "namespace#ExceptionName".
+            let type = (object["__type"] as? String).map { String($0.split(separator: "#").last ?? "") } ?? (status >= 500 ? "InternalFailure" : "HTTP\(status)")
+            let message = (object["message"] ?? object["Message"]) as? String ?? "HTTP \(status)"
+            throw .provider(provider: "aws-kms", code: type, message: "\(operation) on \(config.keyID): \(message)", remedy: Self.remedy(type, operation))
+        }
+        return object
+    }
+
+    static let networkRemedy = "check the network and --endpoint-url; files already open keep working from cached keys"
+
+    static func remedy(_ code: String, _ operation: String) -> String {
+        switch code {
+        case "UnrecognizedClientException", "InvalidSignatureException", "IncompleteSignature", "MissingAuthenticationToken", "ExpiredTokenException":
+            return "check the AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and this machine's clock (a signed request is valid for 5 minutes)"
+        case "AccessDeniedException":
+            return "the credentials' IAM or key policy must allow kms:\(operation) on the key"
+        case "DisabledException":
+            return "enable the key in AWS KMS (aws kms enable-key)"
+        case "KMSInvalidStateException":
+            return "the key is pending deletion or otherwise unusable in AWS KMS; cancel the deletion there (aws kms cancel-key-deletion)"
+        case "NotFoundException":
+            return "check --external-key and --region"
+        case "ThrottlingException", "RequestLimitExceeded", "LimitExceededException":
+            return "AWS KMS is throttling this account; retried with backoff — raise the quota or lower the load"
+        default:
+            return "see the AWS KMS error \(code)"
+        }
+    }
+}
+
+/// A kmsfs master key whose material stays in AWS KMS. Per-file cost stays
+/// local, as S3 Bucket Keys do it: for each (key, version) the provider
+/// asks KMS for an *intermediate* key (GenerateDataKey, AES_256), keeps its
+/// plaintext as an AES-GCM key schedule in locked memory and its
+/// KMS-encrypted blob in the keystore, and wraps each file's data key under
+/// it locally. A wrapped data key is
+///
+///     "KI" ‖ 0x01 ‖ intermediate id (16) ‖ nonce (12) ‖ GCM(data key) ‖ tag (16)   (79 bytes)
+///
+/// with the usual data-key context (filesystem, object, key, version) and
+/// the intermediate id as additional data. An intermediate key wraps new
+/// data keys for at most `maxAge` seconds or `maxFiles` files; unwrapped
+/// ones are cached `maxAge` seconds. So KMS sees one GenerateDataKey per
+/// `maxAge` of writing and one Decrypt per intermediate key per `maxAge` of
+/// reading — not one call per file.
+///
+/// KMS's own key state is enforced here, not trusted to KMS alone (moto,
+/// for one, decrypts under a disabled key): it is read with DescribeKey at
+/// first use and every `pollInterval` seconds after (the daemon's schedule
+/// thread does it while mounted), and a key that is not Enabled there
+/// refuses like a Disabled kmsfs key — and its cached intermediate keys are
+/// dropped at once.
+final class AWSKMSProvider: KeyProvider, @unchecked Sendable {
+    let name = "aws-kms"
+    let config: ExternalKeyConfig
+    let client: AWSKMSClient
+    let filesystemID: ID128
+    let maxAge: Double
+    let maxFiles: Int
+    let pollInterval: Double
+    /// Saves and loads intermediate blobs (the keystore).
+    let store: IntermediateStore
+    let clock: @Sendable () -> Double
+
+    struct Intermediate {
+        var id: ID128
+        var aead: AESGCM
+        var createdAt: Double
+        var files: Int
+    }
+    struct State: ~Copyable {
+        /// The intermediate key new data keys of each version are wrapped under.
+        var current: [KeyVersion: Intermediate] = [:]
+        /// Unwrapped intermediate keys: id → schedule and when it expires.
+        var opened: [ID128: (aead: AESGCM, expires: Double)] = [:]
+        /// KMS's KeyState ("Enabled", "Disabled", "PendingDeletion", …) and when it was read.
+        var external: (state: String, checkedAt: Double)?
+        var calls: [String: Int] = [:]
+    }
+    let state = Mutex(State())
+
+    init(config: ExternalKeyConfig, filesystemID: ID128, store: IntermediateStore, clock: @escaping @Sendable () -> Double,
+         maxAge: Double = 300, maxFiles: Int = 100_000, pollInterval: Double = 60) {
+        self.config = config
+        self.client = AWSKMSClient(config: config)
+        self.filesystemID = filesystemID
+        self.store = store
+        self.clock = clock
+        self.maxAge = maxAge
+        self.maxFiles = maxFiles
+        self.pollInterval = pollInterval
+    }
+
+    static let magic: [UInt8] = [UInt8(ascii: "K"), UInt8(ascii: "I"), 1]
+
+    private func call(_ operation: String, _ body: [String: Any]) throws(KeyManagerError) -> [String: Any] {
+        state.withLock { $0.calls[operation, default: 0] += 1 }
+        return try client.call(operation, body)
+    }
+
+    /// KMS calls made so far, by operation (for `status` and the benchmarks).
+    var callCounts: [String: Int] { state.withLock { $0.calls } }
+
+    /// The encryption context of an intermediate key: what CloudTrail shows each call was for.
+    func encryptionContext(_ key: KeyID, _ version: KeyVersion, _ id: ID128) -> [String: String] {
+        ["kmsfs:filesystem": filesystemID.hex, "kmsfs:key": key.rawValue.hex, "kmsfs:version": String(version.rawValue), "kmsfs:intermediate": id.hex]
+    }
+
+    // MARK: External state
+
+    /// Reads the key's state in KMS (DescribeKey) and drops cached keys if it is not Enabled.
+    @discardableResult
+    func refreshState() throws(KeyManagerError) -> String {
+        let reply = try call("DescribeKey", ["KeyId": config.keyID])
+        let metadata = reply["KeyMetadata"] as? [String: Any] ?? [:]
+        let keyState = metadata["KeyState"] as? String ?? ((metadata["Enabled"] as? Bool) == false ? "Disabled" : "Enabled")
+        state.withLock { s in
+            s.external = (keyState, clock())
+            if keyState != "Enabled" {
+                s.current.removeAll()
+                s.opened.removeAll()
+            }
+        }
+        return keyState
+    }
+
+    /// The last state read from KMS, reading it if never read or older than `pollInterval`.
+    func externalState() throws(KeyManagerError) -> String {
+        if let known = state.withLock({ $0.external }), clock() - known.checkedAt < pollInterval { return known.state }
+        return try refreshState()
+    }
+
+    /// The last state read, without calling KMS (nil if never read).
+    var lastKnownState: String? { state.withLock { $0.external?.state } }
+
+    // MARK: KeyProvider
+
+    func createVersion(spec: KeySpec, key: KeyID, version: KeyVersion) throws(KeyManagerError) -> ProviderMaterial {
+        guard spec == .aes256 else {
+            throw .invalidArgument("an aws-kms key is a symmetric AES_256 key; SIGN_VERIFY keys in AWS KMS are not supported yet")
+        }
+        // The version's material is only a reference: the key stays in KMS.
+        return ProviderMaterial(stored: Array((config.arn ?? config.keyID).utf8), publicKey: nil)
+    }
+
+    private func intermediateForWrap(_ key: KeyID, _ version: KeyVersion) throws(KeyManagerError) -> (ID128, AESGCM) {
+        let now = clock()
+        if let found = state.withLock({ s -> (ID128, AESGCM)? in
+            guard var i = s.current[version], now - i.createdAt < maxAge, i.files < maxFiles else { return nil }
+            i.files += 1
+            s.current[version] = i
+            return (i.id, i.aead)
+        }) { return found }
+        let id = ID128.random()
+        let reply = try call("GenerateDataKey", ["KeyId": config.keyID, "KeySpec": "AES_256",
+                                                  "EncryptionContext": encryptionContext(key, version, id)])
+        guard let blob = (reply["CiphertextBlob"] as? String).flatMap({ Data(base64Encoded: $0) }),
+              var plain = (reply["Plaintext"] as? String).flatMap({ Data(base64Encoded: $0) }), plain.count == 32 else {
+            throw .provider(provider: name, code: "MalformedReply", message: "GenerateDataKey answered without a 32-byte key", remedy: "check --endpoint-url")
+        }
+        let secret = SecretKey(count: 32) { plain.copyBytes(to: $0) }
+        plain.resetBytes(in: 0..<plain.count)
+        let aead = try AESGCM.make(secret)
+        try store.saveIntermediate(id, key: key, version: version, blob: [UInt8](blob))
+        state.withLock { s in
+            s.current[version] = Intermediate(id: id, aead: aead, createdAt: now, files: 1)
+            s.opened[id] = (aead, now + maxAge)
+        }
+        return (id, aead)
+    }
+
+    private func intermediateForUnwrap(_ id: ID128, _ key: KeyID, _ version: KeyVersion) throws(KeyManagerError) -> AESGCM? {
+        let now = clock()
+        if let cached = state.withLock({ s -> AESGCM? in
+            guard let o = s.opened[id] else { return nil }
+            if o.expires <= now { s.opened[id] = nil; return nil }
+            return o.aead
+        }) { return cached }
+        guard let blob = try store.loadIntermediate(id, key: key, version: version) else { return nil }
+        let reply = try call("Decrypt", ["KeyId": config.keyID, "CiphertextBlob": Data(blob).base64EncodedString(),
+                                          "EncryptionContext": encryptionContext(key, version, id)])
+        guard var plain = (reply["Plaintext"] as? String).flatMap({ Data(base64Encoded: $0) }), plain.count == 32 else { return nil }
+        let secret = SecretKey(count: 32) { plain.copyBytes(to: $0) }
+        plain.resetBytes(in: 0..<plain.count)
+        let aead = try AESGCM.make(secret)
+        state.withLock { s in
+            // Bounded: the oldest go first when many versions and files were read at once.
+            if s.opened.count >= 4096 { s.opened = s.opened.filter { $0.value.expires > now } }
+            s.opened[id] = (aead, now + maxAge)
+        }
+        return aead
+    }
+
+    func wrapDataKey(_ dataKey: borrowing SecretKey, key: KeyID, version: KeyVersion, context: [UInt8],
+                     stored: () throws(KeyManagerError) -> [UInt8]) throws(KeyManagerError) -> [UInt8] {
+        let (id, aead) = try intermediateForWrap(key, version)
+        let sealed = try dataKey.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: aead, context: context + id.bytes) }
+        return Self.magic + id.bytes + sealed
+    }
+
+    func unwrapDataKey(_ wrapped: [UInt8], key: KeyID, version: KeyVersion, context: [UInt8],
+                       stored: () throws(KeyManagerError) -> [UInt8]) throws(KeyManagerError) -> SecretKey? {
+        guard wrapped.count > Self.magic.count + 16, wrapped.starts(with: Self.magic),
+              let id = ID128(bytes: wrapped[Self.magic.count..<(Self.magic.count + 16)]) else { return nil }
+        guard let aead = try intermediateForUnwrap(id, key, version) else { return nil }
+        return try KeyWrap.open(Array(wrapped[(Self.magic.count + 16)...]), under: aead, context: context + id.bytes)
+    }
+
+    func sign(_ message: [UInt8], spec: KeySpec, key: KeyID, version: KeyVersion, stored: [UInt8]) throws(KeyManagerError) -> [UInt8] {
+        throw .invalidArgument("signing with an aws-kms key is not supported yet")
+    }
+
+    func forget(key: KeyID) {
+        state.withLock { s in
+            s.current.removeAll()
+            s.opened.removeAll()
+        }
+    }
+}
+
+/// Where a provider keeps the KMS-encrypted blobs of its intermediate keys.
+protocol IntermediateStore: AnyObject, Sendable {
+    func saveIntermediate(_ id: ID128, key: KeyID, version: KeyVersion, blob: [UInt8]) throws(KeyManagerError)
+    func loadIntermediate(_ id: ID128, key: KeyID, version: KeyVersion) throws(KeyManagerError) -> [UInt8]?
+}

@@ -1,0 +1,142 @@
+import ChunkCipher
+import Foundation
+import GRDB
+
+/// kmsfs keys whose material lives in an external KMS (AWS KMS today).
+/// States, policies, aliases, bindings, audit and rekey stay kmsfs's; the
+/// provider does the cryptography and KMS's own key state is enforced on top
+/// of kmsfs's (a key disabled in KMS refuses like a Disabled kmsfs key).
+extension KeyManager {
+    static let dataKeyActions: Set<LifecycleAction> = [.generateDataKey, .unwrapDataKey, .rewrapFrom, .rewrapTo]
+
+    /// How often a mounted filesystem re-reads an external key's state (KMSFS_EXTERNAL_POLL_SECONDS for tests).
+    static var externalPollInterval: Double {
+        ProcessInfo.processInfo.environment["KMSFS_EXTERNAL_POLL_SECONDS"].flatMap(Double.init) ?? 60
+    }
+
+    /// How long an intermediate key wraps new data keys and stays cached (KMSFS_INTERMEDIATE_SECONDS for tests).
+    static var intermediateMaxAge: Double {
+        ProcessInfo.processInfo.environment["KMSFS_INTERMEDIATE_SECONDS"].flatMap(Double.init) ?? 300
+    }
+
+    /// The provider that holds `key`'s material.
+    func provider(for key: KeyID) throws(KeyManagerError) -> any KeyProvider {
+        if let external = try externalProvider(key) { return external }
+        return local
+    }
+
+    /// The external provider of `key`, or nil for a local key.
+    func externalProvider(_ key: KeyID) throws(KeyManagerError) -> AWSKMSProvider? {
+        if let known = externalProviders.withLock({ $0[key] }) { return known }
+        let row = try verifiedRead { db in
+            try Row.fetchOne(db, sql: "SELECT provider, config FROM external_keys WHERE key_id = ?", arguments: [key.rawValue.hex])
+        }
+        var made: AWSKMSProvider?
+        if let row {
+            let text: String = row["config"]
+            guard let config = try? JSONDecoder().decode(ExternalKeyConfig.self, from: Data(text.utf8)), config.provider == "aws-kms" else {
+                throw .keystoreCorrupt("the external key of \(key.rawValue.hex) names an unknown provider")
+            }
+            made = AWSKMSProvider(config: config, filesystemID: filesystemID, store: IntermediateKeys(self), clock: clock,
+                                  maxAge: Self.intermediateMaxAge, pollInterval: Self.externalPollInterval)
+        }
+        return externalProviders.withLock { providers in
+            if let raced = providers[key] { return raced }
+            providers[key] = made
+            return made
+        }
+    }
+
+    /// Where `reference`'s material lives: nil for the local keystore.
+    public func externalKey(_ reference: String) throws(KeyManagerError) -> ExternalKeyConfig? {
+        try externalProvider(try resolve(reference))?.config
+    }
+
+    /// KMS calls made by this process for `reference` (GenerateDataKey, Decrypt, DescribeKey).
+    public func externalCalls(_ reference: String) throws(KeyManagerError) -> [String: Int] {
+        try externalProvider(try resolve(reference))?.callCounts ?? [:]
+    }
+
+    /// Refuses a data-key action when the key is not Enabled in its external KMS.
+    func checkExternalState(_ record: KeyRecord, _ action: LifecycleAction) throws(KeyManagerError) {
+        guard let external = try externalProvider(record.id) else { return }
+        let state = try external.externalState()
+        guard state != "Enabled" else { return }
+        let mapped: KeyState = state.hasPrefix("PendingDeletion") || state == "PendingReplicaDeletion" ? .pendingDeletion : .disabled
+        throw .invalidState(key: record.displayName, state: mapped, operation: action.rawValue, since: clock(),
+                            remedy: "it is \(state) in AWS KMS (\(external.config.arn ?? external.config.keyID)); "
+                                + (mapped == .pendingDeletion ? "cancel the deletion there (aws kms cancel-key-deletion)" : "enable it there (aws kms enable-key)"))
+    }
+
+    /// Re-reads the state of every external key and audits each change
+    /// (`ExternalKeyStateChange`); a failed read is audited too. The daemon's
+    /// schedule thread calls this every `externalPollInterval` seconds.
+    public func refreshExternalKeyStates() {
+        guard let keys = try? read({ db in try String.fetchAll(db, sql: "SELECT key_id FROM external_keys") }) else { return }
+        for hex in keys {
+            guard let id = KeyID(hex: hex), let external = try? externalProvider(id) else { continue }
+            let before = external.lastKnownState
+            do throws(KeyManagerError) {
+                let now = try external.refreshState()
+                if now != before {
+                    audit(AuditEvent("ExternalKeyStateChange", outcome: now == "Enabled" ? "success" : "refused", key: id,
+                                     error: "AWS KMS key \(external.config.arn ?? external.config.keyID) is \(now)" + (before.map { " (was \($0))" } ?? "")))
+                    invalidate(id)
+                }
+            } catch {
+                audit(AuditEvent("DescribeKey", outcome: "failure", key: id, error: error.description))
+            }
+        }
+    }
+
+    /// Creates a kmsfs key whose material is the AWS KMS key `config.keyID`
+    /// (it must be an Enabled symmetric ENCRYPT_DECRYPT key there).
+    @discardableResult
+    public func createExternalKey(_ config: ExternalKeyConfig, description: String = "", aliases: [String] = [],
+                                  tags: [String: String] = [:], by principal: Principal) throws(KeyManagerError) -> KeyMetadata {
+        var request = ["keySpec": KeySpec.aes256.rawValue, "origin": "EXTERNAL_KMS", "externalKey": config.keyID, "region": config.region]
+        if !aliases.isEmpty { request["aliasNames"] = aliases.joined(separator: ",") }
+        return try adminOperation("CreateKey", principal, request: request) { () throws(KeyManagerError) in
+            for alias in aliases { try Self.refuseReserved(alias) }
+            guard config.provider == "aws-kms" else { throw .invalidArgument("unknown provider \(config.provider); kmsfs knows local and aws-kms") }
+            let client = AWSKMSClient(config: config)
+            let reply = try client.call("DescribeKey", ["KeyId": config.keyID])
+            let metadata = reply["KeyMetadata"] as? [String: Any] ?? [:]
+            guard (metadata["KeyUsage"] as? String ?? "ENCRYPT_DECRYPT") == "ENCRYPT_DECRYPT",
+                  (metadata["KeySpec"] as? String ?? metadata["CustomerMasterKeySpec"] as? String ?? "SYMMETRIC_DEFAULT") == "SYMMETRIC_DEFAULT" else {
+                throw .invalidArgument("AWS KMS key \(config.keyID) is not a symmetric ENCRYPT_DECRYPT key")
+            }
+            let state = metadata["KeyState"] as? String ?? "Enabled"
+            guard state == "Enabled" else { throw .invalidArgument("AWS KMS key \(config.keyID) is \(state); enable it there first") }
+            var resolved = config
+            resolved.arn = metadata["Arn"] as? String
+            let provider = AWSKMSProvider(config: resolved, filesystemID: filesystemID, store: IntermediateKeys(self), clock: clock)
+            let created = try makeKey(spec: .aes256, description: description, aliases: aliases, tags: tags, rotationDays: nil, by: principal,
+                                      external: resolved, provider: provider)
+            return created
+        }
+    }
+}
+
+/// The keystore side of intermediate keys (held weakly: the manager owns the providers).
+final class IntermediateKeys: IntermediateStore, @unchecked Sendable {
+    weak var manager: KeyManager?
+    init(_ manager: KeyManager) { self.manager = manager }
+
+    func saveIntermediate(_ id: ID128, key: KeyID, version: KeyVersion, blob: [UInt8]) throws(KeyManagerError) {
+        guard let manager else { throw .database("the keystore is closed") }
+        try manager.write { db in
+            try db.execute(sql: "INSERT INTO intermediate_keys (id, key_id, version, blob, created_at) VALUES (?, ?, ?, ?, ?)",
+                           arguments: [id.hex, key.rawValue.hex, version.rawValue, Data(blob), manager.clock()])
+        }
+    }
+
+    func loadIntermediate(_ id: ID128, key: KeyID, version: KeyVersion) throws(KeyManagerError) -> [UInt8]? {
+        guard let manager else { throw .database("the keystore is closed") }
+        let blob = try manager.read { db in
+            try Data.fetchOne(db, sql: "SELECT blob FROM intermediate_keys WHERE id = ? AND key_id = ? AND version = ?",
+                              arguments: [id.hex, key.rawValue.hex, version.rawValue])
+        }
+        return blob.map { [UInt8]($0) }
+    }
+}
