@@ -13,3 +13,17 @@ if [ ${#missing[@]} -gt 0 ]; then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# The AWS KMS API for the external-key tests: moto in server mode and the AWS
+# CLI, from PyPI (Debian 12's own python3 is "externally managed": then
+# --break-system-packages, as these are test tools, not system ones).
+if ! command -v moto_server >/dev/null || ! command -v aws >/dev/null; then
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        if [ "$(id -u)" -ne 0 ]; then sudo=sudo; else sudo=; fi
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+    fi
+    echo "installing from PyPI: moto[server] awscli"
+    python3 -m pip install --quiet 'moto[server]' awscli 2>/dev/null \
+        || python3 -m pip install --quiet --break-system-packages 'moto[server]' awscli
+fi

@@ -1,0 +1,168 @@
+import Foundation
+import Testing
+
+/// moto's AWS KMS in server mode on 127.0.0.1, started for a test and
+/// stopped when released (on failure too). `aws` runs the AWS CLI against it.
+final class MotoServer {
+    let port: Int
+    let process = Process()
+    var endpoint: String { "http://127.0.0.1:\(port)" }
+
+    init() throws {
+        port = Int(try sh("python3 -c 'import socket; s=socket.socket(); s.bind((\"127.0.0.1\", 0)); print(s.getsockname()[1])'")
+            .stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+        let server = try sh("command -v moto_server").stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        process.executableURL = URL(fileURLWithPath: server.isEmpty ? "/usr/local/bin/moto_server" : server)
+        process.arguments = ["-H", "127.0.0.1", "-p", String(port)]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        let up = try eventually(within: 30) { try sh("curl -s -o /dev/null \(endpoint)/ || python3 -c 'import urllib.request; urllib.request.urlopen(\"\(endpoint)/\")'").ok }
+        precondition(up, "moto_server did not start on port \(port)")
+    }
+
+    deinit { stop() }
+
+    /// Runs the AWS CLI against this server.
+    func aws(_ arguments: String) throws -> Output {
+        try sh("aws --endpoint-url \(endpoint) --region us-east-1 \(arguments)")
+    }
+
+    /// A new symmetric key in moto's KMS; its key id.
+    func createKey() throws -> String {
+        try aws("kms create-key --query KeyMetadata.KeyId --output text").stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    /// Stops the server (to test an unreachable KMS). moto_server's SIGTERM
+    /// handler exits only its main thread, so it is killed outright.
+    func stop() {
+        guard process.isRunning else { return }
+        kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+    }
+}
+
+@Suite("keys held in AWS KMS (moto): files unaware, per-file cost local, KMS's key state enforced by kmsfs", .serialized)
+struct ExternalKeyTests {
+    init() {
+        // Credentials as the AWS CLI reads them; moto accepts any. The daemon
+        // inherits them from `kmsfs mount`, and reads the key's state every 2 s.
+        setenv("AWS_ACCESS_KEY_ID", "testing", 1)
+        setenv("AWS_SECRET_ACCESS_KEY", "testing", 1)
+        setenv("AWS_DEFAULT_REGION", "us-east-1", 1)
+        setenv("KMSFS_EXTERNAL_POLL_SECONDS", "2", 1)
+    }
+
+    /// A mounted filesystem with `alias/aws` on a new moto key, bound to /sec.
+    func setUp(_ moto: MotoServer) throws -> (MountedFS, String) {
+        let kid = try moto.createKey()
+        let fs = try MountedFS()
+        let created = try fs.run("$K key create --alias alias/aws --provider aws-kms --external-key \(kid) --endpoint-url \(moto.endpoint) --fs $M && mkdir sec && $K key bind /sec alias/aws --fs $M")
+        #expect(created.ok, "\(created.stderr)")
+        return (fs, kid)
+    }
+
+    @Test("key create --provider aws-kms checks the key in KMS and describe shows it; 200 files in a bound directory read back after a remount, wrapped under one intermediate key (one GenerateDataKey, not 200)")
+    func filesUnaware() throws {
+        let moto = try MotoServer()
+        let (fs, kid) = try setUp(moto)
+        let described = jsonObject(try fs.run("$K key describe alias/aws --json --fs $M").stdout)
+        let external = described["externalKey"] as? [String: Any]
+        #expect(described["provider"] as? String == "aws-kms" && (external?["arn"] as? String)?.hasSuffix("key/\(kid)") == true, "\(described)")
+        #expect(try fs.run("$K key describe alias/aws --fs $M").stdout.contains("provider:      aws-kms: arn:aws:kms:us-east-1:"))
+        let wrote = try fs.run("for i in $(seq 1 200); do echo \"secret $i\" > sec/f$i; done; cp /etc/services sec/services; tar -cf - -C /usr/share/doc/sqlite3 . | tar -xf - -C sec")
+        #expect(wrote.ok, "\(wrote.stderr)")
+        try fs.unmount()
+        try fs.mount()
+        let read = try fs.run("cat sec/f137; cmp sec/services /etc/services && echo same; diff -r /usr/share/doc/sqlite3 sec --exclude='f*' --exclude=services >/dev/null && echo tree")
+        #expect(read.stdout == "secret 137\nsame\ntree\n", "\(read.stdout) \(read.stderr)")
+        let intermediates = try sh("sqlite3 \(q(fs.keystore)) 'SELECT COUNT(*) FROM intermediate_keys'").stdout
+        #expect(intermediates == "1\n", "\(intermediates)")
+        // A key that is not symmetric ENCRYPT_DECRYPT, or a key KMS does not have, is refused at creation.
+        let signing = try moto.aws("kms create-key --key-usage SIGN_VERIFY --key-spec RSA_2048 --query KeyMetadata.KeyId --output text").stdout
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        let refused = try fs.run("$K key create --alias alias/sign --provider aws-kms --external-key \(signing) --endpoint-url \(moto.endpoint) --fs $M")
+        #expect(!refused.ok && refused.stderr.contains("not a symmetric ENCRYPT_DECRYPT key"), "\(refused.stderr)")
+        let missing = try fs.run("$K key create --alias alias/none --provider aws-kms --external-key 11111111-2222-3333-4444-555555555555 --endpoint-url \(moto.endpoint) --fs $M")
+        #expect(!missing.ok && missing.stderr.contains("aws-kms: NotFoundException") && missing.stderr.contains("--region"), "\(missing.stderr)")
+    }
+
+    @Test("a key disabled in KMS behind kmsfs's back refuses with EKEYREVOKED within one poll (moto itself would still decrypt), audited; enabled again, files open again")
+    func externalStateEnforced() throws {
+        let moto = try MotoServer()
+        let (fs, kid) = try setUp(moto)
+        #expect(try fs.run("echo before > sec/a && cat sec/a").stdout == "before\n")
+        #expect(try moto.aws("kms disable-key --key-id \(kid)").ok)
+        let revoked = try eventually(within: 20) {
+            try fs.python("""
+                try:
+                    open('sec/a').read(); print('read')
+                except OSError as e:
+                    print(errno.errorcode[e.errno])
+                """).stdout == "EKEYREVOKED\n"
+        }
+        #expect(revoked)
+        let create = try fs.run("sh -c 'echo x > sec/new' 2>&1 || true").stdout
+        #expect(create.contains("Key has been revoked"), "\(create)")
+        let audit = try fs.run("$K audit list --json --fs $M").stdout
+        #expect(audit.contains("ExternalKeyStateChange") && audit.contains("is Disabled"), "\(audit.suffix(600))")
+        #expect(try moto.aws("kms enable-key --key-id \(kid)").ok)
+        #expect(try eventually(within: 20) { try fs.run("cat sec/a").stdout == "before\n" })
+        // Files under the local default key never depended on KMS.
+        #expect(try fs.run("echo local > l && cat l").stdout == "local\n")
+    }
+
+    @Test("KMS unreachable: files already open keep working from the cached key, a new one fails within the bounded retries with an error naming aws-kms and the remedy, audited; nothing is lost")
+    func unreachable() throws {
+        let moto = try MotoServer()
+        let (fs, _) = try setUp(moto)
+        #expect(try fs.run("echo kept > sec/kept").ok)
+        let script = fs.root + "/tmp/hold.py"
+        try FileManager.default.createDirectory(atPath: fs.root + "/tmp", withIntermediateDirectories: true)
+        // Holds sec/kept open across the outage and reads it after, through the same descriptor.
+        try """
+            import os, sys, time
+            fd = os.open(sys.argv[1], os.O_RDONLY)
+            print(os.pread(fd, 100, 0).decode(), end="", flush=True)
+            sys.stdin.readline()
+            print(os.pread(fd, 100, 0).decode(), end="", flush=True)
+            """.write(toFile: script, atomically: true, encoding: .utf8)
+        let holder = Process()
+        holder.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        holder.arguments = ["python3", script, fs.mountpoint + "/sec/kept"]
+        let input = Pipe(), output = Pipe()
+        holder.standardInput = input
+        holder.standardOutput = output
+        try holder.run()
+        defer { if holder.isRunning { holder.terminate() } }
+        #expect(String(decoding: output.fileHandleForReading.availableData, as: UTF8.self) == "kept\n")
+        moto.stop()
+        let started = Date()
+        let failed = try fs.run("$K key create --alias alias/later --provider aws-kms --external-key x --endpoint-url \(moto.endpoint) --fs $M")
+        #expect(!failed.ok && failed.stderr.contains("aws-kms: Unreachable") && failed.stderr.contains("--endpoint-url"), "\(failed.stderr)")
+        #expect(Date().timeIntervalSince(started) < 40, "retries are bounded")
+        input.fileHandleForWriting.write("\n".data(using: .utf8)!)
+        holder.waitUntilExit()
+        #expect(String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self) == "kept\n")
+        #expect(try fs.run("echo local > l && cat l").stdout == "local\n")
+    }
+
+    @Test("rekey, live: files move from the local default key onto the AWS KMS key and back, and read the same throughout")
+    func rekeyBetweenProviders() throws {
+        let moto = try MotoServer()
+        let (fs, _) = try setUp(moto)
+        #expect(try fs.run("mkdir data && for i in $(seq 1 30); do head -c $((i * 1000)) /etc/services > data/f$i; done").ok)
+        let sum = try fs.run("cat data/* | md5sum").stdout
+        #expect(try fs.run("$K rekey start --key alias/default --to alias/aws --path /data --fs $M").ok)
+        let first = try waitForRekey(fs)
+        #expect(first["state"] as? String == "done", "\(first)")
+        #expect(try sh("sqlite3 \(q(fs.keystore)) 'SELECT COUNT(*) FROM usage u JOIN aliases a ON a.key_id = u.key_id WHERE a.alias = \"alias/aws\"'").stdout != "0\n")
+        #expect(try fs.run("cat data/* | md5sum").stdout == sum)
+        #expect(try fs.run("$K rekey start --key alias/aws --to alias/default --path /data --fs $M").ok)
+        let back = try waitForRekey(fs)
+        #expect(back["state"] as? String == "done", "\(back)")
+        try fs.unmount()
+        try fs.mount()
+        #expect(try fs.run("cat data/* | md5sum").stdout == sum)
+    }
+}
