@@ -11,7 +11,7 @@ FILESYSTEMS=${FILESYSTEMS:-plain gocryptfs kmsfs}
 CHUNK=${KMSFS_BENCH_CHUNK:-}
 # KMSFS_MOUNT_ARGS: extra arguments for `kmsfs mount` (e.g. "--threads 2").
 root=/dev/shm/kmsfs-bench
-K="$PWD/.build/release/kmsfs"
+K="${KMSFS_BIN:-$PWD/.build/release/kmsfs}"  # KMSFS_BIN: compare another build
 cache=/var/cache/kmsfs-bench
 mkdir -p "$cache"
 
