@@ -2,7 +2,7 @@
 SWIFT ?= swift
 export PATH := /opt/swift/usr/bin:$(PATH)
 
-.PHONY: all deps build release install test demo man bench bench-cipher bench-keys bench-rekey bench-audit clean
+.PHONY: all deps build release install test demo demo-kms man bench bench-cipher bench-keys bench-rekey bench-audit clean
 
 all: build
 
@@ -31,6 +31,11 @@ test: deps
 demo: deps
 	$(SWIFT) build --product kmsfs
 	scripts/demo.sh
+
+## A key held in AWS KMS (moto on 127.0.0.1), end to end: create, mount, write, disable it in KMS, see EKEYREVOKED.
+demo-kms: deps
+	$(SWIFT) build --product kmsfs
+	scripts/demo-kms.sh
 
 ## Regenerates man/ from the command definitions.
 man: deps
