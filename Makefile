@@ -2,7 +2,7 @@
 SWIFT ?= swift
 export PATH := /opt/swift/usr/bin:$(PATH)
 
-.PHONY: all deps build release install test demo demo-kms man bench bench-cipher bench-keys bench-rekey bench-audit clean
+.PHONY: all deps build release install test demo demo-kms man bench bench-kms bench-cipher bench-keys bench-rekey bench-audit clean
 
 all: build
 
@@ -36,6 +36,12 @@ demo: deps
 demo-kms: deps
 	$(SWIFT) build --product kmsfs
 	scripts/demo-kms.sh
+
+## What a key held in AWS KMS costs (moto on 127.0.0.1): creates/s and untar against a local key, KMS calls per 10,000 files (needs root).
+bench-kms: deps
+	scripts/install-deps.sh bc linux-source-6.1
+	$(SWIFT) build -c release --product kmsfs
+	bench/kms-bench.sh
 
 ## Regenerates man/ from the command definitions.
 man: deps

@@ -19,8 +19,14 @@ public struct ExternalKeyConfig: Codable, Sendable, Equatable {
     public var endpoint: String?
     /// An `~/.aws/credentials` profile named at creation; nil: the environment, then AWS_PROFILE, then "default".
     public var profile: String?
+    /// Strict mode: every data key is wrapped by KMS itself (Encrypt/Decrypt
+    /// per file, the object id in the encryption context) instead of under an
+    /// intermediate key — a KMS round trip per create and per open.
+    public var strict: Bool?
 
-    public init(provider: String, keyID: String, arn: String? = nil, region: String, endpoint: String? = nil, profile: String? = nil) {
+    public init(provider: String, keyID: String, arn: String? = nil, region: String, endpoint: String? = nil, profile: String? = nil,
+                strict: Bool = false) {
+        self.strict = strict ? true : nil
         self.provider = provider
         self.keyID = keyID
         self.arn = arn
@@ -355,8 +361,27 @@ final class AWSKMSProvider: KeyProvider, @unchecked Sendable {
         return aead
     }
 
+    static let strictMagic: [UInt8] = [UInt8(ascii: "K"), UInt8(ascii: "S"), 1]
+
+    /// The encryption context of a strictly wrapped data key: filesystem, object, key and version, as AWS recommends.
+    func strictContext(_ key: KeyID, _ version: KeyVersion, _ context: [UInt8]) -> [String: String] {
+        // `context` is the data-key context: "kmsfs/v1/dek" ‖ filesystem ‖ object ‖ key ‖ version.
+        let prefix = Array("kmsfs/v1/dek".utf8).count
+        let object = context.count >= prefix + 32 ? ID128(bytes: context[(prefix + 16)..<(prefix + 32)])?.hex ?? "" : ""
+        return ["kmsfs:filesystem": filesystemID.hex, "kmsfs:object": object, "kmsfs:key": key.rawValue.hex, "kmsfs:version": String(version.rawValue)]
+    }
+
     func wrapDataKey(_ dataKey: borrowing SecretKey, key: KeyID, version: KeyVersion, context: [UInt8],
                      stored: () throws(KeyManagerError) -> [UInt8]) throws(KeyManagerError) -> [UInt8] {
+        if config.strict == true {
+            let plaintext = dataKey.withUnsafeBytes { Data($0).base64EncodedString() }
+            let reply = try call("Encrypt", ["KeyId": config.keyID, "Plaintext": plaintext, "EncryptionContext": strictContext(key, version, context)])
+            guard let blob = (reply["CiphertextBlob"] as? String).flatMap({ Data(base64Encoded: $0) }), blob.count + Self.strictMagic.count <= 256 else {
+                throw .provider(provider: name, code: "MalformedReply", message: "Encrypt answered without a ciphertext that fits a header (256 bytes)",
+                                remedy: "check --endpoint-url")
+            }
+            return Self.strictMagic + [UInt8](blob)
+        }
         let (id, aead) = try intermediateForWrap(key, version)
         let sealed = try dataKey.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: aead, context: context + id.bytes) }
         return Self.magic + id.bytes + sealed
@@ -364,6 +389,19 @@ final class AWSKMSProvider: KeyProvider, @unchecked Sendable {
 
     func unwrapDataKey(_ wrapped: [UInt8], key: KeyID, version: KeyVersion, context: [UInt8],
                        stored: () throws(KeyManagerError) -> [UInt8]) throws(KeyManagerError) -> SecretKey? {
+        if wrapped.starts(with: Self.strictMagic) {
+            let blob = Data(wrapped[Self.strictMagic.count...]).base64EncodedString()
+            let reply: [String: Any]
+            do throws(KeyManagerError) {
+                reply = try call("Decrypt", ["KeyId": config.keyID, "CiphertextBlob": blob, "EncryptionContext": strictContext(key, version, context)])
+            } catch {
+                if case .provider(_, "InvalidCiphertextException", _, _) = error { return nil }
+                throw error
+            }
+            guard var plain = (reply["Plaintext"] as? String).flatMap({ Data(base64Encoded: $0) }), plain.count == 32 else { return nil }
+            defer { plain.resetBytes(in: 0..<plain.count) }
+            return SecretKey(count: 32) { plain.copyBytes(to: $0) }
+        }
         guard wrapped.count > Self.magic.count + 16, wrapped.starts(with: Self.magic),
               let id = ID128(bytes: wrapped[Self.magic.count..<(Self.magic.count + 16)]) else { return nil }
         guard let aead = try intermediateForUnwrap(id, key, version) else { return nil }

@@ -56,6 +56,7 @@ struct KeyCommand: ParsableCommand {
         @Option(help: "With --provider aws-kms: the AWS region (default: AWS_REGION, AWS_DEFAULT_REGION).") var region: String?
         @Option(help: "With --provider aws-kms: the KMS endpoint, as the AWS CLI's --endpoint-url.") var endpointUrl: String?
         @Option(help: "With --provider aws-kms: a profile of ~/.aws/credentials (default: the environment's credentials, then AWS_PROFILE).") var profile: String?
+        @Flag(help: "With --provider aws-kms: wrap every file's data key in KMS (one call per create and per open) instead of under intermediate keys.") var strict = false
         @OptionGroup var output: JSONOption
 
         func run() throws {
@@ -64,8 +65,8 @@ struct KeyCommand: ParsableCommand {
             let key: KeyMetadata
             switch provider {
             case "local":
-                guard externalKey == nil, region == nil, endpointUrl == nil, profile == nil else {
-                    throw ValidationError("--external-key, --region, --endpoint-url and --profile go with --provider aws-kms")
+                guard externalKey == nil, region == nil, endpointUrl == nil, profile == nil, !strict else {
+                    throw ValidationError("--external-key, --region, --endpoint-url, --profile and --strict go with --provider aws-kms")
                 }
                 key = try manager.createKey(spec: spec, description: description, aliases: aliases, tags: tagMap,
                                             rotationDays: noRotation ? nil : rotationDays, by: caller)
@@ -78,7 +79,7 @@ struct KeyCommand: ParsableCommand {
                     throw ValidationError("--provider aws-kms needs --region (or AWS_REGION, or a key ARN)")
                 }
                 key = try manager.createExternalKey(ExternalKeyConfig(provider: "aws-kms", keyID: externalKey, region: region,
-                                                                      endpoint: endpointUrl, profile: profile),
+                                                                      endpoint: endpointUrl, profile: profile, strict: strict),
                                                     description: description, aliases: aliases, tags: tagMap, by: caller)
             default:
                 throw ValidationError("--provider is local or aws-kms (pkcs11 is not built yet)")
@@ -142,7 +143,8 @@ struct KeyCommand: ParsableCommand {
             Output.line("spec / usage:  \(metadata.spec.rawValue) / \(metadata.usage.rawValue)")
             if let external {
                 Output.line("provider:      \(external.provider): \(external.arn ?? external.keyID) in \(external.region)"
-                            + (external.endpoint.map { " via \($0)" } ?? ""))
+                            + (external.endpoint.map { " via \($0)" } ?? "")
+                            + (external.strict == true ? "; strict: KMS wraps every data key" : "; data keys wrapped under intermediate keys"))
             } else {
                 Output.line("provider:      local (material in the keystore, wrapped under the passphrase)")
             }

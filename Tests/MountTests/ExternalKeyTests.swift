@@ -147,6 +147,23 @@ struct ExternalKeyTests {
         #expect(try fs.run("echo local > l && cat l").stdout == "local\n")
     }
 
+    @Test("strict mode (--strict): KMS wraps every data key itself — no intermediate keys, files read back after a remount, describe says so")
+    func strictMode() throws {
+        let moto = try MotoServer()
+        let kid = try moto.createKey()
+        let fs = try MountedFS()
+        let created = try fs.run("$K key create --alias alias/strict --provider aws-kms --strict --external-key \(kid) --endpoint-url \(moto.endpoint) --fs $M && mkdir s && $K key bind /s alias/strict --fs $M")
+        #expect(created.ok, "\(created.stderr)")
+        #expect(try fs.run("$K key describe alias/strict --fs $M").stdout.contains("strict: KMS wraps every data key"))
+        #expect(try fs.run("for i in $(seq 1 20); do echo \"strict $i\" > s/f$i; done").ok)
+        try fs.unmount()
+        try fs.mount()
+        #expect(try fs.run("cat s/f7 s/f20").stdout == "strict 7\nstrict 20\n")
+        #expect(try sh("sqlite3 \(q(fs.keystore)) 'SELECT COUNT(*) FROM intermediate_keys'").stdout == "0\n")
+        let local = try fs.run("$K key create --alias alias/bad --strict --fs $M")
+        #expect(!local.ok && local.stderr.contains("go with --provider aws-kms"), "\(local.stderr)")
+    }
+
     @Test("rekey, live: files move from the local default key onto the AWS KMS key and back, and read the same throughout")
     func rekeyBetweenProviders() throws {
         let moto = try MotoServer()
@@ -155,12 +172,14 @@ struct ExternalKeyTests {
         let sum = try fs.run("cat data/* | md5sum").stdout
         #expect(try fs.run("$K rekey start --key alias/default --to alias/aws --path /data --fs $M").ok)
         let first = try waitForRekey(fs)
-        #expect(first["state"] as? String == "done", "\(first)")
+        let firstTrail = try fs.run("$K audit list --fs $M | tail -8").stdout
+        #expect(first["state"] as? String == "done", "\(first) \(firstTrail)")
         #expect(try sh("sqlite3 \(q(fs.keystore)) 'SELECT COUNT(*) FROM usage u JOIN aliases a ON a.key_id = u.key_id WHERE a.alias = \"alias/aws\"'").stdout != "0\n")
         #expect(try fs.run("cat data/* | md5sum").stdout == sum)
         #expect(try fs.run("$K rekey start --key alias/aws --to alias/default --path /data --fs $M").ok)
         let back = try waitForRekey(fs)
-        #expect(back["state"] as? String == "done", "\(back)")
+        let trail = try fs.run("$K audit list --fs $M | tail -8").stdout
+        #expect(back["state"] as? String == "done", "\(back) \(trail)")
         try fs.unmount()
         try fs.mount()
         #expect(try fs.run("cat data/* | md5sum").stdout == sum)

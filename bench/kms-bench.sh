@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# make bench-kms: what keeping a key's material in AWS KMS costs. One mount,
+# two directories: /local under the keystore's own key, /kms under a key held
+# in AWS KMS (moto's KMS in server mode on 127.0.0.1 stands in; a real
+# region adds network latency only to the calls counted below). Interleaved
+# repetitions, medians: creates per second (10,000 empty files from one
+# Python loop) and untar of a source tree, kms ÷ local; and the KMS calls
+# per 10,000 files (GenerateDataKey: intermediate keys made; Decrypt after
+# a remount). Needs root (drop_caches) and the packages `make bench` installs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPS=${REPS:-5}
+K="${KMSFS_BIN:-$PWD/.build/release/kmsfs}"
+root=/dev/shm/kmsfs-kms-bench
+cache=/var/cache/kmsfs-bench
+tree="$cache/linux-subset.tar"
+[ -f "$tree" ] || { echo "run make bench once first (it prepares $tree)"; exit 1; }
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+endpoint="http://127.0.0.1:$port"
+moto=""
+cleanup() {
+    grep -q " $root/mnt fuse" /proc/mounts 2>/dev/null && { fusermount3 -u "$root/mnt" 2>/dev/null || fusermount3 -uz "$root/mnt"; }
+    if [ -n "$moto" ]; then kill -9 "$moto" 2>/dev/null || true; fi
+    rm -rf "$root"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+rm -rf "$root"; mkdir -p "$root/cipher" "$root/mnt"
+export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_DEFAULT_REGION=us-east-1
+moto_server -H 127.0.0.1 -p "$port" >/dev/null 2>&1 &
+moto=$!
+disown "$moto"
+for _ in $(seq 1 100); do python3 -c "import urllib.request; urllib.request.urlopen('$endpoint/')" 2>/dev/null && break; sleep 0.1; done
+kid=$(aws --endpoint-url "$endpoint" kms create-key --query KeyMetadata.KeyId --output text)
+echo "bench passphrase" > "$root/pw"
+"$K" init "$root/cipher" --passphrase-file "$root/pw" >/dev/null
+"$K" key create --alias alias/kms --provider aws-kms --external-key "$kid" --endpoint-url "$endpoint" --fs "$root/cipher" --passphrase-file "$root/pw" >/dev/null
+"$K" mount "$root/cipher" "$root/mnt" --passphrase-file "$root/pw"
+mkdir "$root/mnt/local" "$root/mnt/kms"
+"$K" key bind /kms alias/kms --fs "$root/mnt" >/dev/null
+db="$root/cipher/.kmsfs/keystore.db"
+intermediates() { sqlite3 "$db" 'SELECT COUNT(*) FROM intermediate_keys'; }
+now() { date +%s.%N; }
+
+creates() { # dir → seconds for 10,000 creates
+    python3 - "$1" <<'PY'
+import os, sys, time
+d = sys.argv[1]; os.makedirs(d)
+t0 = time.perf_counter()
+for i in range(10000):
+    os.close(os.open(f"{d}/f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
+print(time.perf_counter() - t0)
+PY
+}
+untar() { local t0 t1; t0=$(now); tar -C "$1" -xf "$tree"; sync; t1=$(now); echo "$t1 - $t0" | bc; }
+median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+
+declare -A times
+before=$(intermediates)
+for rep in $(seq 1 "$REPS"); do
+    for where in local kms; do
+        times[creates-$where]+="$(creates "$root/mnt/$where/c$rep") "
+        mkdir "$root/mnt/$where/t$rep"
+        times[untar-$where]+="$(untar "$root/mnt/$where/t$rep") "
+    done
+done
+files=$(( REPS * (10000 + $(tar -tf "$tree" | grep -vc '/$')) ))
+made=$(( $(intermediates) - before ))
+printf '%-26s %10s %10s %12s\n' workload local kms "kms÷local"
+for w in creates untar; do
+    l=$(echo "${times[$w-local]}" | tr ' ' '\n' | grep . | median)
+    k=$(echo "${times[$w-kms]}" | tr ' ' '\n' | grep . | median)
+    if [ $w = creates ]; then
+        printf '%-26s %10.0f %10.0f %12.2f\n' "creates per second" "$(echo "10000 / $l" | bc -l)" "$(echo "10000 / $k" | bc -l)" "$(echo "$l / $k" | bc -l)"
+    else
+        printf '%-26s %10.2f %10.2f %12.2f\n' "untar (s; ratio = speed)" "$l" "$k" "$(echo "$l / $k" | bc -l)"
+    fi
+done
+echo "files created under the KMS key: $files; GenerateDataKey calls: $made ($(echo "scale=2; $made * 10000 / $files" | bc) per 10,000 files)"
+# Reading everything back after a remount: one Decrypt per intermediate key.
+"$K" umount "$root/mnt"
+"$K" mount "$root/cipher" "$root/mnt" --passphrase-file "$root/pw"
+t0=$(now); find "$root/mnt/kms" -type f -print0 | xargs -0 cat > /dev/null; t1=$(now)
+echo "read back every file under the KMS key in $(echo "$t1 - $t0" | bc) s after a remount: $made intermediate keys to unwrap, one KMS Decrypt each (then cached 5 min)"
