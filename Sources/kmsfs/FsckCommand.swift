@@ -25,7 +25,7 @@ struct Fsck: ParsableCommand {
         if MountTable.kmsfsMounts().contains(where: { $0.source == path }) || ControlServer.isServing(directory: keystore) {
             throw Failure("\(path) is mounted; unmount it first (`kmsfs umount MOUNTPOINT`)")
         }
-        let manager = try KeyManager.open(in: keystore, passphrase: passphrase.read(), verifyingIntegrity: !acceptKeystoreEdits,
+        let manager = try KeyManager.open(in: keystore, passphrase: passphrase.read(keystore: keystore), verifyingIntegrity: !acceptKeystoreEdits,
                                           clock: Clock.current)
         if acceptKeystoreEdits {
             let findings = try manager.acceptKeystoreEdits(by: caller)

@@ -21,6 +21,10 @@ struct Init: ParsableCommand {
 
     @Flag(help: "Let every uid encrypt and decrypt with the default key, for a mount shared with -o allow_other: POSIX permissions then decide who reads and writes what, as on ext4. Administer stays with the creator and root.")
     var shared = false
+    @Option(help: "Unlock through AWS KMS instead of a passphrase: aws-kms:KEY (ARN, key id or alias ARN); servers then mount with their KMS credentials and no passphrase file.")
+    var unlock: String?
+    @Option(help: "With --unlock: the AWS region (default: AWS_REGION, AWS_DEFAULT_REGION, or the ARN's).") var region: String?
+    @Option(help: "With --unlock: the KMS endpoint, as the AWS CLI's --endpoint-url.") var endpointUrl: String?
 
     @Option(help: ArgumentHelp("log2 of scrypt's cost N (default 16).", visibility: .hidden))
     var kdfLogN: UInt8 = ScryptParameters.strong.logN
@@ -42,9 +46,18 @@ struct Init: ParsableCommand {
         } else {
             try fm.createDirectory(atPath: cipherdir, withIntermediateDirectories: true)
         }
-        let secret = try passphrase.read(prompt: "New passphrase: ", confirm: true)
         let options = FilesystemOptions(chunkSize: chunkSize, plaintextNames: plaintextNames, scrypt: ScryptParameters(logN: kdfLogN))
         let keystore = URL(fileURLWithPath: cipherdir).standardizedFileURL.path + "/.kmsfs"
+        let secret: SecretKey
+        if let unlock {
+            guard passphrase.passphraseFile == nil, passphrase.extpass == nil else {
+                throw ValidationError("--unlock replaces the passphrase: give no --passphrase-file or --extpass")
+            }
+            try FileManager.default.createDirectory(atPath: keystore, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            secret = try KMSUnlock.enroll(in: keystore, with: KMSUnlock.parse(unlock, region: region, endpoint: endpointUrl))
+        } else {
+            secret = try passphrase.read(prompt: "New passphrase: ", confirm: true)
+        }
         let manager = try KeyManager.create(in: keystore, passphrase: secret, options: options, creator: caller, clock: Clock.current)
         try EncryptedFileSystem.initializeRoot(cipherdir: cipherdir, keyManager: manager, principal: caller)
         let key = try manager.resolve("alias/default")
@@ -73,10 +86,26 @@ struct Passwd: ParsableCommand {
     @Option(help: "Read the new passphrase from this file.")
     var newPassphraseFile: String?
 
+    @Option(help: "Unlock through AWS KMS from now on instead of a passphrase: aws-kms:KEY (ARN, key id or alias ARN).")
+    var unlock: String?
+    @Option(help: "With --unlock: the AWS region (default: AWS_REGION, AWS_DEFAULT_REGION, or the ARN's).") var region: String?
+    @Option(help: "With --unlock: the KMS endpoint, as the AWS CLI's --endpoint-url.") var endpointUrl: String?
+
     func run() throws {
-        let manager = try KeyManager.open(in: try Paths.keystore(of: cipherdir), passphrase: passphrase.read(), clock: Clock.current)
+        let keystore = try Paths.keystore(of: cipherdir)
+        let manager = try KeyManager.open(in: keystore, passphrase: passphrase.read(keystore: keystore), clock: Clock.current)
+        if let unlock {
+            guard newPassphraseFile == nil else { throw ValidationError("--unlock replaces the new passphrase: give no --new-passphrase-file") }
+            let fresh = try KMSUnlock.enroll(in: keystore, with: KMSUnlock.parse(unlock, region: region, endpoint: endpointUrl))
+            try manager.changePassphrase(to: fresh, by: caller)
+            Output.line("the keystore now unlocks through AWS KMS (\(unlock)); no passphrase opens it")
+            return
+        }
         let fresh = try PassphraseReader.read(file: newPassphraseFile, command: nil, prompt: "New passphrase: ", confirm: true)
         try manager.changePassphrase(to: fresh, by: caller)
-        Output.line("passphrase changed; every master key was rewrapped, no file was rewritten")
+        let wasKMS = KMSUnlock.record(in: keystore) != nil
+        KMSUnlock.remove(in: keystore)
+        Output.line("passphrase changed; every master key was rewrapped, no file was rewritten"
+                    + (wasKMS ? "; the AWS KMS unlock is removed" : ""))
     }
 }

@@ -36,7 +36,7 @@ struct Mount: ParsableCommand {
         if passphraseFD == nil, let existing = MountTable.kmsfsMounts().first(where: { $0.source == cipher || $0.mountpoint == mount }) {
             throw Failure("\(existing.source) is already mounted at \(existing.mountpoint); unmount it first with `kmsfs umount \(existing.mountpoint)`")
         }
-        let secret = try passphraseFD.map { try PassphraseReader.read(fd: $0) } ?? passphrase.read()
+        let secret = try passphraseFD.map { try PassphraseReader.read(fd: $0) } ?? passphrase.read(keystore: keystore)
         if !foreground {
             try Daemon.spawn(passphrase: secret, arguments: [cipher, mount, "-f"] + options.flatMap { ["-o", $0] }
                              + ["--threads", String(threads), "--audit-opens", auditOpens.rawValue])

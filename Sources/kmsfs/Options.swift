@@ -11,9 +11,12 @@ struct PassphraseOptions: ParsableArguments {
     @Option(name: .long, help: "Run this command and read the passphrase from its standard output.")
     var extpass: String?
 
-    /// Reads the passphrase into locked memory.
-    func read(prompt: String = "Passphrase: ", confirm: Bool = false) throws -> SecretKey {
-        try PassphraseReader.read(file: passphraseFile, command: extpass, prompt: prompt, confirm: confirm)
+    /// Reads the passphrase into locked memory. Given no passphrase file or
+    /// command, a keystore enrolled with `--unlock aws-kms:KEY` is unlocked
+    /// through AWS KMS instead of asking.
+    func read(prompt: String = "Passphrase: ", confirm: Bool = false, keystore: String? = nil) throws -> SecretKey {
+        if passphraseFile == nil, extpass == nil, let keystore, let unlocked = try KMSUnlock.unlock(in: keystore) { return unlocked }
+        return try PassphraseReader.read(file: passphraseFile, command: extpass, prompt: prompt, confirm: confirm)
     }
 }
 
@@ -36,7 +39,7 @@ struct FilesystemOption: ParsableArguments {
         let cipherdir = try Paths.cipherdir(of: fs)
         let keystore = try Paths.keystore(of: cipherdir)
         try Invocation.forwardIfMounted(keystore: keystore, cipherdir: cipherdir)
-        let manager = try KeyManager.open(in: keystore, passphrase: passphrase.read(), verifyingIntegrity: verifyingIntegrity,
+        let manager = try KeyManager.open(in: keystore, passphrase: passphrase.read(keystore: keystore), verifyingIntegrity: verifyingIntegrity,
                                           clock: Clock.current)
         Invocation.current.opened = manager
         if verifyingIntegrity { Self.report(try manager.runSchedules()) }

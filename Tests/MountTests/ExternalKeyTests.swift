@@ -164,6 +164,43 @@ struct ExternalKeyTests {
         #expect(!local.ok && local.stderr.contains("go with --provider aws-kms"), "\(local.stderr)")
     }
 
+    @Test("init --unlock aws-kms:KEY: mount, key commands and fsck need no passphrase; passwd switches to a passphrase and back; a key disabled in KMS refuses to unlock with a clear error")
+    func unlockThroughKMS() throws {
+        let moto = try MotoServer()
+        let kid = try moto.createKey()
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("kmsfs-unlock-\(UUID().uuidString.prefix(8))").path
+        try FileManager.default.createDirectory(atPath: root + "/m", withIntermediateDirectories: true)
+        defer {
+            _ = try? sh("fusermount3 -u \(q(root))/m 2>/dev/null || true")
+            try? FileManager.default.removeItem(atPath: root)
+        }
+        let k = q(kmsfsBinary), c = q(root + "/c"), m = q(root + "/m")
+        let made = try sh("""
+            \(k) init \(c) --unlock aws-kms:\(kid) --endpoint-url \(moto.endpoint) --kdf-log-n 10 </dev/null >/dev/null
+            stat -c %a \(c)/.kmsfs/unlock.json
+            \(k) mount \(c) \(m) </dev/null && echo secret > \(m)/f && cat \(m)/f
+            \(k) key list --fs \(m) | grep -c alias/default
+            \(k) umount \(m)
+            \(k) key list --fs \(c) </dev/null | grep -c alias/default
+            \(k) fsck \(c) </dev/null | grep -c 'no damage'
+            """)
+        #expect(made.stdout == "600\nsecret\n1\n1\n1\n", "\(made.stdout) \(made.stderr)")
+        // To a passphrase (the unlock file goes), and back to KMS.
+        let switched = try sh("""
+            echo 'a passphrase for later' > \(q(root))/pw
+            \(k) passwd \(c) --new-passphrase-file \(q(root))/pw </dev/null
+            test ! -e \(c)/.kmsfs/unlock.json && echo gone
+            \(k) key list --fs \(c) --passphrase-file \(q(root))/pw | grep -c alias/default
+            \(k) passwd \(c) --passphrase-file \(q(root))/pw --unlock aws-kms:\(kid) --endpoint-url \(moto.endpoint) </dev/null
+            \(k) key list --fs \(c) </dev/null | grep -c alias/default
+            \(k) key list --fs \(c) --passphrase-file \(q(root))/pw 2>&1 | grep -c 'wrong passphrase'
+            """)
+        #expect(switched.stdout.contains("gone\n1\n") && switched.stdout.hasSuffix("no passphrase opens it\n1\n1\n"), "\(switched.stdout) \(switched.stderr)")
+        #expect(try moto.aws("kms disable-key --key-id \(kid)").ok)
+        let refused = try sh("\(k) mount \(c) \(m) </dev/null")
+        #expect(!refused.ok && refused.stderr.contains("aws-kms: DisabledException") && refused.stderr.contains("enable it in AWS KMS"), "\(refused.stderr)")
+    }
+
     @Test("rekey, live: files move from the local default key onto the AWS KMS key and back, and read the same throughout")
     func rekeyBetweenProviders() throws {
         let moto = try MotoServer()
