@@ -21,6 +21,8 @@ let package = Package(
         .systemLibrary(name: "CFUSE", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
         .systemLibrary(name: "CLinux"),
         .systemLibrary(name: "COpenSSL", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
+        // Hand-written C over the standard PKCS#11 API (types from p11-kit's pkcs11.h; modules loaded with dlopen).
+        .target(name: "CPKCS11", cSettings: [.unsafeFlags(["-I/usr/include/p11-kit-1"])]),
         .target(name: "FUSEBridge", dependencies: [
             "CFUSE",
             .product(name: "Logging", package: "swift-log"),
@@ -30,7 +32,7 @@ let package = Package(
         .target(name: "CKeyMemory", linkerSettings: [.linkedLibrary("crypto")]),
         .target(name: "ChunkCipher", dependencies: ["COpenSSL", "CKeyMemory"]),
         .target(name: "KeyManager", dependencies: [
-            "ChunkCipher", "COpenSSL",
+            "ChunkCipher", "COpenSSL", "CPKCS11",
             .product(name: "GRDB", package: "GRDB.swift"),
             .product(name: "Logging", package: "swift-log"),
         ]),

@@ -23,6 +23,27 @@ public struct ExternalKeyConfig: Codable, Sendable, Equatable {
     /// per file, the object id in the encryption context) instead of under an
     /// intermediate key — a KMS round trip per create and per open.
     public var strict: Bool?
+    /// pkcs11: the module's path, the token's label, the key object's label, and the file holding the user PIN.
+    public var module: String?
+    public var token: String?
+    public var objectLabel: String?
+    public var pinFile: String?
+
+    /// A PKCS#11 key: `objectLabel` in token `token` of `module`, the PIN read from `pinFile` at each login.
+    public init(pkcs11Module module: String, token: String, objectLabel: String, pinFile: String) {
+        self.provider = "pkcs11"
+        self.keyID = objectLabel
+        self.region = ""
+        self.module = module
+        self.token = token
+        self.objectLabel = objectLabel
+        self.pinFile = pinFile
+    }
+
+    /// Where the key is, for messages.
+    public var location: String {
+        provider == "pkcs11" ? "PKCS#11 key '\(objectLabel ?? keyID)' in token '\(token ?? "?")'" : "AWS KMS key \(arn ?? keyID)"
+    }
 
     public init(provider: String, keyID: String, arn: String? = nil, region: String, endpoint: String? = nil, profile: String? = nil,
                 strict: Bool = false) {
@@ -220,7 +241,18 @@ final class AWSKMSClient: Sendable {
 /// thread does it while mounted), and a key that is not Enabled there
 /// refuses like a Disabled kmsfs key — and its cached intermediate keys are
 /// dropped at once.
-final class AWSKMSProvider: KeyProvider, @unchecked Sendable {
+/// A provider whose key lives outside the keystore and has a state of its own there.
+protocol ExternalProvider: KeyProvider {
+    var config: ExternalKeyConfig { get }
+    /// The key's state at the provider ("Enabled", "Disabled", "Unavailable", …), re-read when older than the poll interval.
+    func externalState() throws(KeyManagerError) -> String
+    /// Re-reads the state now.
+    @discardableResult func refreshState() throws(KeyManagerError) -> String
+    var lastKnownState: String? { get }
+    var callCounts: [String: Int] { get }
+}
+
+final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
     let name = "aws-kms"
     let config: ExternalKeyConfig
     let client: AWSKMSClient

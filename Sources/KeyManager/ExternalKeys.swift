@@ -26,19 +26,26 @@ extension KeyManager {
     }
 
     /// The external provider of `key`, or nil for a local key.
-    func externalProvider(_ key: KeyID) throws(KeyManagerError) -> AWSKMSProvider? {
+    func externalProvider(_ key: KeyID) throws(KeyManagerError) -> (any ExternalProvider)? {
         if let known = externalProviders.withLock({ $0[key] }) { return known }
         let row = try verifiedRead { db in
             try Row.fetchOne(db, sql: "SELECT provider, config FROM external_keys WHERE key_id = ?", arguments: [key.rawValue.hex])
         }
-        var made: AWSKMSProvider?
+        var made: (any ExternalProvider)?
         if let row {
             let text: String = row["config"]
-            guard let config = try? JSONDecoder().decode(ExternalKeyConfig.self, from: Data(text.utf8)), config.provider == "aws-kms" else {
-                throw .keystoreCorrupt("the external key of \(key.rawValue.hex) names an unknown provider")
+            guard let config = try? JSONDecoder().decode(ExternalKeyConfig.self, from: Data(text.utf8)) else {
+                throw .keystoreCorrupt("the external key of \(key.rawValue.hex) is unreadable")
             }
-            made = AWSKMSProvider(config: config, filesystemID: filesystemID, store: IntermediateKeys(self), clock: clock,
-                                  maxAge: Self.intermediateMaxAge, pollInterval: Self.externalPollInterval)
+            switch config.provider {
+            case "aws-kms":
+                made = AWSKMSProvider(config: config, filesystemID: filesystemID, store: IntermediateKeys(self), clock: clock,
+                                      maxAge: Self.intermediateMaxAge, pollInterval: Self.externalPollInterval)
+            case "pkcs11":
+                made = PKCS11Provider(config: config, clock: clock, pollInterval: Self.externalPollInterval)
+            default:
+                throw .keystoreCorrupt("the external key of \(key.rawValue.hex) names an unknown provider \(config.provider)")
+            }
         }
         return externalProviders.withLock { providers in
             if let raced = providers[key] { return raced }
@@ -63,9 +70,14 @@ extension KeyManager {
         let state = try external.externalState()
         guard state != "Enabled" else { return }
         let mapped: KeyState = state.hasPrefix("PendingDeletion") || state == "PendingReplicaDeletion" ? .pendingDeletion : .disabled
-        throw .invalidState(key: record.displayName, state: mapped, operation: action.rawValue, since: clock(),
-                            remedy: "it is \(state) in AWS KMS (\(external.config.arn ?? external.config.keyID)); "
-                                + (mapped == .pendingDeletion ? "cancel the deletion there (aws kms cancel-key-deletion)" : "enable it there (aws kms enable-key)"))
+        let remedy: String
+        if external.config.provider == "pkcs11" {
+            remedy = "the \(external.config.location) is \(state): insert the token and check its PIN file; access returns within a minute"
+        } else {
+            remedy = "it is \(state) in AWS KMS (\(external.config.arn ?? external.config.keyID)); "
+                + (mapped == .pendingDeletion ? "cancel the deletion there (aws kms cancel-key-deletion)" : "enable it there (aws kms enable-key)")
+        }
+        throw .invalidState(key: record.displayName, state: mapped, operation: action.rawValue, since: clock(), remedy: remedy)
     }
 
     /// Re-reads the state of every external key and audits each change
@@ -80,7 +92,7 @@ extension KeyManager {
                 let now = try external.refreshState()
                 if now != before {
                     audit(AuditEvent("ExternalKeyStateChange", outcome: now == "Enabled" ? "success" : "refused", key: id,
-                                     error: "AWS KMS key \(external.config.arn ?? external.config.keyID) is \(now)" + (before.map { " (was \($0))" } ?? "")))
+                                     error: "\(external.config.location) is \(now)" + (before.map { " (was \($0))" } ?? "")))
                     invalidate(id)
                 }
             } catch {
@@ -92,13 +104,24 @@ extension KeyManager {
     /// Creates a kmsfs key whose material is the AWS KMS key `config.keyID`
     /// (it must be an Enabled symmetric ENCRYPT_DECRYPT key there).
     @discardableResult
-    public func createExternalKey(_ config: ExternalKeyConfig, description: String = "", aliases: [String] = [],
+    /// For pkcs11, `createInToken` generates the token key (else `objectLabel` must name an existing one).
+    public func createExternalKey(_ config: ExternalKeyConfig, createInToken: Bool = false, description: String = "", aliases: [String] = [],
                                   tags: [String: String] = [:], by principal: Principal) throws(KeyManagerError) -> KeyMetadata {
         var request = ["keySpec": KeySpec.aes256.rawValue, "origin": "EXTERNAL_KMS", "externalKey": config.keyID, "region": config.region]
         if !aliases.isEmpty { request["aliasNames"] = aliases.joined(separator: ",") }
         return try adminOperation("CreateKey", principal, request: request) { () throws(KeyManagerError) in
             for alias in aliases { try Self.refuseReserved(alias) }
-            guard config.provider == "aws-kms" else { throw .invalidArgument("unknown provider \(config.provider); kmsfs knows local and aws-kms") }
+            if config.provider == "pkcs11" {
+                let provider = PKCS11Provider(config: config, clock: clock)
+                try provider.prepare(create: createInToken)
+                let flags = try provider.keyFlags()
+                guard !flags.extractable, flags.sensitive else {
+                    throw .invalidArgument("the token key '\(config.objectLabel ?? config.keyID)' is extractable or not sensitive; kmsfs uses only non-extractable, sensitive keys")
+                }
+                return try makeKey(spec: .aes256, description: description, aliases: aliases, tags: tags, rotationDays: nil, by: principal,
+                                   external: config, provider: provider)
+            }
+            guard config.provider == "aws-kms" else { throw .invalidArgument("unknown provider \(config.provider); kmsfs knows local, aws-kms and pkcs11") }
             let client = AWSKMSClient(config: config)
             let reply = try client.call("DescribeKey", ["KeyId": config.keyID])
             let metadata = reply["KeyMetadata"] as? [String: Any] ?? [:]

@@ -56,7 +56,7 @@ public final class KeyManager: @unchecked Sendable {
     /// Holds the master-key material (the passphrase-protected keystore).
     let local: LocalKeyProvider
     /// External providers, by key (nil: the key is local). Loaded once per key: where a key lives never changes.
-    let externalProviders = Mutex<[KeyID: AWSKMSProvider?]>([:])
+    let externalProviders = Mutex<[KeyID: (any ExternalProvider)?]>([:])
     /// The key-encryption key derived from the passphrase (key schedule only).
     var kek: AESGCM { local.kek }
     /// Keys path MACs and sealed paths of bindings.

@@ -57,6 +57,10 @@ struct KeyCommand: ParsableCommand {
         @Option(help: "With --provider aws-kms: the KMS endpoint, as the AWS CLI's --endpoint-url.") var endpointUrl: String?
         @Option(help: "With --provider aws-kms: a profile of ~/.aws/credentials (default: the environment's credentials, then AWS_PROFILE).") var profile: String?
         @Flag(help: "With --provider aws-kms: wrap every file's data key in KMS (one call per create and per open) instead of under intermediate keys.") var strict = false
+        @Option(help: "With --provider pkcs11: the PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so.") var module: String?
+        @Option(help: "With --provider pkcs11: the token's label.") var token: String?
+        @Option(help: "With --provider pkcs11: a file holding the user PIN (read at each login; never give a PIN on the command line).") var pinFile: String?
+        @Option(help: "With --provider pkcs11: use the existing token key with this label (default: generate a new non-extractable AES-256 key).") var objectLabel: String?
         @OptionGroup var output: JSONOption
 
         func run() throws {
@@ -65,7 +69,7 @@ struct KeyCommand: ParsableCommand {
             let key: KeyMetadata
             switch provider {
             case "local":
-                guard externalKey == nil, region == nil, endpointUrl == nil, profile == nil, !strict else {
+                guard externalKey == nil, region == nil, endpointUrl == nil, profile == nil, !strict, module == nil, token == nil, pinFile == nil, objectLabel == nil else {
                     throw ValidationError("--external-key, --region, --endpoint-url, --profile and --strict go with --provider aws-kms")
                 }
                 key = try manager.createKey(spec: spec, description: description, aliases: aliases, tags: tagMap,
@@ -81,8 +85,16 @@ struct KeyCommand: ParsableCommand {
                 key = try manager.createExternalKey(ExternalKeyConfig(provider: "aws-kms", keyID: externalKey, region: region,
                                                                       endpoint: endpointUrl, profile: profile, strict: strict),
                                                     description: description, aliases: aliases, tags: tagMap, by: caller)
+            case "pkcs11":
+                guard let module, let token, let pinFile else { throw ValidationError("--provider pkcs11 needs --module, --token and --pin-file") }
+                guard spec == .aes256 else { throw ValidationError("a pkcs11 key is AES_256 (token signing keys are not supported yet)") }
+                let pinPath = URL(fileURLWithPath: pinFile).standardizedFileURL.path
+                let label = objectLabel ?? "kmsfs-" + ID128.random().hex
+                key = try manager.createExternalKey(ExternalKeyConfig(pkcs11Module: module, token: token, objectLabel: label, pinFile: pinPath),
+                                                    createInToken: objectLabel == nil,
+                                                    description: description, aliases: aliases, tags: tagMap, by: caller)
             default:
-                throw ValidationError("--provider is local or aws-kms (pkcs11 is not built yet)")
+                throw ValidationError("--provider is local, aws-kms or pkcs11")
             }
             if output.json { try Output.json(key) } else { Output.line("\(key.keyID)") }
         }
@@ -141,7 +153,9 @@ struct KeyCommand: ParsableCommand {
             Output.line("aliases:       \(metadata.aliases.joined(separator: ", "))")
             Output.line("description:   \(metadata.description)")
             Output.line("spec / usage:  \(metadata.spec.rawValue) / \(metadata.usage.rawValue)")
-            if let external {
+            if let external, external.provider == "pkcs11" {
+                Output.line("provider:      pkcs11: key '\(external.objectLabel ?? external.keyID)' in token '\(external.token ?? "")' of \(external.module ?? "")")
+            } else if let external {
                 Output.line("provider:      \(external.provider): \(external.arn ?? external.keyID) in \(external.region)"
                             + (external.endpoint.map { " via \($0)" } ?? "")
                             + (external.strict == true ? "; strict: KMS wraps every data key" : "; data keys wrapped under intermediate keys"))

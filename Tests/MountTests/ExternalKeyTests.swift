@@ -222,3 +222,39 @@ struct ExternalKeyTests {
         #expect(try fs.run("cat data/* | md5sum").stdout == sum)
     }
 }
+
+@Suite("keys held in a PKCS#11 token (SoftHSM): generated inside it, non-extractable, data keys wrapped inside it", .serialized)
+struct PKCS11KeyTests {
+    static let module = "/usr/lib/softhsm/libsofthsm2.so"
+
+    @Test("key create --provider pkcs11 makes a non-extractable, sensitive AES-256 key in the token (pkcs11-tool agrees); files in a bound directory read back after a remount; a wrong PIN is a clear error")
+    func tokenKey() throws {
+        let fs = try MountedFS()
+        let hsm = fs.root + "/hsm"
+        try FileManager.default.createDirectory(atPath: hsm + "/tokens", withIntermediateDirectories: true)
+        try "directories.tokendir = \(hsm)/tokens\nobjectstore.backend = file\nlog.level = ERROR\n".write(toFile: hsm + "/softhsm2.conf", atomically: true, encoding: .utf8)
+        // The daemon finds the token through the environment `kmsfs mount` ran in.
+        setenv("SOFTHSM2_CONF", hsm + "/softhsm2.conf", 1)
+        let made = try sh("softhsm2-util --init-token --free --label kmsfs-test --pin 4321 --so-pin 8765 >/dev/null && printf '4321\\n' > \(q(hsm))/pin && chmod 600 \(q(hsm))/pin && printf '0000\\n' > \(q(hsm))/wrong")
+        #expect(made.ok, "\(made.stderr)")
+        try fs.unmount()
+        try fs.mount()
+        let created = try fs.run("$K key create --alias alias/hsm --provider pkcs11 --module \(Self.module) --token kmsfs-test --pin-file \(q(hsm))/pin --fs $M >/dev/null && mkdir h && $K key bind /h alias/hsm --fs $M && $K key describe alias/hsm --fs $M | grep provider")
+        #expect(created.ok && created.stdout.contains("pkcs11: key 'kmsfs-") && created.stdout.contains("in token 'kmsfs-test'"), "\(created.stdout) \(created.stderr)")
+        #expect(try fs.run("for i in $(seq 1 50); do echo \"hsm $i\" > h/f$i; done; cp /etc/services h/services").ok)
+        try fs.unmount()
+        try fs.mount()
+        #expect(try fs.run("cat h/f42; cmp h/services /etc/services && echo same").stdout == "hsm 42\nsame\n")
+        let objects = try sh("pkcs11-tool --module \(Self.module) --token-label kmsfs-test --login --pin 4321 --list-objects 2>/dev/null").stdout
+        #expect(objects.contains("Secret Key Object; AES length 32") && objects.contains("never extractable") && objects.contains("sensitive"), "\(objects)")
+        #expect(try sh("sqlite3 \(q(fs.keystore)) 'SELECT COUNT(*) FROM intermediate_keys'").stdout == "0\n")
+        // Offline, so the login is this process's own (PKCS#11 logins are per process and token).
+        try fs.unmount()
+        let wrong = try fs.key(["create", "--alias", "alias/hsm2", "--provider", "pkcs11", "--module", Self.module, "--token", "kmsfs-test",
+                                "--pin-file", hsm + "/wrong"])
+        #expect(!wrong.ok && wrong.stderr.contains("pkcs11: TokenUnavailable") && wrong.stderr.contains("wrong PIN"), "\(wrong.stderr)")
+        let noToken = try fs.key(["create", "--alias", "alias/hsm3", "--provider", "pkcs11", "--module", Self.module, "--token", "nosuch",
+                                  "--pin-file", hsm + "/pin"])
+        #expect(!noToken.ok && noToken.stderr.contains("no token labelled 'nosuch'"), "\(noToken.stderr)")
+    }
+}
