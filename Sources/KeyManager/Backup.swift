@@ -333,7 +333,10 @@ extension KeyManager {
             try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("RestoreBackup", principal: principal,
                                                  error: "merged \(addedKeys.count) key(s), \(addedVersions) version(s) from a backup signed by \(signer)"), at: clock())
         }
-        caches.withLock { $0.records.removeAll() }
+        caches.withLock {
+            $0.records.removeAll()
+            $0.recordEpoch &+= 1
+        }
         return RestoreReport(mode: "merged", keysAdded: addedKeys, versionsAdded: addedVersions, signer: signer, createdAt: createdAt)
     }
 }

@@ -76,6 +76,8 @@ public final class KeyManager: @unchecked Sendable {
 
     struct Caches: ~Copyable {
         var records: [KeyID: (record: KeyRecord, fetchedAt: Double)] = [:]
+        /// Raised by every invalidation: a record read before one must not be cached after it.
+        var recordEpoch: UInt64 = 0
         /// Binding path MAC → key, re-read after `recordTTL`.
         var bindings: (map: [Data: KeyID], fetchedAt: Double)?
         /// Directory path → governing key, valid as long as `bindings`.
@@ -297,7 +299,10 @@ public final class KeyManager: @unchecked Sendable {
     }
 
     func invalidate(_ key: KeyID) {
-        caches.withLock { $0.records[key] = nil }
+        caches.withLock {
+            $0.records[key] = nil
+            $0.recordEpoch &+= 1
+        }
     }
 
     func forgetWrappers(_ key: KeyID) {
@@ -309,11 +314,14 @@ public final class KeyManager: @unchecked Sendable {
     /// The key's record, from a cache trusted for `recordTTL` seconds.
     func record(_ key: KeyID) throws(KeyManagerError) -> KeyRecord {
         let now = clock()
-        if let cached = caches.withLock({ $0.records[key] }), abs(now - cached.fetchedAt) < Self.recordTTL {
+        let (cached, epoch) = caches.withLock { ($0.records[key], $0.recordEpoch) }
+        if let cached, abs(now - cached.fetchedAt) < Self.recordTTL {
             return cached.record
         }
         let fresh = try verifiedRead { db in try KeyRecord.fetch(db, key) }
-        caches.withLock { $0.records[key] = (fresh, now) }
+        // A change committed (and invalidated) while this read ran would
+        // otherwise be hidden behind the older row for `recordTTL`.
+        caches.withLock { if $0.recordEpoch == epoch { $0.records[key] = (fresh, now) } }
         return fresh
     }
 

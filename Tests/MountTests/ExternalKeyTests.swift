@@ -44,19 +44,20 @@ final class MotoServer {
 
 @Suite("keys held in AWS KMS (moto): files unaware, per-file cost local, KMS's key state enforced by kmsfs", .serialized)
 struct ExternalKeyTests {
+    /// The daemon reads external keys' state every 2 s in these tests (60 s by default).
+    static let polling = "env KMSFS_EXTERNAL_POLL_SECONDS=2"
     init() {
         // Credentials as the AWS CLI reads them; moto accepts any. The daemon
-        // inherits them from `kmsfs mount`, and reads the key's state every 2 s.
+        // inherits them from `kmsfs mount`.
         setenv("AWS_ACCESS_KEY_ID", "testing", 1)
         setenv("AWS_SECRET_ACCESS_KEY", "testing", 1)
         setenv("AWS_DEFAULT_REGION", "us-east-1", 1)
-        setenv("KMSFS_EXTERNAL_POLL_SECONDS", "2", 1)
     }
 
     /// A mounted filesystem with `alias/aws` on a new moto key, bound to /sec.
     func setUp(_ moto: MotoServer) throws -> (MountedFS, String) {
         let kid = try moto.createKey()
-        let fs = try MountedFS()
+        let fs = try MountedFS(launcher: Self.polling)
         let created = try fs.run("$K key create --alias alias/aws --provider aws-kms --external-key \(kid) --endpoint-url \(moto.endpoint) --fs $M && mkdir sec && $K key bind /sec alias/aws --fs $M")
         #expect(created.ok, "\(created.stderr)")
         return (fs, kid)
@@ -151,7 +152,7 @@ struct ExternalKeyTests {
     func strictMode() throws {
         let moto = try MotoServer()
         let kid = try moto.createKey()
-        let fs = try MountedFS()
+        let fs = try MountedFS(launcher: Self.polling)
         let created = try fs.run("$K key create --alias alias/strict --provider aws-kms --strict --external-key \(kid) --endpoint-url \(moto.endpoint) --fs $M && mkdir s && $K key bind /s alias/strict --fs $M")
         #expect(created.ok, "\(created.stderr)")
         #expect(try fs.run("$K key describe alias/strict --fs $M").stdout.contains("strict: KMS wraps every data key"))

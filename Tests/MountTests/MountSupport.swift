@@ -51,8 +51,11 @@ final class MountedFS {
     var passphraseFile: String { root + "/passphrase" }
     var keystore: String { cipherdir + "/.kmsfs/keystore.db" }
     private(set) var mounted = false
+    /// Runs every mount of this filesystem (e.g. "env VAR=value") unless a mount names its own.
+    let launcher: String
 
-    init(mountOptions: [String] = [], initOptions: [String] = []) throws {
+    init(mountOptions: [String] = [], initOptions: [String] = [], launcher: String = "") throws {
+        self.launcher = launcher
         root = FileManager.default.temporaryDirectory.appendingPathComponent("kmsfs-mnt-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: root + "/mnt", withIntermediateDirectories: true)
         try "mount test passphrase\n".write(toFile: passphraseFile, atomically: true, encoding: .utf8)
@@ -81,7 +84,7 @@ final class MountedFS {
     /// Mounts again; `launcher` (e.g. "prlimit --nofile=256:8192") runs the mount command.
     func mount(options: [String] = [], launcher: String = "") throws {
         let arguments = ["mount", cipherdir, mountpoint] + options.flatMap { ["-o", $0] } + ["--passphrase-file", passphraseFile]
-        let result = try sh(launcher + " " + ([kmsfsBinary] + arguments).map(q).joined(separator: " "))
+        let result = try sh((launcher.isEmpty ? self.launcher : launcher) + " " + ([kmsfsBinary] + arguments).map(q).joined(separator: " "))
         #expect(result.ok, "mount failed: \(result.stderr)")
         mounted = result.ok
     }
