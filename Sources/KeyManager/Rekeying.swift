@@ -180,13 +180,18 @@ extension KeyManager {
     /// A job row, its path unsealed (paths are stored sealed under the metadata key: no names at rest).
     func job(from row: Row) throws -> RekeyJob {
         var job = RekeyJob(row: row)
-        // Jobs from before paths were sealed keep their plaintext path (authenticated like the rest of the row).
-        if let stored = job.path, !stored.hasPrefix("/") {
-            guard let sealed = Data(base64Encoded: stored),
-                  let secret = try KeyWrap.open([UInt8](sealed), under: try AESGCM.make(metadataKey), context: Array("kmsfs/v1/rekey-path".utf8)) else {
+        // A sealed path is standard base64, which may itself begin with "/"
+        // (one job in 64 did, and was then taken for a plaintext path that
+        // does not exist): try to open it first. Jobs from before paths were
+        // sealed keep their plaintext path, which never opens (authenticated
+        // like the rest of the row).
+        if let stored = job.path {
+            if let sealed = Data(base64Encoded: stored),
+               let secret = try KeyWrap.open([UInt8](sealed), under: try AESGCM.make(metadataKey), context: Array("kmsfs/v1/rekey-path".utf8)) {
+                job.path = secret.withUnsafeBytes { String(decoding: $0, as: UTF8.self) }
+            } else if !stored.hasPrefix("/") {
                 throw KeyManagerError.keystoreCorrupt("the path of rekey job \(job.id) does not open")
             }
-            job.path = secret.withUnsafeBytes { String(decoding: $0, as: UTF8.self) }
         }
         return job
     }
