@@ -345,14 +345,24 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
         return ProviderMaterial(stored: Array((config.arn ?? config.keyID).utf8), publicKey: nil)
     }
 
+    /// Held while a new intermediate key is made, so creates that all find none make one, not one each.
+    private let making = NSLock()
+
     private func intermediateForWrap(_ key: KeyID, _ version: KeyVersion) throws(KeyManagerError) -> (ID128, AESGCM) {
+        func current() -> (ID128, AESGCM)? {
+            let now = clock()
+            return state.withLock { s -> (ID128, AESGCM)? in
+                guard var i = s.current[version], now - i.createdAt < maxAge, i.files < maxFiles else { return nil }
+                i.files += 1
+                s.current[version] = i
+                return (i.id, i.aead)
+            }
+        }
+        if let found = current() { return found }
+        making.lock()
+        defer { making.unlock() }
+        if let found = current() { return found }
         let now = clock()
-        if let found = state.withLock({ s -> (ID128, AESGCM)? in
-            guard var i = s.current[version], now - i.createdAt < maxAge, i.files < maxFiles else { return nil }
-            i.files += 1
-            s.current[version] = i
-            return (i.id, i.aead)
-        }) { return found }
         let id = ID128.random()
         let reply = try call("GenerateDataKey", ["KeyId": config.keyID, "KeySpec": "AES_256",
                                                   "EncryptionContext": encryptionContext(key, version, id)])
