@@ -2,8 +2,9 @@
 # make demo-kms: a kmsfs key whose material stays in AWS KMS (moto's KMS in
 # server mode on 127.0.0.1 stands in for AWS), end to end: create it, mount,
 # write unaware, count the KMS calls, disable the key in KMS behind kmsfs's
-# back and watch the mount refuse, enable it again. Leaves nothing running
-# or mounted, also when interrupted. (PKCS#11 HSMs are not built yet.)
+# back and watch the mount refuse, enable it again; then a key generated
+# inside a PKCS#11 token (SoftHSM), non-extractable. Leaves nothing running
+# or mounted, also when interrupted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 K="$PWD/.build/debug/kmsfs"
@@ -26,6 +27,13 @@ aws() { command aws --endpoint-url "$endpoint" --region us-east-1 "$@"; }
 export AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo AWS_DEFAULT_REGION=us-east-1
 # The daemon reads the key's state in KMS every 60 s; 3 s keeps the demo short.
 export KMSFS_EXTERNAL_POLL_SECONDS=3
+
+# A SoftHSM token in the scratch directory; the daemon finds it through SOFTHSM2_CONF.
+mkdir -p "$work/hsm/tokens"
+printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' "$work/hsm/tokens" > "$work/hsm/softhsm2.conf"
+export SOFTHSM2_CONF="$work/hsm/softhsm2.conf"
+softhsm2-util --init-token --free --label demo-hsm --pin 2468 --so-pin 13579 >/dev/null
+printf '2468\n' > "$work/hsm/pin"; chmod 600 "$work/hsm/pin"
 
 step "1. An AWS KMS (moto, on $endpoint) and a symmetric key in it"
 moto_server -H 127.0.0.1 -p "$port" >/dev/null 2>&1 &
@@ -65,6 +73,13 @@ step "5. Enable it again: the files open again"
 aws kms enable-key --key-id "$kid"
 until cat "$mnt/finance/invoice-42.txt" 2>/dev/null; do sleep 0.2; done
 
-step "6. Unmount; moto stops"
+step "6. A key generated inside a PKCS#11 token (SoftHSM): data keys are wrapped inside the token"
+"$K" key create --alias alias/hsm --provider pkcs11 --module /usr/lib/softhsm/libsofthsm2.so --token demo-hsm --pin-file "$work/hsm/pin" --fs "$mnt" >/dev/null
+mkdir "$mnt/hsm"
+"$K" key bind /hsm alias/hsm --fs "$mnt"
+cp /etc/services "$mnt/hsm/services" && cmp /etc/services "$mnt/hsm/services" && echo "hsm/services written and read back identical"
+pkcs11-tool --module /usr/lib/softhsm/libsofthsm2.so --token-label demo-hsm --login --pin 2468 --list-objects 2>/dev/null | sed -n '1,5p'
+
+step "7. Unmount; moto stops"
 kms umount "$mnt" 2>/dev/null || "$K" umount "$mnt"
 echo "done"

@@ -400,9 +400,18 @@ struct KeyCommand: ParsableCommand {
         @Argument(help: "Directory path inside the filesystem, e.g. /prod.") var path: String?
         @Argument(help: "Key id or alias.") var key: String?
         @Flag(help: "Remove the binding of PATH.") var unbind = false
+        @OptionGroup var output: JSONOption
+
+        /// One binding as `key bind --json` lists it.
+        struct Binding: Encodable {
+            var path: String
+            var keyId: String
+            var aliases: [String]
+        }
 
         func run() throws {
             let manager = try fs.open()
+            if output.json, path != nil || unbind { throw ValidationError("--json goes with `key bind` without arguments (the list)") }
             switch (path, key, unbind) {
             case (let path?, let key?, false):
                 try manager.bind(path: path, to: key, by: caller)
@@ -411,7 +420,13 @@ struct KeyCommand: ParsableCommand {
                 try manager.unbind(path: path, by: caller)
                 Output.line("unbound \(KeyManager.normalize(path: path))")
             case (nil, nil, false):
-                Output.table(["PATH", "KEY"], try manager.listBindings().map { [$0.path, $0.key.rawValue.hex] })
+                let bindings = try manager.listBindings()
+                if output.json {
+                    let aliases = Dictionary(try manager.listKeys().map { ($0.keyID, $0.aliases) }, uniquingKeysWith: { a, _ in a })
+                    try Output.json(bindings.map { Binding(path: $0.path, keyId: $0.key.rawValue.hex, aliases: aliases[$0.key] ?? []) })
+                    return
+                }
+                Output.table(["PATH", "KEY"], bindings.map { [$0.path, $0.key.rawValue.hex] })
             default:
                 throw ValidationError("use `key bind PATH KEY`, `key bind PATH --unbind`, or `key bind` to list")
             }

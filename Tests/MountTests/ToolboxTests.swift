@@ -29,6 +29,12 @@ struct ToolboxTests {
         #expect(!json.contains("\\/") && json.contains(fs.cipherdir), "\(json)")
         let described = try fs.run("$K key describe alias/default --json --fs $M").stdout
         #expect(described.contains("\"alias/default\"") && !described.contains("\\/"))
+        // key bind lists bindings as JSON too; with PATH KEY, --json is refused.
+        #expect(try fs.run("$K key create --alias alias/p --fs $M >/dev/null && mkdir p && $K key bind /p alias/p --fs $M").ok)
+        let bindings = jsonArray(try fs.run("$K key bind --json --fs $M").stdout)
+        #expect(bindings.count == 2 && bindings.contains { $0["path"] as? String == "/p" && $0["aliases"] as? [String] == ["alias/p"] && ($0["keyId"] as? String)?.count == 32 },
+                "\(bindings)")
+        #expect(try fs.run("$K key bind /q alias/p --json --fs $M").status == 64)
         try fs.unmount()
         #expect(try fs.run("$K status --fs $C").stdout.contains("file format 1"))
     }
