@@ -15,6 +15,10 @@ struct kmsfs_p11 {
     CK_SLOT_ID slot;
     CK_SESSION_HANDLE session;
     pthread_mutex_t lock;  // one session: operations are serialised
+    // The key the last operation used: a create or open then costs one
+    // C_Encrypt/C_Decrypt, not a C_FindObjects round as well.
+    CK_OBJECT_HANDLE cached_key;
+    char cached_label[256];
 };
 
 static void fail(char *error, size_t size, const char *what, CK_RV rv) {
@@ -171,10 +175,20 @@ static int gcm(kmsfs_p11 *p, int encrypt, const char *label, const unsigned char
     params.ulTagBits = 128;
     CK_MECHANISM mechanism = {CKM_AES_GCM, &params, sizeof params};
     pthread_mutex_lock(&p->lock);
-    CK_OBJECT_HANDLE key;
-    CK_RV rv = find(p, label, &key);
-    if (rv == CKR_OK && !key) rv = CKR_KEY_HANDLE_INVALID;
+    CK_OBJECT_HANDLE key = 0;
+    CK_RV rv = CKR_OK;
+    if (p->cached_key && strcmp(p->cached_label, label) == 0) {
+        key = p->cached_key;
+    } else {
+        rv = find(p, label, &key);
+        if (rv == CKR_OK && !key) rv = CKR_KEY_HANDLE_INVALID;
+        if (rv == CKR_OK && strlen(label) < sizeof p->cached_label) {
+            strcpy(p->cached_label, label);
+            p->cached_key = key;
+        }
+    }
     if (rv == CKR_OK) rv = encrypt ? p->f->C_EncryptInit(p->session, &mechanism, key) : p->f->C_DecryptInit(p->session, &mechanism, key);
+    if (rv == CKR_KEY_HANDLE_INVALID || rv == CKR_OBJECT_HANDLE_INVALID) p->cached_key = 0;
     CK_ULONG n = *out_length;
     if (rv == CKR_OK) {
         rv = encrypt ? p->f->C_Encrypt(p->session, (CK_BYTE_PTR)in, in_length, out, &n)

@@ -40,6 +40,9 @@ public struct ExternalKeyConfig: Codable, Sendable, Equatable {
         self.pinFile = pinFile
     }
 
+    /// The region of AWS KMS key `keyID`: `given`, else its ARN's, else AWS_REGION or AWS_DEFAULT_REGION.
+    public static func region(_ given: String?, keyID: String) -> String? { AWSKMSClient.region(given, keyID: keyID) }
+
     /// Where the key is, for messages.
     public var location: String {
         provider == "pkcs11" ? "PKCS#11 key '\(objectLabel ?? keyID)' in token '\(token ?? "?")'" : "AWS KMS key \(arn ?? keyID)"
@@ -195,6 +198,22 @@ final class AWSKMSClient: Sendable {
             throw .provider(provider: "aws-kms", code: type, message: "\(operation) on \(config.keyID): \(message)", remedy: Self.remedy(type, operation))
         }
         return object
+    }
+
+    /// The base64 field `name` of a KMS reply as a secret in locked memory
+    /// (its decoded copy zeroed); nil if absent or not `count` bytes (any length when nil).
+    static func secret(_ reply: [String: Any], _ name: String = "Plaintext", count: Int? = 32) -> SecretKey? {
+        guard var plain = (reply[name] as? String).flatMap({ Data(base64Encoded: $0) }), count.map({ plain.count == $0 }) ?? true else { return nil }
+        defer { plain.resetBytes(in: 0..<plain.count) }
+        return SecretKey(count: plain.count) { plain.copyBytes(to: $0) }
+    }
+
+    /// Where the region of a key comes from when not given: its ARN
+    /// (arn:aws:kms:REGION:…), then AWS_REGION, then AWS_DEFAULT_REGION.
+    static func region(_ given: String?, keyID: String, environment: [String: String] = ProcessInfo.processInfo.environment) -> String? {
+        let fromARN = keyID.hasPrefix("arn:") ? keyID.split(separator: ":", omittingEmptySubsequences: false).dropFirst(3).first.map(String.init) : nil
+        let region = given ?? fromARN ?? environment["AWS_REGION"] ?? environment["AWS_DEFAULT_REGION"]
+        return region?.isEmpty == false ? region : nil
     }
 
     static let networkRemedy = "check the network and --endpoint-url; files already open keep working from cached keys"
@@ -366,12 +385,9 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
         let id = ID128.random()
         let reply = try call("GenerateDataKey", ["KeyId": config.keyID, "KeySpec": "AES_256",
                                                   "EncryptionContext": encryptionContext(key, version, id)])
-        guard let blob = (reply["CiphertextBlob"] as? String).flatMap({ Data(base64Encoded: $0) }),
-              var plain = (reply["Plaintext"] as? String).flatMap({ Data(base64Encoded: $0) }), plain.count == 32 else {
+        guard let blob = (reply["CiphertextBlob"] as? String).flatMap({ Data(base64Encoded: $0) }), let secret = AWSKMSClient.secret(reply) else {
             throw .provider(provider: name, code: "MalformedReply", message: "GenerateDataKey answered without a 32-byte key", remedy: "check --endpoint-url")
         }
-        let secret = SecretKey(count: 32) { plain.copyBytes(to: $0) }
-        plain.resetBytes(in: 0..<plain.count)
         let aead = try AESGCM.make(secret)
         try store.saveIntermediate(id, key: key, version: version, blob: [UInt8](blob))
         state.withLock { s in
@@ -391,9 +407,7 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
         guard let blob = try store.loadIntermediate(id, key: key, version: version) else { return nil }
         let reply = try call("Decrypt", ["KeyId": config.keyID, "CiphertextBlob": Data(blob).base64EncodedString(),
                                           "EncryptionContext": encryptionContext(key, version, id)])
-        guard var plain = (reply["Plaintext"] as? String).flatMap({ Data(base64Encoded: $0) }), plain.count == 32 else { return nil }
-        let secret = SecretKey(count: 32) { plain.copyBytes(to: $0) }
-        plain.resetBytes(in: 0..<plain.count)
+        guard let secret = AWSKMSClient.secret(reply) else { return nil }
         let aead = try AESGCM.make(secret)
         state.withLock { s in
             // Bounded: the oldest go first when many versions and files were read at once.
@@ -440,9 +454,7 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
                 if case .provider(_, "InvalidCiphertextException", _, _) = error { return nil }
                 throw error
             }
-            guard var plain = (reply["Plaintext"] as? String).flatMap({ Data(base64Encoded: $0) }), plain.count == 32 else { return nil }
-            defer { plain.resetBytes(in: 0..<plain.count) }
-            return SecretKey(count: 32) { plain.copyBytes(to: $0) }
+            return AWSKMSClient.secret(reply)
         }
         guard wrapped.count > Self.magic.count + 16, wrapped.starts(with: Self.magic),
               let id = ID128(bytes: wrapped[Self.magic.count..<(Self.magic.count + 16)]) else { return nil }

@@ -33,9 +33,7 @@ public struct KMSUnlock: Codable, Sendable {
             throw .invalidArgument("--unlock takes aws-kms:KEY (an ARN, key id or alias ARN); pkcs11 is not built yet")
         }
         let key = String(spec.dropFirst("aws-kms:".count))
-        let environment = ProcessInfo.processInfo.environment
-        let arnRegion = key.hasPrefix("arn:") ? key.split(separator: ":", omittingEmptySubsequences: false).dropFirst(3).first.map(String.init) : nil
-        guard let region = region ?? arnRegion ?? environment["AWS_REGION"] ?? environment["AWS_DEFAULT_REGION"], !region.isEmpty else {
+        guard let region = AWSKMSClient.region(region, keyID: key) else {
             throw .invalidArgument("--unlock aws-kms:KEY needs --region (or AWS_REGION, or a key ARN)")
         }
         return ExternalKeyConfig(provider: "aws-kms", keyID: key, region: region, endpoint: endpoint)
@@ -85,12 +83,10 @@ public struct KMSUnlock: Codable, Sendable {
         }
         let reply = try client.call("Decrypt", ["KeyId": record.key.keyID, "CiphertextBlob": record.blob,
                                                 "EncryptionContext": context(record.unlockID)])
-        guard var plain = (reply["Plaintext"] as? String).flatMap({ Data(base64Encoded: $0) }) else {
+        guard let secret = AWSKMSClient.secret(reply, count: nil) else {
             throw .provider(provider: "aws-kms", code: "MalformedReply", message: "Decrypt answered without a plaintext", remedy: "check the unlock key")
         }
-        defer { plain.resetBytes(in: 0..<plain.count) }
-        let count = plain.count
-        return SecretKey(count: count) { plain.copyBytes(to: $0) }
+        return secret
     }
 
     /// Where `directory`'s keystore is unlocked from, if from KMS.

@@ -77,9 +77,7 @@ struct KeyCommand: ParsableCommand {
             case "aws-kms":
                 guard let externalKey else { throw ValidationError("--provider aws-kms needs --external-key ARN_OR_ID") }
                 guard spec == .aes256 else { throw ValidationError("an aws-kms key is AES_256 (SIGN_VERIFY keys in AWS KMS are not supported yet)") }
-                let environment = ProcessInfo.processInfo.environment
-                let arnRegion = externalKey.hasPrefix("arn:") ? externalKey.split(separator: ":", omittingEmptySubsequences: false).dropFirst(3).first.map(String.init) : nil
-                guard let region = region ?? arnRegion ?? environment["AWS_REGION"] ?? environment["AWS_DEFAULT_REGION"], !region.isEmpty else {
+                guard let region = ExternalKeyConfig.region(region, keyID: externalKey) else {
                     throw ValidationError("--provider aws-kms needs --region (or AWS_REGION, or a key ARN)")
                 }
                 key = try manager.createExternalKey(ExternalKeyConfig(provider: "aws-kms", keyID: externalKey, region: region,

@@ -390,8 +390,9 @@ def names():
     rec("name/255-non-utf8", lambda: (b"\x80" * 255) in listed and open(b"names/" + b"\x80" * 255, "rb").read() == b"\x80" * 255)
     rec("name/dir-non-utf8", lambda: (os.mkdir(b"names/d\xff"), os.rename(b"names/caf\xe9", b"names/d\xff/\xfe"),
                                       os.listdir(b"names/d\xff") == [b"\xfe"])[2])
-    rec("name/xattr-non-utf8", lambda: (os.setxattr(b"names/\xff\xfe", b"user.\xff", b"1"), b"user.\xff" in [n.encode("utf-8", "surrogateescape") if isinstance(n, str) else n for n in os.listxattr(b"names/\xff\xfe")],
-                                        os.getxattr(b"names/\xff\xfe", b"user.\xff"))[1:] and True)
+    rec("name/xattr-non-utf8", lambda: (os.setxattr(b"names/\xff\xfe", b"user.\xff", b"1"),
+                                        [os.fsencode(n) for n in os.listxattr(b"names/\xff\xfe")],
+                                        os.getxattr(b"names/\xff\xfe", b"user.\xff"))[1:])
 
 
 def symlinks():
