@@ -100,9 +100,8 @@ void kmsfs_p11_close(kmsfs_p11 *p) {
     free(p);
 }
 
-/// The handle of the secret key labelled `label` (0 if none), under the lock.
-static CK_RV find(kmsfs_p11 *p, const char *label, CK_OBJECT_HANDLE *out) {
-    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+/// The handle of the object of class `cls` labelled `label` (0 if none), under the lock.
+static CK_RV find_class(kmsfs_p11 *p, CK_OBJECT_CLASS cls, const char *label, CK_OBJECT_HANDLE *out) {
     CK_ATTRIBUTE template[] = {
         {CKA_CLASS, &cls, sizeof cls},
         {CKA_LABEL, (void *)label, strlen(label)},
@@ -115,6 +114,11 @@ static CK_RV find(kmsfs_p11 *p, const char *label, CK_OBJECT_HANDLE *out) {
     p->f->C_FindObjectsFinal(p->session);
     if (n == 0) *out = 0;
     return rv;
+}
+
+/// The handle of the secret key labelled `label` (0 if none), under the lock.
+static CK_RV find(kmsfs_p11 *p, const char *label, CK_OBJECT_HANDLE *out) {
+    return find_class(p, CKO_SECRET_KEY, label, out);
 }
 
 int kmsfs_p11_find_key(kmsfs_p11 *p, const char *label, char *error, size_t error_size) {
@@ -147,10 +151,10 @@ int kmsfs_p11_generate_aes(kmsfs_p11 *p, const char *label, char *error, size_t 
     return 0;
 }
 
-int kmsfs_p11_key_flags(kmsfs_p11 *p, const char *label, int *extractable, int *sensitive, char *error, size_t error_size) {
+int kmsfs_p11_key_flags(kmsfs_p11 *p, const char *label, int pair, int *extractable, int *sensitive, char *error, size_t error_size) {
     pthread_mutex_lock(&p->lock);
     CK_OBJECT_HANDLE key;
-    CK_RV rv = find(p, label, &key);
+    CK_RV rv = find_class(p, pair ? CKO_PRIVATE_KEY : CKO_SECRET_KEY, label, &key);
     CK_BBOOL e = CK_TRUE, s = CK_FALSE;
     if (rv == CKR_OK && key) {
         CK_ATTRIBUTE template[] = {{CKA_EXTRACTABLE, &e, sizeof e}, {CKA_SENSITIVE, &s, sizeof s}};
@@ -211,11 +215,108 @@ int kmsfs_p11_gcm_decrypt(kmsfs_p11 *p, const char *label, const unsigned char *
     return gcm(p, 0, label, iv, aad, aad_length, in, in_length, out, out_length, error, error_size);
 }
 
-int kmsfs_p11_check(kmsfs_p11 *p, char *error, size_t error_size) {
+int kmsfs_p11_check(kmsfs_p11 *p, const char *label, char *error, size_t error_size) {
     CK_SESSION_INFO info;
     pthread_mutex_lock(&p->lock);
     CK_RV rv = p->f->C_GetSessionInfo(p->session, &info);
+    // The session alone can outlive its token in a software token's memory:
+    // the key must still be findable there too.
+    CK_OBJECT_HANDLE key = 0;
+    if (rv == CKR_OK && label) {
+        rv = find(p, label, &key);
+        if (rv == CKR_OK && !key) rv = find_class(p, CKO_PRIVATE_KEY, label, &key);
+        if (rv == CKR_OK && !key) rv = CKR_KEY_HANDLE_INVALID;
+    }
     pthread_mutex_unlock(&p->lock);
-    if (rv != CKR_OK) { fail(error, error_size, "C_GetSessionInfo", rv); return -1; }
+    if (rv != CKR_OK) { fail(error, error_size, key ? "C_GetSessionInfo" : "finding the key", rv); return -1; }
+    return 0;
+}
+
+int kmsfs_p11_find_pair(kmsfs_p11 *p, const char *label, char *error, size_t error_size) {
+    pthread_mutex_lock(&p->lock);
+    CK_OBJECT_HANDLE key;
+    CK_RV rv = find_class(p, CKO_PRIVATE_KEY, label, &key);
+    pthread_mutex_unlock(&p->lock);
+    if (rv != CKR_OK) { fail(error, error_size, "C_FindObjects", rv); return -1; }
+    return key != 0;
+}
+
+int kmsfs_p11_generate_pair(kmsfs_p11 *p, const char *label, int rsa_bits, const unsigned char *ec_params, size_t ec_params_length,
+                            char *error, size_t error_size) {
+    CK_MECHANISM mechanism = {rsa_bits ? CKM_RSA_PKCS_KEY_PAIR_GEN : CKM_EC_KEY_PAIR_GEN, NULL, 0};
+    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    CK_ULONG bits = (CK_ULONG)rsa_bits;
+    CK_BYTE exponent[] = {1, 0, 1};
+    unsigned char id[16];
+    size_t label_length = strlen(label);
+    memset(id, 0, sizeof id);
+    memcpy(id, label, label_length < sizeof id ? label_length : sizeof id);
+    CK_ATTRIBUTE public_template[6] = {
+        {CKA_LABEL, (void *)label, label_length}, {CKA_ID, id, sizeof id}, {CKA_TOKEN, &yes, sizeof yes},
+        {CKA_VERIFY, &yes, sizeof yes},
+    };
+    CK_ULONG public_count = 4;
+    if (rsa_bits) {
+        public_template[public_count++] = (CK_ATTRIBUTE){CKA_MODULUS_BITS, &bits, sizeof bits};
+        public_template[public_count++] = (CK_ATTRIBUTE){CKA_PUBLIC_EXPONENT, exponent, sizeof exponent};
+    } else {
+        public_template[public_count++] = (CK_ATTRIBUTE){CKA_EC_PARAMS, (void *)ec_params, ec_params_length};
+    }
+    CK_ATTRIBUTE private_template[] = {
+        {CKA_LABEL, (void *)label, label_length}, {CKA_ID, id, sizeof id}, {CKA_TOKEN, &yes, sizeof yes},
+        {CKA_PRIVATE, &yes, sizeof yes}, {CKA_SENSITIVE, &yes, sizeof yes}, {CKA_EXTRACTABLE, &no, sizeof no},
+        {CKA_SIGN, &yes, sizeof yes}, {CKA_DECRYPT, &no, sizeof no}, {CKA_UNWRAP, &no, sizeof no},
+    };
+    CK_OBJECT_HANDLE public_key, private_key;
+    pthread_mutex_lock(&p->lock);
+    CK_RV rv = p->f->C_GenerateKeyPair(p->session, &mechanism, public_template, public_count,
+                                       private_template, sizeof private_template / sizeof private_template[0], &public_key, &private_key);
+    pthread_mutex_unlock(&p->lock);
+    if (rv != CKR_OK) { fail(error, error_size, rsa_bits ? "C_GenerateKeyPair(CKM_RSA_PKCS_KEY_PAIR_GEN)" : "C_GenerateKeyPair(CKM_EC_KEY_PAIR_GEN)", rv); return -1; }
+    return 0;
+}
+
+/// One attribute of an object into `out` (its length in `*length`).
+static CK_RV attribute(kmsfs_p11 *p, CK_OBJECT_HANDLE object, CK_ATTRIBUTE_TYPE type, unsigned char *out, size_t *length) {
+    CK_ATTRIBUTE a = {type, out, *length};
+    CK_RV rv = p->f->C_GetAttributeValue(p->session, object, &a, 1);
+    if (rv == CKR_OK) *length = a.ulValueLen;
+    return rv;
+}
+
+int kmsfs_p11_public_key(kmsfs_p11 *p, const char *label, int *is_rsa, unsigned char *first, size_t *first_length,
+                         unsigned char *second, size_t *second_length, char *error, size_t error_size) {
+    pthread_mutex_lock(&p->lock);
+    CK_OBJECT_HANDLE key;
+    CK_RV rv = find_class(p, CKO_PUBLIC_KEY, label, &key);
+    if (rv == CKR_OK && !key) rv = CKR_KEY_HANDLE_INVALID;
+    CK_KEY_TYPE type = 0;
+    if (rv == CKR_OK) {
+        CK_ATTRIBUTE a = {CKA_KEY_TYPE, &type, sizeof type};
+        rv = p->f->C_GetAttributeValue(p->session, key, &a, 1);
+    }
+    if (rv == CKR_OK) {
+        *is_rsa = type == CKK_RSA;
+        rv = attribute(p, key, *is_rsa ? CKA_MODULUS : CKA_EC_PARAMS, first, first_length);
+        if (rv == CKR_OK) rv = attribute(p, key, *is_rsa ? CKA_PUBLIC_EXPONENT : CKA_EC_POINT, second, second_length);
+    }
+    pthread_mutex_unlock(&p->lock);
+    if (rv != CKR_OK) { fail(error, error_size, "reading the public key", rv); return -1; }
+    return 0;
+}
+
+int kmsfs_p11_sign(kmsfs_p11 *p, const char *label, int rsa, const unsigned char *in, size_t in_length,
+                   unsigned char *out, size_t *out_length, char *error, size_t error_size) {
+    CK_MECHANISM mechanism = {rsa ? CKM_SHA256_RSA_PKCS : CKM_ECDSA, NULL, 0};
+    pthread_mutex_lock(&p->lock);
+    CK_OBJECT_HANDLE key;
+    CK_RV rv = find_class(p, CKO_PRIVATE_KEY, label, &key);
+    if (rv == CKR_OK && !key) rv = CKR_KEY_HANDLE_INVALID;
+    if (rv == CKR_OK) rv = p->f->C_SignInit(p->session, &mechanism, key);
+    CK_ULONG n = *out_length;
+    if (rv == CKR_OK) rv = p->f->C_Sign(p->session, (CK_BYTE_PTR)in, in_length, out, &n);
+    pthread_mutex_unlock(&p->lock);
+    if (rv != CKR_OK) { fail(error, error_size, rsa ? "C_Sign(CKM_SHA256_RSA_PKCS)" : "C_Sign(CKM_ECDSA)", rv); return -1; }
+    *out_length = n;
     return 0;
 }

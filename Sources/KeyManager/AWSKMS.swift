@@ -357,11 +357,24 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
     // MARK: KeyProvider
 
     func createVersion(spec: KeySpec, key: KeyID, version: KeyVersion) throws(KeyManagerError) -> ProviderMaterial {
-        guard spec == .aes256 else {
-            throw .invalidArgument("an aws-kms key is a symmetric AES_256 key; SIGN_VERIFY keys in AWS KMS are not supported yet")
-        }
         // The version's material is only a reference: the key stays in KMS.
-        return ProviderMaterial(stored: Array((config.arn ?? config.keyID).utf8), publicKey: nil)
+        // A SIGN_VERIFY key's public key is kept too (GetPublicKey), for
+        // `get-public-key` and for verifiers who hold no AWS credentials.
+        let reference = Array((config.arn ?? config.keyID).utf8)
+        guard spec != .aes256 else { return ProviderMaterial(stored: reference, publicKey: nil) }
+        let reply = try call("GetPublicKey", ["KeyId": config.keyID])
+        guard (reply["KeySpec"] as? String ?? reply["CustomerMasterKeySpec"] as? String) == spec.rawValue,
+              (reply["KeyUsage"] as? String) == "SIGN_VERIFY",
+              let der = (reply["PublicKey"] as? String).flatMap({ Data(base64Encoded: $0) }), AsymmetricKeys.isPublicKey([UInt8](der)) else {
+            throw .invalidArgument("AWS KMS key \(config.keyID) is not a \(spec.rawValue) SIGN_VERIFY key with a readable public key")
+        }
+        return ProviderMaterial(stored: reference, publicKey: [UInt8](der))
+    }
+
+    /// AWS KMS signs messages of up to 4,096 bytes whole; longer ones are hashed here and sent as a digest.
+    private func message(_ message: [UInt8], spec: KeySpec) throws(KeyManagerError) -> [String: Any] {
+        message.count <= 4096 ? ["Message": Data(message).base64EncodedString(), "MessageType": "RAW"]
+                              : ["Message": Data(try AsymmetricKeys.hash(message, for: spec)).base64EncodedString(), "MessageType": "DIGEST"]
     }
 
     /// Held while a new intermediate key is made, so creates that all find none make one, not one each.
@@ -462,8 +475,59 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
         return try KeyWrap.open(Array(wrapped[(Self.magic.count + 16)...]), under: aead, context: context + id.bytes)
     }
 
+    /// Signs in KMS (`Sign`); the signature is DER for ECDSA, as OpenSSL writes it.
     func sign(_ message: [UInt8], spec: KeySpec, key: KeyID, version: KeyVersion, stored: [UInt8]) throws(KeyManagerError) -> [UInt8] {
-        throw .invalidArgument("signing with an aws-kms key is not supported yet")
+        var body = try self.message(message, spec: spec)
+        body["KeyId"] = config.keyID
+        body["SigningAlgorithm"] = spec.signingAlgorithm
+        let reply = try call("Sign", body)
+        guard let signature = (reply["Signature"] as? String).flatMap({ Data(base64Encoded: $0) }) else {
+            throw .provider(provider: name, code: "MalformedReply", message: "Sign answered without a signature", remedy: "check --endpoint-url")
+        }
+        return [UInt8](signature)
+    }
+
+    /// Verifies in KMS (`Verify`), so CloudTrail records it and KMS's key state decides.
+    func verify(_ message: [UInt8], signature: [UInt8], spec: KeySpec, key: KeyID, version: KeyVersion) throws(KeyManagerError) -> Bool? {
+        var body = try self.message(message, spec: spec)
+        body["KeyId"] = config.keyID
+        body["SigningAlgorithm"] = spec.signingAlgorithm
+        body["Signature"] = Data(signature).base64EncodedString()
+        do throws(KeyManagerError) {
+            return try call("Verify", body)["SignatureValid"] as? Bool == true
+        } catch {
+            if case .provider(_, "KMSInvalidSignatureException", _, _) = error { return false }
+            throw error
+        }
+    }
+
+    /// Strict to strict on the same KMS endpoint and credentials: `ReEncrypt`
+    /// moves the data key between the two encryption contexts (and keys)
+    /// inside KMS, its plaintext never leaving it.
+    func reencrypt(_ wrapped: [UInt8], key: KeyID, version: KeyVersion, context: [UInt8],
+                   to target: any KeyProvider, key targetKey: KeyID, version targetVersion: KeyVersion, context targetContext: [UInt8]) throws(KeyManagerError) -> [UInt8]? {
+        guard config.strict == true, wrapped.starts(with: Self.strictMagic), let other = target as? AWSKMSProvider, other.config.strict == true,
+              other.config.endpointURL == config.endpointURL, other.config.region == config.region, other.config.profile == config.profile else { return nil }
+        let reply = try call("ReEncrypt", ["CiphertextBlob": Data(wrapped[Self.strictMagic.count...]).base64EncodedString(),
+                                           "SourceKeyId": config.keyID, "SourceEncryptionContext": strictContext(key, version, context),
+                                           "DestinationKeyId": other.config.keyID,
+                                           "DestinationEncryptionContext": other.strictContext(targetKey, targetVersion, targetContext)])
+        guard let blob = (reply["CiphertextBlob"] as? String).flatMap({ Data(base64Encoded: $0) }), blob.count + Self.strictMagic.count <= 256 else {
+            throw .provider(provider: name, code: "MalformedReply", message: "ReEncrypt answered without a ciphertext that fits a header (256 bytes)",
+                            remedy: "check --endpoint-url")
+        }
+        return Self.strictMagic + [UInt8](blob)
+    }
+
+    /// Whether KMS rotates the key's own material (`GetKeyRotationStatus`) and
+    /// how often; nil for keys KMS cannot rotate (asymmetric ones).
+    func rotationStatus() throws(KeyManagerError) -> (enabled: Bool, periodDays: Int?)? {
+        let reply: [String: Any]
+        do throws(KeyManagerError) { reply = try call("GetKeyRotationStatus", ["KeyId": config.keyID]) } catch {
+            if case .provider(_, "UnsupportedOperationException", _, _) = error { return nil }
+            throw error
+        }
+        return (reply["KeyRotationEnabled"] as? Bool == true, reply["RotationPeriodInDays"] as? Int)
     }
 
     func forget(key: KeyID) {

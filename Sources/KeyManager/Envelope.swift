@@ -77,18 +77,29 @@ extension KeyManager {
         try authorize(principal, .encrypt, destination)
         try check(.rewrapFrom, source)
         try check(.rewrapTo, destination)
-        guard let dek = try provider(for: key).unwrapDataKey(wrapped, key: key, version: version, context: dataKeyContext(object: object, key: key, version: version),
-                                                   stored: { () throws(KeyManagerError) in try storedMaterial(key, version) }) else {
-            throw .unwrapFailed(key: source.displayName, version: version)
-        }
         let newVersion = destination.metadata.currentVersion
-        let rewrapped = try provider(for: target).wrapDataKey(dek, key: target, version: newVersion,
-                                                 context: dataKeyContext(object: object, key: target, version: newVersion)) {
-            () throws(KeyManagerError) in try storedMaterial(target, newVersion)
+        let sourceProvider = try provider(for: key), targetProvider = try provider(for: target)
+        let sourceContext = dataKeyContext(object: object, key: key, version: version)
+        let targetContext = dataKeyContext(object: object, key: target, version: newVersion)
+        var request: [String: String] = [:]
+        let rewrapped: [UInt8]
+        if let moved = try sourceProvider.reencrypt(wrapped, key: key, version: version, context: sourceContext,
+                                                    to: targetProvider, key: target, version: newVersion, context: targetContext) {
+            // Moved inside the provider (AWS KMS ReEncrypt): the data key never left it.
+            rewrapped = moved
+            request["via"] = "\(sourceProvider.name):ReEncrypt"
+        } else {
+            guard let dek = try sourceProvider.unwrapDataKey(wrapped, key: key, version: version, context: sourceContext,
+                                                             stored: { () throws(KeyManagerError) in try storedMaterial(key, version) }) else {
+                throw .unwrapFailed(key: source.displayName, version: version)
+            }
+            rewrapped = try targetProvider.wrapDataKey(dek, key: target, version: newVersion, context: targetContext) {
+                () throws(KeyManagerError) in try storedMaterial(target, newVersion)
+            }
         }
         try recordUsage(object, kind: kind, key: target, version: newVersion)
         audit(AuditEvent("ReEncrypt", key: target, version: newVersion, principal: principal, object: object,
-                         error: "from \(key.rawValue.hex) v\(version)"))
+                         error: "from \(key.rawValue.hex) v\(version)", request: request.isEmpty ? nil : request))
         return (target, newVersion, rewrapped)
     }
 

@@ -102,42 +102,60 @@ extension KeyManager {
     }
 
     /// Creates a kmsfs key whose material is the AWS KMS key `config.keyID`
-    /// (it must be an Enabled symmetric ENCRYPT_DECRYPT key there).
+    /// (an Enabled symmetric ENCRYPT_DECRYPT key there, or a SIGN_VERIFY key
+    /// of a spec kmsfs signs with; the spec is KMS's) or a key in a PKCS#11
+    /// token (`spec`: an AES-256 key or a key pair). For pkcs11,
+    /// `createInToken` generates the token key (else `objectLabel` must name an existing one).
     @discardableResult
-    /// For pkcs11, `createInToken` generates the token key (else `objectLabel` must name an existing one).
-    public func createExternalKey(_ config: ExternalKeyConfig, createInToken: Bool = false, description: String = "", aliases: [String] = [],
-                                  tags: [String: String] = [:], by principal: Principal) throws(KeyManagerError) -> KeyMetadata {
-        var request = ["keySpec": KeySpec.aes256.rawValue, "origin": "EXTERNAL_KMS", "externalKey": config.keyID, "region": config.region]
+    public func createExternalKey(_ config: ExternalKeyConfig, spec requested: KeySpec? = nil, createInToken: Bool = false, description: String = "",
+                                  aliases: [String] = [], tags: [String: String] = [:], by principal: Principal) throws(KeyManagerError) -> KeyMetadata {
+        var request = ["keySpec": (requested ?? .aes256).rawValue, "origin": "EXTERNAL_KMS", "externalKey": config.keyID, "region": config.region]
         if !aliases.isEmpty { request["aliasNames"] = aliases.joined(separator: ",") }
         return try adminOperation("CreateKey", principal, request: request) { () throws(KeyManagerError) in
             for alias in aliases { try Self.refuseReserved(alias) }
             if config.provider == "pkcs11" {
+                let spec = requested ?? .aes256
                 let provider = PKCS11Provider(config: config, clock: clock)
-                try provider.prepare(create: createInToken)
-                let flags = try provider.keyFlags()
+                try provider.prepare(create: createInToken, spec: spec)
+                let flags = try provider.keyFlags(spec: spec)
                 guard !flags.extractable, flags.sensitive else {
                     throw .invalidArgument("the token key '\(config.objectLabel ?? config.keyID)' is extractable or not sensitive; kmsfs uses only non-extractable, sensitive keys")
                 }
-                return try makeKey(spec: .aes256, description: description, aliases: aliases, tags: tags, rotationDays: nil, by: principal,
+                return try makeKey(spec: spec, description: description, aliases: aliases, tags: tags, rotationDays: nil, by: principal,
                                    external: config, provider: provider)
             }
             guard config.provider == "aws-kms" else { throw .invalidArgument("unknown provider \(config.provider); kmsfs knows local, aws-kms and pkcs11") }
+            guard config.strict != true || requested ?? .aes256 == .aes256 else { throw .invalidArgument("--strict is for AES_256 (ENCRYPT_DECRYPT) keys") }
             let client = AWSKMSClient(config: config)
             let reply = try client.call("DescribeKey", ["KeyId": config.keyID])
             let metadata = reply["KeyMetadata"] as? [String: Any] ?? [:]
-            guard (metadata["KeyUsage"] as? String ?? "ENCRYPT_DECRYPT") == "ENCRYPT_DECRYPT",
-                  (metadata["KeySpec"] as? String ?? metadata["CustomerMasterKeySpec"] as? String ?? "SYMMETRIC_DEFAULT") == "SYMMETRIC_DEFAULT" else {
-                throw .invalidArgument("AWS KMS key \(config.keyID) is not a symmetric ENCRYPT_DECRYPT key")
+            let usage = metadata["KeyUsage"] as? String ?? "ENCRYPT_DECRYPT"
+            let awsSpec = metadata["KeySpec"] as? String ?? metadata["CustomerMasterKeySpec"] as? String ?? "SYMMETRIC_DEFAULT"
+            let spec: KeySpec
+            switch (usage, awsSpec) {
+            case ("ENCRYPT_DECRYPT", "SYMMETRIC_DEFAULT"): spec = .aes256
+            case ("SIGN_VERIFY", let name) where KeySpec(rawValue: name).map({ $0 != .aes256 }) == true: spec = KeySpec(rawValue: name)!
+            default:
+                throw .invalidArgument("AWS KMS key \(config.keyID) is a \(awsSpec) \(usage) key; kmsfs uses symmetric ENCRYPT_DECRYPT keys and RSA or ECC_NIST SIGN_VERIFY keys")
+            }
+            if let requested, requested != spec {
+                throw .invalidArgument("AWS KMS key \(config.keyID) is \(spec.rawValue) (\(usage)), not \(requested.rawValue); leave out --spec to take KMS's")
             }
             let state = metadata["KeyState"] as? String ?? "Enabled"
             guard state == "Enabled" else { throw .invalidArgument("AWS KMS key \(config.keyID) is \(state); enable it there first") }
             var resolved = config
             resolved.arn = metadata["Arn"] as? String
             let provider = AWSKMSProvider(config: resolved, filesystemID: filesystemID, store: IntermediateKeys(self), clock: clock)
-            let created = try makeKey(spec: .aes256, description: description, aliases: aliases, tags: tags, rotationDays: nil, by: principal,
-                                      external: resolved, provider: provider)
-            return created
+            return try makeKey(spec: spec, description: description, aliases: aliases, tags: tags, rotationDays: nil, by: principal,
+                               external: resolved, provider: provider)
         }
+    }
+
+    /// Whether AWS KMS rotates `reference`'s key material itself
+    /// (GetKeyRotationStatus); nil for local and pkcs11 keys and for keys KMS cannot rotate.
+    public func externalRotation(_ reference: String) throws(KeyManagerError) -> (enabled: Bool, periodDays: Int?)? {
+        guard let aws = try externalProvider(try resolve(reference)) as? AWSKMSProvider else { return nil }
+        return try aws.rotationStatus()
     }
 }
 

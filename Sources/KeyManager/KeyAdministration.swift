@@ -617,6 +617,9 @@ extension KeyManager {
             try Data.fetchOne(db, sql: "SELECT public_key FROM key_versions WHERE key_id = ? AND version = ?", arguments: [id.rawValue.hex, version.rawValue])
         }
         guard let publicKey else { throw .versionNotFound(key: rec.displayName, version: version) }
+        if let answered = try provider(for: id).verify(message, signature: signature, spec: rec.metadata.spec, key: id, version: version) {
+            return answered
+        }
         return AsymmetricKeys.verify(message, signature: signature, publicKey: [UInt8](publicKey), spec: rec.metadata.spec)
     }
 }

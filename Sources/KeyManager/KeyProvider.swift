@@ -34,6 +34,21 @@ public protocol KeyProvider: AnyObject, Sendable {
     func sign(_ message: [UInt8], spec: KeySpec, key: KeyID, version: KeyVersion, stored: [UInt8]) throws(KeyManagerError) -> [UInt8]
     /// Drops anything cached for a key (after retiring or destroying versions).
     func forget(key: KeyID)
+    /// Verifies a signature at the provider, so its log records the call and
+    /// its key state decides; nil: kmsfs verifies with the stored public key.
+    func verify(_ message: [UInt8], signature: [UInt8], spec: KeySpec, key: KeyID, version: KeyVersion) throws(KeyManagerError) -> Bool?
+    /// Moves a wrapped data key from `key` `version` to `targetKey`
+    /// `targetVersion` of `target` without its plaintext leaving the provider
+    /// (AWS KMS ReEncrypt); nil when this provider cannot for that target.
+    func reencrypt(_ wrapped: [UInt8], key: KeyID, version: KeyVersion, context: [UInt8],
+                   to target: any KeyProvider, key targetKey: KeyID, version targetVersion: KeyVersion, context targetContext: [UInt8]) throws(KeyManagerError) -> [UInt8]?
+}
+
+extension KeyProvider {
+    public func verify(_ message: [UInt8], signature: [UInt8], spec: KeySpec, key: KeyID, version: KeyVersion) throws(KeyManagerError) -> Bool? { nil }
+    public func reencrypt(_ wrapped: [UInt8], key: KeyID, version: KeyVersion, context: [UInt8],
+                          to target: any KeyProvider, key targetKey: KeyID, version targetVersion: KeyVersion,
+                          context targetContext: [UInt8]) throws(KeyManagerError) -> [UInt8]? { nil }
 }
 
 /// The local provider: material in the keystore, wrapped with AES-256-GCM

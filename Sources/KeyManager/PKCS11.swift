@@ -42,6 +42,11 @@ final class PKCS11Provider: ExternalProvider, @unchecked Sendable {
     }
 
 
+    /// A C message buffer as text.
+    static func text(_ buffer: [CChar]) -> String {
+        String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
     private var label: String { config.objectLabel ?? config.keyID }
 
     func error(_ code: String, _ message: String, remedy: String = "") -> KeyManagerError {
@@ -67,7 +72,7 @@ final class PKCS11Provider: ExternalProvider, @unchecked Sendable {
         let opened = pin.withUnsafeBufferPointer { p in
             p.withMemoryRebound(to: CChar.self) { kmsfs_p11_open(module, token, $0.baseAddress, $0.count, &message, message.count) }
         }
-        guard let opened else { throw error("TokenUnavailable", String(cString: message)) }
+        guard let opened else { throw error("TokenUnavailable", Self.text(message)) }
         let fresh = Handle(opened)
         return state.withLock { s in
             if let existing = s.handle { return existing }
@@ -78,32 +83,75 @@ final class PKCS11Provider: ExternalProvider, @unchecked Sendable {
 
     private func count(_ operation: String) { state.withLock { $0.calls[operation, default: 0] += 1 } }
 
-    /// Makes the token key (or checks an existing one given with --object-label).
-    func prepare(create: Bool) throws(KeyManagerError) {
+    /// Makes the token key — an AES-256 secret key, or for a SIGN_VERIFY spec
+    /// a key pair — or checks an existing one given with --object-label.
+    /// With `orCreate`, an existing key is used and a missing one generated.
+    func prepare(create: Bool, orCreate: Bool = false, spec: KeySpec = .aes256) throws(KeyManagerError) {
         let h = try session()
         defer { withExtendedLifetime(h) {} }
         var message = [CChar](repeating: 0, count: 512)
-        let found = kmsfs_p11_find_key(h.pointer, label, &message, message.count)
-        guard found >= 0 else { throw error("TokenError", String(cString: message)) }
+        let pair = spec != .aes256
+        let found = pair ? kmsfs_p11_find_pair(h.pointer, label, &message, message.count) : kmsfs_p11_find_key(h.pointer, label, &message, message.count)
+        guard found >= 0 else { throw error("TokenError", Self.text(message)) }
         if found == 1 {
-            guard !create else { throw error("KeyExists", "the token already holds a key labelled '\(label)'", remedy: "pick another label") }
+            guard !create || orCreate else { throw error("KeyExists", "the token already holds a key labelled '\(label)'", remedy: "pick another label") }
             return
         }
-        guard create else { throw error("NotFoundException", "the token has no key labelled '\(label)'", remedy: "check --object-label") }
+        guard create || orCreate else {
+            throw error("NotFoundException", "the token has no \(pair ? "private key" : "secret key") labelled '\(label)'", remedy: "check --object-label and --spec")
+        }
+        if pair {
+            count("C_GenerateKeyPair")
+            let bits: Int32 = switch spec { case .rsa2048: 2048; case .rsa3072: 3072; case .rsa4096: 4096; default: 0 }
+            let curve = DER.curve(spec) ?? []
+            guard kmsfs_p11_generate_pair(h.pointer, label, bits, curve, curve.count, &message, message.count) == 0 else {
+                throw error("TokenError", Self.text(message))
+            }
+            return
+        }
         count("C_GenerateKey")
-        guard kmsfs_p11_generate_aes(h.pointer, label, &message, message.count) == 0 else { throw error("TokenError", String(cString: message)) }
+        guard kmsfs_p11_generate_aes(h.pointer, label, &message, message.count) == 0 else { throw error("TokenError", Self.text(message)) }
     }
 
-    /// CKA_EXTRACTABLE and CKA_SENSITIVE of the key, as the token reports them.
-    func keyFlags() throws(KeyManagerError) -> (extractable: Bool, sensitive: Bool) {
+    /// CKA_EXTRACTABLE and CKA_SENSITIVE of the key (of the private key for a SIGN_VERIFY spec), as the token reports them.
+    func keyFlags(spec: KeySpec = .aes256) throws(KeyManagerError) -> (extractable: Bool, sensitive: Bool) {
         var extractable: Int32 = 1, sensitive: Int32 = 0
         var message = [CChar](repeating: 0, count: 512)
         let h = try session()
         defer { withExtendedLifetime(h) {} }
-        guard kmsfs_p11_key_flags(h.pointer, label, &extractable, &sensitive, &message, message.count) == 0 else {
-            throw error("TokenError", String(cString: message))
-        }
+        guard kmsfs_p11_key_flags(h.pointer, label, spec == .aes256 ? 0 : 1, &extractable, &sensitive, &message, message.count) == 0 else { throw error("TokenError", Self.text(message)) }
         return (extractable != 0, sensitive != 0)
+    }
+
+    /// The token key pair's public key as DER (SubjectPublicKeyInfo), checked against `spec`.
+    func publicKey(spec: KeySpec) throws(KeyManagerError) -> [UInt8] {
+        let h = try session()
+        defer { withExtendedLifetime(h) {} }
+        var isRSA: Int32 = 0
+        var first = [UInt8](repeating: 0, count: 1024), second = [UInt8](repeating: 0, count: 1024)
+        var firstLength = first.count, secondLength = second.count
+        var message = [CChar](repeating: 0, count: 512)
+        count("C_GetAttributeValue")
+        guard kmsfs_p11_public_key(h.pointer, label, &isRSA, &first, &firstLength, &second, &secondLength, &message, message.count) == 0 else {
+            throw error("TokenError", Self.text(message))
+        }
+        first = Array(first.prefix(firstLength))
+        second = Array(second.prefix(secondLength))
+        let der: [UInt8]
+        if isRSA != 0 {
+            let bits = first.drop { $0 == 0 }.count * 8
+            let expected = switch spec { case .rsa2048: 2048; case .rsa3072: 3072; case .rsa4096: 4096; default: 0 }
+            guard bits == expected else { throw error("KeySpecMismatch", "the token key '\(label)' is RSA with a \(bits)-bit modulus, not \(spec.rawValue)", remedy: "give the matching --spec") }
+            der = DER.rsaPublicKey(modulus: first, exponent: second)
+        } else {
+            guard let curve = DER.curve(spec), first == curve else {
+                throw error("KeySpecMismatch", "the token key '\(label)' is not on the curve of \(spec.rawValue)", remedy: "give the matching --spec")
+            }
+            der = DER.ecPublicKey(curve: curve, point: second)
+        }
+        // The public key must parse as what we built, or a signature could never verify.
+        guard AsymmetricKeys.isPublicKey(der) else { throw error("TokenError", "the token's public key for '\(label)' does not decode") }
+        return der
     }
 
     // MARK: ExternalProvider
@@ -114,7 +162,8 @@ final class PKCS11Provider: ExternalProvider, @unchecked Sendable {
         var now = "Enabled"
         count("C_GetSessionInfo")
         if let h = state.withLock({ $0.handle }) {
-            if kmsfs_p11_check(h.pointer, &message, message.count) != 0 {
+            count("C_FindObjects")
+            if kmsfs_p11_check(h.pointer, label, &message, message.count) != 0 {
                 state.withLock { $0.handle = nil }
                 now = "Unavailable"
             }
@@ -137,50 +186,74 @@ final class PKCS11Provider: ExternalProvider, @unchecked Sendable {
     // MARK: KeyProvider
 
     func createVersion(spec: KeySpec, key: KeyID, version: KeyVersion) throws(KeyManagerError) -> ProviderMaterial {
-        guard spec == .aes256 else { throw .invalidArgument("a pkcs11 key is AES_256; token signing keys are not supported yet") }
-        return ProviderMaterial(stored: Array(label.utf8), publicKey: nil)
+        // The material stays in the token: a version keeps only the label (and a key pair's public key).
+        ProviderMaterial(stored: Array(label.utf8), publicKey: spec == .aes256 ? nil : try publicKey(spec: spec))
+    }
+
+    /// AES-GCM inside the token under the key: nonce (12) ‖ ciphertext ‖ tag (16).
+    func seal(_ plaintext: UnsafeRawBufferPointer, aad: [UInt8]) throws(KeyManagerError) -> [UInt8] {
+        let h = try session()
+        defer { withExtendedLifetime(h) {} }
+        let nonce = SecureRandom.bytes(12)
+        var out = [UInt8](repeating: 0, count: plaintext.count + 32)
+        var outLength = out.count
+        var message = [CChar](repeating: 0, count: 512)
+        count("C_Encrypt")
+        let rc = kmsfs_p11_gcm_encrypt(h.pointer, label, nonce, aad, aad.count, plaintext.baseAddress?.assumingMemoryBound(to: UInt8.self), plaintext.count,
+                                       &out, &outLength, &message, message.count)
+        guard rc == 0, outLength == plaintext.count + 16 else { throw error("TokenError", Self.text(message)) }
+        return nonce + Array(out[0..<outLength])
+    }
+
+    /// The reverse of `seal`, into locked memory; nil when it does not authenticate.
+    func open(_ sealed: [UInt8], aad: [UInt8]) throws(KeyManagerError) -> SecretKey? {
+        guard sealed.count >= 12 + 16 else { return nil }
+        let h = try session()
+        defer { withExtendedLifetime(h) {} }
+        let nonce = Array(sealed[0..<12]), body = Array(sealed[12...])
+        let plainCount = body.count - 16
+        var message = [CChar](repeating: 0, count: 512)
+        count("C_Decrypt")
+        var result: Int32 = 0
+        let secret = SecretKey(count: plainCount) { out in
+            var length = body.count
+            var scratch = [UInt8](repeating: 0, count: length)
+            result = kmsfs_p11_gcm_decrypt(h.pointer, label, nonce, aad, aad.count, body, body.count, &scratch, &length, &message, message.count)
+            if result == 0, length == plainCount { scratch.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0.prefix(plainCount))) } } else if result == 0 { result = -2 }
+            for i in scratch.indices { scratch[i] = 0 }
+        }
+        if result == -2 { return nil }
+        guard result == 0 else { throw error("TokenError", Self.text(message)) }
+        return secret
     }
 
     func wrapDataKey(_ dataKey: borrowing SecretKey, key: KeyID, version: KeyVersion, context: [UInt8],
                      stored: () throws(KeyManagerError) -> [UInt8]) throws(KeyManagerError) -> [UInt8] {
-        let h = try session()
-        defer { withExtendedLifetime(h) {} }
-        let nonce = SecureRandom.bytes(12)
-        var out = [UInt8](repeating: 0, count: 32 + 16 + 16)
-        var outLength = out.count
-        var message = [CChar](repeating: 0, count: 512)
-        count("C_Encrypt")
-        let rc = dataKey.withUnsafeBytes { raw in
-            kmsfs_p11_gcm_encrypt(h.pointer, label, nonce, context, context.count, raw.baseAddress?.assumingMemoryBound(to: UInt8.self), raw.count,
-                                  &out, &outLength, &message, message.count)
-        }
-        guard rc == 0, outLength == 48 else { throw error("TokenError", String(cString: message)) }
-        return Self.magic + nonce + Array(out[0..<outLength])
+        Self.magic + (try dataKey.withUnsafeBytes { (raw) throws(KeyManagerError) in try seal(raw, aad: context) })
     }
 
     func unwrapDataKey(_ wrapped: [UInt8], key: KeyID, version: KeyVersion, context: [UInt8],
                        stored: () throws(KeyManagerError) -> [UInt8]) throws(KeyManagerError) -> SecretKey? {
         guard wrapped.count == Self.magic.count + 12 + 48, wrapped.starts(with: Self.magic) else { return nil }
-        let h = try session()
-        defer { withExtendedLifetime(h) {} }
-        let nonce = Array(wrapped[3..<15]), sealed = Array(wrapped[15...])
-        var message = [CChar](repeating: 0, count: 512)
-        count("C_Decrypt")
-        var result: Int32 = 0
-        let secret = SecretKey(count: 32) { out in
-            var length = 32 + 16
-            var scratch = [UInt8](repeating: 0, count: length)
-            result = kmsfs_p11_gcm_decrypt(h.pointer, label, nonce, context, context.count, sealed, sealed.count, &scratch, &length, &message, message.count)
-            if result == 0, length == 32 { out.copyMemory(from: UnsafeRawBufferPointer(start: scratch, count: 32)) } else if result == 0 { result = -2 }
-            for i in scratch.indices { scratch[i] = 0 }
-        }
-        if result == -2 { return nil }
-        guard result == 0 else { throw error("TokenError", String(cString: message)) }
-        return secret
+        return try open(Array(wrapped[Self.magic.count...]), aad: context)
     }
 
+    /// Signs inside the token: RSA with CKM_SHA256_RSA_PKCS (RSASSA_PKCS1_V1_5_SHA_256),
+    /// ECDSA with CKM_ECDSA over the spec's digest, its r ‖ s returned as DER.
     func sign(_ message: [UInt8], spec: KeySpec, key: KeyID, version: KeyVersion, stored: [UInt8]) throws(KeyManagerError) -> [UInt8] {
-        throw .invalidArgument("signing with a pkcs11 key is not supported yet")
+        let rsa = [.rsa2048, .rsa3072, .rsa4096].contains(spec)
+        let input = rsa ? message : try AsymmetricKeys.hash(message, for: spec)
+        let h = try session()
+        defer { withExtendedLifetime(h) {} }
+        var out = [UInt8](repeating: 0, count: 1024)
+        var length = out.count
+        var text = [CChar](repeating: 0, count: 512)
+        count("C_Sign")
+        guard kmsfs_p11_sign(h.pointer, label, rsa ? 1 : 0, input, input.count, &out, &length, &text, text.count) == 0 else {
+            throw error("TokenError", Self.text(text))
+        }
+        let raw = Array(out.prefix(length))
+        return rsa ? raw : DER.ecdsaSignature(raw)
     }
 
     func forget(key: KeyID) {}

@@ -21,7 +21,7 @@ struct Init: ParsableCommand {
 
     @Flag(help: "Let every uid encrypt and decrypt with the default key, for a mount shared with -o allow_other: POSIX permissions then decide who reads and writes what, as on ext4. Administer stays with the creator and root.")
     var shared = false
-    @Option(help: "Unlock through AWS KMS instead of a passphrase: aws-kms:KEY (ARN, key id or alias ARN); servers then mount with their KMS credentials and no passphrase file.")
+    @Option(help: "Unlock through AWS KMS or a PKCS#11 token instead of a passphrase: aws-kms:KEY (ARN, key id or alias ARN), or pkcs11:token=T;object=L?module-path=M&pin-source=file:PIN (RFC 7512; the token key is made if missing); servers then mount with their KMS credentials or token and no passphrase file.")
     var unlock: String?
     @Option(help: "With --unlock: the AWS region (default: AWS_REGION, AWS_DEFAULT_REGION, or the ARN's).") var region: String?
     @Option(help: "With --unlock: the KMS endpoint, as the AWS CLI's --endpoint-url.") var endpointUrl: String?
@@ -53,8 +53,13 @@ struct Init: ParsableCommand {
             guard passphrase.passphraseFile == nil, passphrase.extpass == nil else {
                 throw ValidationError("--unlock replaces the passphrase: give no --passphrase-file or --extpass")
             }
+            let config = try KMSUnlock.parse(unlock, region: region, endpoint: endpointUrl)
             try FileManager.default.createDirectory(atPath: keystore, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
-            secret = try KMSUnlock.enroll(in: keystore, with: KMSUnlock.parse(unlock, region: region, endpoint: endpointUrl))
+            do { secret = try KMSUnlock.enroll(in: keystore, with: config) } catch {
+                // Nothing is left behind: a second `init` of the same directory must find it empty.
+                try? FileManager.default.removeItem(atPath: keystore)
+                throw error
+            }
         } else {
             secret = try passphrase.read(prompt: "New passphrase: ", confirm: true)
         }
@@ -86,7 +91,7 @@ struct Passwd: ParsableCommand {
     @Option(help: "Read the new passphrase from this file.")
     var newPassphraseFile: String?
 
-    @Option(help: "Unlock through AWS KMS from now on instead of a passphrase: aws-kms:KEY (ARN, key id or alias ARN).")
+    @Option(help: "Unlock through AWS KMS or a PKCS#11 token from now on instead of a passphrase: aws-kms:KEY, or pkcs11:token=T;object=L?module-path=M&pin-source=file:PIN.")
     var unlock: String?
     @Option(help: "With --unlock: the AWS region (default: AWS_REGION, AWS_DEFAULT_REGION, or the ARN's).") var region: String?
     @Option(help: "With --unlock: the KMS endpoint, as the AWS CLI's --endpoint-url.") var endpointUrl: String?
@@ -98,7 +103,7 @@ struct Passwd: ParsableCommand {
             guard newPassphraseFile == nil else { throw ValidationError("--unlock replaces the new passphrase: give no --new-passphrase-file") }
             let fresh = try KMSUnlock.enroll(in: keystore, with: KMSUnlock.parse(unlock, region: region, endpoint: endpointUrl))
             try manager.changePassphrase(to: fresh, by: caller)
-            Output.line("the keystore now unlocks through AWS KMS (\(unlock)); no passphrase opens it")
+            Output.line("the keystore now unlocks through \(unlock.hasPrefix("pkcs11:") ? "the PKCS#11 token" : "AWS KMS") (\(unlock)); no passphrase opens it")
             return
         }
         let fresh = try PassphraseReader.read(file: newPassphraseFile, command: nil, prompt: "New passphrase: ", confirm: true)
@@ -106,6 +111,6 @@ struct Passwd: ParsableCommand {
         let wasKMS = KMSUnlock.record(in: keystore) != nil
         KMSUnlock.remove(in: keystore)
         Output.line("passphrase changed; every master key was rewrapped, no file was rewritten"
-                    + (wasKMS ? "; the AWS KMS unlock is removed" : ""))
+                    + (wasKMS ? "; the KMS/token unlock is removed" : ""))
     }
 }

@@ -48,11 +48,11 @@ struct KeyCommand: ParsableCommand {
         @Option(name: .customLong("alias"), help: "An alias such as alias/prod (repeatable).") var aliases: [String] = []
         @Option(help: "What the key is for.") var description = ""
         @Option(name: .customLong("tag"), help: "A tag NAME=VALUE, e.g. env=prod (repeatable).") var tags: [Tag] = []
-        @Option(help: "AES_256, RSA_2048, RSA_3072, RSA_4096, ECC_NIST_P256, ECC_NIST_P384 or ECC_NIST_P521.") var spec: KeySpec = .aes256
+        @Option(help: "AES_256 (default), RSA_2048, RSA_3072, RSA_4096, ECC_NIST_P256, ECC_NIST_P384 or ECC_NIST_P521. With aws-kms, the KMS key's own spec unless given.") var spec: KeySpec?
         @Option(help: "Automatic rotation period in days, 90-2560.") var rotationDays: Int = 365
         @Flag(help: "Create without automatic rotation.") var noRotation = false
-        @Option(help: "Where the material lives: local (the keystore) or aws-kms.") var provider = "local"
-        @Option(help: "With --provider aws-kms: the AWS KMS key (ARN, key id or alias ARN); an Enabled symmetric key.") var externalKey: String?
+        @Option(help: "Where the material lives: local (the keystore), aws-kms or pkcs11.") var provider = "local"
+        @Option(help: "With --provider aws-kms: the AWS KMS key (ARN, key id or alias ARN); an Enabled symmetric key, or an RSA/ECC_NIST SIGN_VERIFY key.") var externalKey: String?
         @Option(help: "With --provider aws-kms: the AWS region (default: AWS_REGION, AWS_DEFAULT_REGION).") var region: String?
         @Option(help: "With --provider aws-kms: the KMS endpoint, as the AWS CLI's --endpoint-url.") var endpointUrl: String?
         @Option(help: "With --provider aws-kms: a profile of ~/.aws/credentials (default: the environment's credentials, then AWS_PROFILE).") var profile: String?
@@ -60,7 +60,7 @@ struct KeyCommand: ParsableCommand {
         @Option(help: "With --provider pkcs11: the PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so.") var module: String?
         @Option(help: "With --provider pkcs11: the token's label.") var token: String?
         @Option(help: "With --provider pkcs11: a file holding the user PIN (read at each login; never give a PIN on the command line).") var pinFile: String?
-        @Option(help: "With --provider pkcs11: use the existing token key with this label (default: generate a new non-extractable AES-256 key).") var objectLabel: String?
+        @Option(help: "With --provider pkcs11: use the existing token key (or key pair) with this label (default: generate a new non-extractable one of --spec).") var objectLabel: String?
         @OptionGroup var output: JSONOption
 
         func run() throws {
@@ -72,24 +72,22 @@ struct KeyCommand: ParsableCommand {
                 guard externalKey == nil, region == nil, endpointUrl == nil, profile == nil, !strict, module == nil, token == nil, pinFile == nil, objectLabel == nil else {
                     throw ValidationError("--external-key, --region, --endpoint-url, --profile and --strict go with --provider aws-kms")
                 }
-                key = try manager.createKey(spec: spec, description: description, aliases: aliases, tags: tagMap,
+                key = try manager.createKey(spec: spec ?? .aes256, description: description, aliases: aliases, tags: tagMap,
                                             rotationDays: noRotation ? nil : rotationDays, by: caller)
             case "aws-kms":
                 guard let externalKey else { throw ValidationError("--provider aws-kms needs --external-key ARN_OR_ID") }
-                guard spec == .aes256 else { throw ValidationError("an aws-kms key is AES_256 (SIGN_VERIFY keys in AWS KMS are not supported yet)") }
                 guard let region = ExternalKeyConfig.region(region, keyID: externalKey) else {
                     throw ValidationError("--provider aws-kms needs --region (or AWS_REGION, or a key ARN)")
                 }
                 key = try manager.createExternalKey(ExternalKeyConfig(provider: "aws-kms", keyID: externalKey, region: region,
                                                                       endpoint: endpointUrl, profile: profile, strict: strict),
-                                                    description: description, aliases: aliases, tags: tagMap, by: caller)
+                                                    spec: spec, description: description, aliases: aliases, tags: tagMap, by: caller)
             case "pkcs11":
                 guard let module, let token, let pinFile else { throw ValidationError("--provider pkcs11 needs --module, --token and --pin-file") }
-                guard spec == .aes256 else { throw ValidationError("a pkcs11 key is AES_256 (token signing keys are not supported yet)") }
                 let pinPath = URL(fileURLWithPath: pinFile).standardizedFileURL.path
                 let label = objectLabel ?? "kmsfs-" + ID128.random().hex
                 key = try manager.createExternalKey(ExternalKeyConfig(pkcs11Module: module, token: token, objectLabel: label, pinFile: pinPath),
-                                                    createInToken: objectLabel == nil,
+                                                    spec: spec ?? .aes256, createInToken: objectLabel == nil,
                                                     description: description, aliases: aliases, tags: tagMap, by: caller)
             default:
                 throw ValidationError("--provider is local, aws-kms or pkcs11")
@@ -133,6 +131,12 @@ struct KeyCommand: ParsableCommand {
             var provider: String
             /// For an external key: which one, where.
             var externalKey: ExternalKeyConfig?
+            /// For an AWS KMS key that KMS can rotate: whether it rotates the material itself (GetKeyRotationStatus).
+            var externalRotation: ExternalRotation?
+        }
+        struct ExternalRotation: Encodable {
+            var enabled: Bool
+            var periodDays: Int?
         }
 
         func run() throws {
@@ -140,11 +144,13 @@ struct KeyCommand: ParsableCommand {
             let (metadata, versions, policy) = try manager.describe(key)
             let floor = metadata.state == .destroyed ? nil : try manager.minDecryptionVersion(key)
             let external = try manager.externalKey(key)
+            let kmsRotation = try manager.externalRotation(key)
             if output.json {
                 try Output.json(Description(metadata: metadata, versions: versions,
                                             policy: Dictionary(uniqueKeysWithValues: policy.map { ($0.key.rawValue, $0.value) }),
                                             nextRotationAt: metadata.nextRotationAt, minDecryptionVersion: floor,
-                                            provider: external?.provider ?? "local", externalKey: external))
+                                            provider: external?.provider ?? "local", externalKey: external,
+                                            externalRotation: kmsRotation.map { ExternalRotation(enabled: $0.enabled, periodDays: $0.periodDays) }))
                 return
             }
             Output.line("key id:        \(metadata.keyID)")
@@ -165,6 +171,10 @@ struct KeyCommand: ParsableCommand {
             if let deletion = metadata.deletionDate, metadata.state == .pendingDeletion { Output.line("deletion date: \(Output.date(deletion))") }
             Output.line("created:       \(Output.date(metadata.createdAt))")
             Output.line("rotation:      \(metadata.rotationPeriodDays.map { "every \($0) days, next \(Output.date(metadata.nextRotationAt))" } ?? "off")")
+            if let kmsRotation {
+                Output.line("in AWS KMS:    material rotation " + (kmsRotation.enabled ? "on" + (kmsRotation.periodDays.map { ", every \($0) days" } ?? "") : "off")
+                            + " (KMS keeps its old material; files need no rekey for it)")
+            }
             if let floor { Output.line("cut off below: version \(floor.rawValue) (min-decryption-version)") }
             Output.line("tags:          \(metadata.tags.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ", "))")
             for op in KeyOperation.allCases {

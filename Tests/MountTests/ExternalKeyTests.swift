@@ -79,11 +79,11 @@ struct ExternalKeyTests {
         #expect(read.stdout == "secret 137\nsame\ntree\n", "\(read.stdout) \(read.stderr)")
         let intermediates = try sh("sqlite3 \(q(fs.keystore)) 'SELECT COUNT(*) FROM intermediate_keys'").stdout
         #expect(intermediates == "1\n", "\(intermediates)")
-        // A key that is not symmetric ENCRYPT_DECRYPT, or a key KMS does not have, is refused at creation.
-        let signing = try moto.aws("kms create-key --key-usage SIGN_VERIFY --key-spec RSA_2048 --query KeyMetadata.KeyId --output text").stdout
+        // A key kmsfs cannot use (asymmetric ENCRYPT_DECRYPT), or a key KMS does not have, is refused at creation.
+        let asymmetric = try moto.aws("kms create-key --key-usage ENCRYPT_DECRYPT --key-spec RSA_2048 --query KeyMetadata.KeyId --output text").stdout
             .trimmingCharacters(in: .whitespacesAndNewlines)
-        let refused = try fs.run("$K key create --alias alias/sign --provider aws-kms --external-key \(signing) --endpoint-url \(moto.endpoint) --fs $M")
-        #expect(!refused.ok && refused.stderr.contains("not a symmetric ENCRYPT_DECRYPT key"), "\(refused.stderr)")
+        let refused = try fs.run("$K key create --alias alias/sign --provider aws-kms --external-key \(asymmetric) --endpoint-url \(moto.endpoint) --fs $M")
+        #expect(!refused.ok && refused.stderr.contains("is a RSA_2048 ENCRYPT_DECRYPT key; kmsfs uses symmetric ENCRYPT_DECRYPT keys"), "\(refused.stderr)")
         let missing = try fs.run("$K key create --alias alias/none --provider aws-kms --external-key 11111111-2222-3333-4444-555555555555 --endpoint-url \(moto.endpoint) --fs $M")
         #expect(!missing.ok && missing.stderr.contains("aws-kms: NotFoundException") && missing.stderr.contains("--region"), "\(missing.stderr)")
     }
@@ -202,6 +202,70 @@ struct ExternalKeyTests {
         #expect(!refused.ok && refused.stderr.contains("aws-kms: DisabledException") && refused.stderr.contains("enable it in AWS KMS"), "\(refused.stderr)")
     }
 
+    @Test("SIGN_VERIFY keys held in AWS KMS: the spec is KMS's, Sign and Verify are KMS calls, openssl verifies the signature with get-public-key's PEM; a wrong --spec is refused; describe shows KMS's own rotation (GetKeyRotationStatus)")
+    func signingAndRotationStatus() throws {
+        let moto = try MotoServer()
+        let fs = try MountedFS(launcher: Self.polling)
+        try "a release to sign\n".write(toFile: fs.root + "/msg", atomically: true, encoding: .utf8)
+        for (spec, digest) in [("ECC_NIST_P256", "sha256"), ("ECC_NIST_P384", "sha384"), ("RSA_2048", "sha256")] {
+            let kid = try moto.aws("kms create-key --key-usage SIGN_VERIFY --key-spec \(spec) --query KeyMetadata.KeyId --output text").stdout
+                .trimmingCharacters(in: .whitespacesAndNewlines)
+            let alias = "alias/sign-" + spec.lowercased()
+            let made = try fs.run("""
+                $K key create --alias \(alias) --provider aws-kms --external-key \(kid) --endpoint-url \(moto.endpoint) --fs $M >/dev/null
+                $K key describe \(alias) --json --fs $M | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["metadata"]["spec"], d["provider"])'
+                $K key sign \(alias) --message-file ../msg --out ../sig --fs $M >/dev/null
+                $K key get-public-key \(alias) --fs $M > ../pub.pem
+                openssl dgst -\(digest) -verify ../pub.pem -signature ../sig ../msg
+                $K key verify \(alias) --message-file ../msg --signature-file ../sig --fs $M
+                echo altered >> ../msg2; cat ../msg >> ../msg2
+                $K key verify \(alias) --message-file ../msg2 --signature-file ../sig --fs $M 2>&1; rm -f ../msg2
+                """)
+            #expect(made.stdout == "\(spec) aws-kms\nVerified OK\nvalid signature\nkmsfs: the signature is not valid for this message and key\n",
+                    "\(spec): \(made.stdout) \(made.stderr)")
+        }
+        let calls = try fs.run("$K audit list --json --limit 500 --fs $M").stdout
+        let events = jsonArray(calls).compactMap { $0["event"] as? String }
+        let table = try fs.run("$K audit list --limit 40 --fs $M").stdout
+        #expect(events.filter { $0 == "Sign" }.count == 3 && events.filter { $0 == "Verify" }.count == 6, "\(events) \(table)")
+        // A symmetric key is not a signing key, whatever --spec says; KMS's rotation shows in describe.
+        let kid = try moto.createKey()
+        let wrong = try fs.run("$K key create --alias alias/x --spec RSA_2048 --provider aws-kms --external-key \(kid) --endpoint-url \(moto.endpoint) --fs $M")
+        #expect(!wrong.ok && wrong.stderr.contains("is AES_256 (ENCRYPT_DECRYPT), not RSA_2048"), "\(wrong.stderr)")
+        #expect(try moto.aws("kms enable-key-rotation --key-id \(kid)").ok)
+        #expect(try fs.run("$K key create --alias alias/rotating --provider aws-kms --external-key \(kid) --endpoint-url \(moto.endpoint) --fs $M").ok)
+        let on = jsonObject(try fs.run("$K key describe alias/rotating --json --fs $M").stdout)["externalRotation"] as? [String: Any]
+        #expect(on?["enabled"] as? Bool == true, "\(String(describing: on))")
+        #expect(try fs.run("$K key describe alias/rotating --fs $M").stdout.contains("in AWS KMS:    material rotation on"))
+        #expect(try moto.aws("kms disable-key-rotation --key-id \(kid)").ok)
+        let off = jsonObject(try fs.run("$K key describe alias/rotating --json --fs $M").stdout)["externalRotation"] as? [String: Any]
+        #expect(off?["enabled"] as? Bool == false, "\(String(describing: off))")
+    }
+
+    @Test("strict keys rekey through ReEncrypt: after a rotation, a live rewrap moves every data key to the new version inside KMS (audited via aws-kms:ReEncrypt), and the files read the same after a remount")
+    func strictReEncrypt() throws {
+        let moto = try MotoServer()
+        let kid = try moto.createKey()
+        let fs = try MountedFS(launcher: Self.polling)
+        #expect(try fs.run("$K key create --alias alias/strict --provider aws-kms --strict --external-key \(kid) --endpoint-url \(moto.endpoint) --fs $M >/dev/null && mkdir s && $K key bind /s alias/strict --fs $M").ok)
+        #expect(try fs.run("for i in $(seq 1 12); do head -c $((i * 3000)) /etc/services > s/f$i; done").ok)
+        let sum = try fs.run("cat s/* | md5sum").stdout
+        #expect(try fs.run("$K key rotate alias/strict --fs $M").ok)
+        #expect(try fs.run("$K rekey start --key alias/strict:1 --path /s --fs $M").ok)
+        let job = try waitForRekey(fs)
+        let trail = try fs.run("$K audit list --fs $M | tail -6").stdout
+        #expect(job["state"] as? String == "done", "\(job) \(trail)")
+        let records = try fs.run("$K audit export --format jsonl --fs $M").stdout.split(separator: "\n").map { jsonObject(String($0)) }
+        let moved = records.filter { $0["eventName"] as? String == "ReEncrypt" }
+        #expect(moved.count == 12 && moved.allSatisfy { ($0["requestParameters"] as? [String: Any])?["via"] as? String == "aws-kms:ReEncrypt" },
+                "\(moved.count) \(moved.first ?? [:])")
+        let usage = jsonObject(try fs.run("$K key describe alias/strict --json --fs $M").stdout)["versions"] as? [[String: Any]] ?? []
+        #expect(usage.map { $0["usageCount"] as? Int ?? -1 } == [0, 12], "\(usage)")
+        try fs.unmount()
+        try fs.mount()
+        #expect(try fs.run("cat s/* | md5sum").stdout == sum)
+    }
+
     @Test("rekey, live: files move from the local default key onto the AWS KMS key and back, and read the same throughout")
     func rekeyBetweenProviders() throws {
         let moto = try MotoServer()
@@ -228,16 +292,23 @@ struct ExternalKeyTests {
 struct PKCS11KeyTests {
     static let module = "/usr/lib/softhsm/libsofthsm2.so"
 
+    /// A SoftHSM token "kmsfs-test" (user PIN in `hsm/pin`, a wrong one in
+    /// `hsm/wrong`) in `root/hsm`, found through SOFTHSM2_CONF, which the
+    /// daemon inherits from `kmsfs mount`.
+    static func makeToken(in root: String) throws -> String {
+        let hsm = root + "/hsm"
+        try FileManager.default.createDirectory(atPath: hsm + "/tokens", withIntermediateDirectories: true)
+        try "directories.tokendir = \(hsm)/tokens\nobjectstore.backend = file\nlog.level = ERROR\n".write(toFile: hsm + "/softhsm2.conf", atomically: true, encoding: .utf8)
+        setenv("SOFTHSM2_CONF", hsm + "/softhsm2.conf", 1)
+        let made = try sh("softhsm2-util --init-token --free --label kmsfs-test --pin 4321 --so-pin 8765 >/dev/null && printf '4321\\n' > \(q(hsm))/pin && chmod 600 \(q(hsm))/pin && printf '0000\\n' > \(q(hsm))/wrong")
+        precondition(made.ok, "softhsm2-util: \(made.stderr)")
+        return hsm
+    }
+
     @Test("key create --provider pkcs11 makes a non-extractable, sensitive AES-256 key in the token (pkcs11-tool agrees); files in a bound directory read back after a remount; a wrong PIN is a clear error")
     func tokenKey() throws {
         let fs = try MountedFS()
-        let hsm = fs.root + "/hsm"
-        try FileManager.default.createDirectory(atPath: hsm + "/tokens", withIntermediateDirectories: true)
-        try "directories.tokendir = \(hsm)/tokens\nobjectstore.backend = file\nlog.level = ERROR\n".write(toFile: hsm + "/softhsm2.conf", atomically: true, encoding: .utf8)
-        // The daemon finds the token through the environment `kmsfs mount` ran in.
-        setenv("SOFTHSM2_CONF", hsm + "/softhsm2.conf", 1)
-        let made = try sh("softhsm2-util --init-token --free --label kmsfs-test --pin 4321 --so-pin 8765 >/dev/null && printf '4321\\n' > \(q(hsm))/pin && chmod 600 \(q(hsm))/pin && printf '0000\\n' > \(q(hsm))/wrong")
-        #expect(made.ok, "\(made.stderr)")
+        let hsm = try Self.makeToken(in: fs.root)
         try fs.unmount()
         try fs.mount()
         let created = try fs.run("$K key create --alias alias/hsm --provider pkcs11 --module \(Self.module) --token kmsfs-test --pin-file \(q(hsm))/pin --fs $M >/dev/null && mkdir h && $K key bind /h alias/hsm --fs $M && $K key describe alias/hsm --fs $M | grep provider")
@@ -257,5 +328,75 @@ struct PKCS11KeyTests {
         let noToken = try fs.key(["create", "--alias", "alias/hsm3", "--provider", "pkcs11", "--module", Self.module, "--token", "nosuch",
                                   "--pin-file", hsm + "/pin"])
         #expect(!noToken.ok && noToken.stderr.contains("no token labelled 'nosuch'"), "\(noToken.stderr)")
+    }
+
+    @Test("signing keys made inside the token (ECC_NIST_P256/P384 and RSA_2048): the private key is sensitive and never extractable (pkcs11-tool agrees), signatures are made by C_Sign and verify with openssl and kmsfs")
+    func tokenSigningKeys() throws {
+        let fs = try MountedFS()
+        let hsm = try Self.makeToken(in: fs.root)
+        try fs.unmount()
+        try fs.mount()
+        try "a release to sign\n".write(toFile: fs.root + "/msg", atomically: true, encoding: .utf8)
+        for (spec, digest) in [("ECC_NIST_P256", "sha256"), ("ECC_NIST_P384", "sha384"), ("RSA_2048", "sha256")] {
+            let alias = "alias/t-" + spec.lowercased()
+            let made = try fs.run("""
+                $K key create --alias \(alias) --spec \(spec) --provider pkcs11 --module \(Self.module) --token kmsfs-test --pin-file \(q(hsm))/pin --fs $M >/dev/null
+                $K key sign \(alias) --message-file ../msg --out ../sig --fs $M >/dev/null
+                $K key get-public-key \(alias) --fs $M > ../pub.pem
+                openssl dgst -\(digest) -verify ../pub.pem -signature ../sig ../msg
+                $K key verify \(alias) --message-file ../msg --signature-file ../sig --fs $M
+                """)
+            #expect(made.stdout == "Verified OK\nvalid signature\n", "\(spec): \(made.stdout) \(made.stderr)")
+        }
+        let objects = try sh("pkcs11-tool --module \(Self.module) --token-label kmsfs-test --login --pin 4321 --list-objects 2>/dev/null").stdout
+        let privateKeys = objects.components(separatedBy: "Private Key Object").dropFirst()
+        #expect(privateKeys.count == 3 && privateKeys.allSatisfy { $0.contains("never extractable") && $0.contains("sensitive") && $0.contains("sign") },
+                "\(objects)")
+        let wrong = try fs.run("$K key create --alias alias/t-x --spec ECC_NIST_P256 --provider pkcs11 --module \(Self.module) --token kmsfs-test --pin-file \(q(hsm))/pin --object-label nosuch --fs $M")
+        #expect(!wrong.ok && wrong.stderr.contains("the token has no private key labelled 'nosuch'"), "\(wrong.stderr)")
+    }
+
+    @Test("init --unlock with a PKCS#11 URI: the token seals the unlock secret (a key is made there), mount and key commands need no passphrase, a PIN on the command line is refused, a wrong PIN is a clear error")
+    func unlockThroughToken() throws {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("kmsfs-p11unlock-\(UUID().uuidString.prefix(8))").path
+        try FileManager.default.createDirectory(atPath: root + "/m", withIntermediateDirectories: true)
+        defer {
+            _ = try? sh("fusermount3 -u \(q(root))/m 2>/dev/null || true")
+            try? FileManager.default.removeItem(atPath: root)
+        }
+        let hsm = try Self.makeToken(in: root)
+        let k = q(kmsfsBinary), c = q(root + "/c"), m = q(root + "/m")
+        let uri = "pkcs11:token=kmsfs-test;object=unlock?module-path=\(Self.module)&pin-source=file:\(hsm)/pin"
+        let made = try sh("""
+            \(k) init \(c) --unlock '\(uri)' --kdf-log-n 10 </dev/null >/dev/null
+            stat -c %a \(c)/.kmsfs/unlock.json
+            \(k) mount \(c) \(m) </dev/null && echo secret > \(m)/f && cat \(m)/f
+            \(k) umount \(m)
+            \(k) key list --fs \(c) </dev/null | grep -c alias/default
+            """)
+        #expect(made.stdout == "600\nsecret\n1\n", "\(made.stdout) \(made.stderr)")
+        let objects = try sh("pkcs11-tool --module \(Self.module) --token-label kmsfs-test --login --pin 4321 --list-objects 2>/dev/null").stdout
+        #expect(objects.contains("label:      unlock") && objects.contains("never extractable"), "\(objects)")
+        let pinInline = try sh("\(k) init \(q(root))/c2 --unlock 'pkcs11:token=kmsfs-test?module-path=\(Self.module)&pin-value=4321' </dev/null")
+        #expect(!pinInline.ok && pinInline.stderr.contains("a PIN is never given on the command line"), "\(pinInline.stderr)")
+        #expect(try sh("cp \(q(hsm))/wrong \(q(hsm))/pin").ok)
+        let wrongPIN = try sh("\(k) mount \(c) \(m) </dev/null")
+        #expect(!wrongPIN.ok && wrongPIN.stderr.contains("pkcs11: TokenUnavailable") && wrongPIN.stderr.contains("wrong PIN"), "\(wrongPIN.stderr)")
+    }
+
+    @Test("a token removed while mounted is noticed within one poll: files under its key refuse with EKEYREVOKED, audited as ExternalKeyStateChange; other files are untouched")
+    func tokenRemoved() throws {
+        let fs = try MountedFS(launcher: ExternalKeyTests.polling)
+        let hsm = try Self.makeToken(in: fs.root)
+        try fs.unmount()
+        try fs.mount()
+        #expect(try fs.run("$K key create --alias alias/hsm --provider pkcs11 --module \(Self.module) --token kmsfs-test --pin-file \(q(hsm))/pin --fs $M >/dev/null && mkdir h && $K key bind /h alias/hsm --fs $M && echo in-token > h/a && echo plain > b").ok)
+        #expect(try sh("softhsm2-util --delete-token --token kmsfs-test >/dev/null").ok)
+        let refused = try eventually(within: 20) { try fs.run("cat h/a").stderr.contains("Key has been revoked") }
+        let seen = try fs.run("cat h/a; $K audit list --fs $M | tail -4")
+        #expect(refused, "\(seen.stdout) \(seen.stderr)")
+        #expect(try fs.run("cat b").stdout == "plain\n")
+        let audited = try fs.run("$K audit list --event ExternalKeyStateChange --json --fs $M").stdout
+        #expect(jsonArray(audited).contains { $0["outcome"] as? String == "refused" && ($0["error"] as? String)?.contains("Unavailable") == true }, "\(audited)")
     }
 }

@@ -22,8 +22,9 @@ int kmsfs_p11_find_key(kmsfs_p11 *p, const char *label, char *error, size_t erro
 /// CKA_SENSITIVE true, CKA_EXTRACTABLE false, encrypt/decrypt only.
 int kmsfs_p11_generate_aes(kmsfs_p11 *p, const char *label, char *error, size_t error_size);
 
-/// The key's CKA_EXTRACTABLE and CKA_SENSITIVE (0/1), or -1 on error.
-int kmsfs_p11_key_flags(kmsfs_p11 *p, const char *label, int *extractable, int *sensitive, char *error, size_t error_size);
+/// CKA_EXTRACTABLE and CKA_SENSITIVE (0/1) of the secret key labelled
+/// `label` — of the private key when `pair` is 1 — or -1 on error.
+int kmsfs_p11_key_flags(kmsfs_p11 *p, const char *label, int pair, int *extractable, int *sensitive, char *error, size_t error_size);
 
 /// AES-GCM inside the token under key `label`: `out` gets ciphertext ‖ tag
 /// (in_length + 16 bytes). `iv` is 12 bytes.
@@ -38,6 +39,27 @@ int kmsfs_p11_gcm_decrypt(kmsfs_p11 *p, const char *label, const unsigned char *
                           const unsigned char *in, size_t in_length, unsigned char *out, size_t *out_length,
                           char *error, size_t error_size);
 
-/// 0 if the token is still present and the session usable, -1 if not.
-int kmsfs_p11_check(kmsfs_p11 *p, char *error, size_t error_size);
+/// 0 if the token is still present, the session usable and (when `label` is
+/// not NULL) the key labelled `label` still in it; -1 if not.
+int kmsfs_p11_check(kmsfs_p11 *p, const char *label, char *error, size_t error_size);
+
+/// 1 if a private key labelled `label` exists, 0 if not, -1 on error.
+int kmsfs_p11_find_pair(kmsfs_p11 *p, const char *label, char *error, size_t error_size);
+
+/// Generates a token key pair labelled `label`: RSA of `rsa_bits` (exponent
+/// 65537) when `rsa_bits` > 0, else EC on the curve named by the DER OID
+/// `ec_params`. The private key is CKA_SENSITIVE, not CKA_EXTRACTABLE, sign only.
+int kmsfs_p11_generate_pair(kmsfs_p11 *p, const char *label, int rsa_bits, const unsigned char *ec_params, size_t ec_params_length,
+                            char *error, size_t error_size);
+
+/// The public key labelled `label`: RSA → modulus and public exponent; EC →
+/// CKA_EC_PARAMS and CKA_EC_POINT (each buffer's size in, length out).
+int kmsfs_p11_public_key(kmsfs_p11 *p, const char *label, int *is_rsa, unsigned char *first, size_t *first_length,
+                         unsigned char *second, size_t *second_length, char *error, size_t error_size);
+
+/// Signs inside the token with the private key labelled `label`: RSA with
+/// CKM_SHA256_RSA_PKCS over the message; EC with CKM_ECDSA over a digest
+/// (the signature is r ‖ s).
+int kmsfs_p11_sign(kmsfs_p11 *p, const char *label, int rsa, const unsigned char *in, size_t in_length,
+                   unsigned char *out, size_t *out_length, char *error, size_t error_size);
 #endif
