@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# make bench-kms: what keeping a key's material in AWS KMS costs. One mount,
-# two directories: /local under the keystore's own key, /kms under a key held
-# in AWS KMS (moto's KMS in server mode on 127.0.0.1 stands in; a real
-# region adds network latency only to the calls counted below). Interleaved
+# make bench-kms: what keeping a key's material in AWS KMS or a PKCS#11 token
+# costs. One mount, three directories: /local under the keystore's own key,
+# /kms under a key held in AWS KMS (moto's KMS in server mode on 127.0.0.1
+# stands in; a real region adds network latency only to the calls counted
+# below), /hsm under a key in a SoftHSM token (every data key wrapped inside
+# the token: one C_Encrypt per create, one C_Decrypt per open). Interleaved
 # repetitions, medians: creates per second (10,000 empty files from one
 # Python loop) and untar of a source tree, kms ÷ local; and the KMS calls
 # per 10,000 files (GenerateDataKey: intermediate keys made; Decrypt after
@@ -23,9 +25,13 @@ cleanup() {
     if [ -n "$moto" ]; then kill -9 "$moto" 2>/dev/null || true; fi
     rm -rf "$root"
 }
+export SOFTHSM2_CONF="$root/hsm/softhsm2.conf"
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-rm -rf "$root"; mkdir -p "$root/cipher" "$root/mnt"
+rm -rf "$root"; mkdir -p "$root/cipher" "$root/mnt" "$root/hsm/tokens"
+printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' "$root/hsm/tokens" > "$SOFTHSM2_CONF"
+softhsm2-util --init-token --free --label bench --pin 4321 --so-pin 8765 >/dev/null
+echo 4321 > "$root/hsm/pin"; chmod 600 "$root/hsm/pin"
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_DEFAULT_REGION=us-east-1
 moto_server -H 127.0.0.1 -p "$port" >/dev/null 2>&1 &
 moto=$!
@@ -36,8 +42,11 @@ echo "bench passphrase" > "$root/pw"
 "$K" init "$root/cipher" --passphrase-file "$root/pw" >/dev/null
 "$K" key create --alias alias/kms --provider aws-kms --external-key "$kid" --endpoint-url "$endpoint" --fs "$root/cipher" --passphrase-file "$root/pw" >/dev/null
 "$K" key create --alias alias/strict --provider aws-kms --strict --external-key "$kid" --endpoint-url "$endpoint" --fs "$root/cipher" --passphrase-file "$root/pw" >/dev/null
+"$K" key create --alias alias/hsm --provider pkcs11 --module /usr/lib/softhsm/libsofthsm2.so --token bench --pin-file "$root/hsm/pin" \
+    --fs "$root/cipher" --passphrase-file "$root/pw" >/dev/null
 "$K" mount "$root/cipher" "$root/mnt" --passphrase-file "$root/pw"
-mkdir "$root/mnt/local" "$root/mnt/kms" "$root/mnt/strict"
+mkdir "$root/mnt/local" "$root/mnt/kms" "$root/mnt/strict" "$root/mnt/hsm"
+"$K" key bind /hsm alias/hsm --fs "$root/mnt" >/dev/null
 "$K" key bind /kms alias/kms --fs "$root/mnt" >/dev/null
 "$K" key bind /strict alias/strict --fs "$root/mnt" >/dev/null
 db="$root/cipher/.kmsfs/keystore.db"
@@ -63,7 +72,7 @@ median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2
 declare -A times
 before=$(intermediates)
 for rep in $(seq 1 "$REPS"); do
-    for where in local kms; do
+    for where in local kms hsm; do
         drop
         times[creates-$where]+="$(creates "$root/mnt/$where/c$rep") "
         mkdir "$root/mnt/$where/t$rep"
@@ -73,14 +82,16 @@ for rep in $(seq 1 "$REPS"); do
 done
 files=$(( REPS * (10000 + $(tar -tf "$tree" | grep -vc '/$')) ))
 made=$(( $(intermediates) - before ))
-printf '%-26s %10s %10s %12s\n' workload local kms "kms÷local"
+printf '%-26s %10s %10s %10s %12s %12s\n' workload local kms hsm "kms÷local" "hsm÷local"
 for w in creates untar; do
     l=$(echo "${times[$w-local]}" | tr ' ' '\n' | grep . | median)
     k=$(echo "${times[$w-kms]}" | tr ' ' '\n' | grep . | median)
+    h=$(echo "${times[$w-hsm]}" | tr ' ' '\n' | grep . | median)
     if [ $w = creates ]; then
-        printf '%-26s %10.0f %10.0f %12.2f\n' "creates per second" "$(echo "10000 / $l" | bc -l)" "$(echo "10000 / $k" | bc -l)" "$(echo "$l / $k" | bc -l)"
+        printf '%-26s %10.0f %10.0f %10.0f %12.2f %12.2f\n' "creates per second" "$(echo "10000 / $l" | bc -l)" "$(echo "10000 / $k" | bc -l)" \
+            "$(echo "10000 / $h" | bc -l)" "$(echo "$l / $k" | bc -l)" "$(echo "$l / $h" | bc -l)"
     else
-        printf '%-26s %10.2f %10.2f %12.2f\n' "untar (s; ratio = speed)" "$l" "$k" "$(echo "$l / $k" | bc -l)"
+        printf '%-26s %10.2f %10.2f %10.2f %12.2f %12.2f\n' "untar (s; ratio = speed)" "$l" "$k" "$h" "$(echo "$l / $k" | bc -l)" "$(echo "$l / $h" | bc -l)"
     fi
 done
 # Strict mode: a KMS Encrypt per create (2,000 files, once).

@@ -44,8 +44,10 @@ rekey() { # mode from to
     done
     echo "$state" | python3 -c '
 import json, sys
+from datetime import datetime
 j = json.load(sys.stdin)["job"]
-t = j["finishedAt"] - j["createdAt"]
+at = lambda text: datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+t = at(j["finishedAt"]) - at(j["createdAt"])
 print("%.0f %.1f" % (j["filesDone"] / t, j["bytesDone"] / t / 1e6))'
 }
 

@@ -127,8 +127,33 @@ enum Output {
 
     static func json<T: Encodable>(_ value: T) throws {
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
-        Output.line(String(decoding: try encoder.encode(value), as: UTF8.self))
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        let tree = isoTimes(try JSONSerialization.jsonObject(with: try encoder.encode(value), options: [.fragmentsAllowed]))
+        let text = try JSONSerialization.data(withJSONObject: tree, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes, .fragmentsAllowed])
+        Output.line(String(decoding: text, as: UTF8.self))
+    }
+
+    /// The fields that hold a time. The library types keep seconds since
+    /// 1970 (they are also stored, in backups for one); what the CLI prints
+    /// turns every one of them into an ISO 8601 UTC string with milliseconds,
+    /// as the AWS CLI prints times (docs/JSON.md).
+    static let timeFields: Set<String> = ["time", "createdAt", "stateChangedAt", "lastRotatedAt", "deletionDate", "rotationDate", "updatedAt",
+                                          "finishedAt", "expiresAt", "lastUsedAt", "nextRotationAt", "startedAt", "expiry", "since", "until"]
+
+    static func isoTimes(_ node: Any, key: String? = nil) -> Any {
+        if let object = node as? [String: Any] {
+            return Dictionary(uniqueKeysWithValues: object.map { ($0.key, isoTimes($0.value, key: $0.key)) })
+        }
+        if let array = node as? [Any] { return array.map { isoTimes($0, key: key) } }
+        if let key, timeFields.contains(key), let number = node as? NSNumber {
+            return isoDate(number.doubleValue)
+        }
+        return node
+    }
+
+    /// `t` (seconds since 1970) as ISO 8601 UTC with milliseconds: 2026-12-04T18:19:23.125Z.
+    static func isoDate(_ t: Double) -> String {
+        Date(timeIntervalSince1970: t).formatted(Date.ISO8601FormatStyle(includingFractionalSeconds: true))
     }
 
     static func date(_ t: Double?) -> String {

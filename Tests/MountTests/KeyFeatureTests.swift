@@ -75,7 +75,7 @@ struct KeyFeatureTests {
     @Test("key rotations lists each rotation's type; on-demand rotations leave the automatic schedule alone and stop at AWS's quota of 25 with a clear refusal")
     func rotationQuota() throws {
         let fs = try teamMount()
-        let before = try describe(fs, "alias/team")["nextRotationAt"] as? Double
+        let before = try describe(fs, "alias/team")["nextRotationAt"] as? String
         #expect(before != nil)
         let rotated = try fs.run("\(asTeam) bash -c 'for i in $(seq 25); do \(q(kmsfsBinary)) key rotate alias/team --fs \(q(fs.mountpoint)) >/dev/null || exit 1; done'")
         #expect(rotated.ok, "\(rotated.stderr)")
@@ -83,7 +83,7 @@ struct KeyFeatureTests {
         #expect(refused.status == 1 && refused.stderr.contains("25 on-demand rotations"), "\(refused.stderr)")
         let after = try describe(fs, "alias/team")
         #expect((after["metadata"] as? [String: Any])?["currentVersion"] as? Int == 26)
-        #expect(after["nextRotationAt"] as? Double == before, "on-demand rotations moved the automatic schedule")
+        #expect(after["nextRotationAt"] as? String == before, "on-demand rotations moved the automatic schedule")
         let list = jsonArray(try fs.run("$K key rotations alias/team --json --fs $M").stdout)
         #expect(list.count == 25 && list.allSatisfy { $0["rotationType"] as? String == "ON_DEMAND" })
         #expect(list.compactMap { $0["version"] as? Int } == Array(2...26))
