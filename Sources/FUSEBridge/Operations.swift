@@ -1,9 +1,22 @@
 import CFUSE
+import Synchronization
 import SystemPackage
 #if canImport(Glibc)
 import Glibc
 #endif
 
+
+/// Requests answered and errors by errno, for the daemon's metrics: one
+/// relaxed atomic add per request, a lock only on an error.
+public final class RequestCounters: Sendable {
+    public let requests = Atomic<Int>(0)
+    private let errors = Mutex<[Int32: Int]>([:])
+    public static let shared = RequestCounters()
+
+    func error(_ code: Int32) { errors.withLock { $0[code, default: 0] += 1 } }
+    /// Errors answered so far, by errno.
+    public var errorCounts: [Int32: Int] { errors.withLock { $0 } }
+}
 
 /// Holds the filesystem for the C callbacks, which reach it through
 /// `fuse_req_userdata`.
@@ -31,9 +44,11 @@ enum Operations {
 
     /// The one place where an `Errno` becomes `fuse_reply_err`.
     static func reply(_ req: fuse_req_t?, _ body: () throws(Errno) -> Void) {
+        RequestCounters.shared.requests.add(1, ordering: .relaxed)
         do throws(Errno) {
             try body()
         } catch {
+            RequestCounters.shared.error(error.rawValue)
             fuse_reply_err(req, error.rawValue)
         }
     }

@@ -110,6 +110,7 @@ extension KeyManager {
         var event = event
         if let path = event.path { event.path = storedAuditPath(path) }
         observeForAlerts(event)
+        if let key = event.key { keyUse.withLock { $0[KeyUse(event: event.event, outcome: event.outcome, key: key), default: 0] += 1 } }
         if !auditsRoutineUse.load(ordering: .relaxed), event.outcome == "success",
            event.event == "Decrypt" || event.event == "GenerateDataKey" { return }
         if let journal {
@@ -247,6 +248,14 @@ public struct AuditFilter: Sendable {
 }
 
 /// A stored audit record as listed.
+/// One kind of key use this process has audited (counted even when routine
+/// successes are not written): for the daemon's metrics.
+public struct KeyUse: Hashable, Sendable {
+    public var event: String
+    public var outcome: String
+    public var key: KeyID
+}
+
 public struct AuditRecord: Sendable, Codable {
     public var seq: Int64
     public var time: Double

@@ -57,6 +57,11 @@ public final class KeyManager: @unchecked Sendable {
     let local: LocalKeyProvider
     /// External providers, by key (nil: the key is local). Loaded once per key: where a key lives never changes.
     let externalProviders = Mutex<[KeyID: (any ExternalProvider)?]>([:])
+    /// Key uses audited by this process, by event, outcome and key (`keyUseCounts`).
+    let keyUse = Mutex<[KeyUse: Int]>([:])
+    /// Key uses audited by this process so far: data keys generated and
+    /// unwrapped, rewraps, denials and refusals, by key.
+    public var keyUseCounts: [KeyUse: Int] { keyUse.withLock { $0 } }
     /// The key-encryption key derived from the passphrase (key schedule only).
     var kek: AESGCM { local.kek }
     /// Keys path MACs and sealed paths of bindings.

@@ -22,6 +22,9 @@ struct Mount: ParsableCommand {
     @Option(name: .customShort("o"), help: "Mount options, comma-separated: allow_other (adds default_permissions), ro, default_permissions, max_read=N, ...")
     var options: [String] = []
     @Option(help: "FUSE worker threads.") var threads = 4
+    @Option(help: "Write metrics in the Prometheus text format to this file (for node_exporter's textfile collector), replaced every --metrics-interval seconds.")
+    var metricsFile: String?
+    @Option(help: "Seconds between metrics snapshots.") var metricsInterval: Double = 15
     @Option(help: ArgumentHelp("Record successful file opens and creates in the audit log: on (always, but for benchmarks).", visibility: .private))
     var auditOpens: Toggle = .on
     @Option(help: ArgumentHelp("Read the passphrase from this file descriptor (used when daemonising).", visibility: .private))
@@ -38,8 +41,10 @@ struct Mount: ParsableCommand {
         }
         let secret = try passphraseFD.map { try PassphraseReader.read(fd: $0) } ?? passphrase.read(keystore: keystore)
         if !foreground {
+            let metrics = metricsFile.map { ["--metrics-file", URL(fileURLWithPath: $0).standardizedFileURL.path,
+                                             "--metrics-interval", String(metricsInterval)] } ?? []
             try Daemon.spawn(passphrase: secret, arguments: [cipher, mount, "-f"] + options.flatMap { ["-o", $0] }
-                             + ["--threads", String(threads), "--audit-opens", auditOpens.rawValue])
+                             + ["--threads", String(threads), "--audit-opens", auditOpens.rawValue] + metrics)
             return
         }
         let notify = notifyFD
@@ -109,6 +114,12 @@ struct Mount: ParsableCommand {
                execute: { [manager] command, peer in Invocation.runForwarded(command, as: peer, manager: manager, daemon: services) })
             rekey.start()
             defer { rekey.stop() }
+            let metrics = metricsFile.map {
+                MetricsWriter(path: URL(fileURLWithPath: $0).standardizedFileURL.path, interval: metricsInterval, filesystem: fs,
+                              mountpoint: mount, started: started)
+            }
+            metrics?.start()
+            defer { metrics?.stop() }
             control.start()
             defer { control.stop() }  // first: no admin command reaches a daemon that is going away
             // A shared mount whose keys admit only the owner: say so, with the fix.

@@ -5,7 +5,7 @@ import Foundation
 /// `mount.kmsfs CIPHERDIR MOUNTPOINT [-sfnv] [-o OPTIONS]` (mount(8),
 /// "External helpers"). It turns the options into a `kmsfs mount` command
 /// line: `passfile=FILE` is the passphrase file (as gocryptfs's fstab lines
-/// do it), options meant for mount(8) and systemd are dropped, and the rest
+/// do it), `metrics-file=PATH` and `metrics-interval=N` the metrics options, options meant for mount(8) and systemd are dropped, and the rest
 /// are FUSE mount options.
 enum MountHelper {
     /// Whether this process was started as a mount helper (by its name).
@@ -48,8 +48,13 @@ enum MountHelper {
         var out = ["mount", positional[0], positional[1]]
         var fuse: [String] = []
         var passfile: String?
+        var extra: [String] = []
         for option in options {
             if option.hasPrefix("passfile=") { passfile = String(option.dropFirst("passfile=".count)); continue }
+            if let value = option.split(separator: "=", maxSplits: 1).last, option.hasPrefix("metrics-file=") || option.hasPrefix("metrics-interval=") {
+                extra += ["--" + (option.hasPrefix("metrics-file=") ? "metrics-file" : "metrics-interval"), String(value)]
+                continue
+            }
             if dropped.contains(option) || option.hasPrefix("x-") || option.hasPrefix("comment=") { continue }
             fuse.append(option)
         }
@@ -58,6 +63,6 @@ enum MountHelper {
         }
         out += ["--passphrase-file", passfile]
         if !fuse.isEmpty { out += ["-o", fuse.joined(separator: ",")] }
-        return out
+        return out + extra
     }
 }

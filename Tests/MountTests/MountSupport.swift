@@ -82,8 +82,8 @@ final class MountedFS {
     }
 
     /// Mounts again; `launcher` (e.g. "prlimit --nofile=256:8192") runs the mount command.
-    func mount(options: [String] = [], launcher: String = "") throws {
-        let arguments = ["mount", cipherdir, mountpoint] + options.flatMap { ["-o", $0] } + ["--passphrase-file", passphraseFile]
+    func mount(options: [String] = [], launcher: String = "", arguments extra: [String] = []) throws {
+        let arguments = ["mount", cipherdir, mountpoint] + options.flatMap { ["-o", $0] } + ["--passphrase-file", passphraseFile] + extra
         let result = try sh((launcher.isEmpty ? self.launcher : launcher) + " " + ([kmsfsBinary] + arguments).map(q).joined(separator: " "))
         #expect(result.ok, "mount failed: \(result.stderr)")
         mounted = result.ok

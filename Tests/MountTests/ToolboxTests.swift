@@ -39,7 +39,7 @@ struct ToolboxTests {
         #expect(try fs.run("$K status --fs $C").stdout.contains("file format 1"))
     }
 
-    @Test("mount -t fuse.kmsfs and an fstab line (passfile=, noauto, nofail, _netdev, x-systemd.*) mount through the mount.fuse.kmsfs helper; umount unmounts; without passfile= the helper refuses")
+    @Test("mount -t fuse.kmsfs and an fstab line (passfile=, metrics-file=, noauto, nofail, _netdev, x-systemd.*) mount through the mount.fuse.kmsfs helper; umount unmounts; without passfile= the helper refuses")
     func mountHelper() throws {
         let fs = try MountedFS()
         try fs.unmount()
@@ -53,13 +53,14 @@ struct ToolboxTests {
         }
         defer { if created { try? FileManager.default.removeItem(atPath: helper) } }
         let direct = try fs.run("""
-            mount -t fuse.kmsfs $C $M -o passfile=$P,noauto,nofail,_netdev,x-systemd.automount,rw
+            mount -t fuse.kmsfs $C $M -o passfile=$P,noauto,nofail,_netdev,x-systemd.automount,rw,metrics-file=$T/helper.prom,metrics-interval=5
             echo data > $M/f && cat $M/f
             grep -c " $M fuse.kmsfs " /proc/mounts
+            grep -c '^kmsfs_up{' $T/helper.prom
             umount $M
             grep -c " $M fuse.kmsfs " /proc/mounts || true
             """)
-        #expect(direct.ok && direct.stdout == "data\n1\n0\n", "\(direct.stdout) \(direct.stderr)")
+        #expect(direct.ok && direct.stdout == "data\n1\n1\n0\n", "\(direct.stdout) \(direct.stderr)")
         let fstab = try fs.run("""
             printf '%s %s fuse.kmsfs passfile=%s,noauto,nofail,_netdev 0 0\\n' $C $M $P > $T/fstab
             mount --fstab $T/fstab $M
@@ -70,6 +71,47 @@ struct ToolboxTests {
         let refused = try fs.run("mount -t fuse.kmsfs $C $M -o noauto")
         #expect(refused.status != 0 && refused.stderr.contains("passfile=FILE"), "\(refused.stderr)")
         #expect(try fs.run("grep -c \" $M fuse.kmsfs \" /proc/mounts || true").stdout == "0\n")
+    }
+
+    @Test("mount --metrics-file writes a Prometheus text-format snapshot (valid by the format's grammar) with requests, errors by errno, bytes, denials, data keys generated and unwrapped per key, and rekey progress; replaced atomically, a last one at unmount")
+    func prometheusMetrics() throws {
+        let fs = try MountedFS()
+        try fs.unmount()
+        let prom = fs.root + "/kmsfs.prom"
+        try fs.mount(arguments: ["--metrics-file", prom, "--metrics-interval", "1"])
+        #expect(try fs.run("""
+            head -c 300000 /dev/urandom > big && cat big > /dev/null && for i in 1 2 3 4 5; do echo $i > f$i; done
+            cat nosuch 2>/dev/null || true; mkdir d && { rmdir nosuchdir 2>/dev/null || true; }
+            $K key create --alias alias/m --fs $M >/dev/null && $K rekey start --key alias/default --to alias/m --path /d --fs $M >/dev/null
+            """).ok)
+        try fs.unmount()   // the last snapshot is written as the daemon stops
+        let text = try String(contentsOfFile: prom, encoding: .utf8)
+        // The grammar of the text format: HELP/TYPE comments, then NAME{LABELS} VALUE lines, each name typed first.
+        let checked = try sh("""
+            python3 - \(q(prom)) <<'PY'
+            import re, sys
+            typed, samples = set(), {}
+            line_re = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)\\{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\\]|\\\\.)*",?)*)\\} (-?[0-9.e+]+)$')
+            for line in open(sys.argv[1]).read().splitlines():
+                if line.startswith('# TYPE '):
+                    name, kind = line.split()[2:4]; assert kind in ('counter', 'gauge'), line; typed.add(name); continue
+                if line.startswith('# HELP '): continue
+                m = line_re.match(line); assert m, 'bad line: ' + line; assert m.group(1) in typed, 'untyped: ' + line
+                samples[(m.group(1), m.group(2))] = float(m.group(3))
+            print(len(samples))
+            PY
+            """)
+        #expect(checked.ok, "\(checked.stderr) \(text)")
+        func value(_ name: String, _ labels: String = "") -> Double? {
+            text.split(separator: "\n").first { $0.hasPrefix(name + "{") && (labels.isEmpty || $0.contains(labels)) }
+                .flatMap { $0.split(separator: " ").last }.flatMap { Double($0) }
+        }
+        #expect((value("kmsfs_requests_total") ?? 0) > 20, "\(text)")
+        #expect((value("kmsfs_written_bytes_total") ?? 0) >= 300_000 && (value("kmsfs_read_bytes_total") ?? 0) >= 300_000, "\(text)")
+        #expect((value("kmsfs_request_errors_total", "errno=\"ENOENT\"") ?? 0) >= 2, "\(text)")
+        #expect((value("kmsfs_key_operations_total", "alias=\"alias/default\",operation=\"GenerateDataKey\",outcome=\"success\"") ?? 0) >= 7, "\(text)")
+        #expect(text.contains("kmsfs_rekey_files{") && text.contains("kmsfs_up{mountpoint=\"\(fs.mountpoint)\"} 1"), "\(text)")
+        #expect(!FileManager.default.fileExists(atPath: prom + ".tmp"))
     }
 
     @Test("scripts/install.sh (make install) puts the binary, both mount helpers, every man page, bash/zsh/fish completions and the systemd unit under PREFIX and DESTDIR")
