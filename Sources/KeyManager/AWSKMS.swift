@@ -30,8 +30,9 @@ public struct ExternalKeyConfig: Codable, Sendable, Equatable {
     public var pinFile: String?
 
     /// A PKCS#11 key: `objectLabel` in token `token` of `module`, the PIN read from `pinFile` at each login.
-    public init(pkcs11Module module: String, token: String, objectLabel: String, pinFile: String) {
+    public init(pkcs11Module module: String, token: String, objectLabel: String, pinFile: String, strict: Bool = false) {
         self.provider = "pkcs11"
+        self.strict = strict ? true : nil
         self.keyID = objectLabel
         self.region = ""
         self.module = module
@@ -239,20 +240,9 @@ final class AWSKMSClient: Sendable {
 }
 
 /// A kmsfs master key whose material stays in AWS KMS. Per-file cost stays
-/// local, as S3 Bucket Keys do it: for each (key, version) the provider
-/// asks KMS for an *intermediate* key (GenerateDataKey, AES_256), keeps its
-/// plaintext as an AES-GCM key schedule in locked memory and its
-/// KMS-encrypted blob in the keystore, and wraps each file's data key under
-/// it locally. A wrapped data key is
-///
-///     "KI" ‖ 0x01 ‖ intermediate id (16) ‖ nonce (12) ‖ GCM(data key) ‖ tag (16)   (79 bytes)
-///
-/// with the usual data-key context (filesystem, object, key, version) and
-/// the intermediate id as additional data. An intermediate key wraps new
-/// data keys for at most `maxAge` seconds or `maxFiles` files; unwrapped
-/// ones are cached `maxAge` seconds. So KMS sees one GenerateDataKey per
-/// `maxAge` of writing and one Decrypt per intermediate key per `maxAge` of
-/// reading — not one call per file.
+/// local: data keys are wrapped under intermediate keys KMS generates
+/// (`GenerateDataKey`, see IntermediateKeyCache), or with `--strict` by KMS
+/// itself, one `Encrypt`/`Decrypt` per file.
 ///
 /// KMS's own key state is enforced here, not trusted to KMS alone (moto,
 /// for one, decrypts under a disabled key): it is read with DescribeKey at
@@ -276,43 +266,26 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
     let config: ExternalKeyConfig
     let client: AWSKMSClient
     let filesystemID: ID128
-    let maxAge: Double
-    let maxFiles: Int
     let pollInterval: Double
-    /// Saves and loads intermediate blobs (the keystore).
-    let store: IntermediateStore
     let clock: @Sendable () -> Double
 
-    struct Intermediate {
-        var id: ID128
-        var aead: AESGCM
-        var createdAt: Double
-        var files: Int
-    }
     struct State: ~Copyable {
-        /// The intermediate key new data keys of each version are wrapped under.
-        var current: [KeyVersion: Intermediate] = [:]
-        /// Unwrapped intermediate keys: id → schedule and when it expires.
-        var opened: [ID128: (aead: AESGCM, expires: Double)] = [:]
         /// KMS's KeyState ("Enabled", "Disabled", "PendingDeletion", …) and when it was read.
         var external: (state: String, checkedAt: Double)?
         var calls: [String: Int] = [:]
     }
     let state = Mutex(State())
+    let intermediates: IntermediateKeyCache
 
     init(config: ExternalKeyConfig, filesystemID: ID128, store: IntermediateStore, clock: @escaping @Sendable () -> Double,
          maxAge: Double = 300, maxFiles: Int = 100_000, pollInterval: Double = 60) {
         self.config = config
         self.client = AWSKMSClient(config: config)
         self.filesystemID = filesystemID
-        self.store = store
         self.clock = clock
-        self.maxAge = maxAge
-        self.maxFiles = maxFiles
         self.pollInterval = pollInterval
+        intermediates = IntermediateKeyCache(store: store, clock: clock, maxAge: maxAge, maxFiles: maxFiles)
     }
-
-    static let magic: [UInt8] = [UInt8(ascii: "K"), UInt8(ascii: "I"), 1]
 
     private func call(_ operation: String, _ body: [String: Any]) throws(KeyManagerError) -> [String: Any] {
         state.withLock { $0.calls[operation, default: 0] += 1 }
@@ -335,13 +308,8 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
         let reply = try call("DescribeKey", ["KeyId": config.keyID])
         let metadata = reply["KeyMetadata"] as? [String: Any] ?? [:]
         let keyState = metadata["KeyState"] as? String ?? ((metadata["Enabled"] as? Bool) == false ? "Disabled" : "Enabled")
-        state.withLock { s in
-            s.external = (keyState, clock())
-            if keyState != "Enabled" {
-                s.current.removeAll()
-                s.opened.removeAll()
-            }
-        }
+        state.withLock { $0.external = (keyState, clock()) }
+        if keyState != "Enabled" { intermediates.clear() }
         return keyState
     }
 
@@ -377,59 +345,6 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
                               : ["Message": Data(try AsymmetricKeys.hash(message, for: spec)).base64EncodedString(), "MessageType": "DIGEST"]
     }
 
-    /// Held while a new intermediate key is made, so creates that all find none make one, not one each.
-    private let making = NSLock()
-
-    private func intermediateForWrap(_ key: KeyID, _ version: KeyVersion) throws(KeyManagerError) -> (ID128, AESGCM) {
-        func current() -> (ID128, AESGCM)? {
-            let now = clock()
-            return state.withLock { s -> (ID128, AESGCM)? in
-                guard var i = s.current[version], now - i.createdAt < maxAge, i.files < maxFiles else { return nil }
-                i.files += 1
-                s.current[version] = i
-                return (i.id, i.aead)
-            }
-        }
-        if let found = current() { return found }
-        making.lock()
-        defer { making.unlock() }
-        if let found = current() { return found }
-        let now = clock()
-        let id = ID128.random()
-        let reply = try call("GenerateDataKey", ["KeyId": config.keyID, "KeySpec": "AES_256",
-                                                  "EncryptionContext": encryptionContext(key, version, id)])
-        guard let blob = (reply["CiphertextBlob"] as? String).flatMap({ Data(base64Encoded: $0) }), let secret = AWSKMSClient.secret(reply) else {
-            throw .provider(provider: name, code: "MalformedReply", message: "GenerateDataKey answered without a 32-byte key", remedy: "check --endpoint-url")
-        }
-        let aead = try AESGCM.make(secret)
-        try store.saveIntermediate(id, key: key, version: version, blob: [UInt8](blob))
-        state.withLock { s in
-            s.current[version] = Intermediate(id: id, aead: aead, createdAt: now, files: 1)
-            s.opened[id] = (aead, now + maxAge)
-        }
-        return (id, aead)
-    }
-
-    private func intermediateForUnwrap(_ id: ID128, _ key: KeyID, _ version: KeyVersion) throws(KeyManagerError) -> AESGCM? {
-        let now = clock()
-        if let cached = state.withLock({ s -> AESGCM? in
-            guard let o = s.opened[id] else { return nil }
-            if o.expires <= now { s.opened[id] = nil; return nil }
-            return o.aead
-        }) { return cached }
-        guard let blob = try store.loadIntermediate(id, key: key, version: version) else { return nil }
-        let reply = try call("Decrypt", ["KeyId": config.keyID, "CiphertextBlob": Data(blob).base64EncodedString(),
-                                          "EncryptionContext": encryptionContext(key, version, id)])
-        guard let secret = AWSKMSClient.secret(reply) else { return nil }
-        let aead = try AESGCM.make(secret)
-        state.withLock { s in
-            // Bounded: the oldest go first when many versions and files were read at once.
-            if s.opened.count >= 4096 { s.opened = s.opened.filter { $0.value.expires > now } }
-            s.opened[id] = (aead, now + maxAge)
-        }
-        return aead
-    }
-
     static let strictMagic: [UInt8] = [UInt8(ascii: "K"), UInt8(ascii: "S"), 1]
 
     /// The encryption context of a strictly wrapped data key: filesystem, object, key and version, as AWS recommends.
@@ -451,9 +366,14 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
             }
             return Self.strictMagic + [UInt8](blob)
         }
-        let (id, aead) = try intermediateForWrap(key, version)
-        let sealed = try dataKey.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: aead, context: context + id.bytes) }
-        return Self.magic + id.bytes + sealed
+        return try intermediates.wrap(dataKey, key: key, version: version, context: context) { (id) throws(KeyManagerError) in
+            let reply = try call("GenerateDataKey", ["KeyId": config.keyID, "KeySpec": "AES_256",
+                                                      "EncryptionContext": encryptionContext(key, version, id)])
+            guard let blob = (reply["CiphertextBlob"] as? String).flatMap({ Data(base64Encoded: $0) }), let secret = AWSKMSClient.secret(reply) else {
+                throw .provider(provider: name, code: "MalformedReply", message: "GenerateDataKey answered without a 32-byte key", remedy: "check --endpoint-url")
+            }
+            return (try AESGCM.make(secret), [UInt8](blob))
+        }
     }
 
     func unwrapDataKey(_ wrapped: [UInt8], key: KeyID, version: KeyVersion, context: [UInt8],
@@ -469,10 +389,11 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
             }
             return AWSKMSClient.secret(reply)
         }
-        guard wrapped.count > Self.magic.count + 16, wrapped.starts(with: Self.magic),
-              let id = ID128(bytes: wrapped[Self.magic.count..<(Self.magic.count + 16)]) else { return nil }
-        guard let aead = try intermediateForUnwrap(id, key, version) else { return nil }
-        return try KeyWrap.open(Array(wrapped[(Self.magic.count + 16)...]), under: aead, context: context + id.bytes)
+        return try intermediates.unwrap(wrapped, key: key, version: version, context: context) { (id, blob) throws(KeyManagerError) in
+            let reply = try call("Decrypt", ["KeyId": config.keyID, "CiphertextBlob": Data(blob).base64EncodedString(),
+                                              "EncryptionContext": encryptionContext(key, version, id)])
+            return AWSKMSClient.secret(reply)
+        }
     }
 
     /// Signs in KMS (`Sign`); the signature is DER for ECDSA, as OpenSSL writes it.
@@ -530,12 +451,7 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
         return (reply["KeyRotationEnabled"] as? Bool == true, reply["RotationPeriodInDays"] as? Int)
     }
 
-    func forget(key: KeyID) {
-        state.withLock { s in
-            s.current.removeAll()
-            s.opened.removeAll()
-        }
-    }
+    func forget(key: KeyID) { intermediates.clear() }
 }
 
 /// Where a provider keeps the KMS-encrypted blobs of its intermediate keys.

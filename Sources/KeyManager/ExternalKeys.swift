@@ -42,7 +42,8 @@ extension KeyManager {
                 made = AWSKMSProvider(config: config, filesystemID: filesystemID, store: IntermediateKeys(self), clock: clock,
                                       maxAge: Self.intermediateMaxAge, pollInterval: Self.externalPollInterval)
             case "pkcs11":
-                made = PKCS11Provider(config: config, clock: clock, pollInterval: Self.externalPollInterval)
+                made = PKCS11Provider(config: config, clock: clock, pollInterval: Self.externalPollInterval, filesystemID: filesystemID,
+                                      store: IntermediateKeys(self), maxAge: Self.intermediateMaxAge)
             default:
                 throw .keystoreCorrupt("the external key of \(key.rawValue.hex) names an unknown provider \(config.provider)")
             }

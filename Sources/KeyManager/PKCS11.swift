@@ -35,10 +35,18 @@ final class PKCS11Provider: ExternalProvider, @unchecked Sendable {
     private let state = Mutex(State())
     static let magic: [UInt8] = [UInt8(ascii: "P"), UInt8(ascii: "1"), 1]
 
-    init(config: ExternalKeyConfig, clock: @escaping @Sendable () -> Double, pollInterval: Double = 60) {
+    /// Intermediate keys (nil for `--strict` keys, and for a provider that only
+    /// makes keys or seals an unlock record): the token then wraps every data key itself.
+    let intermediates: IntermediateKeyCache?
+    let filesystemID: ID128?
+
+    init(config: ExternalKeyConfig, clock: @escaping @Sendable () -> Double, pollInterval: Double = 60,
+         filesystemID: ID128? = nil, store: IntermediateStore? = nil, maxAge: Double = 300, maxFiles: Int = 100_000) {
         self.config = config
         self.clock = clock
         self.pollInterval = pollInterval
+        self.filesystemID = filesystemID
+        intermediates = config.strict == true ? nil : store.map { IntermediateKeyCache(store: $0, clock: clock, maxAge: maxAge, maxFiles: maxFiles) }
     }
 
 
@@ -172,6 +180,7 @@ final class PKCS11Provider: ExternalProvider, @unchecked Sendable {
             do throws(KeyManagerError) { _ = try session() } catch { now = "Unavailable" }
         }
         state.withLock { $0.external = (now, clock()) }
+        if now != "Enabled" { intermediates?.clear() }
         return now
     }
 
@@ -227,13 +236,36 @@ final class PKCS11Provider: ExternalProvider, @unchecked Sendable {
         return secret
     }
 
+    /// The additional data of an intermediate key sealed in the token: filesystem, key, version and intermediate id.
+    func intermediateContext(_ key: KeyID, _ version: KeyVersion, _ id: ID128) -> [UInt8] {
+        var out = Array("kmsfs/v1/intermediate".utf8) + (filesystemID?.bytes ?? []) + key.rawValue.bytes
+        withUnsafeBytes(of: version.rawValue.bigEndian) { out.append(contentsOf: $0) }
+        return out + id.bytes
+    }
+
+    /// Under an intermediate key (32 random bytes sealed by the token, so a
+    /// create costs the token nothing but one call per 5 minutes), or with
+    /// `--strict` wrapped by the token itself ("P1").
     func wrapDataKey(_ dataKey: borrowing SecretKey, key: KeyID, version: KeyVersion, context: [UInt8],
                      stored: () throws(KeyManagerError) -> [UInt8]) throws(KeyManagerError) -> [UInt8] {
-        Self.magic + (try dataKey.withUnsafeBytes { (raw) throws(KeyManagerError) in try seal(raw, aad: context) })
+        if let intermediates {
+            return try intermediates.wrap(dataKey, key: key, version: version, context: context) { (id) throws(KeyManagerError) in
+                let secret = SecretKey.random()
+                let blob = try secret.withUnsafeBytes { (raw) throws(KeyManagerError) in try seal(raw, aad: intermediateContext(key, version, id)) }
+                return (try AESGCM.make(secret), blob)
+            }
+        }
+        return Self.magic + (try dataKey.withUnsafeBytes { (raw) throws(KeyManagerError) in try seal(raw, aad: context) })
     }
 
     func unwrapDataKey(_ wrapped: [UInt8], key: KeyID, version: KeyVersion, context: [UInt8],
                        stored: () throws(KeyManagerError) -> [UInt8]) throws(KeyManagerError) -> SecretKey? {
+        if IntermediateKeyCache.isIntermediate(wrapped) {
+            guard let intermediates else { return nil }
+            return try intermediates.unwrap(wrapped, key: key, version: version, context: context) { (id, blob) throws(KeyManagerError) in
+                try open(blob, aad: intermediateContext(key, version, id))
+            }
+        }
         guard wrapped.count == Self.magic.count + 12 + 48, wrapped.starts(with: Self.magic) else { return nil }
         return try open(Array(wrapped[Self.magic.count...]), aad: context)
     }
@@ -256,5 +288,5 @@ final class PKCS11Provider: ExternalProvider, @unchecked Sendable {
         return rsa ? raw : DER.ecdsaSignature(raw)
     }
 
-    func forget(key: KeyID) {}
+    func forget(key: KeyID) { intermediates?.clear() }
 }

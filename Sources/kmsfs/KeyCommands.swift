@@ -56,7 +56,7 @@ struct KeyCommand: ParsableCommand {
         @Option(help: "With --provider aws-kms: the AWS region (default: AWS_REGION, AWS_DEFAULT_REGION).") var region: String?
         @Option(help: "With --provider aws-kms: the KMS endpoint, as the AWS CLI's --endpoint-url.") var endpointUrl: String?
         @Option(help: "With --provider aws-kms: a profile of ~/.aws/credentials (default: the environment's credentials, then AWS_PROFILE).") var profile: String?
-        @Flag(help: "With --provider aws-kms: wrap every file's data key in KMS (one call per create and per open) instead of under intermediate keys.") var strict = false
+        @Flag(help: "With --provider aws-kms or pkcs11: wrap every file's data key in KMS or the token (one call per create and per open) instead of under intermediate keys.") var strict = false
         @Option(help: "With --provider pkcs11: the PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so.") var module: String?
         @Option(help: "With --provider pkcs11: the token's label.") var token: String?
         @Option(help: "With --provider pkcs11: a file holding the user PIN (read at each login; never give a PIN on the command line).") var pinFile: String?
@@ -70,7 +70,7 @@ struct KeyCommand: ParsableCommand {
             switch provider {
             case "local":
                 guard externalKey == nil, region == nil, endpointUrl == nil, profile == nil, !strict, module == nil, token == nil, pinFile == nil, objectLabel == nil else {
-                    throw ValidationError("--external-key, --region, --endpoint-url, --profile and --strict go with --provider aws-kms")
+                    throw ValidationError("--external-key, --region, --endpoint-url, --profile and --strict go with --provider aws-kms (--strict also with pkcs11)")
                 }
                 key = try manager.createKey(spec: spec ?? .aes256, description: description, aliases: aliases, tags: tagMap,
                                             rotationDays: noRotation ? nil : rotationDays, by: caller)
@@ -86,7 +86,7 @@ struct KeyCommand: ParsableCommand {
                 guard let module, let token, let pinFile else { throw ValidationError("--provider pkcs11 needs --module, --token and --pin-file") }
                 let pinPath = URL(fileURLWithPath: pinFile).standardizedFileURL.path
                 let label = objectLabel ?? "kmsfs-" + ID128.random().hex
-                key = try manager.createExternalKey(ExternalKeyConfig(pkcs11Module: module, token: token, objectLabel: label, pinFile: pinPath),
+                key = try manager.createExternalKey(ExternalKeyConfig(pkcs11Module: module, token: token, objectLabel: label, pinFile: pinPath, strict: strict),
                                                     spec: spec ?? .aes256, createInToken: objectLabel == nil,
                                                     description: description, aliases: aliases, tags: tagMap, by: caller)
             default:
@@ -158,7 +158,8 @@ struct KeyCommand: ParsableCommand {
             Output.line("description:   \(metadata.description)")
             Output.line("spec / usage:  \(metadata.spec.rawValue) / \(metadata.usage.rawValue)")
             if let external, external.provider == "pkcs11" {
-                Output.line("provider:      pkcs11: key '\(external.objectLabel ?? external.keyID)' in token '\(external.token ?? "")' of \(external.module ?? "")")
+                Output.line("provider:      pkcs11: key '\(external.objectLabel ?? external.keyID)' in token '\(external.token ?? "")' of \(external.module ?? "")"
+                            + (metadata.spec != .aes256 ? "" : external.strict == true ? "; strict: the token wraps every data key" : "; data keys wrapped under intermediate keys"))
             } else if let external {
                 Output.line("provider:      \(external.provider): \(external.arn ?? external.keyID) in \(external.region)"
                             + (external.endpoint.map { " via \($0)" } ?? "")

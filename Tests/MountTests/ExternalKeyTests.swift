@@ -305,7 +305,7 @@ struct PKCS11KeyTests {
         return hsm
     }
 
-    @Test("key create --provider pkcs11 makes a non-extractable, sensitive AES-256 key in the token (pkcs11-tool agrees); files in a bound directory read back after a remount; a wrong PIN is a clear error")
+    @Test("key create --provider pkcs11 makes a non-extractable, sensitive AES-256 key in the token (pkcs11-tool agrees); files in a bound directory read back after a remount, under one intermediate key the token sealed (or, --strict, each wrapped by the token); a wrong PIN is a clear error")
     func tokenKey() throws {
         let fs = try MountedFS()
         let hsm = try Self.makeToken(in: fs.root)
@@ -319,7 +319,15 @@ struct PKCS11KeyTests {
         #expect(try fs.run("cat h/f42; cmp h/services /etc/services && echo same").stdout == "hsm 42\nsame\n")
         let objects = try sh("pkcs11-tool --module \(Self.module) --token-label kmsfs-test --login --pin 4321 --list-objects 2>/dev/null").stdout
         #expect(objects.contains("Secret Key Object; AES length 32") && objects.contains("never extractable") && objects.contains("sensitive"), "\(objects)")
-        #expect(try sh("sqlite3 \(q(fs.keystore)) 'SELECT COUNT(*) FROM intermediate_keys'").stdout == "0\n")
+        // 51 files, one intermediate key sealed by the token (one C_Encrypt for the lot).
+        #expect(try sh("sqlite3 \(q(fs.keystore)) 'SELECT COUNT(*) FROM intermediate_keys'").stdout == "1\n")
+        // --strict: the token wraps each data key itself; no intermediate key.
+        let strict = try fs.run("$K key create --alias alias/hsm-strict --strict --provider pkcs11 --module \(Self.module) --token kmsfs-test --pin-file \(q(hsm))/pin --fs $M >/dev/null && mkdir hs && $K key bind /hs alias/hsm-strict --fs $M && for i in 1 2 3; do echo \"strict $i\" > hs/f$i; done && $K key describe alias/hsm-strict --fs $M | grep provider")
+        #expect(strict.stdout.contains("strict: the token wraps every data key"), "\(strict.stdout) \(strict.stderr)")
+        #expect(try sh("sqlite3 \(q(fs.keystore)) 'SELECT COUNT(*) FROM intermediate_keys'").stdout == "1\n")
+        try fs.unmount()
+        try fs.mount()
+        #expect(try fs.run("cat hs/f2 h/f7").stdout == "strict 2\nhsm 7\n")
         // Offline, so the login is this process's own (PKCS#11 logins are per process and token).
         try fs.unmount()
         let wrong = try fs.key(["create", "--alias", "alias/hsm2", "--provider", "pkcs11", "--module", Self.module, "--token", "kmsfs-test",
