@@ -25,6 +25,12 @@ public struct AlertConfig: Codable, Sendable, Equatable {
     public var denialWindow = 60.0
     /// Keys without automatic rotation not rotated for this many days are overdue.
     public var rotationOverdueDays = 365
+    /// What the file and command sinks receive: "kmsfs" (the alert as kmsfs
+    /// writes it, the default), "asff" (an AWS Security Finding, ready for
+    /// `aws securityhub batch-import-findings`) or "ocsf" (an OCSF Detection Finding).
+    public var format: String?
+    /// The account and region ASFF findings name (Security Hub requires them).
+    public var asffAccount: SecurityFindings.ASFFAccount?
     /// The uid that stored this configuration (set by `setAlertConfig`). A
     /// process running as root runs the command and writes the file only
     /// when root configured them.
@@ -72,6 +78,12 @@ extension KeyManager {
         _ = try authorizeAdmin(principal, try resolve("alias/default"))
         guard config.denialBurst >= 1, config.denialWindow > 0, config.rotationOverdueDays >= 1 else {
             throw .invalidArgument("alert thresholds must be positive")
+        }
+        guard [nil, "kmsfs", "asff", "ocsf"].contains(config.format) else { throw .invalidArgument("the alert format is kmsfs, asff or ocsf") }
+        if config.format == "asff" {
+            guard let account = config.asffAccount, account.accountID.count == 12, account.accountID.allSatisfy(\.isNumber), !account.region.isEmpty else {
+                throw .invalidArgument("ASFF findings name an AWS account and region: give --asff-account 123456789012 --asff-region REGION")
+            }
         }
         var config = config
         config.configuredBy = principal.uid
@@ -157,7 +169,14 @@ extension KeyManager {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         guard let data = try? encoder.encode(alert) else { return }
-        let line = String(decoding: data, as: UTF8.self)
+        // Syslog keeps kmsfs's own form; the file and the command get the configured format.
+        let native = String(decoding: data, as: UTF8.self)
+        let line: String = switch config.format {
+        case "asff": SecurityFindings.line(SecurityFindings.asff(alert, filesystem: filesystemID,
+                                                                 account: config.asffAccount ?? .init(accountID: "000000000000", region: "us-east-1")))
+        case "ocsf": SecurityFindings.line(SecurityFindings.ocsf(alert, filesystem: filesystemID))
+        default: native
+        }
         // A command or file sink that root did not configure never runs as root.
         let privileged = geteuid() == 0 && config.configuredBy != 0 && (config.command != nil || config.jsonl != nil)
         if privileged {
@@ -166,7 +185,7 @@ extension KeyManager {
         Self.alertQueue.async {
             if config.syslog {
                 openlog("kmsfs", LOG_PID, LOG_AUTHPRIV)
-                line.withCString { text in withVaList([text]) { vsyslog(LOG_WARNING, "%s", $0) } }
+                native.withCString { text in withVaList([text]) { vsyslog(LOG_WARNING, "%s", $0) } }
             }
             if let path = config.jsonl, !privileged {
                 let fd = Glibc.open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)

@@ -68,23 +68,28 @@ struct AuditCommand: ParsableCommand {
 
     struct Export: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Write audit records as JSON lines shaped like AWS CloudTrail events, for a SIEM.",
-            discussion: "Field names follow CloudTrail (eventTime, eventSource, eventName, userIdentity, resources, errorCode, ...); kmsfs-specific values sit under additionalEventData.")
+            abstract: "Write audit records as JSON lines for a SIEM: CloudTrail-shaped events (jsonl) or OCSF API Activity events (ocsf).",
+            discussion: "jsonl field names follow CloudTrail (eventTime, eventSource, eventName, userIdentity, resources, errorCode, ...), kmsfs-specific values under additionalEventData; ocsf writes OCSF 1.1 API Activity (class 6003) events, kmsfs-specific values under unmapped.")
         @OptionGroup var fs: FilesystemOption
         @OptionGroup var filters: Filters
-        @Option(help: "The export format (jsonl).") var format = "jsonl"
+        @Option(help: "The export format: jsonl (CloudTrail-shaped) or ocsf.") var format = "jsonl"
         @Option(help: "Only the newest N records.") var limit: Int?
 
         func validate() throws {
-            guard format == "jsonl" else { throw ValidationError("the only export format is jsonl") }
+            guard format == "jsonl" || format == "ocsf" else { throw ValidationError("the export formats are jsonl and ocsf") }
         }
 
         func run() throws {
             let manager = try fs.open()
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+            let host = ProcessInfo.processInfo.hostName
             for record in try manager.auditRecords(try filters.filter(for: caller), limit: limit) {
-                Output.line(String(decoding: try encoder.encode(CloudTrailEvent(record, filesystem: manager.filesystemID.hex)), as: UTF8.self))
+                if format == "ocsf" {
+                    Output.line(SecurityFindings.line(SecurityFindings.ocsf(record, filesystem: manager.filesystemID, hostname: host)))
+                } else {
+                    Output.line(String(decoding: try encoder.encode(CloudTrailEvent(record, filesystem: manager.filesystemID.hex)), as: UTF8.self))
+                }
             }
         }
     }
@@ -131,12 +136,17 @@ extension AuditCommand {
         @Option(help: "Denials by one uid that make a burst.") var denialBurst: Int?
         @Option(help: "The burst window in seconds.") var denialWindow: Double?
         @Option(help: "Days after which a key without automatic rotation is overdue.") var rotationOverdueDays: Int?
+        @Option(help: "What the file and command receive: kmsfs (default), asff (AWS Security Finding Format, for aws securityhub batch-import-findings) or ocsf (OCSF Detection Finding).")
+        var format: String?
+        @Option(help: "With --format asff: the AWS account id findings name.") var asffAccount: String?
+        @Option(help: "With --format asff: the AWS region findings name.") var asffRegion: String?
         @OptionGroup var output: JSONOption
 
         func run() throws {
             let manager = try fs.open()
             var config = try manager.alertConfig()
             let changing = syslog != nil || jsonl != nil || command != nil || denialBurst != nil || denialWindow != nil || rotationOverdueDays != nil
+                || format != nil || asffAccount != nil || asffRegion != nil
             // The daemon may run as root: only root or the mounting user may make it run a command or write a file.
             if Invocation.current.daemon != nil, caller.uid != 0, caller.uid != geteuid(), command != nil || jsonl != nil {
                 throw Failure("only root or the mounting user may set the alert command or file of a mounted filesystem")
@@ -147,6 +157,10 @@ extension AuditCommand {
             if let denialBurst { config.denialBurst = denialBurst }
             if let denialWindow { config.denialWindow = denialWindow }
             if let rotationOverdueDays { config.rotationOverdueDays = rotationOverdueDays }
+            if let format { config.format = format == "kmsfs" ? nil : format }
+            if asffAccount != nil || asffRegion != nil {
+                config.asffAccount = .init(accountID: asffAccount ?? config.asffAccount?.accountID ?? "", region: asffRegion ?? config.asffAccount?.region ?? "")
+            }
             if changing { try manager.setAlertConfig(config, by: caller) }
             if output.json { try Output.json(config); return }
             Output.line("syslog:              \(config.syslog ? "on" : "off")")
@@ -154,6 +168,7 @@ extension AuditCommand {
             Output.line("command:             \(config.command ?? "-")")
             Output.line("denial burst:        \(config.denialBurst) within \(Int(config.denialWindow)) s")
             Output.line("rotation overdue:    after \(config.rotationOverdueDays) days")
+            Output.line("format:              \(config.format ?? "kmsfs")" + (config.asffAccount.map { " (ASFF account \($0.accountID), \($0.region))" } ?? ""))
         }
     }
 }

@@ -6,7 +6,7 @@ import KeyManager
 /// and the libraries it runs with (as loaded, not as compiled against).
 enum Version {
     /// kmsfs's own version (bumped with each release).
-    static let release = "0.6.0"
+    static let release = SecurityFindings.productVersion
 
     static var description: String {
         """

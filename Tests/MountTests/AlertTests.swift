@@ -52,4 +52,50 @@ struct AlertTests {
         let viaCommand = try alerts(fs, "command.jsonl")
         #expect(viaCommand.sorted() == fired.sorted(), "the command sink got the same alerts: \(viaCommand)")
     }
+
+    @Test("alerts as AWS Security Finding Format findings (the AWS CLI validates them against Security Hub's model and moto imports them) and as OCSF Detection Findings; audit export --format ocsf writes OCSF API Activity events")
+    func securityFindingFormats() throws {
+        let moto = try MotoServer()
+        let fs = try MountedFS()
+        let setpriv = "setpriv --reuid 4242 --regid 4242 --clear-groups"
+        let bad = try fs.run("$K audit alerts --format asff --fs $M")
+        #expect(!bad.ok && bad.stderr.contains("--asff-account"), "\(bad.stderr)")
+        #expect(try fs.run("""
+            mkdir -p $T && $K audit alerts --syslog off --jsonl $T/asff.jsonl --command "cat >> $T/asff-command.jsonl" --format asff --asff-account 123456789012 --asff-region eu-west-1 --fs $M >/dev/null
+            for i in 1 2 3 4 5 6; do \(setpriv) $K key list --fs $M 2>/dev/null || true; done
+            $K audit list --limit 1 --fs $M >/dev/null
+            $K audit alerts --jsonl $T/ocsf.jsonl --command '' --format ocsf --fs $M >/dev/null
+            echo data > $M/f && $K key disable alias/default --fs $M && { cat $M/f 2>/dev/null || true; } && $K key enable alias/default --fs $M
+            $K audit list --limit 1 --fs $M >/dev/null
+            """).ok)
+        let findings = try String(contentsOfFile: fs.root + "/tmp/asff.jsonl", encoding: .utf8).split(separator: "\n").map { jsonObject(String($0)) }
+        #expect(findings.count == 1 && findings.first?["GeneratorId"] as? String == "kmsfs-denial-burst"
+                && (findings.first?["Severity"] as? [String: Any])?["Label"] as? String == "HIGH"
+                && findings.first?["AwsAccountId"] as? String == "123456789012", "\(findings)")
+        // The AWS CLI checks each finding against Security Hub's API model before sending it; moto then imports it.
+        let imported = try sh("""
+            cd \(q(fs.root))/tmp && python3 -c 'import json,sys; print(json.dumps([json.loads(l) for l in open("asff.jsonl")]))' > batch.json
+            AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing aws --endpoint-url \(moto.endpoint) --region eu-west-1 securityhub batch-import-findings --findings file://batch.json --output json
+            """)
+        let counts = jsonObject(imported.stdout)
+        #expect(imported.ok && counts["SuccessCount"] as? Int == 1 && counts["FailedCount"] as? Int == 0, "\(imported.stdout) \(imported.stderr)")
+        #expect(try String(contentsOfFile: fs.root + "/tmp/asff-command.jsonl", encoding: .utf8).contains("\"SchemaVersion\":\"2018-10-08\""))
+        let ocsf = try String(contentsOfFile: fs.root + "/tmp/ocsf.jsonl", encoding: .utf8).split(separator: "\n").map { jsonObject(String($0)) }
+        #expect(ocsf.count == 1 && ocsf.first?["class_uid"] as? Int == 2004 && ocsf.first?["type_uid"] as? Int == 200401
+                && (ocsf.first?["finding_info"] as? [String: Any])?["types"] as? [String] == ["key-state"]
+                && ((ocsf.first?["metadata"] as? [String: Any])?["product"] as? [String: Any])?["name"] as? String == "kmsfs", "\(ocsf)")
+        // The audit trail as OCSF API Activity: every record typed, timed in ms, the failures marked.
+        let events = try fs.run("$K audit export --format ocsf --fs $M").stdout.split(separator: "\n").map { jsonObject(String($0)) }
+        let records = jsonArray(try fs.run("$K audit list --json --limit 100000 --fs $M").stdout)
+        #expect(events.count == records.count && !events.isEmpty)
+        #expect(events.allSatisfy { e in
+            let activity = e["activity_id"] as? Int ?? -1
+            return e["class_uid"] as? Int == 6003 && e["category_uid"] as? Int == 6 && e["type_uid"] as? Int == 600300 + activity
+                && [1, 2, 3, 4, 99].contains(activity) && (e["time"] as? Int ?? 0) > 1_600_000_000_000
+                && (e["api"] as? [String: Any])?["operation"] is String && e["actor"] != nil && e["src_endpoint"] != nil && e["cloud"] != nil
+        }, "\(events.prefix(3))")
+        let denied = events.filter { (($0["actor"] as? [String: Any])?["user"] as? [String: Any])?["uid"] as? String == "4242" && $0["status_id"] as? Int == 2 }
+        #expect(denied.count >= 5 && denied.allSatisfy { $0["status_detail"] as? String == "denied" }, "\(denied.prefix(2))")
+        #expect(events.contains { ($0["api"] as? [String: Any])?["operation"] as? String == "CreateKey" && $0["activity_id"] as? Int == 1 })
+    }
 }
