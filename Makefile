@@ -2,7 +2,7 @@
 SWIFT ?= swift
 export PATH := /opt/swift/usr/bin:$(PATH)
 
-.PHONY: all deps build release install test demo demo-kms man bench bench-kms bench-cipher bench-keys bench-rekey bench-audit clean
+.PHONY: all deps build release install deb test demo demo-kms man bench bench-kms bench-cipher bench-keys bench-rekey bench-audit clean
 
 all: build
 
@@ -20,6 +20,11 @@ PREFIX ?= /usr/local
 SBINDIR ?= /sbin
 install: release
 	scripts/install.sh .build/release/kmsfs $(PREFIX) $(SBINDIR)
+
+## A Debian package, kmsfs_VERSION_ARCH.deb: a release build with the Swift runtime linked in statically (its own build folder).
+deb: deps
+	$(SWIFT) build -c release --static-swift-stdlib --product kmsfs --build-path .build-deb
+	scripts/deb.sh .build-deb/release/kmsfs .
 
 ## Builds everything and runs the whole test suite (mounts real FUSE filesystems).
 test: deps

@@ -3,7 +3,7 @@
 # any is missing. Safe to run again: it does nothing when all are present.
 set -euo pipefail
 packages=(pkg-config libssl-dev openssl libsqlite3-dev sqlite3 fuse3 libfuse3-dev attr git python3 util-linux
-          libp11-kit-dev softhsm2 opensc "$@")
+          libp11-kit-dev softhsm2 opensc dpkg-dev "$@")
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
