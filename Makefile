@@ -23,6 +23,7 @@ install: release
 
 ## A Debian package, kmsfs_VERSION_ARCH.deb: a release build with the Swift runtime linked in statically (its own build folder).
 deb: deps
+	scripts/install-deps.sh libcurl4-openssl-dev
 	$(SWIFT) build -c release --static-swift-stdlib --product kmsfs --build-path .build-deb
 	scripts/deb.sh .build-deb/release/kmsfs .
 

@@ -39,6 +39,48 @@ struct ToolboxTests {
         #expect(try fs.run("$K status --fs $C").stdout.contains("file format 1"))
     }
 
+    @Test("every list and describe command's --json parses, has no escaped slashes, and gives every time field as an ISO 8601 UTC string (docs/JSON.md)")
+    func jsonEverywhere() throws {
+        let fs = try MountedFS()
+        #expect(try fs.run("""
+            $K key create --alias alias/j --tag env=dev --fs $M >/dev/null && mkdir j && $K key bind /j alias/j --fs $M >/dev/null
+            echo x > j/f && $K key rotate alias/j --fs $M >/dev/null && $K key grant create alias/j --grantee uid:4242 --operations decrypt --fs $M >/dev/null
+            $K key create --alias alias/sig --spec ECC_NIST_P256 --fs $M >/dev/null
+            $K rekey start --key alias/j:1 --path /j --fs $M >/dev/null
+            """).ok)
+        _ = try waitForRekey(fs)
+        let commands = ["key list", "key describe alias/j", "key rotations alias/j", "key usage alias/j", "key policy alias/j", "key bind",
+                        "key grant list alias/j", "key access-report", "audit list --limit 50", "audit alerts", "audit verify", "rekey status", "status"]
+        let times: Set<String> = ["time", "createdAt", "stateChangedAt", "lastRotatedAt", "nextRotationAt", "deletionDate", "rotationDate",
+                                  "updatedAt", "finishedAt", "expiresAt", "lastUsedAt", "startedAt", "expiry", "expirationDate"]
+        for command in commands + commands.map({ $0 + " @offline" }) {
+            let offline = command.hasSuffix(" @offline")
+            if offline, fs.mounted { try fs.unmount() }
+            let line = "$K \(command.replacingOccurrences(of: " @offline", with: "")) --json --fs \(offline ? "$C --passphrase-file $P" : "$M")"
+            let out = try fs.run(line)
+            #expect(out.ok, "\(command): \(out.stderr)")
+            #expect(!out.stdout.contains("\\/"), "\(command) escapes slashes")
+            guard let parsed = try? JSONSerialization.jsonObject(with: Data(out.stdout.utf8), options: [.fragmentsAllowed]) else {
+                Issue.record("\(command): not JSON: \(out.stdout.prefix(200))")
+                continue
+            }
+            var bad: [String] = []
+            func walk(_ node: Any) {
+                if let object = node as? [String: Any] {
+                    for (key, value) in object {
+                        if times.contains(key), !(value is NSNull) {
+                            let text = value as? String ?? ""
+                            if text.range(of: #"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$"#, options: .regularExpression) == nil { bad.append("\(key)=\(value)") }
+                        }
+                        walk(value)
+                    }
+                } else if let array = node as? [Any] { array.forEach(walk) }
+            }
+            walk(parsed)
+            #expect(bad.isEmpty, "\(command): times not ISO 8601: \(bad)")
+        }
+    }
+
     @Test("mount -t fuse.kmsfs and an fstab line (passfile=, metrics-file=, noauto, nofail, _netdev, x-systemd.*) mount through the mount.fuse.kmsfs helper; umount unmounts; without passfile= the helper refuses")
     func mountHelper() throws {
         let fs = try MountedFS()
