@@ -1,4 +1,5 @@
 import ChunkCipher
+import Foundation
 import CLinux
 import FUSEBridge
 import KeyManager
@@ -61,6 +62,9 @@ public final class FilesystemCheck {
     private var seen = Set<InodeKey>()
     /// Out-of-line symlink targets some symlink refers to.
     private var referencedTargets = Set<ID128>()
+    /// Called after each file with the files and bytes checked so far and the totals a quick count found first.
+    public var progress: ((_ files: Int, _ totalFiles: Int, _ bytes: Int) -> Void)?
+    private var totalFiles = 0
 
     public init(filesystem: EncryptedFileSystem, principal: Principal, repair: Bool) {
         self.fs = filesystem
@@ -73,6 +77,7 @@ public final class FilesystemCheck {
             report.problems.append(FsckProblem(path: "?", backing: failure.path, object: failure.object.hex, kind: "rekey",
                                                detail: failure.description, quarantined: nil))
         }
+        if progress != nil { totalFiles = Self.countFiles(fs.cipherdir) }
         checkDirectory(fs.nodes.rootFD, backing: "", plain: "/", parentFD: nil, stored: nil, volume: nil)
         checkLongTargets()
         // Quarantined entries still exist and still need their keys.
@@ -82,6 +87,18 @@ public final class FilesystemCheck {
         }
         report.usage = try fs.keyManager.replaceUsageIndex(usage)
         return report
+    }
+
+    /// Regular files under `cipherdir` outside `.kmsfs` (a count for the progress bar; no file is opened).
+    static func countFiles(_ cipherdir: String) -> Int {
+        guard let walker = FileManager.default.enumerator(atPath: cipherdir) else { return 0 }
+        var count = 0
+        while let path = walker.nextObject() as? String {
+            // kmsfs's own entries (.kmsfs, directory keys, sidecars) are not files fsck counts.
+            if (path as NSString).lastPathComponent.hasPrefix(".kmsfs") { walker.skipDescendants(); continue }
+            if walker.fileAttributes?[.type] as? FileAttributeType == .typeRegular { count += 1 }
+        }
+        return count
     }
 
     private func problem(_ plain: String, _ backing: String, _ object: ID128?, _ kind: String, _ detail: String,
@@ -251,6 +268,7 @@ public final class FilesystemCheck {
             return
         }
         report.files += 1
+        defer { progress?(report.files, max(totalFiles, report.files), report.bytes) }
         guard let header = EncryptedFileSystem.header(of: fd) else {
             problem(plain, backing, nil, "header", "the header does not parse", parentFD: dirFD, stored: stored)
             return

@@ -23,12 +23,16 @@ struct BackupCommand: ParsableCommand {
             }
             guard !FileManager.default.fileExists(atPath: out) else { throw Failure("\(out) exists; choose a new file") }
             let secret = try PassphraseReader.read(file: backupPassphraseFile, command: nil, prompt: "", confirm: false)
+            let meter = ProgressMeter("backup", unit: "", json: false)
+            meter.step("deriving the backup key (scrypt), sealing and signing the keystore")
             let bytes = try manager.createBackup(backupPassphrase: secret, by: caller)
+            meter.step("writing \(bytes.count) bytes")
             guard FileManager.default.createFile(atPath: out, contents: nil, attributes: [.posixPermissions: 0o600]),
                   let handle = FileHandle(forWritingAtPath: out) else { throw Failure("cannot create \(out)") }
             try handle.write(contentsOf: Data(bytes))
             try handle.synchronize()
             try handle.close()
+            meter.finish()
             let signer = try KeyManager.backupSigner(bytes)
             Output.line("backup written to \(out) (\(bytes.count) bytes)")
             Output.line("signed by key \(signer.keyID), fingerprint \(signer.fingerprint)")
@@ -81,8 +85,11 @@ struct BackupCommand: ParsableCommand {
             let fresh = !FileManager.default.fileExists(atPath: directory + "/" + KeyManager.databaseName)
             let backup = try PassphraseReader.read(file: backupPassphraseFile, command: nil, prompt: "", confirm: false)
             let secret = try passphrase.read(prompt: fresh ? "New keystore passphrase: " : "Keystore passphrase: ", confirm: fresh)
+            let meter = ProgressMeter("restore", unit: "", json: output.json)
+            meter.step("verifying the signature, deriving the backup and keystore keys (scrypt), restoring")
             let report = try KeyManager.restoreBackup([UInt8](data), backupPassphrase: backup, into: directory, passphrase: secret,
                                                       trust: trust, by: caller, clock: Clock.current)
+            meter.finish()
             if output.json { try Output.json(report); return }
             Output.line("backup of \(Output.date(report.createdAt)), signed by key \(report.signer), restored: \(report.mode)")
             Output.line(report.mode == "merged" ? "added \(report.keysAdded.count) key(s) and \(report.versionsAdded) version(s)"

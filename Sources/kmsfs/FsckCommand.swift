@@ -33,7 +33,11 @@ struct Fsck: ParsableCommand {
             Output.line(findings.isEmpty ? "the keystore had no outside edits" : "accepted \(findings.count) edit(s); recorded as AcceptKeystoreEdits")
         }
         let filesystem = try EncryptedFileSystem(cipherdir: path, keyManager: manager)
-        let report = try FilesystemCheck(filesystem: filesystem, principal: caller, repair: repair).run()
+        let check = FilesystemCheck(filesystem: filesystem, principal: caller, repair: repair)
+        let meter = ProgressMeter("fsck", unit: "files", json: output.json)
+        check.progress = { files, total, bytes in meter.update(files, of: total, bytes: bytes) }
+        let report = try check.run()
+        meter.finish()
         if output.json { try Output.json(report) } else {
             for p in report.problems {
                 Output.line("\(p.kind.padding(toLength: 10, withPad: " ", startingAt: 0)) \(p.path)  [\(p.backing)]: \(p.detail)"

@@ -105,11 +105,11 @@ struct RekeyCommand: ParsableCommand {
         let interrupt = DispatchSource.makeSignalSource(signal: SIGINT, queue: .global())
         interrupt.setEventHandler { rekeyer.stopRequested.store(true, ordering: .relaxed) }
         interrupt.resume()
-        let bar = isatty(2) == 1 && !json
+        let meter = ProgressMeter("rekey", unit: "files", json: json)
         var final = try rekeyer.run(job.id) { progress in
-            if bar { FileHandle.standardError.write(Data(("\r" + progressBar(progress)).utf8)) }
+            meter.update(progress.filesDone, of: progress.filesTotal, bytes: progress.bytesDone)
         }
-        if bar { FileHandle.standardError.write(Data("\n".utf8)) }
+        meter.finish()
         if final.state == .running {
             try manager.setRekeyState(job.id, .paused, error: nil, by: caller)
             final = try manager.rekeyJob(job.id)!
@@ -151,16 +151,5 @@ struct RekeyCommand: ParsableCommand {
         }
         if let eta = r.etaSeconds { Output.line(String(format: "eta:       %.0f s", eta)) }
         if let error = job.lastError { Output.line("last error: \(error)") }
-    }
-
-    static func progressBar(_ job: RekeyJob) -> String {
-        let total = max(job.filesTotal, 1)
-        let done = min(job.filesDone, total)
-        let width = 30
-        let filled = width * done / total
-        let r = report(job)
-        let eta = r.etaSeconds.map { String(format: " ETA %.0fs", $0) } ?? ""
-        return "[" + String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled) + "] "
-            + "\(done)/\(job.filesTotal) files" + (r.bytesPerSecond.map { String(format: " %.1f MB/s", $0 / 1e6) } ?? "") + eta
     }
 }

@@ -23,6 +23,21 @@ struct FsckTests {
         #expect(try sh("sqlite3 \(q(fs.keystore)) \"SELECT COUNT(*) FROM meta WHERE name = 'usage_journal_pid'\"").stdout == "0\n")
     }
 
+    @Test("fsck shows progress: a bar with rate on a terminal (a pty from script(1)), plain lines ending at 100% otherwise, nothing under --json; backup create says what it is doing")
+    func progress() throws {
+        let fs = try MountedFS()
+        #expect(try fs.run("mkdir -p $M/p/q && for i in $(seq 1 60); do head -c 5000 /dev/urandom > $M/p/f$i; done && echo x > $M/p/q/g").ok)
+        try fs.unmount()
+        let lines = try fs.run("KMSFS_PROGRESS_SECONDS=0 $K fsck $C --passphrase-file $P 2>&1 >/dev/null | tail -1")
+        #expect(lines.stdout.hasPrefix("fsck: 61 of 61 files (100%)"), "\(lines.stdout)")
+        let terminal = try fs.run("script -qec \"$K fsck $C --passphrase-file $P\" /dev/null | tr '\\r' '\\n' | grep -c '^fsck \\[#*\\.*\\] [0-9]*/61 files, [0-9.]* MB/s'")
+        #expect((Int(terminal.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0) >= 1, "\(terminal.stdout) \(terminal.stderr)")
+        let json = try fs.run("KMSFS_PROGRESS_SECONDS=0 $K fsck $C --passphrase-file $P --json 2>&1 >/dev/null")
+        #expect(json.ok && json.stdout.isEmpty, "\(json.stdout)")
+        let backup = try fs.run("echo 'backup passphrase 9' > $T.bp && $K backup create --fs $C --passphrase-file $P --out $T.bak --backup-passphrase-file $T.bp 2>&1 >/dev/null")
+        #expect(backup.stdout.contains("backup: deriving the backup key (scrypt)"), "\(backup.stdout)")
+    }
+
     @Test("tampered chunk, header, truncation, name and directory keys are each reported with their path; --repair leaves a clean, mountable filesystem")
     func findsAndQuarantinesDamage() throws {
         let fs = try MountedFS()
