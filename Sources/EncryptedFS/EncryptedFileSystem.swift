@@ -17,6 +17,8 @@ public struct FilesystemStatistics: Sendable, Codable {
     public var bytesWritten: Int
     public var integrityFailures: Int
     public var deniedRequests: Int
+    /// Entries the daemon asked the kernel to forget to stay under its descriptor limit.
+    public var forgottenOnRequest: Int = 0
 }
 
 /// The encrypted filesystem: maps the plaintext tree onto CIPHERDIR, one
@@ -29,6 +31,8 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     let layout: ChunkLayout
     let plaintextNames: Bool
     let nodes: NodeTable
+    /// Set by the mount: keeps the nodes' descriptors under the limit (for statistics).
+    nonisolated(unsafe) public var relief: DescriptorRelief?
     let logger = Logger(label: "kmsfs.fs")
     /// Seconds the kernel may cache attributes and names.
     let timeout: Double = 1.0
@@ -76,7 +80,8 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     public var statistics: FilesystemStatistics {
         FilesystemStatistics(openFiles: open.withLock { $0.files.count }, nodes: nodes.count,
                              bytesRead: bytesRead.load(ordering: .relaxed), bytesWritten: bytesWritten.load(ordering: .relaxed),
-                             integrityFailures: integrityFailures.load(ordering: .relaxed), deniedRequests: denied.load(ordering: .relaxed))
+                             integrityFailures: integrityFailures.load(ordering: .relaxed), deniedRequests: denied.load(ordering: .relaxed),
+                             forgottenOnRequest: relief?.evictions.load(ordering: .relaxed) ?? 0)
     }
 
     // MARK: Helpers

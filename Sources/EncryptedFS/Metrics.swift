@@ -82,7 +82,9 @@ public final class MetricsWriter: @unchecked Sendable {
         metric("kmsfs_integrity_failures_total", "counter", "Chunks, headers or names that did not authenticate (read as EIO).",
                [("", Double(stats.integrityFailures))])
         metric("kmsfs_open_files", "gauge", "Files open through the mount.", [("", Double(stats.openFiles))])
-        metric("kmsfs_cached_inodes", "gauge", "Inodes the kernel holds references to.", [("", Double(stats.nodes))])
+        metric("kmsfs_cached_inodes", "gauge", "Inodes the kernel holds references to (a descriptor each).", [("", Double(stats.nodes))])
+        metric("kmsfs_forget_requests_total", "counter", "Entries the daemon asked the kernel to forget to stay under its descriptor limit.",
+               [("", Double(stats.forgottenOnRequest))])
         let manager = filesystem.keyManager
         let aliases = Dictionary(((try? manager.listKeys()) ?? []).map { ($0.keyID, $0.aliases.first ?? "") }, uniquingKeysWith: { a, _ in a })
         let uses = manager.keyUseCounts.sorted { ($0.key.key.rawValue.hex, $0.key.event, $0.key.outcome) < ($1.key.key.rawValue.hex, $1.key.event, $1.key.outcome) }

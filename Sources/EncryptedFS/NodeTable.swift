@@ -38,6 +38,11 @@ final class Node: @unchecked Sendable {
     var fileID: ID128?
     /// A block or character device's number (from its record; it never changes).
     let device: dev_t
+    /// When the kernel last looked it up (the table's tick), and when the
+    /// daemon last asked the kernel to forget it: the oldest go first when
+    /// descriptors run short.
+    var lastUsed: UInt64 = 0
+    var evictedAt: UInt64 = 0
     /// Plaintext name → stored name for this directory. Name encryption is
     /// deterministic under the directory's key, so entries never go stale;
     /// the cache only spares a lookup's name being encrypted again by the
@@ -72,8 +77,13 @@ final class NodeTable: Sendable {
         var nodes: [NodeID: Node] = [:]
         var byInode: [InodeKey: NodeID] = [:]
         var next: UInt64 = 2
+        var tick: UInt64 = 0
     }
     private let state = Mutex(State())
+    /// Above this many nodes (each holds a descriptor) `pressure` is called.
+    let highWater = Atomic<Int>(Int.max)
+    /// Called, without the table's lock, when a new node takes the count above `highWater`.
+    nonisolated(unsafe) var pressure: (@Sendable () -> Void)?
 
     /// The backing root directory (an O_PATH descriptor, open for the table's life).
     let rootFD: Int32
@@ -102,26 +112,74 @@ final class NodeTable: Sendable {
             node.lookups += 1
             node.parent = parent
             node.name = name
+            s.tick += 1
+            node.lastUsed = s.tick
             return node
         }) { return existing }
-        let fd = try Syscall.openat(parentFD, storedName, KMSFS_O_PATH | O_NOFOLLOW)
+        let fd: Int32
+        do throws(Errno) {
+            fd = try Syscall.openat(parentFD, storedName, KMSFS_O_PATH | O_NOFOLLOW)
+        } catch where error == .tooManyOpenFiles || error == .tooManyOpenFilesInSystem {
+            // Out of descriptors: FORGETs the relief asked for are on their
+            // way; wait for some (at most 0.5 s) rather than fail the lookup.
+            fd = try openWaitingForDescriptors(parentFD, storedName)
+        }
         let fresh = try Syscall.fstat(fd)
         guard InodeKey(fresh) == key else {
             close(fd)
             throw .noSuchFileOrDirectory // replaced between stat and open
         }
-        return state.withLock { s in
+        let (node, count) = state.withLock { s -> (Node, Int) in
+            s.tick += 1
             if let id = s.byInode[key], let node = s.nodes[id] {
                 close(fd)
                 node.lookups += 1
-                return node
+                node.lastUsed = s.tick
+                return (node, s.nodes.count)
             }
             let node = Node(id: NodeID(rawValue: s.next), fd: fd, key: key, type: st.st_mode & S_IFMT, parent: parent, name: name, device: device)
             s.next += 1
             node.lookups = 1
+            node.lastUsed = s.tick
             s.nodes[node.id] = node
             s.byInode[key] = node.id
-            return node
+            return (node, s.nodes.count)
+        }
+        if count > highWater.load(ordering: .relaxed) { pressure?() }
+        return node
+    }
+
+    private func openWaitingForDescriptors(_ parentFD: Int32, _ storedName: FileName) throws(Errno) -> Int32 {
+        var lastError = Errno.tooManyOpenFiles
+        for _ in 0..<100 {
+            pressure?()
+            usleep(5_000)
+            do throws(Errno) {
+                return try Syscall.openat(parentFD, storedName, KMSFS_O_PATH | O_NOFOLLOW)
+            } catch where error == .tooManyOpenFiles || error == .tooManyOpenFilesInSystem {
+                lastError = error
+            }
+        }
+        throw lastError
+    }
+
+    /// Up to `n` nodes to ask the kernel to forget, least recently looked up
+    /// first: files, symlinks and devices before directories (forgetting a
+    /// directory's entry drops its cached children too), none asked in the
+    /// last `since` ticks. Each is marked as asked.
+    func evictionCandidates(_ n: Int, notAskedSince since: UInt64) -> [(parent: NodeID, name: FileName)] {
+        state.withLock { s in
+            let now = s.tick
+            let eligible = s.nodes.values.filter { node in
+                node.id != .root && node.parent != nil && (node.evictedAt == 0 || now - node.evictedAt > since)
+            }
+            let chosen = eligible.sorted { a, b in
+                a.isDirectory != b.isDirectory ? !a.isDirectory : a.lastUsed < b.lastUsed
+            }.prefix(n)
+            return chosen.compactMap { node in
+                node.evictedAt = now
+                return node.parent.map { ($0, node.name) }
+            }
         }
     }
 

@@ -73,6 +73,15 @@ public final class FUSESession: @unchecked Sendable {
         if result < 0 { throw MountError.loopFailed(result) }
     }
 
+    /// Asks the kernel to drop its cached entry `name` in directory `parent`
+    /// (and with it, once unused, the inode: a FORGET follows). Never call it
+    /// from a request of the same directory: it waits for the directory's lock.
+    /// 0, or -ENOENT when the kernel had no such entry cached.
+    public func invalidateEntry(parent: NodeID, name: FileName) -> Int32 {
+        guard let session else { return -ENODEV }
+        return name.withCString { fuse_lowlevel_notify_inval_entry(session, parent.rawValue, $0, name.count) }
+    }
+
     /// Asks the loop to end (as a signal would).
     public func exit() {
         if let session { fuse_session_exit(session) }

@@ -53,7 +53,7 @@ struct Mount: ParsableCommand {
             SecureHeap.prepare()
             // One descriptor per inode the kernel caches (as passthrough_ll):
             // a tree of many files needs far more than the usual 1,024.
-            _ = kmsfs_raise_open_file_limit(1 << 20)
+            let descriptorLimit = kmsfs_raise_open_file_limit(1 << 20)
             let manager = try KeyManager.open(in: keystore, passphrase: secret, clock: Clock.current)
             _ = consume secret
             _ = try manager.runSchedules()
@@ -114,6 +114,13 @@ struct Mount: ParsableCommand {
                execute: { [manager] command, peer in Invocation.runForwarded(command, as: peer, manager: manager, daemon: services) })
             rekey.start()
             defer { rekey.stop() }
+            // However many inodes the kernel caches, the daemon stays under its descriptor limit.
+            let relief = DescriptorRelief(filesystem: fs, limit: descriptorLimit > 0 ? descriptorLimit : 1024) { [session] parent, name in
+                session.invalidateEntry(parent: parent, name: name)
+            }
+            relief.start()
+            defer { relief.stop() }
+            fs.relief = relief
             let metrics = metricsFile.map {
                 MetricsWriter(path: URL(fileURLWithPath: $0).standardizedFileURL.path, interval: metricsInterval, filesystem: fs,
                               mountpoint: mount, started: started)

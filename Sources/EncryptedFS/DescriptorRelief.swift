@@ -1,0 +1,84 @@
+import CLinux
+import Dispatch
+import Foundation
+import FUSEBridge
+import Logging
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Keeps the daemon under its descriptor limit however many inodes the
+/// kernel caches. Each inode the kernel knows holds an `O_PATH` descriptor
+/// (as in libfuse's passthrough_ll), and the kernel forgets inodes only under
+/// memory pressure, so a tree of many files (an untar of 25,000 on a host
+/// whose limit is 20,000) ran the daemon out of descriptors: EMFILE for the
+/// next create. When the nodes pass a high-water mark, a thread of its own
+/// asks the kernel to drop the least recently looked-up entries
+/// (`fuse_lowlevel_notify_inval_entry`) down to a low-water mark; the kernel
+/// then sends FORGET for each inode no one uses, and its descriptor closes.
+/// Entries in use (open files, working directories) stay; they are asked
+/// again only after many more lookups. The thread is separate because the
+/// notification waits for the directory's lock, which a request being served
+/// may hold.
+public final class DescriptorRelief: @unchecked Sendable {
+    let nodes: NodeTable
+    let invalidate: @Sendable (NodeID, FileName) -> Int32
+    public let highWater: Int
+    public let lowWater: Int
+    private let wake = DispatchSemaphore(value: 0)
+    private let stopped = Atomic<Bool>(false)
+    private let done = DispatchSemaphore(value: 0)
+    /// Entries the kernel was asked to drop so far.
+    public let evictions = Atomic<Int>(0)
+    let logger = Logger(label: "kmsfs.relief")
+
+    /// `limit`: the process's descriptor limit. Past half of it in nodes the
+    /// kernel is asked to forget down to 30%: the rest is headroom for open
+    /// files, the keystore and sockets, and for lookups that outrun the
+    /// kernel's FORGETs (an invalidation waits for the directory's lock, so a
+    /// burst of lookups in one directory gains on it).
+    public init(filesystem: EncryptedFileSystem, limit: Int, invalidate: @escaping @Sendable (NodeID, FileName) -> Int32) {
+        nodes = filesystem.nodes
+        self.invalidate = invalidate
+        highWater = max(64, limit * 50 / 100)
+        lowWater = max(32, limit * 30 / 100)
+    }
+
+    public func start() {
+        nodes.highWater.store(highWater, ordering: .relaxed)
+        nodes.pressure = { [wake] in wake.signal() }
+        let thread = Thread { [self] in
+            while !stopped.load(ordering: .relaxed) {
+                _ = wake.wait(timeout: .now() + 1)
+                relieve()
+            }
+            done.signal()
+        }
+        thread.name = "kmsfs-relief"
+        thread.start()
+    }
+
+    public func stop() {
+        nodes.pressure = nil
+        nodes.highWater.store(Int.max, ordering: .relaxed)
+        stopped.store(true, ordering: .relaxed)
+        wake.signal()
+        done.wait()
+    }
+
+    func relieve() {
+        let count = nodes.count
+        guard count > highWater else { return }
+        // Not the same entries again before this many more lookups: the kernel keeps the ones in use.
+        let victims = nodes.evictionCandidates(count - lowWater, notAskedSince: UInt64(highWater))
+        var asked = 0, missing = 0
+        for victim in victims where !stopped.load(ordering: .relaxed) {
+            let rc = invalidate(victim.parent, victim.name)
+            if rc == 0 { asked += 1 } else { missing += 1 }
+        }
+        logger.debug("relief pass", metadata: ["before": .stringConvertible(count), "asked": .stringConvertible(asked),
+                                               "not cached": .stringConvertible(missing), "after": .stringConvertible(nodes.count)])
+        evictions.add(asked, ordering: .relaxed)
+    }
+}
