@@ -67,6 +67,19 @@ public final class DescriptorRelief: @unchecked Sendable {
         done.wait()
     }
 
+    /// Back-pressure, on a request's thread after its reply (the kernel
+    /// no longer holds the directory's lock): while the nodes are above the
+    /// high-water mark, the thread waits (at most 20 ms) so the relief's
+    /// invalidations get the lock between lookups instead of being outrun.
+    public func throttle() {
+        var waited = 0
+        while nodes.count > highWater, waited < 20, !stopped.load(ordering: .relaxed) {
+            if waited == 0 { wake.signal() }
+            usleep(1_000)
+            waited += 1
+        }
+    }
+
     func relieve() {
         let count = nodes.count
         guard count > highWater else { return }

@@ -77,6 +77,8 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
 
     var openFileKeys: [KeyID] { open.withLock { $0.files.values.map(\.keyID) } }
 
+    public func entryReplied() { relief?.throttle() }
+
     public var statistics: FilesystemStatistics {
         FilesystemStatistics(openFiles: open.withLock { $0.files.count }, nodes: nodes.count,
                              bytesRead: bytesRead.load(ordering: .relaxed), bytesWritten: bytesWritten.load(ordering: .relaxed),

@@ -91,6 +91,10 @@ public struct DirectoryEntry: Sendable {
 public protocol FileSystem: AnyObject, Sendable {
     func lookup(_ parent: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) -> EntryReply
     func forget(_ node: NodeID, _ count: UInt64)
+    /// Called on the request's thread after a reply that gave the kernel a
+    /// new entry (lookup, create, mkdir, mknod, symlink, link), once the
+    /// kernel has released the directory: where a filesystem may apply back-pressure.
+    func entryReplied()
     func getattr(_ node: NodeID, _ context: RequestContext) throws(Errno) -> (stat, Double)
     func setattr(_ node: NodeID, _ changes: AttributeChanges, handle: UInt64?, _ context: RequestContext) throws(Errno) -> (stat, Double)
     func readlink(_ node: NodeID, _ context: RequestContext) throws(Errno) -> [UInt8]
@@ -127,6 +131,7 @@ public protocol FileSystem: AnyObject, Sendable {
 }
 
 extension FileSystem {
+    public func entryReplied() {}
     public func forget(_ node: NodeID, _ count: UInt64) {}
     public func setattr(_ node: NodeID, _ changes: AttributeChanges, handle: UInt64?, _ context: RequestContext) throws(Errno) -> (stat, Double) { throw .noFunction }
     public func readlink(_ node: NodeID, _ context: RequestContext) throws(Errno) -> [UInt8] { throw .noFunction }

@@ -60,7 +60,10 @@ enum Operations {
         e.attr = entry.attributes
         e.attr_timeout = entry.attributeTimeout
         e.entry_timeout = entry.entryTimeout
+        // The request is freed by the reply: take the filesystem first.
+        let fs = Operations.fileSystem(req)
         fuse_reply_entry(req, &e)
+        fs.entryReplied()
     }
 
     /// A request's name, byte for byte.
@@ -199,9 +202,11 @@ enum Operations {
                 e.attr = entry.attributes
                 e.attr_timeout = entry.attributeTimeout
                 e.entry_timeout = entry.entryTimeout
+                let fs = Operations.fileSystem(req)  // the reply frees the request
                 if fuse_reply_create(req, &e, fi) == -ENOENT {
-                    Operations.fileSystem(req).release(entry.node, handle: opened.handle)
+                    fs.release(entry.node, handle: opened.handle)
                 }
+                fs.entryReplied()
             }
         }
         ops.read = { req, ino, size, offset, fi in
