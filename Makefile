@@ -2,7 +2,7 @@
 SWIFT ?= swift
 export PATH := /opt/swift/usr/bin:$(PATH)
 
-.PHONY: all deps build release install deb test demo demo-kms man bench bench-kms bench-cipher bench-keys bench-rekey bench-audit clean
+.PHONY: all deps build release install deb test demo demo-kms man bench bench-kms bench-scale bench-cipher bench-keys bench-rekey bench-audit clean
 
 all: build
 
@@ -53,6 +53,12 @@ bench-kms: deps
 man: deps
 	$(SWIFT) build --product kmsfs
 	scripts/man.sh
+
+## Growth: create/stat/unlink per file at 1k-100k files (SIZES=), flat and deep, memory per cached inode and open file, a 20 GiB file GiB by GiB (needs root).
+bench-scale: deps
+	scripts/install-deps.sh bc
+	$(SWIFT) build -c release --product kmsfs
+	bench/scale-bench.sh
 
 ## Seals and opens 256 MiB at 4–256 KiB chunks against `openssl speed` (release build).
 bench-cipher: deps

@@ -33,16 +33,16 @@ public final class DescriptorRelief: @unchecked Sendable {
     public let evictions = Atomic<Int>(0)
     let logger = Logger(label: "kmsfs.relief")
 
-    /// `limit`: the process's descriptor limit. Past half of it in nodes the
-    /// kernel is asked to forget down to 30%: the rest is headroom for open
-    /// files, the keystore and sockets, and for lookups that outrun the
-    /// kernel's FORGETs (an invalidation waits for the directory's lock, so a
-    /// burst of lookups in one directory gains on it).
+    /// `limit`: the process's descriptor limit. Past 70% of it in nodes the
+    /// kernel is asked to forget down to 50%: the rest is headroom for open
+    /// files, the keystore and sockets, and for lookups made while the
+    /// kernel's FORGETs are on their way (requests are held back meanwhile,
+    /// see `throttle`).
     public init(filesystem: EncryptedFileSystem, limit: Int, invalidate: @escaping @Sendable (NodeID, FileName) -> Int32) {
         nodes = filesystem.nodes
         self.invalidate = invalidate
-        highWater = max(64, limit * 50 / 100)
-        lowWater = max(32, limit * 30 / 100)
+        highWater = max(64, limit * 70 / 100)
+        lowWater = max(32, limit * 50 / 100)
     }
 
     public func start() {
