@@ -75,7 +75,8 @@ for n in $SIZES; do
     done
 done
 
-# Files held open at once: the daemon's memory per open file.
+# Files held open at once: the daemon's memory per open file (OPEN=0 skips it).
+[ "$OPEN" -gt 0 ] || exit 0
 fresh "$root"
 pid=$(daemon "$root")
 python3 - "$root/mnt" "$OPEN" "$pid" <<'PY'
@@ -94,7 +95,8 @@ print(f"{len(held)} files held open: {(rss() - before) / max(len(held), 1):.0f} 
 for fd in held: os.close(fd)
 PY
 
-# A large file: sparse, then filled and read back GiB by GiB (disk-backed).
+# A large file: sparse, then filled and read back GiB by GiB (disk-backed; STREAM_GIB=0 skips it).
+[ "$STREAM_GIB" -gt 0 ] || exit 0
 fresh "$disk"
 python3 - "$disk/mnt/big" "$STREAM_GIB" <<'PY'
 import os, sys, time

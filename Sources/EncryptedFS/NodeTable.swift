@@ -168,17 +168,19 @@ final class NodeTable: Sendable {
     /// directory's entry drops its cached children too), none asked in the
     /// last `since` ticks. Each is marked as asked.
     func evictionCandidates(_ n: Int, notAskedSince since: UInt64) -> [(parent: NodeID, name: FileName)] {
-        state.withLock { s in
+        // Copied under the lock, sorted outside it: on a host that allows a
+        // million descriptors the sort must not stall every request.
+        let (now, eligible) = state.withLock { s in
             let now = s.tick
-            let eligible = s.nodes.values.filter { node in
+            return (now, s.nodes.values.filter { node in
                 node.id != .root && node.parent != nil && (node.evictedAt == 0 || now - node.evictedAt > since)
-            }
-            let chosen = eligible.sorted { a, b in
-                a.isDirectory != b.isDirectory ? !a.isDirectory : a.lastUsed < b.lastUsed
-            }.prefix(n)
-            return chosen.compactMap { node in
-                node.evictedAt = now
-                return node.parent.map { ($0, node.name) }
+            }.map { (node: $0, directory: $0.isDirectory, used: $0.lastUsed) })
+        }
+        let chosen = eligible.sorted { a, b in a.directory != b.directory ? !a.directory : a.used < b.used }.prefix(n)
+        return state.withLock { _ in
+            chosen.compactMap { entry in
+                entry.node.evictedAt = now
+                return entry.node.parent.map { ($0, entry.node.name) }
             }
         }
     }
