@@ -25,6 +25,7 @@ public final class MetricsWriter: @unchecked Sendable {
     }
 
     public func start() {
+        filesystem.keyManager.countKeyUse()
         write()
         timer.schedule(deadline: .now() + interval, repeating: interval)
         timer.setEventHandler { [weak self] in self?.write() }

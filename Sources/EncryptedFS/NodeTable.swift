@@ -80,6 +80,9 @@ final class NodeTable: Sendable {
         var tick: UInt64 = 0
     }
     private let state = Mutex(State())
+    /// The number of nodes, kept beside the table so the relief's checks on
+    /// request threads take no lock (written under the table's lock).
+    private let population = Atomic<Int>(1)
     /// Above this many nodes (each holds a descriptor) `pressure` is called.
     let highWater = Atomic<Int>(Int.max)
     /// Called, without the table's lock, when a new node takes the count above `highWater`.
@@ -143,6 +146,7 @@ final class NodeTable: Sendable {
             node.lastUsed = s.tick
             s.nodes[node.id] = node
             s.byInode[key] = node.id
+            population.store(s.nodes.count, ordering: .relaxed)
             return (node, s.nodes.count)
         }
         if count > highWater.load(ordering: .relaxed) { pressure?() }
@@ -193,6 +197,7 @@ final class NodeTable: Sendable {
             if node.lookups == 0 {
                 s.nodes[id] = nil
                 if s.byInode[node.key] == id { s.byInode[node.key] = nil }
+                population.store(s.nodes.count, ordering: .relaxed)
             }
         }
     }
@@ -261,7 +266,7 @@ final class NodeTable: Sendable {
         }
     }
 
-    var count: Int { state.withLock { $0.nodes.count } }
+    var count: Int { population.load(ordering: .relaxed) }
 }
 
 /// A path in the mount as its components' bytes. Audit records show it as

@@ -258,7 +258,6 @@ protocol ExternalProvider: KeyProvider {
     /// Re-reads the state now.
     @discardableResult func refreshState() throws(KeyManagerError) -> String
     var lastKnownState: String? { get }
-    var callCounts: [String: Int] { get }
 }
 
 final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
@@ -272,7 +271,6 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
     struct State: ~Copyable {
         /// KMS's KeyState ("Enabled", "Disabled", "PendingDeletion", …) and when it was read.
         var external: (state: String, checkedAt: Double)?
-        var calls: [String: Int] = [:]
     }
     let state = Mutex(State())
     let intermediates: IntermediateKeyCache
@@ -287,14 +285,6 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
         intermediates = IntermediateKeyCache(store: store, clock: clock, maxAge: maxAge, maxFiles: maxFiles)
     }
 
-    private func call(_ operation: String, _ body: [String: Any]) throws(KeyManagerError) -> [String: Any] {
-        state.withLock { $0.calls[operation, default: 0] += 1 }
-        return try client.call(operation, body)
-    }
-
-    /// KMS calls made so far, by operation (for `status` and the benchmarks).
-    var callCounts: [String: Int] { state.withLock { $0.calls } }
-
     /// The encryption context of an intermediate key: what CloudTrail shows each call was for.
     func encryptionContext(_ key: KeyID, _ version: KeyVersion, _ id: ID128) -> [String: String] {
         ["kmsfs:filesystem": filesystemID.hex, "kmsfs:key": key.rawValue.hex, "kmsfs:version": String(version.rawValue), "kmsfs:intermediate": id.hex]
@@ -305,7 +295,7 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
     /// Reads the key's state in KMS (DescribeKey) and drops cached keys if it is not Enabled.
     @discardableResult
     func refreshState() throws(KeyManagerError) -> String {
-        let reply = try call("DescribeKey", ["KeyId": config.keyID])
+        let reply = try client.call("DescribeKey", ["KeyId": config.keyID])
         let metadata = reply["KeyMetadata"] as? [String: Any] ?? [:]
         let keyState = metadata["KeyState"] as? String ?? ((metadata["Enabled"] as? Bool) == false ? "Disabled" : "Enabled")
         state.withLock { $0.external = (keyState, clock()) }
@@ -330,7 +320,7 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
         // `get-public-key` and for verifiers who hold no AWS credentials.
         let reference = Array((config.arn ?? config.keyID).utf8)
         guard spec != .aes256 else { return ProviderMaterial(stored: reference, publicKey: nil) }
-        let reply = try call("GetPublicKey", ["KeyId": config.keyID])
+        let reply = try client.call("GetPublicKey", ["KeyId": config.keyID])
         guard (reply["KeySpec"] as? String ?? reply["CustomerMasterKeySpec"] as? String) == spec.rawValue,
               (reply["KeyUsage"] as? String) == "SIGN_VERIFY",
               let der = (reply["PublicKey"] as? String).flatMap({ Data(base64Encoded: $0) }), AsymmetricKeys.isPublicKey([UInt8](der)) else {
@@ -340,7 +330,7 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
     }
 
     /// AWS KMS signs messages of up to 4,096 bytes whole; longer ones are hashed here and sent as a digest.
-    private func message(_ message: [UInt8], spec: KeySpec) throws(KeyManagerError) -> [String: Any] {
+    private func messageFields(_ message: [UInt8], spec: KeySpec) throws(KeyManagerError) -> [String: Any] {
         message.count <= 4096 ? ["Message": Data(message).base64EncodedString(), "MessageType": "RAW"]
                               : ["Message": Data(try AsymmetricKeys.hash(message, for: spec)).base64EncodedString(), "MessageType": "DIGEST"]
     }
@@ -359,7 +349,7 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
                      stored: () throws(KeyManagerError) -> [UInt8]) throws(KeyManagerError) -> [UInt8] {
         if config.strict == true {
             let plaintext = dataKey.withUnsafeBytes { Data($0).base64EncodedString() }
-            let reply = try call("Encrypt", ["KeyId": config.keyID, "Plaintext": plaintext, "EncryptionContext": strictContext(key, version, context)])
+            let reply = try client.call("Encrypt", ["KeyId": config.keyID, "Plaintext": plaintext, "EncryptionContext": strictContext(key, version, context)])
             guard let blob = (reply["CiphertextBlob"] as? String).flatMap({ Data(base64Encoded: $0) }), blob.count + Self.strictMagic.count <= 256 else {
                 throw .provider(provider: name, code: "MalformedReply", message: "Encrypt answered without a ciphertext that fits a header (256 bytes)",
                                 remedy: "check --endpoint-url")
@@ -367,7 +357,7 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
             return Self.strictMagic + [UInt8](blob)
         }
         return try intermediates.wrap(dataKey, key: key, version: version, context: context) { (id) throws(KeyManagerError) in
-            let reply = try call("GenerateDataKey", ["KeyId": config.keyID, "KeySpec": "AES_256",
+            let reply = try client.call("GenerateDataKey", ["KeyId": config.keyID, "KeySpec": "AES_256",
                                                       "EncryptionContext": encryptionContext(key, version, id)])
             guard let blob = (reply["CiphertextBlob"] as? String).flatMap({ Data(base64Encoded: $0) }), let secret = AWSKMSClient.secret(reply) else {
                 throw .provider(provider: name, code: "MalformedReply", message: "GenerateDataKey answered without a 32-byte key", remedy: "check --endpoint-url")
@@ -382,7 +372,7 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
             let blob = Data(wrapped[Self.strictMagic.count...]).base64EncodedString()
             let reply: [String: Any]
             do throws(KeyManagerError) {
-                reply = try call("Decrypt", ["KeyId": config.keyID, "CiphertextBlob": blob, "EncryptionContext": strictContext(key, version, context)])
+                reply = try client.call("Decrypt", ["KeyId": config.keyID, "CiphertextBlob": blob, "EncryptionContext": strictContext(key, version, context)])
             } catch {
                 if case .provider(_, "InvalidCiphertextException", _, _) = error { return nil }
                 throw error
@@ -390,7 +380,7 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
             return AWSKMSClient.secret(reply)
         }
         return try intermediates.unwrap(wrapped, key: key, version: version, context: context) { (id, blob) throws(KeyManagerError) in
-            let reply = try call("Decrypt", ["KeyId": config.keyID, "CiphertextBlob": Data(blob).base64EncodedString(),
+            let reply = try client.call("Decrypt", ["KeyId": config.keyID, "CiphertextBlob": Data(blob).base64EncodedString(),
                                               "EncryptionContext": encryptionContext(key, version, id)])
             return AWSKMSClient.secret(reply)
         }
@@ -398,10 +388,10 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
 
     /// Signs in KMS (`Sign`); the signature is DER for ECDSA, as OpenSSL writes it.
     func sign(_ message: [UInt8], spec: KeySpec, key: KeyID, version: KeyVersion, stored: [UInt8]) throws(KeyManagerError) -> [UInt8] {
-        var body = try self.message(message, spec: spec)
+        var body = try messageFields(message, spec: spec)
         body["KeyId"] = config.keyID
         body["SigningAlgorithm"] = spec.signingAlgorithm
-        let reply = try call("Sign", body)
+        let reply = try client.call("Sign", body)
         guard let signature = (reply["Signature"] as? String).flatMap({ Data(base64Encoded: $0) }) else {
             throw .provider(provider: name, code: "MalformedReply", message: "Sign answered without a signature", remedy: "check --endpoint-url")
         }
@@ -410,12 +400,12 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
 
     /// Verifies in KMS (`Verify`), so CloudTrail records it and KMS's key state decides.
     func verify(_ message: [UInt8], signature: [UInt8], spec: KeySpec, key: KeyID, version: KeyVersion) throws(KeyManagerError) -> Bool? {
-        var body = try self.message(message, spec: spec)
+        var body = try messageFields(message, spec: spec)
         body["KeyId"] = config.keyID
         body["SigningAlgorithm"] = spec.signingAlgorithm
         body["Signature"] = Data(signature).base64EncodedString()
         do throws(KeyManagerError) {
-            return try call("Verify", body)["SignatureValid"] as? Bool == true
+            return try client.call("Verify", body)["SignatureValid"] as? Bool == true
         } catch {
             if case .provider(_, "KMSInvalidSignatureException", _, _) = error { return false }
             throw error
@@ -429,7 +419,7 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
                    to target: any KeyProvider, key targetKey: KeyID, version targetVersion: KeyVersion, context targetContext: [UInt8]) throws(KeyManagerError) -> [UInt8]? {
         guard config.strict == true, wrapped.starts(with: Self.strictMagic), let other = target as? AWSKMSProvider, other.config.strict == true,
               other.config.endpointURL == config.endpointURL, other.config.region == config.region, other.config.profile == config.profile else { return nil }
-        let reply = try call("ReEncrypt", ["CiphertextBlob": Data(wrapped[Self.strictMagic.count...]).base64EncodedString(),
+        let reply = try client.call("ReEncrypt", ["CiphertextBlob": Data(wrapped[Self.strictMagic.count...]).base64EncodedString(),
                                            "SourceKeyId": config.keyID, "SourceEncryptionContext": strictContext(key, version, context),
                                            "DestinationKeyId": other.config.keyID,
                                            "DestinationEncryptionContext": other.strictContext(targetKey, targetVersion, targetContext)])
@@ -444,7 +434,7 @@ final class AWSKMSProvider: ExternalProvider, @unchecked Sendable {
     /// how often; nil for keys KMS cannot rotate (asymmetric ones).
     func rotationStatus() throws(KeyManagerError) -> (enabled: Bool, periodDays: Int?)? {
         let reply: [String: Any]
-        do throws(KeyManagerError) { reply = try call("GetKeyRotationStatus", ["KeyId": config.keyID]) } catch {
+        do throws(KeyManagerError) { reply = try client.call("GetKeyRotationStatus", ["KeyId": config.keyID]) } catch {
             if case .provider(_, "UnsupportedOperationException", _, _) = error { return nil }
             throw error
         }

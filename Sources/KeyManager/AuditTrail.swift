@@ -110,7 +110,9 @@ extension KeyManager {
         var event = event
         if let path = event.path { event.path = storedAuditPath(path) }
         observeForAlerts(event)
-        if let key = event.key { keyUse.withLock { $0[KeyUse(event: event.event, outcome: event.outcome, key: key), default: 0] += 1 } }
+        if let key = event.key, countsKeyUse.load(ordering: .relaxed) {
+            keyUse.withLock { $0[KeyUse(event: event.event, outcome: event.outcome, key: key), default: 0] += 1 }
+        }
         if !auditsRoutineUse.load(ordering: .relaxed), event.outcome == "success",
            event.event == "Decrypt" || event.event == "GenerateDataKey" { return }
         if let journal {

@@ -60,10 +60,6 @@ extension KeyManager {
         try externalProvider(try resolve(reference))?.config
     }
 
-    /// KMS calls made by this process for `reference` (GenerateDataKey, Decrypt, DescribeKey).
-    public func externalCalls(_ reference: String) throws(KeyManagerError) -> [String: Int] {
-        try externalProvider(try resolve(reference))?.callCounts ?? [:]
-    }
 
     /// Refuses a data-key action when the key is not Enabled in its external KMS.
     func checkExternalState(_ record: KeyRecord, _ action: LifecycleAction) throws(KeyManagerError) {

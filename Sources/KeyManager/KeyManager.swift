@@ -57,8 +57,13 @@ public final class KeyManager: @unchecked Sendable {
     let local: LocalKeyProvider
     /// External providers, by key (nil: the key is local). Loaded once per key: where a key lives never changes.
     let externalProviders = Mutex<[KeyID: (any ExternalProvider)?]>([:])
-    /// Key uses audited by this process, by event, outcome and key (`keyUseCounts`).
+    /// Key uses audited by this process, by event, outcome and key
+    /// (`keyUseCounts`), counted only once something reads them
+    /// (`countKeyUse()`): no lock and no hashing per create otherwise.
     let keyUse = Mutex<[KeyUse: Int]>([:])
+    let countsKeyUse = Atomic<Bool>(false)
+    /// Starts counting key uses (the mount's metrics writer calls it).
+    public func countKeyUse() { countsKeyUse.store(true, ordering: .relaxed) }
     /// Key uses audited by this process so far: data keys generated and
     /// unwrapped, rewraps, denials and refusals, by key.
     public var keyUseCounts: [KeyUse: Int] { keyUse.withLock { $0 } }

@@ -4,14 +4,16 @@ import Foundation
 import Synchronization
 
 /// A kmsfs master key held in a PKCS#11 token (an HSM; SoftHSM in the
-/// tests): AES-256 generated inside the token, non-extractable and
-/// sensitive, and every data key wrapped *inside* the token with AES-GCM:
+/// tests): AES-256 (or a signing key pair) generated inside the token,
+/// non-extractable and sensitive. Data keys are wrapped under intermediate
+/// keys the token seals with AES-GCM (IntermediateKeyCache: one C_Encrypt
+/// per 5 minutes or 100,000 files, not one per create — a network HSM's
+/// round trip costs what KMS's does), or with `--strict` each inside the token:
 ///
 ///     "P1" ‖ 0x01 ‖ nonce (12) ‖ GCM(data key) ‖ tag (16)    (63 bytes)
 ///
 /// with the data-key context (filesystem, object, key, version) as the
-/// additional data. The token is local (a library in the daemon's process),
-/// so a create costs one C_Encrypt, not a network round trip. The PIN is read
+/// additional data. The PIN is read
 /// from the key's PIN file at each login, never from the command line. The
 /// session's state is checked at first use and every poll interval: a token
 /// that is gone or logged out refuses like a Disabled key (EKEYREVOKED),
@@ -30,7 +32,6 @@ final class PKCS11Provider: ExternalProvider, @unchecked Sendable {
     private struct State {
         var handle: Handle?
         var external: (state: String, checkedAt: Double)?
-        var calls: [String: Int] = [:]
     }
     private let state = Mutex(State())
     static let magic: [UInt8] = [UInt8(ascii: "P"), UInt8(ascii: "1"), 1]
@@ -89,7 +90,6 @@ final class PKCS11Provider: ExternalProvider, @unchecked Sendable {
         }
     }
 
-    private func count(_ operation: String) { state.withLock { $0.calls[operation, default: 0] += 1 } }
 
     /// Makes the token key — an AES-256 secret key, or for a SIGN_VERIFY spec
     /// a key pair — or checks an existing one given with --object-label.
@@ -109,7 +109,6 @@ final class PKCS11Provider: ExternalProvider, @unchecked Sendable {
             throw error("NotFoundException", "the token has no \(pair ? "private key" : "secret key") labelled '\(label)'", remedy: "check --object-label and --spec")
         }
         if pair {
-            count("C_GenerateKeyPair")
             let bits: Int32 = switch spec { case .rsa2048: 2048; case .rsa3072: 3072; case .rsa4096: 4096; default: 0 }
             let curve = DER.curve(spec) ?? []
             guard kmsfs_p11_generate_pair(h.pointer, label, bits, curve, curve.count, &message, message.count) == 0 else {
@@ -117,7 +116,6 @@ final class PKCS11Provider: ExternalProvider, @unchecked Sendable {
             }
             return
         }
-        count("C_GenerateKey")
         guard kmsfs_p11_generate_aes(h.pointer, label, &message, message.count) == 0 else { throw error("TokenError", Self.text(message)) }
     }
 
@@ -139,7 +137,6 @@ final class PKCS11Provider: ExternalProvider, @unchecked Sendable {
         var first = [UInt8](repeating: 0, count: 1024), second = [UInt8](repeating: 0, count: 1024)
         var firstLength = first.count, secondLength = second.count
         var message = [CChar](repeating: 0, count: 512)
-        count("C_GetAttributeValue")
         guard kmsfs_p11_public_key(h.pointer, label, &isRSA, &first, &firstLength, &second, &secondLength, &message, message.count) == 0 else {
             throw error("TokenError", Self.text(message))
         }
@@ -168,9 +165,7 @@ final class PKCS11Provider: ExternalProvider, @unchecked Sendable {
     func refreshState() throws(KeyManagerError) -> String {
         var message = [CChar](repeating: 0, count: 512)
         var now = "Enabled"
-        count("C_GetSessionInfo")
         if let h = state.withLock({ $0.handle }) {
-            count("C_FindObjects")
             if kmsfs_p11_check(h.pointer, label, &message, message.count) != 0 {
                 state.withLock { $0.handle = nil }
                 now = "Unavailable"
@@ -190,7 +185,6 @@ final class PKCS11Provider: ExternalProvider, @unchecked Sendable {
     }
 
     var lastKnownState: String? { state.withLock { $0.external?.state } }
-    var callCounts: [String: Int] { state.withLock { $0.calls } }
 
     // MARK: KeyProvider
 
@@ -207,7 +201,6 @@ final class PKCS11Provider: ExternalProvider, @unchecked Sendable {
         var out = [UInt8](repeating: 0, count: plaintext.count + 32)
         var outLength = out.count
         var message = [CChar](repeating: 0, count: 512)
-        count("C_Encrypt")
         let rc = kmsfs_p11_gcm_encrypt(h.pointer, label, nonce, aad, aad.count, plaintext.baseAddress?.assumingMemoryBound(to: UInt8.self), plaintext.count,
                                        &out, &outLength, &message, message.count)
         guard rc == 0, outLength == plaintext.count + 16 else { throw error("TokenError", Self.text(message)) }
@@ -222,7 +215,6 @@ final class PKCS11Provider: ExternalProvider, @unchecked Sendable {
         let nonce = Array(sealed[0..<12]), body = Array(sealed[12...])
         let plainCount = body.count - 16
         var message = [CChar](repeating: 0, count: 512)
-        count("C_Decrypt")
         var result: Int32 = 0
         let secret = SecretKey(count: plainCount) { out in
             var length = body.count
@@ -280,7 +272,6 @@ final class PKCS11Provider: ExternalProvider, @unchecked Sendable {
         var out = [UInt8](repeating: 0, count: 1024)
         var length = out.count
         var text = [CChar](repeating: 0, count: 512)
-        count("C_Sign")
         guard kmsfs_p11_sign(h.pointer, label, rsa ? 1 : 0, input, input.count, &out, &length, &text, text.count) == 0 else {
             throw error("TokenError", Self.text(text))
         }

@@ -21,7 +21,8 @@ public enum SecurityFindings {
         }
     }
 
-    static func iso(_ t: Double) -> String {
+    /// `t` (seconds since 1970) as ISO 8601 UTC with milliseconds, 2026-12-04T18:19:23.125Z: how kmsfs prints times in JSON.
+    public static func iso(_ t: Double) -> String {
         Date(timeIntervalSince1970: t).formatted(Date.ISO8601FormatStyle(includingFractionalSeconds: true))
     }
 

@@ -1,3 +1,4 @@
+import ChunkCipher
 import COpenSSL
 import Foundation
 
@@ -137,12 +138,7 @@ public struct SigV4Signer: Sendable {
         return out
     }
 
-    static func sha256(_ data: [UInt8]) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: 32)
-        var length: UInt32 = 0
-        guard EVP_Digest(data, data.count, &out, &length, EVP_sha256(), nil) == 1 else { preconditionFailure("SHA-256") }
-        return out
-    }
+    static func sha256(_ data: [UInt8]) -> [UInt8] { KeyDerivation.sha256(data) }
 
     static func hmac(_ key: [UInt8], _ message: [UInt8]) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: 32)

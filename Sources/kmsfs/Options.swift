@@ -152,9 +152,7 @@ enum Output {
     }
 
     /// `t` (seconds since 1970) as ISO 8601 UTC with milliseconds: 2026-12-04T18:19:23.125Z.
-    static func isoDate(_ t: Double) -> String {
-        Date(timeIntervalSince1970: t).formatted(Date.ISO8601FormatStyle(includingFractionalSeconds: true))
-    }
+    static func isoDate(_ t: Double) -> String { SecurityFindings.iso(t) }
 
     static func date(_ t: Double?) -> String {
         guard let t else { return "-" }
