@@ -115,6 +115,13 @@ public protocol FileSystem: AnyObject, Sendable {
     func opendir(_ node: NodeID, _ context: RequestContext) throws(Errno) -> UInt64
     /// Lists entries from `offset`; `add` returns false when the reply buffer is full.
     func readdir(_ node: NodeID, handle: UInt64, offset: Int64, _ add: (DirectoryEntry) -> Bool) throws(Errno)
+    /// READDIRPLUS: lists entries from `offset`, each with what a lookup of
+    /// it would reply (nil for "." and "..", or an entry gone meanwhile), so
+    /// the kernel needs no LOOKUP or GETATTR for what it lists. `add`
+    /// returns false when the reply buffer is full; the filesystem then
+    /// takes back the lookup it made for that entry.
+    func readdirplus(_ node: NodeID, handle: UInt64, offset: Int64, _ context: RequestContext,
+                     _ add: (DirectoryEntry, EntryReply?) -> Bool) throws(Errno)
     func releasedir(_ node: NodeID, handle: UInt64)
     func statfs(_ node: NodeID) throws(Errno) -> statvfs
     /// access(2) with `mask` (R_OK, W_OK, X_OK or F_OK). The kernel asks only
@@ -147,6 +154,10 @@ extension FileSystem {
     public func release(_ node: NodeID, handle: UInt64) {}
     public func fsync(_ node: NodeID, handle: UInt64, dataOnly: Bool) throws(Errno) {}
     public func releasedir(_ node: NodeID, handle: UInt64) {}
+    public func readdirplus(_ node: NodeID, handle: UInt64, offset: Int64, _ context: RequestContext,
+                            _ add: (DirectoryEntry, EntryReply?) -> Bool) throws(Errno) {
+        try readdir(node, handle: handle, offset: offset) { add($0, nil) }
+    }
     public func access(_ node: NodeID, mask: Int32, _ context: RequestContext) throws(Errno) { throw .noFunction }
     public func setxattr(_ node: NodeID, _ name: FileName, value: UnsafeRawBufferPointer, flags: Int32, _ context: RequestContext) throws(Errno) { throw .notSupported }
     public func getxattr(_ node: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) -> [UInt8] { throw .notSupported }

@@ -53,13 +53,18 @@ enum Operations {
         }
     }
 
-    static func replyEntry(_ req: fuse_req_t?, _ entry: EntryReply) {
+    static func entryParam(_ entry: EntryReply) -> fuse_entry_param {
         var e = fuse_entry_param()
         e.ino = entry.node.rawValue
         e.generation = entry.generation
         e.attr = entry.attributes
         e.attr_timeout = entry.attributeTimeout
         e.entry_timeout = entry.entryTimeout
+        return e
+    }
+
+    static func replyEntry(_ req: fuse_req_t?, _ entry: EntryReply) {
+        var e = entryParam(entry)
         // The request is freed by the reply: take the filesystem first.
         let fs = Operations.fileSystem(req)
         fuse_reply_entry(req, &e)
@@ -266,6 +271,32 @@ enum Operations {
                     return true
                 }
                 fuse_reply_buf(req, buffer, used)
+            }
+        }
+        ops.readdirplus = { req, ino, size, offset, fi in
+            Operations.reply(req) { () throws(Errno) in
+                let buffer = UnsafeMutablePointer<CChar>.allocate(capacity: size)
+                defer { buffer.deallocate() }
+                var used = 0
+                var entries = false
+                let fs = Operations.fileSystem(req)
+                try fs.readdirplus(NodeID(rawValue: ino), handle: fi?.pointee.fh ?? 0, offset: Int64(offset), Operations.context(req)) { entry, reply in
+                    // Without a reply (".", ".."), node id 0: the kernel takes the name and type only.
+                    var e = reply.map(Operations.entryParam) ?? fuse_entry_param()
+                    if reply == nil {
+                        e.attr.st_ino = ino_t(entry.inode)
+                        e.attr.st_mode = entry.type
+                    }
+                    let needed = entry.name.withCString {
+                        fuse_add_direntry_plus(req, buffer + used, size - used, $0, &e, off_t(entry.nextOffset))
+                    }
+                    guard needed <= size - used else { return false }
+                    used += needed
+                    if reply != nil { entries = true }
+                    return true
+                }
+                fuse_reply_buf(req, buffer, used)
+                if entries { fs.entryReplied() }
             }
         }
         ops.releasedir = { req, ino, fi in
