@@ -1,0 +1,94 @@
+import ChunkCipher
+import FUSEBridge
+import KeyManager
+import Logging
+import CLinux
+import SystemPackage
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Listing directories (READDIR and READDIRPLUS).
+extension EncryptedFileSystem {
+    public func opendir(_ id: NodeID, _ context: RequestContext) throws(Errno) -> UInt64 {
+        let node = try nodes.node(id)
+        let dir = plaintextNames ? nil : try directoryKeys(node, context)
+        var entries = [DirectoryEntry(name: ".", inode: node.key.inode, type: S_IFDIR, nextOffset: 1),
+                       DirectoryEntry(name: "..", inode: UInt64((try? Syscall.fstatat(node.fd, "..").st_ino) ?? 1), type: S_IFDIR, nextOffset: 2)]
+        var stored: [FileName?] = [nil, nil]
+        var damaged = 0
+        let backing = try Syscall.listDirectory(node.fd)
+        let holdsDevices = backing.contains { $0.name == DeviceNode.marker }
+        for raw in backing {
+            switch decodeName(raw.name, inDirectory: node.fd, keys: dir) {
+            case .name(let name):
+                var type = mode_t(raw.type) << 12
+                if holdsDevices, raw.type == DT_REG, let st = try? Syscall.fstatat(node.fd, raw.name), DeviceNode.mayBeRecord(st),
+                   let device = deviceNode(in: node.fd, stored: raw.name, path: nil, context) {
+                    type = device.type
+                }
+                entries.append(DirectoryEntry(name: name, inode: raw.inode, type: type, nextOffset: Int64(entries.count + 1)))
+                stored.append(raw.name)
+            case .internalEntry:
+                continue
+            case .damaged:
+                damaged += 1
+            }
+        }
+        if damaged > 0 {
+            // Tampered or foreign names: audited, and the listing ends in EIO
+            // after the intact entries, so tools see the damage instead of a
+            // directory that silently looks smaller.
+            integrityFailure(.integrityFailure(.name), object: dir?.directoryID, what: "\(damaged) name(s) in a directory",
+                             key: dir?.keyID, path: nodes.path(of: id).description, principal: principal(context))
+        }
+        return open.withLock { s in
+            let handle = s.next
+            s.next += 1
+            s.directories[handle] = Listing(entries: entries, stored: stored, damaged: damaged)
+            return handle
+        }
+    }
+
+    public func readdir(_ id: NodeID, handle: UInt64, offset: Int64, _ add: (DirectoryEntry) -> Bool) throws(Errno) {
+        guard let listing = open.withLock({ $0.directories[handle] }) else { throw .badFileDescriptor }
+        // Past the last intact entry, a directory with damaged names answers EIO.
+        if Int(offset) >= listing.entries.count, listing.damaged > 0 { throw .ioError }
+        var i = Int(offset)
+        while i < listing.entries.count, add(listing.entries[i]) { i += 1 }
+    }
+
+    /// READDIRPLUS: each entry with its lookup, so that `ls -l`, `find`
+    /// and `rm -rf` cost no LOOKUP and GETATTR round trip per name. An entry
+    /// removed since opendir is listed without attributes (as readdir would
+    /// list it); a lookup the full buffer leaves out is taken back.
+    public func readdirplus(_ id: NodeID, handle: UInt64, offset: Int64, _ context: RequestContext,
+                            _ add: (DirectoryEntry, EntryReply?) -> Bool) throws(Errno) {
+        guard let listing = open.withLock({ $0.directories[handle] }) else { throw .badFileDescriptor }
+        if Int(offset) >= listing.entries.count, listing.damaged > 0 { throw .ioError }
+        let dir = try nodes.node(id)
+        var i = Int(offset)
+        while i < listing.entries.count {
+            let entry = listing.entries[i]
+            let reply = listing.stored[i].flatMap { try? lookup(stored: $0, name: entry.name, in: dir, id, context) }
+            guard add(entry, reply) else {
+                if let reply { nodes.forget(reply.node, 1) }
+                return
+            }
+            i += 1
+        }
+    }
+
+    /// An open directory: its decrypted entries, their stored names (nil for
+    /// "." and ".."), and how many names did not authenticate.
+    struct Listing {
+        var entries: [DirectoryEntry]
+        var stored: [FileName?]
+        var damaged: Int
+    }
+
+    public func releasedir(_ id: NodeID, handle: UInt64) {
+        open.withLock { _ = $0.directories.removeValue(forKey: handle) }
+    }
+}

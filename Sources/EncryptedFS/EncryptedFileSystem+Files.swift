@@ -1,0 +1,253 @@
+import ChunkCipher
+import FUSEBridge
+import KeyManager
+import Logging
+import CLinux
+import SystemPackage
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Regular files: create, open, read, write, flush, sync, release; the open-file table.
+extension EncryptedFileSystem {
+    public func create(_ parent: NodeID, _ name: FileName, mode: mode_t, flags: Int32, _ context: RequestContext) throws(Errno) -> (EntryReply, OpenReply) {
+        let dir = try nodes.node(parent)
+        let stored = try storedName(name, in: dir, context)
+        let directory = nodes.path(of: parent)
+        let key = try keys { () throws(KeyManagerError) in try keyManager.boundKey(forDirectory: directory.bindingPath) }
+        let fileID = FileID.random()
+        let who = principal(context)
+        let path = directory.appending(name).description
+        let dataKey = try keys { () throws(KeyManagerError) in
+            try keyManager.generateDataKey(for: fileID.rawValue, kind: .file, key: key, principal: who, path: path)
+        }
+        var header = FileHeader(chunkSizeLog2: layout.chunkSizeLog2, fileID: fileID, keyID: dataKey.keyID,
+                                keyVersion: dataKey.version, wrappedKey: dataKey.wrapped)
+        let cipher: FileCipher
+        let headerBytes: [UInt8]
+        do throws(CipherError) {
+            cipher = try FileCipher(key: dataKey.key, fileID: fileID, layout: layout)
+            try cipher.seal(header: &header, plaintextSize: 0)
+            headerBytes = try header.encoded()
+        } catch {
+            try? keyManager.forgetUsage(fileID.rawValue)
+            throw .ioError
+        }
+        try writeSidecar(stored, plaintext: name, in: dir, context)
+        let fd: Int32
+        do throws(Errno) {
+            fd = try Syscall.openat(dir.fd, stored, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, mode & 0o7777)
+        } catch {
+            try? keyManager.forgetUsage(fileID.rawValue)
+            throw error
+        }
+        let file: OpenFile
+        let st: stat
+        do throws(Errno) {
+            try Syscall.pwrite(fd, headerBytes, at: 0)
+            adopt(dir, stored, context)
+            st = try Syscall.fstat(fd)
+            file = try OpenFile(fd: fd, writable: true, header: header, cipher: cipher, stat: st, sealedHere: 0,
+                                onIntegrityFailure: failureHandler(fileID, key, path: path, opener: who))
+        } catch {
+            close(fd)
+            Syscall.unlinkQuietly(dir.fd, stored)
+            try? keyManager.forgetUsage(fileID.rawValue)
+            throw error
+        }
+        let handle = open.withLock { s -> UInt64 in
+            let shared = s.files[file.inode] ?? file
+            s.files[file.inode] = shared
+            shared.handles += 1
+            let h = s.next
+            s.next += 1
+            s.handles[h] = shared
+            return h
+        }
+        let node = try nodes.remember(parentFD: dir.fd, storedName: stored, st: st, parent: parent, name: name)
+        nodes.noteFileID(fileID.rawValue, of: node)
+        return (entry(node, st, context), OpenReply(handle: handle))
+    }
+
+    /// What an open file calls when a chunk fails authentication; `path` is
+    /// the file's path when it was opened (nil when audit paths are off).
+    /// The record names the reader when the failure came from a read, else whoever opened the file.
+    func failureHandler(_ fileID: FileID, _ key: KeyID, path: String?, opener: Principal) -> @Sendable (CipherError, Principal?) -> Void {
+        { [weak self] error, reader in
+            self?.integrityFailure(error, object: fileID.rawValue, what: "file", key: key, path: path, principal: reader ?? opener)
+        }
+    }
+
+    /// The shared open state of a regular file, opening and authenticating it
+    /// if no handle holds it; checks policy and key state either way.
+    func openFile(_ node: Node, flags: Int32, _ context: RequestContext) throws(Errno) -> OpenFile {
+        guard node.isRegular else { throw node.isDirectory ? .isDirectory : .invalidArgument }
+        let who = principal(context)
+        return try openShared(node.key) { () throws(Errno) -> OpenFile? in
+            if let shared = pinOpen(node.key) {
+                do throws(Errno) {
+                    try keys { () throws(KeyManagerError) in
+                        try keyManager.checkUse(who, .decrypt, key: shared.keyID, version: shared.keyVersion, object: shared.fileID.rawValue) { self.nodes.filePath(of: node) }
+                    }
+                    if !shared.writable, flags & O_ACCMODE != O_RDONLY { throw Errno.permissionDenied }
+                } catch {
+                    releaseFile(shared)
+                    throw error
+                }
+                return shared
+            }
+            return nil
+        } make: { () throws(Errno) -> OpenFile in
+            var writable = true
+            var fd: Int32
+            do throws(Errno) { fd = try Syscall.openat(AT_FDCWD, node.procPath, O_RDWR) } catch {
+                guard error == .permissionDenied || error == .readOnlyFileSystem else { throw error }
+                writable = false
+                fd = try Syscall.openat(AT_FDCWD, node.procPath, O_RDONLY)
+            }
+            let path = keyManager.auditPathMode() == .off ? nil : nodes.filePath(of: node)
+            let file = try makeOpenFile(fd: fd, writable: writable, principal: who, path: path)
+            nodes.noteFileID(file.fileID.rawValue, of: node)
+            if !writable, flags & O_ACCMODE != O_RDONLY { throw .permissionDenied }  // `file` closes fd
+            return file
+        }
+    }
+
+    /// The open state of inode `key`: the one in the table (`existing`, which
+    /// pins it) or, if none, a new one from `make`, put in the table. Both
+    /// run under the inode's creation lock, so a state built from the disk
+    /// can never be put in the table after another state for the same inode
+    /// was created, written through and dropped meanwhile (it would hold a
+    /// stale size and tail: two states of one file, each overwriting the other's chunks).
+    func openShared(_ key: InodeKey, existing: () throws(Errno) -> OpenFile?, make: () throws(Errno) -> OpenFile) throws(Errno) -> OpenFile {
+        try creationLocks[Int(key.inode % UInt64(creationLocks.count))].writing { () throws(Errno) -> OpenFile in
+            if let shared = try existing() { return shared }
+            return share(try make())
+        }
+    }
+
+    /// Puts `file` in the open-file table, or returns the one another thread
+    /// put there first; either way with one more handle.
+    func share(_ file: OpenFile) -> OpenFile {
+        open.withLock { s in
+            let shared = s.files[file.inode] ?? file
+            s.files[file.inode] = shared
+            shared.handles += 1
+            return shared
+        }
+    }
+
+    /// The open file held for the backing inode of `fd`, with one more handle, if any.
+    func pinOpen(_ key: InodeKey) -> OpenFile? {
+        open.withLock { s in
+            guard let f = s.files[key] else { return nil }
+            f.handles += 1
+            return f
+        }
+    }
+
+    /// Reads and authenticates the header of backing file `fd`, unwraps its
+    /// data key for `principal` and makes its open state (which owns `fd`;
+    /// on failure `fd` is closed).
+    /// `rekeying`: opened by the rekey job, which may unwrap a cut-off version to move the file off it.
+    func makeOpenFile(fd: Int32, writable: Bool, principal who: Principal, path: String? = nil, rekeying: Bool = false) throws(Errno) -> OpenFile {
+        let header: FileHeader
+        do throws(Errno) {
+            let raw = try Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0)
+            do throws(CipherError) { header = try FileHeader(decoding: raw) } catch {
+                integrityFailure(error, object: nil, what: "file header", path: path, principal: who)
+                throw Errno.ioError
+            }
+        } catch {
+            close(fd)
+            throw error
+        }
+        do throws(Errno) {
+            let dataKey = try keys { () throws(KeyManagerError) in
+                try keyManager.decryptDataKey(header.wrappedKey, for: header.fileID.rawValue, key: header.keyID,
+                                              version: header.keyVersion, principal: who, path: path, movingOffCutOff: rekeying)
+            }
+            let cipher: FileCipher
+            do throws(CipherError) { cipher = try FileCipher(key: dataKey, fileID: header.fileID, layout: layout) } catch { throw Errno.ioError }
+            return try OpenFile(fd: fd, writable: writable, header: header, cipher: cipher,
+                                onIntegrityFailure: failureHandler(header.fileID, header.keyID, path: path, opener: who))
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+
+    /// Drops one handle's hold; the last one seals the length, closes the
+    /// file and frees its key.
+    func releaseFile(_ file: OpenFile) {
+        do throws(Errno) { try file.sealLength() } catch {
+            logger.error("could not seal a file's length at release", metadata: ["file": "\(file.fileID)", "error": "\(error)"])
+        }
+        open.withLock { s in
+            file.handles -= 1
+            if file.handles <= 0, s.files[file.inode] === file {
+                s.files[file.inode] = nil
+            }
+        }
+    }
+
+    public func open(_ id: NodeID, flags: Int32, _ context: RequestContext) throws(Errno) -> OpenReply {
+        let node = try nodes.node(id)
+        let file = try openFile(node, flags: flags, context)
+        if flags & O_TRUNC != 0 {
+            do throws(Errno) { try file.truncate(to: 0) } catch {
+                releaseFile(file)
+                throw error
+            }
+        }
+        let handle = open.withLock { s -> UInt64 in
+            let h = s.next
+            s.next += 1
+            s.handles[h] = file
+            return h
+        }
+        return OpenReply(handle: handle)
+    }
+
+    func file(_ handle: UInt64) throws(Errno) -> OpenFile {
+        guard let file = open.withLock({ $0.handles[handle] }) else { throw .badFileDescriptor }
+        return file
+    }
+
+    public func read(_ id: NodeID, handle: UInt64, size: Int, offset: Int64, _ context: RequestContext,
+                     _ reply: (UnsafeRawBufferPointer) -> Void) throws(Errno) {
+        let file = try file(handle)
+        try file.read(offset: Int(offset), count: size, by: principal(context)) { bytes in
+            bytesRead.add(bytes.count, ordering: .relaxed)
+            reply(bytes)
+        }
+    }
+
+    public func write(_ id: NodeID, handle: UInt64, data: UnsafeRawBufferPointer, offset: Int64, _ context: RequestContext) throws(Errno) -> Int {
+        let file = try file(handle)
+        let n = try file.write(data, at: Int(offset))
+        bytesWritten.add(n, ordering: .relaxed)
+        return n
+    }
+
+    public func flush(_ id: NodeID, handle: UInt64, _ context: RequestContext) throws(Errno) {
+        try file(handle).sealLength()
+    }
+
+    public func fsync(_ id: NodeID, handle: UInt64, dataOnly: Bool) throws(Errno) {
+        try file(handle).sync(dataOnly: dataOnly)
+    }
+
+    public func release(_ id: NodeID, handle: UInt64) {
+        guard let file = open.withLock({ $0.handles.removeValue(forKey: handle) }) else { return }
+        releaseFile(file)
+    }
+
+    public func fallocate(_ id: NodeID, handle: UInt64, mode: Int32, offset: Int64, length: Int64, _ context: RequestContext) throws(Errno) {
+        guard mode == 0 else { throw .notSupported }
+        let file = try file(handle)
+        let end = Int(offset + length)
+        if end > file.size { try file.truncate(to: end) }
+    }
+}

@@ -1,0 +1,80 @@
+import ChunkCipher
+import CLinux
+import Dispatch
+import Foundation
+import FUSEBridge
+import KeyManager
+import Logging
+import Synchronization
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Finding what a job moves: the walk of the cipher tree in a fixed order.
+extension Rekeyer {
+    /// Visits the files and directories under the job's path whose headers
+    /// `selects` picks, in walk order, until `visit` returns false.
+    func walk(_ job: RekeyJob, selects: (FileHeader) -> Bool, keepOpen: Bool = false,
+              visit: (Candidate) -> Bool) throws(Errno) {
+        let start = try startDirectory(job.path)
+        let fd = try Syscall.openat(fs.nodes.rootFD, start.isEmpty ? "." : start, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
+        defer { close(fd) }
+        var seen = Set<InodeKey>()
+        _ = walk(start.description, fd: fd, seen: &seen, keepOpen: keepOpen, selects: selects, visit: visit)
+    }
+
+    /// Visits every backing file and `.kmsfs.dir` under `directory` (sorted,
+    /// depth first) that `selects` picks; false once `visit` said stop.
+    func walk(_ directory: String, fd: Int32, seen: inout Set<InodeKey>, keepOpen: Bool,
+              selects: (FileHeader) -> Bool, visit: (Candidate) -> Bool) -> Bool {
+        guard let entries = try? Syscall.listDirectory(fd).sorted(by: { $0.name < $1.name }) else { return true }
+        for entry in entries {
+            if directory.isEmpty, entry.name == EncryptedFileSystem.reservedPrefix { continue }
+            let isKeys = entry.name == DirectoryKeys.fileName
+            if !isKeys, entry.name.hasPrefix(EncryptedFileSystem.reservedPrefix),
+               !entry.name.isHashedLongName { continue }
+            // Stored names are base64url (or, with plaintext names, what the
+            // user gave: the path is then only a hint, and recovery finds a
+            // file by its object id when the hint does not lead to it).
+            let path = directory.isEmpty ? entry.name.description : directory + "/" + entry.name.description
+            if entry.type == DT_DIR {
+                guard let child = try? Syscall.openat(fd, entry.name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) else { continue }
+                let more = walk(path, fd: child, seen: &seen, keepOpen: keepOpen, selects: selects, visit: visit)
+                close(child)
+                if !more { return false }
+                continue
+            }
+            guard entry.type == DT_REG || entry.type == DT_UNKNOWN else { continue }
+            guard let file = try? Syscall.openat(fd, entry.name, O_RDONLY | O_NOFOLLOW) else { continue }
+            guard let st = try? Syscall.fstat(file), st.st_mode & S_IFMT == S_IFREG, seen.insert(InodeKey(st)).inserted,
+                  let header = EncryptedFileSystem.header(of: file), selects(header) else { close(file); continue }
+            var kept: Int32 = -1
+            if keepOpen {
+                if isKeys { kept = dup(fd); close(file) } else { kept = file }
+            } else {
+                close(file)
+            }
+            let candidate = Candidate(directory: directory, name: entry.name.description, kind: isKeys ? .directory : .file,
+                                      object: header.fileID.rawValue, bytes: isKeys ? 0 : Int(st.st_size), fd: kept)
+            if !visit(candidate) { return false }
+        }
+        return true
+    }
+
+    /// The backing directory (relative to CIPHERDIR) of plaintext directory `path`.
+    func startDirectory(_ path: String?) throws(Errno) -> FileName {
+        guard let path, path != "/" else { return FileName(bytes: []) }
+        var stored: [FileName] = []
+        var node = try fs.nodes.node(.root)
+        let context = RequestContext(uid: 0, gid: 0, pid: getpid())
+        for component in path.split(separator: "/").map(String.init) where !component.isEmpty {
+            let name = try fs.storedName(FileName(component), in: node, context)
+            let fd = try Syscall.openat(node.fd, name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
+            let st = try Syscall.fstat(fd)
+            node = Node(id: NodeID(rawValue: 0), fd: fd, key: InodeKey(st), type: S_IFDIR, parent: nil, name: FileName(component))
+            stored.append(name)
+        }
+        return FileName(bytes: Array(stored.map { Array($0.bytes) }.joined(separator: [UInt8(ascii: "/")])))
+    }
+}
