@@ -21,7 +21,7 @@ extension EncryptedFileSystem {
         let backing = try Syscall.listDirectory(node.fd)
         let holdsDevices = backing.contains { $0.name == DeviceNode.marker }
         for raw in backing {
-            switch decodeName(raw.name, inDirectory: node.fd, keys: dir) {
+            switch listedName(raw.name, in: node, keys: dir) {
             case .name(let name):
                 var type = mode_t(raw.type) << 12
                 if holdsDevices, raw.type == DT_REG, let st = try? Syscall.fstatat(node.fd, raw.name), DeviceNode.mayBeRecord(st),
@@ -57,6 +57,16 @@ extension EncryptedFileSystem {
         if Int(offset) >= listing.entries.count, listing.damaged > 0 { throw .ioError }
         var i = Int(offset)
         while i < listing.entries.count, add(listing.entries[i]) { i += 1 }
+    }
+
+    /// What a listed backing name is to the mount, from the directory's name
+    /// cache when seen before (the caller has checked the directory's keys).
+    func listedName(_ stored: FileName, in node: Node, keys dir: DirectoryKeys?) -> DecodedName {
+        if plaintextNames || dir == nil { return decodeName(stored, inDirectory: node.fd, keys: dir) }
+        if let known = node.names.plaintext(for: stored) { return .name(known) }
+        let decoded = decodeName(stored, inDirectory: node.fd, keys: dir)
+        if case .name(let name) = decoded { node.names.remember(name, stored: stored) }
+        return decoded
     }
 
     /// READDIRPLUS: each entry with its lookup, so that `ls -l`, `find`

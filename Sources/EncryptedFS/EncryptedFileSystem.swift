@@ -158,13 +158,10 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             return name
         }
         let dir = try directoryKeys(node, context)
-        if let known = node.storedNames.withLock({ $0[name] }) { return known }
+        if let known = node.names.stored(for: name) { return known }
         let stored: FileName
         do throws(CipherError) { stored = FileName(LongName.storedName(for: try dir.names.encrypt(name.bytes))) } catch { throw .invalidArgument }
-        node.storedNames.withLock { cache in
-            if cache.count >= Node.storedNamesLimit { cache.removeAll(keepingCapacity: true) }
-            cache[name] = stored
-        }
+        node.names.remember(name, stored: stored)
         return stored
     }
 

@@ -43,12 +43,8 @@ final class Node: @unchecked Sendable {
     /// descriptors run short.
     var lastUsed: UInt64 = 0
     var evictedAt: UInt64 = 0
-    /// Plaintext name → stored name for this directory. Name encryption is
-    /// deterministic under the directory's key, so entries never go stale;
-    /// the cache only spares a lookup's name being encrypted again by the
-    /// create, unlink or rename that follows it.
-    let storedNames = Mutex<[FileName: FileName]>([:])
-    static let storedNamesLimit = 4096
+    /// This directory's names seen before, both ways.
+    let names = NameCache()
 
     init(id: NodeID, fd: Int32, key: InodeKey, type: mode_t, parent: NodeID?, name: FileName, device: dev_t = 0) {
         self.id = id
@@ -68,6 +64,45 @@ final class Node: @unchecked Sendable {
     var isDevice: Bool { type == S_IFBLK || type == S_IFCHR }
     /// A path through /proc that reopens the backing entry with real access modes.
     var procPath: String { "/proc/self/fd/\(fd)" }
+}
+
+/// A directory's plaintext ↔ stored names, both ways. Name encryption is
+/// deterministic under the directory's key, so entries never go stale: the
+/// cache spares the create, unlink or rename after a lookup an encryption,
+/// and a listing read again (`rm -rf` reads each directory twice) or the
+/// unlinks after it the AES-SIV operations a name costs (a context copy
+/// each, ~4 µs). Only names that authenticated get in, after the policy
+/// check the listing or lookup made. Bounded per directory (cleared when
+/// full) and across all directories (~40 MB of names at most).
+final class NameCache: Sendable {
+    static let perDirectory = 4096
+    static let allDirectories = 262_144
+    private static let held = Atomic<Int>(0)
+    private struct Maps: ~Copyable {
+        var stored: [FileName: FileName] = [:]
+        var plaintext: [FileName: FileName] = [:]
+    }
+    private let maps = Mutex(Maps())
+
+    func stored(for name: FileName) -> FileName? { maps.withLock { $0.stored[name] } }
+    func plaintext(for stored: FileName) -> FileName? { maps.withLock { $0.plaintext[stored] } }
+
+    func remember(_ name: FileName, stored: FileName) {
+        maps.withLock { m in
+            guard m.stored[name] == nil else { return }
+            if m.stored.count >= Self.perDirectory {
+                Self.held.subtract(m.stored.count, ordering: .relaxed)
+                m.stored.removeAll(keepingCapacity: true)
+                m.plaintext.removeAll(keepingCapacity: true)
+            }
+            guard Self.held.load(ordering: .relaxed) < Self.allDirectories else { return }
+            Self.held.add(1, ordering: .relaxed)
+            m.stored[name] = stored
+            m.plaintext[stored] = name
+        }
+    }
+
+    deinit { Self.held.subtract(maps.withLock { $0.stored.count }, ordering: .relaxed) }
 }
 
 /// NodeID → Node, with lookup counting and inode de-duplication (hard links

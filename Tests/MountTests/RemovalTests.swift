@@ -30,6 +30,34 @@ struct RemovalTests {
         let checked = try fs.kmsfs(["fsck", fs.cipherdir])
         #expect(checked.ok, "\(checked.stdout) \(checked.stderr)")
     }
+
+    @Test("files removed after the kernel forgot them (their ids not read by this mount) leave the usage index at once: key usage right after rm counts them gone, with the mount still up and after it; fsck finds the index exact")
+    func removedFilesLeaveTheUsageIndex() throws {
+        let fs = try MountedFS()
+        let total = { () throws -> Int in jsonObject(try fs.run("$K key usage alias/default --json --fs $M").stdout)["total"] as? Int ?? -1 }
+        let before = try total()
+        #expect(try fs.run("mkdir $M/u && for i in $(seq 40); do echo $i > $M/u/f$i; done && echo kept > $M/u/keep").ok)
+        #expect(try total() == before + 42)  // the directory and its 41 files
+        // The kernel forgets every node; a listing brings them back without their file ids.
+        #expect(try fs.run("sync; echo 2 > /proc/sys/vm/drop_caches; ls -l $M/u | wc -l").stdout == "42\n")
+        #expect(try fs.run("rm $M/u/f*").ok)
+        #expect(try total() == before + 2, "right after rm")
+        // A file unlinked while something still holds its inode (an O_PATH
+        // descriptor: no open reaches the daemon, so its id is still unread)
+        // leaves the index at the unlink too, not when the kernel lets go.
+        let held = try fs.python("""
+            import subprocess, json
+            fd = os.open("u/keep", os.O_PATH); os.unlink("u/keep")
+            out = subprocess.run([\(q(kmsfsBinary)), "key", "usage", "alias/default", "--json", "--fs", M], capture_output=True, text=True).stdout
+            print(json.loads(out)["total"]); os.close(fd)
+            """)
+        #expect(held.ok && held.stdout == "\(before + 1)\n", "\(held.stdout) \(held.stderr)")
+        #expect(try total() == before + 1)
+        try fs.unmount()
+        #expect(try fs.kmsfs(["key", "usage", "alias/default", "--json", "--fs", fs.cipherdir, "--passphrase-file", fs.passphraseFile]).stdout.contains("\"total\" : \(before + 1)"))
+        let checked = try fs.kmsfs(["fsck", fs.cipherdir, "--passphrase-file", fs.passphraseFile])
+        #expect(checked.ok && checked.stdout.contains("(0 added, 0 removed, 0 changed)"), "\(checked.stdout) \(checked.stderr)")
+    }
 }
 
 @Suite("rekey crash recovery: a file that cannot be repaired keeps its intent and is named", .serialized)
