@@ -77,7 +77,7 @@ public final class FilesystemCheck {
             report.problems.append(FsckProblem(path: "?", backing: failure.path, object: failure.object.hex, kind: "rekey",
                                                detail: failure.description, quarantined: nil))
         }
-        if progress != nil { totalFiles = Self.countFiles(fs.cipherdir) }
+        if progress != nil { totalFiles = Self.countFiles(fs.nodes.rootFD) }
         checkDirectory(fs.nodes.rootFD, backing: "", plain: "/", parentFD: nil, stored: nil, volume: nil)
         checkLongTargets()
         // Quarantined entries still exist and still need their keys.
@@ -89,14 +89,18 @@ public final class FilesystemCheck {
         return report
     }
 
-    /// Regular files under `cipherdir` outside `.kmsfs` (a count for the progress bar; no file is opened).
-    static func countFiles(_ cipherdir: String) -> Int {
-        guard let walker = FileManager.default.enumerator(atPath: cipherdir) else { return 0 }
+    /// Regular files in the tree below backing directory `dirFD` (a count
+    /// for the progress bar; no file is opened), by the walk's own rules.
+    static func countFiles(_ dirFD: Int32) -> Int {
         var count = 0
-        while let path = walker.nextObject() as? String {
-            // kmsfs's own entries (.kmsfs, directory keys, sidecars) are not files fsck counts.
-            if (path as NSString).lastPathComponent.hasPrefix(".kmsfs") { walker.skipDescendants(); continue }
-            if walker.fileAttributes?[.type] as? FileAttributeType == .typeRegular { count += 1 }
+        for entry in (try? CipherTree.list(dirFD)) ?? [] where entry.kind == .entry {
+            if entry.type == UInt8(DT_DIR) {
+                guard let child = try? Syscall.openat(dirFD, entry.name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) else { continue }
+                count += countFiles(child)
+                close(child)
+            } else if entry.type == UInt8(DT_REG) {
+                count += 1
+            }
         }
         return count
     }
@@ -148,7 +152,7 @@ public final class FilesystemCheck {
     /// decrypt, a directory whose keys do not open, the quarantine), so the
     /// keys those files need stay referenced and are never destroyed.
     private func collectUsage(_ dirFD: Int32) {
-        guard let entries = try? Syscall.listDirectory(dirFD) else { return }
+        guard let entries = try? CipherTree.list(dirFD) else { return }
         for entry in entries {
             switch entry.type {
             case UInt8(DT_DIR):
@@ -160,7 +164,7 @@ public final class FilesystemCheck {
                 collectUsage(child)
                 close(child)
             case UInt8(DT_REG):
-                if entry.name == DirectoryKeys.fileName || entry.name.hasSuffix(LongName.sidecarSuffix) { continue }
+                if entry.kind == .directoryKeys { continue }
                 guard let fd = try? Syscall.openat(dirFD, entry.name, O_RDONLY | O_NOFOLLOW) else { continue }
                 defer { close(fd) }
                 guard let st = try? Syscall.fstat(fd), seen.insert(InodeKey(st)).inserted else { continue }
@@ -199,15 +203,12 @@ public final class FilesystemCheck {
             }
         }
         let volume = volume ?? keys?.volume
-        guard let entries = try? Syscall.listDirectory(dirFD).sorted(by: { $0.name < $1.name }) else { return }
-        for entry in entries {
+        guard let entries = try? CipherTree.list(dirFD) else { return }
+        for entry in entries where entry.kind == .entry {
             let name = entry.name
-            if parentFD == nil, name == EncryptedFileSystem.reservedPrefix { continue }
-            if name == DirectoryKeys.fileName || name.hasPrefix(DirectoryKeys.fileName.description + ".") { continue }
-            if name.hasPrefix(EncryptedFileSystem.reservedPrefix), name.hasSuffix(LongName.sidecarSuffix) { continue }
             let backingPath = backing.isEmpty ? name.description : backing + "/" + name.description
             let decoded = fs.decodeName(name, inDirectory: dirFD, keys: keys)
-            if case .internalEntry = decoded { continue }  // .kmsfs.nodes, a set-aside rmdir
+            if case .internalEntry = decoded { continue }
             guard case .name(let plainName) = decoded else {
                 // Its usage first: quarantined or not, the entry still exists and needs its keys.
                 if entry.type == UInt8(DT_DIR), let child = try? Syscall.openat(dirFD, name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) {

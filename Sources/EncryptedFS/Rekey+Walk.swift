@@ -28,12 +28,9 @@ extension Rekeyer {
     /// depth first) that `selects` picks; false once `visit` said stop.
     func walk(_ directory: String, fd: Int32, seen: inout Set<InodeKey>, keepOpen: Bool,
               selects: (FileHeader) -> Bool, visit: (Candidate) -> Bool) -> Bool {
-        guard let entries = try? Syscall.listDirectory(fd).sorted(by: { $0.name < $1.name }) else { return true }
+        guard let entries = try? CipherTree.list(fd) else { return true }
         for entry in entries {
-            if directory.isEmpty, entry.name == EncryptedFileSystem.reservedPrefix { continue }
-            let isKeys = entry.name == DirectoryKeys.fileName
-            if !isKeys, entry.name.hasPrefix(EncryptedFileSystem.reservedPrefix),
-               !entry.name.isHashedLongName { continue }
+            let isKeys = entry.kind == .directoryKeys
             // Stored names are base64url (or, with plaintext names, what the
             // user gave: the path is then only a hint, and recovery finds a
             // file by its object id when the hint does not lead to it).
