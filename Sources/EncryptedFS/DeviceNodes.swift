@@ -67,9 +67,8 @@ extension EncryptedFileSystem {
     /// header will not parse: reads answer EIO). A record that does not
     /// authenticate is audited as an integrity failure.
     func deviceNode(in dirFD: Int32, stored: FileName, path: @autoclosure () -> String?, _ context: RequestContext) -> DeviceNode? {
-        guard let fd = try? Syscall.openat(dirFD, stored, O_RDONLY | O_NOFOLLOW) else { return nil }
-        defer { close(fd) }
-        guard let raw = try? Syscall.pread(fd, count: DeviceNode.recordSize + 1, at: 0),
+        guard let fd = try? Syscall.open(dirFD, stored, O_RDONLY | O_NOFOLLOW) else { return nil }
+        guard let raw = try? Syscall.pread(fd.raw, count: DeviceNode.recordSize + 1, at: 0),
               raw.starts(with: DeviceNode.magic), let volume = try? volumeKeys(context) else { return nil }
         do throws(CipherError) { return try DeviceNode.open(raw, with: volume.deviceNodes) } catch {
             integrityFailure(error, object: nil, what: "device node", path: path(), principal: principal(context))
@@ -90,10 +89,9 @@ extension EncryptedFileSystem {
         } catch { throw .ioError }
         try markHoldsDeviceNodes(dir.fd)
         try writeSidecar(stored, plaintext: name, in: dir, context)
-        let fd = try Syscall.openat(dir.fd, stored, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode & 0o7777)
+        let fd = try Syscall.open(dir.fd, stored, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode & 0o7777)
         do throws(Errno) {
-            defer { close(fd) }
-            try Syscall.pwrite(fd, record, at: 0)
+            try Syscall.pwrite(fd.raw, record, at: 0)
         } catch {
             Syscall.unlinkQuietly(dir.fd, stored)
             removeSidecar(stored, in: dir)
@@ -107,7 +105,7 @@ extension EncryptedFileSystem {
     func markHoldsDeviceNodes(_ dirFD: Int32) throws(Errno) {
         if (try? Syscall.fstatat(dirFD, DeviceNode.marker)) != nil { return }
         do throws(Errno) {
-            close(try Syscall.openat(dirFD, DeviceNode.marker, O_WRONLY | O_CREAT | O_NOFOLLOW, 0o400))
+            _ = try Syscall.open(dirFD, DeviceNode.marker, O_WRONLY | O_CREAT | O_NOFOLLOW, 0o400)
         } catch {
             if error != .fileExists { throw error }
         }

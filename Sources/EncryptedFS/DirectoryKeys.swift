@@ -51,9 +51,8 @@ final class DirectoryKeys: Sendable {
             try cipher.seal(header: &header, plaintextSize: 0)
             bytes = try header.encoded()
         } catch { throw .ioError }
-        let fd = try Syscall.openat(dirFD, fileName, O_WRONLY | O_CREAT | O_EXCL, 0o400)
-        defer { close(fd) }
-        try Syscall.pwrite(fd, bytes, at: 0)
+        let fd = try Syscall.open(dirFD, fileName, O_WRONLY | O_CREAT | O_EXCL, 0o400)
+        try Syscall.pwrite(fd.raw, bytes, at: 0)
         return try DirectoryKeys(directoryID: directoryID, keyID: dataKey.keyID, version: dataKey.version,
                                  nameKey: dataKey.key, isRoot: isRoot)
     }
@@ -61,9 +60,8 @@ final class DirectoryKeys: Sendable {
     /// Reads and authenticates `.kmsfs.dir`, unwrapping the name key for `principal`.
     static func load(from dirFD: Int32, keyManager: KeyManager, principal: Principal, layout: ChunkLayout,
                      isRoot: Bool, logger: Logger) throws(Errno) -> DirectoryKeys {
-        let fd = try Syscall.openat(dirFD, fileName, O_RDONLY)
-        defer { close(fd) }
-        let raw = try Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0)
+        let fd = try Syscall.open(dirFD, fileName, O_RDONLY)
+        let raw = try Syscall.pread(fd.raw, count: ChunkLayout.headerSize, at: 0)
         let header: FileHeader
         do throws(CipherError) { header = try FileHeader(decoding: raw) } catch {
             logger.error("directory header is damaged", metadata: ["error": "\(error)"])

@@ -134,13 +134,12 @@ extension EncryptedFileSystem {
         // The daemon needs to write .kmsfs.dir; the mode is set after.
         try Syscall.call { stored.withCString { mkdirat(dir.fd, $0, 0o700) } }
         do throws(Errno) {
-            let fd = try Syscall.openat(dir.fd, stored, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
-            defer { close(fd) }
-            _ = try DirectoryKeys.create(in: fd, key: key, keyManager: keyManager, principal: principal(context),
+            let fd = try Syscall.open(dir.fd, stored, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
+            _ = try DirectoryKeys.create(in: fd.raw, key: key, keyManager: keyManager, principal: principal(context),
                                          layout: layout, isRoot: false)
             // mkdir(2) never passes S_ISGID: a directory made in a setgid
             // directory inherits it, as the backing one just did.
-            let inherited = try Syscall.fstat(fd).st_mode & S_ISGID
+            let inherited = try Syscall.fstat(fd.raw).st_mode & S_ISGID
             try Syscall.call { stored.withCString { fchmodat(dir.fd, $0, (mode & 0o7777) | inherited, 0) } }
         } catch {
             Syscall.unlinkQuietly(dir.fd, FileName(bytes: stored.bytes + [UInt8(ascii: "/")] + DirectoryKeys.fileName.bytes))
@@ -230,25 +229,24 @@ extension EncryptedFileSystem {
     /// readable; a crash in between leaves at most a hidden set-aside file,
     /// which the parent's own removal clears.
     private func removingDirectoryKeys(_ parent: Node, _ stored: FileName, _ remove: () throws(Errno) -> Void) throws(Errno) -> ID128? {
-        let fd = try Syscall.openat(parent.fd, stored, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
-        defer { close(fd) }
-        let entries = try Syscall.listDirectory(fd)
+        let fd = try Syscall.open(parent.fd, stored, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
+        let entries = try Syscall.listDirectory(fd.raw)
         guard entries.allSatisfy({ $0.name == DirectoryKeys.fileName || $0.name == DeviceNode.marker || $0.name.hasPrefix(Self.setAsidePrefix) })
         else { throw .directoryNotEmpty }
-        for stale in entries where stale.name.hasPrefix(Self.setAsidePrefix) || stale.name == DeviceNode.marker { Syscall.unlinkQuietly(fd, stale.name) }
+        for stale in entries where stale.name.hasPrefix(Self.setAsidePrefix) || stale.name == DeviceNode.marker { Syscall.unlinkQuietly(fd.raw, stale.name) }
         guard entries.contains(where: { $0.name == DirectoryKeys.fileName }) else {
             try remove()
             return nil
         }
-        let object = fileID(in: fd, stored: DirectoryKeys.fileName)
+        let object = fileID(in: fd.raw, stored: DirectoryKeys.fileName)
         let aside = Self.setAsidePrefix + ID128.random().hex
-        try Syscall.call { DirectoryKeys.fileName.withCString { linkat(fd, $0, parent.fd, aside, 0) } }
+        try Syscall.call { DirectoryKeys.fileName.withCString { linkat(fd.raw, $0, parent.fd, aside, 0) } }
         do throws(Errno) {
-            try Syscall.unlinkat(fd, DirectoryKeys.fileName)
+            try Syscall.unlinkat(fd.raw, DirectoryKeys.fileName)
             try remove()
         } catch {
             // Put the keys back (the link in the directory is gone only if the unlink ran).
-            if DirectoryKeys.fileName.withCString({ linkat(parent.fd, aside, fd, $0, 0) }) != 0, errno != EEXIST {
+            if DirectoryKeys.fileName.withCString({ linkat(parent.fd, aside, fd.raw, $0, 0) }) != 0, errno != EEXIST {
                 logger.error("a failed rmdir could not restore the directory's keys", metadata: ["kept as": "\(aside)", "errno": "\(errno)"])
                 throw error
             }

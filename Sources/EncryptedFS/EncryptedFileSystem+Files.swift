@@ -35,24 +35,21 @@ extension EncryptedFileSystem {
             throw .ioError
         }
         try writeSidecar(stored, plaintext: name, in: dir, context)
-        let fd: Int32
-        do throws(Errno) {
-            fd = try Syscall.openat(dir.fd, stored, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, mode & 0o7777)
-        } catch {
-            try? keyManager.forgetUsage(fileID.rawValue)
-            throw error
-        }
         let file: OpenFile
         let st: stat
         do throws(Errno) {
-            try Syscall.pwrite(fd, headerBytes, at: 0)
-            adopt(dir, stored, context)
-            st = try Syscall.fstat(fd)
-            file = try OpenFile(fd: fd, writable: true, header: header, cipher: cipher, stat: st, sealedHere: 0,
-                                onIntegrityFailure: failureHandler(fileID, key, path: path, opener: who))
+            let fd = try Syscall.open(dir.fd, stored, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, mode & 0o7777)
+            do throws(Errno) {
+                try Syscall.pwrite(fd.raw, headerBytes, at: 0)
+                adopt(dir, stored, context)
+                st = try Syscall.fstat(fd.raw)
+                file = try OpenFile(fd, writable: true, header: header, cipher: cipher, stat: st, sealedHere: 0,
+                                    onIntegrityFailure: failureHandler(fileID, key, path: path, opener: who))
+            } catch {
+                Syscall.unlinkQuietly(dir.fd, stored)
+                throw error
+            }
         } catch {
-            close(fd)
-            Syscall.unlinkQuietly(dir.fd, stored)
             try? keyManager.forgetUsage(fileID.rawValue)
             throw error
         }
@@ -100,16 +97,16 @@ extension EncryptedFileSystem {
             return nil
         } make: { () throws(Errno) -> OpenFile in
             var writable = true
-            var fd: Int32
-            do throws(Errno) { fd = try Syscall.openat(AT_FDCWD, node.procPath, O_RDWR) } catch {
+            var raw: Int32
+            do throws(Errno) { raw = try Syscall.openat(AT_FDCWD, node.procPath, O_RDWR) } catch {
                 guard error == .permissionDenied || error == .readOnlyFileSystem else { throw error }
                 writable = false
-                fd = try Syscall.openat(AT_FDCWD, node.procPath, O_RDONLY)
+                raw = try Syscall.openat(AT_FDCWD, node.procPath, O_RDONLY)
             }
             let path = keyManager.auditPathMode() == .off ? nil : nodes.filePath(of: node)
-            let file = try makeOpenFile(fd: fd, writable: writable, principal: who, path: path)
+            let file = try makeOpenFile(Descriptor(adopting: raw), writable: writable, principal: who, path: path)
             nodes.noteFileID(file.fileID.rawValue, of: node)
-            if !writable, flags & O_ACCMODE != O_RDONLY { throw .permissionDenied }  // `file` closes fd
+            if !writable, flags & O_ACCMODE != O_RDONLY { throw .permissionDenied }
             return file
         }
     }
@@ -148,34 +145,23 @@ extension EncryptedFileSystem {
     }
 
     /// Reads and authenticates the header of backing file `fd`, unwraps its
-    /// data key for `principal` and makes its open state (which owns `fd`;
-    /// on failure `fd` is closed).
+    /// data key for `principal` and makes its open state, which owns `fd`.
     /// `rekeying`: opened by the rekey job, which may unwrap a cut-off version to move the file off it.
-    func makeOpenFile(fd: Int32, writable: Bool, principal who: Principal, path: String? = nil, rekeying: Bool = false) throws(Errno) -> OpenFile {
+    func makeOpenFile(_ fd: consuming Descriptor, writable: Bool, principal who: Principal, path: String? = nil, rekeying: Bool = false) throws(Errno) -> OpenFile {
         let header: FileHeader
-        do throws(Errno) {
-            let raw = try Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0)
-            do throws(CipherError) { header = try FileHeader(decoding: raw) } catch {
-                integrityFailure(error, object: nil, what: "file header", path: path, principal: who)
-                throw Errno.ioError
-            }
-        } catch {
-            close(fd)
-            throw error
+        let raw = try Syscall.pread(fd.raw, count: ChunkLayout.headerSize, at: 0)
+        do throws(CipherError) { header = try FileHeader(decoding: raw) } catch {
+            integrityFailure(error, object: nil, what: "file header", path: path, principal: who)
+            throw Errno.ioError
         }
-        do throws(Errno) {
-            let dataKey = try keys { () throws(KeyManagerError) in
-                try keyManager.decryptDataKey(header.wrappedKey, for: header.fileID.rawValue, key: header.keyID,
-                                              version: header.keyVersion, principal: who, path: path, movingOffCutOff: rekeying)
-            }
-            let cipher: FileCipher
-            do throws(CipherError) { cipher = try FileCipher(key: dataKey, fileID: header.fileID, layout: layout) } catch { throw Errno.ioError }
-            return try OpenFile(fd: fd, writable: writable, header: header, cipher: cipher,
-                                onIntegrityFailure: failureHandler(header.fileID, header.keyID, path: path, opener: who))
-        } catch {
-            close(fd)
-            throw error
+        let dataKey = try keys { () throws(KeyManagerError) in
+            try keyManager.decryptDataKey(header.wrappedKey, for: header.fileID.rawValue, key: header.keyID,
+                                          version: header.keyVersion, principal: who, path: path, movingOffCutOff: rekeying)
         }
+        let cipher: FileCipher
+        do throws(CipherError) { cipher = try FileCipher(key: dataKey, fileID: header.fileID, layout: layout) } catch { throw Errno.ioError }
+        return try OpenFile(fd, writable: writable, header: header, cipher: cipher,
+                            onIntegrityFailure: failureHandler(header.fileID, header.keyID, path: path, opener: who))
     }
 
     /// Drops one handle's hold; the last one seals the length, closes the

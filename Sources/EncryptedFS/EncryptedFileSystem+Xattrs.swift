@@ -65,9 +65,8 @@ extension EncryptedFileSystem {
             return (dir.xattrValues, dir.directoryID)
         }
         guard node.isRegular else { throw .notPermitted }
-        let fd = try Syscall.openat(AT_FDCWD, node.procPath, O_RDONLY)
-        defer { close(fd) }
-        let raw = try Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0)
+        let fd = try Syscall.open(AT_FDCWD, node.procPath, O_RDONLY)
+        let raw = try Syscall.pread(fd.raw, count: ChunkLayout.headerSize, at: 0)
         let header: FileHeader
         do throws(CipherError) { header = try FileHeader(decoding: raw) } catch {
             integrityFailure(error, object: nil, what: "file header", path: nodes.filePath(of: node), principal: who)

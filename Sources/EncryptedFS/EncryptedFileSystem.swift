@@ -68,10 +68,9 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
 
     /// Writes the root directory's keys; `kmsfs init` calls this once.
     public static func initializeRoot(cipherdir: String, keyManager: KeyManager, principal: Principal) throws {
-        let fd = try Syscall.openat(AT_FDCWD, cipherdir, KMSFS_O_PATH | O_DIRECTORY)
-        defer { close(fd) }
+        let fd = try Syscall.open(AT_FDCWD, cipherdir, KMSFS_O_PATH | O_DIRECTORY)
         let layout = try ChunkLayout(chunkSize: keyManager.chunkSize)
-        _ = try DirectoryKeys.create(in: fd, key: try keyManager.boundKey(forDirectory: "/"), keyManager: keyManager,
+        _ = try DirectoryKeys.create(in: fd.raw, key: try keyManager.boundKey(forDirectory: "/"), keyManager: keyManager,
                                      principal: principal, layout: layout, isRoot: true)
     }
 
@@ -171,9 +170,8 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         let names = try directoryKeys(node, context).names
         let encoded: String
         do throws(CipherError) { encoded = try names.encrypt(name.bytes) } catch { throw .ioError }
-        let fd = try Syscall.openat(node.fd, stored.appending(LongName.sidecarSuffix), O_WRONLY | O_CREAT | O_TRUNC, 0o400)
-        defer { close(fd) }
-        try Syscall.pwrite(fd, Array(encoded.utf8), at: 0)
+        let fd = try Syscall.open(node.fd, stored.appending(LongName.sidecarSuffix), O_WRONLY | O_CREAT | O_TRUNC, 0o400)
+        try Syscall.pwrite(fd.raw, Array(encoded.utf8), at: 0)
     }
 
     func removeSidecar(_ stored: FileName, in node: Node) {
@@ -200,9 +198,8 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         if stored.hasPrefix(Self.reservedPrefix) {
             guard stored.isHashedLongName else { return .internalEntry }
             guard let dir else { return plaintextNames ? .internalEntry : .damaged }
-            guard let fd = try? Syscall.openat(dirFD, stored.appending(LongName.sidecarSuffix), O_RDONLY) else { return .damaged }
-            defer { close(fd) }
-            let encoded = String(decoding: (try? Syscall.pread(fd, count: 4096, at: 0)) ?? [], as: UTF8.self)
+            guard let fd = try? Syscall.open(dirFD, stored.appending(LongName.sidecarSuffix), O_RDONLY) else { return .damaged }
+            let encoded = String(decoding: (try? Syscall.pread(fd.raw, count: 4096, at: 0)) ?? [], as: UTF8.self)
             guard LongName.storedName(for: encoded) == stored.description, let name = try? dir.names.decrypt(encoded) else { return .damaged }
             return .name(FileName(bytes: name))
         }
@@ -283,9 +280,8 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     /// The object id in the header of a backing file (a regular file, or a
     /// directory's `.kmsfs.dir`), if readable.
     func fileID(in directoryFD: Int32, stored: FileName) -> ID128? {
-        guard let fd = try? Syscall.openat(directoryFD, stored, O_RDONLY | O_NOFOLLOW) else { return nil }
-        defer { close(fd) }
-        return Self.header(of: fd)?.fileID.rawValue
+        guard let fd = try? Syscall.open(directoryFD, stored, O_RDONLY | O_NOFOLLOW) else { return nil }
+        return Self.header(of: fd.raw)?.fileID.rawValue
     }
 
     /// The header of open backing file `fd` if it parses (shape only: not authenticated).

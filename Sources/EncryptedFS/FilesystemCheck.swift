@@ -81,9 +81,8 @@ public final class FilesystemCheck {
         checkDirectory(fs.nodes.rootFD, backing: "", plain: "/", parentFD: nil, stored: nil, volume: nil)
         checkLongTargets()
         // Quarantined entries still exist and still need their keys.
-        if let quarantined = try? Syscall.openat(fs.nodes.rootFD, Self.quarantineDirectory, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) {
-            collectUsage(quarantined)
-            close(quarantined)
+        if let quarantined = try? Syscall.open(fs.nodes.rootFD, Self.quarantineDirectory, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) {
+            collectUsage(quarantined.raw)
         }
         report.usage = try fs.keyManager.replaceUsageIndex(usage)
         return report
@@ -95,9 +94,8 @@ public final class FilesystemCheck {
         var count = 0
         for entry in (try? CipherTree.list(dirFD)) ?? [] where entry.kind == .entry {
             if entry.type == UInt8(DT_DIR) {
-                guard let child = try? Syscall.openat(dirFD, entry.name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) else { continue }
-                count += countFiles(child)
-                close(child)
+                guard let child = try? Syscall.open(dirFD, entry.name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) else { continue }
+                count += countFiles(child.raw)
             } else if entry.type == UInt8(DT_REG) {
                 count += 1
             }
@@ -129,13 +127,12 @@ public final class FilesystemCheck {
     /// could not open may still refer to one.
     private func checkLongTargets() {
         guard !fs.plaintextNames, report.problems.isEmpty,
-              let dir = try? Syscall.openat(fs.nodes.rootFD, LongSymlinkTarget.directory, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) else { return }
-        defer { close(dir) }
-        for entry in (try? Syscall.listDirectory(dir)) ?? [] {
+              let dir = try? Syscall.open(fs.nodes.rootFD, LongSymlinkTarget.directory, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) else { return }
+        for entry in (try? Syscall.listDirectory(dir.raw)) ?? [] {
             guard let id = ID128(hex: entry.name.description), !referencedTargets.contains(id) else { continue }
             var p = FsckProblem(path: "?", backing: LongSymlinkTarget.path(id), object: nil, kind: "symlink",
                                 detail: "an out-of-line symlink target no symlink refers to")
-            if repair { p.quarantined = quarantine(dir, entry.name, nil) }
+            if repair { p.quarantined = quarantine(dir.raw, entry.name, nil) }
             report.problems.append(p)
         }
     }
@@ -152,26 +149,26 @@ public final class FilesystemCheck {
     /// decrypt, a directory whose keys do not open, the quarantine), so the
     /// keys those files need stay referenced and are never destroyed.
     private func collectUsage(_ dirFD: Int32) {
-        guard let entries = try? CipherTree.list(dirFD) else { return }
-        for entry in entries {
-            switch entry.type {
-            case UInt8(DT_DIR):
-                guard let child = try? Syscall.openat(dirFD, entry.name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) else { continue }
-                if let fd = try? Syscall.openat(child, DirectoryKeys.fileName, O_RDONLY | O_NOFOLLOW) {
-                    if let h = EncryptedFileSystem.header(of: fd) { usage.append((h.fileID.rawValue, .directory, h.keyID, h.keyVersion)) }
-                    close(fd)
-                }
-                collectUsage(child)
-                close(child)
-            case UInt8(DT_REG):
-                if entry.kind == .directoryKeys { continue }
-                guard let fd = try? Syscall.openat(dirFD, entry.name, O_RDONLY | O_NOFOLLOW) else { continue }
-                defer { close(fd) }
-                guard let st = try? Syscall.fstat(fd), seen.insert(InodeKey(st)).inserted else { continue }
-                if let h = EncryptedFileSystem.header(of: fd) { usage.append((h.fileID.rawValue, .file, h.keyID, h.keyVersion)) }
-            default:
-                continue
+        for entry in (try? CipherTree.list(dirFD)) ?? [] where entry.kind == .entry { collectUsage(of: entry, in: dirFD) }
+    }
+
+    /// The usage of one entry of `dirFD`: a directory's keys and everything below it, or a file's header.
+    private func collectUsage(of entry: CipherTree.Listed, in dirFD: Int32) {
+        switch entry.type {
+        case UInt8(DT_DIR):
+            guard let child = try? Syscall.open(dirFD, entry.name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) else { return }
+            if let keys = try? Syscall.open(child.raw, DirectoryKeys.fileName, O_RDONLY | O_NOFOLLOW),
+               let h = EncryptedFileSystem.header(of: keys.raw) {
+                usage.append((h.fileID.rawValue, .directory, h.keyID, h.keyVersion))
             }
+            collectUsage(child.raw)
+        case UInt8(DT_REG):
+            guard let fd = try? Syscall.open(dirFD, entry.name, O_RDONLY | O_NOFOLLOW),
+                  let st = try? Syscall.fstat(fd.raw), seen.insert(InodeKey(st)).inserted,
+                  let h = EncryptedFileSystem.header(of: fd.raw) else { return }
+            usage.append((h.fileID.rawValue, .file, h.keyID, h.keyVersion))
+        default:
+            return
         }
     }
 
@@ -182,12 +179,9 @@ public final class FilesystemCheck {
             keys = nil
         } else {
             var directoryKey: KeyID?
-            if let fd = try? Syscall.openat(dirFD, DirectoryKeys.fileName, O_RDONLY) {
-                if let h = EncryptedFileSystem.header(of: fd) {
-                    usage.append((h.fileID.rawValue, .directory, h.keyID, h.keyVersion))
-                    directoryKey = h.keyID
-                }
-                close(fd)
+            if let fd = try? Syscall.open(dirFD, DirectoryKeys.fileName, O_RDONLY), let h = EncryptedFileSystem.header(of: fd.raw) {
+                usage.append((h.fileID.rawValue, .directory, h.keyID, h.keyVersion))
+                directoryKey = h.keyID
             }
             do throws(Errno) {
                 keys = try DirectoryKeys.load(from: dirFD, keyManager: fs.keyManager, principal: principal, layout: fs.layout,
@@ -211,28 +205,15 @@ public final class FilesystemCheck {
             if case .internalEntry = decoded { continue }
             guard case .name(let plainName) = decoded else {
                 // Its usage first: quarantined or not, the entry still exists and needs its keys.
-                if entry.type == UInt8(DT_DIR), let child = try? Syscall.openat(dirFD, name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) {
-                    if let fd = try? Syscall.openat(child, DirectoryKeys.fileName, O_RDONLY | O_NOFOLLOW) {
-                        if let h = EncryptedFileSystem.header(of: fd) { usage.append((h.fileID.rawValue, .directory, h.keyID, h.keyVersion)) }
-                        close(fd)
-                    }
-                    collectUsage(child)
-                    close(child)
-                } else if entry.type == UInt8(DT_REG), let fd = try? Syscall.openat(dirFD, name, O_RDONLY | O_NOFOLLOW) {
-                    if let st = try? Syscall.fstat(fd), seen.insert(InodeKey(st)).inserted, let h = EncryptedFileSystem.header(of: fd) {
-                        usage.append((h.fileID.rawValue, .file, h.keyID, h.keyVersion))
-                    }
-                    close(fd)
-                }
+                collectUsage(of: entry, in: dirFD)
                 problem((plain == "/" ? "" : plain) + "/?", backingPath, nil, "name", "the name does not decrypt under its directory's key", parentFD: dirFD, stored: name)
                 continue
             }
             let plainPath = (plain == "/" ? "/" : plain + "/") + plainName.description
             switch entry.type {
             case UInt8(DT_DIR):
-                guard let child = try? Syscall.openat(dirFD, name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) else { continue }
-                checkDirectory(child, backing: backingPath, plain: plainPath, parentFD: dirFD, stored: name, volume: volume)
-                close(child)
+                guard let child = try? Syscall.open(dirFD, name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) else { continue }
+                checkDirectory(child.raw, backing: backingPath, plain: plainPath, parentFD: dirFD, stored: name, volume: volume)
             case UInt8(DT_LNK):
                 guard !fs.plaintextNames, let volume, let target = try? Syscall.readlinkat(dirFD, name) else { continue }
                 do throws(CipherError) {
@@ -255,10 +236,9 @@ public final class FilesystemCheck {
     }
 
     private func checkFile(_ dirFD: Int32, _ stored: FileName, backing: String, plain: String, volume: VolumeKeys?) {
-        guard let fd = try? Syscall.openat(dirFD, stored, O_RDONLY | O_NOFOLLOW) else { return }
-        defer { close(fd) }
-        guard let st = try? Syscall.fstat(fd), seen.insert(InodeKey(st)).inserted else { return }
-        if DeviceNode.mayBeRecord(st), let raw = try? Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0), raw.starts(with: DeviceNode.magic) {
+        guard let fd = try? Syscall.open(dirFD, stored, O_RDONLY | O_NOFOLLOW) else { return }
+        guard let st = try? Syscall.fstat(fd.raw), seen.insert(InodeKey(st)).inserted else { return }
+        if DeviceNode.mayBeRecord(st), let raw = try? Syscall.pread(fd.raw, count: ChunkLayout.headerSize, at: 0), raw.starts(with: DeviceNode.magic) {
             report.deviceNodes += 1
             guard let volume else { return }
             do throws(CipherError) {
@@ -270,7 +250,7 @@ public final class FilesystemCheck {
         }
         report.files += 1
         defer { progress?(report.files, max(totalFiles, report.files), report.bytes) }
-        guard let header = EncryptedFileSystem.header(of: fd) else {
+        guard let header = EncryptedFileSystem.header(of: fd.raw) else {
             problem(plain, backing, nil, "header", "the header does not parse", parentFD: dirFD, stored: stored)
             return
         }
@@ -316,7 +296,7 @@ public final class FilesystemCheck {
             let first = ChunkIndex(offset / layout.chunkSize)
             let count = ChunkPipeline.ciphertextBytes(layout, plaintextSize: n)
             do throws(CipherError) {
-                let got = (try? Syscall.pread(fd, UnsafeMutableRawBufferPointer(rebasing: sealed[0..<count]), at: layout.ciphertextOffset(of: first))) ?? 0
+                let got = (try? Syscall.pread(fd.raw, UnsafeMutableRawBufferPointer(rebasing: sealed[0..<count]), at: layout.ciphertextOffset(of: first))) ?? 0
                 guard got == count else { throw .truncated(expectedPlaintextSize: size, actualPlaintextSize: offset) }
                 try ChunkPipeline.open(cipher, first: first, sealed: UnsafeRawBufferPointer(rebasing: sealed[0..<count]),
                                        into: UnsafeMutableRawBufferPointer(rebasing: plainBuffer[0..<n]))

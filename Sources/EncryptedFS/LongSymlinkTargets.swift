@@ -53,9 +53,8 @@ extension EncryptedFileSystem {
         let sealed: String
         do throws(CipherError) { sealed = try volume.symlinks.sealEncoded(target, context: LongSymlinkTarget.context(id)) } catch { throw .ioError }
         if mkdirat(nodes.rootFD, LongSymlinkTarget.directory, 0o700) != 0, errno != EEXIST { throw Errno(rawValue: errno) }
-        let fd = try Syscall.openat(nodes.rootFD, LongSymlinkTarget.path(id), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o400)
-        defer { close(fd) }
-        do throws(Errno) { try Syscall.pwrite(fd, Array(sealed.utf8), at: 0) } catch {
+        let fd = try Syscall.open(nodes.rootFD, LongSymlinkTarget.path(id), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o400)
+        do throws(Errno) { try Syscall.pwrite(fd.raw, Array(sealed.utf8), at: 0) } catch {
             unlinkat(nodes.rootFD, LongSymlinkTarget.path(id), 0)
             throw error
         }
@@ -64,9 +63,8 @@ extension EncryptedFileSystem {
 
     /// The sealed text of the out-of-line target `id`.
     func longTargetText(_ id: ID128) throws(Errno) -> String {
-        let fd = try Syscall.openat(nodes.rootFD, LongSymlinkTarget.path(id), O_RDONLY | O_NOFOLLOW)
-        defer { close(fd) }
-        return String(decoding: try Syscall.pread(fd, count: 2 * Int(PATH_MAX) + 64, at: 0), as: UTF8.self)
+        let fd = try Syscall.open(nodes.rootFD, LongSymlinkTarget.path(id), O_RDONLY | O_NOFOLLOW)
+        return String(decoding: try Syscall.pread(fd.raw, count: 2 * Int(PATH_MAX) + 64, at: 0), as: UTF8.self)
     }
 
     /// The out-of-line target a backing symlink `stored` in `dirFD` refers

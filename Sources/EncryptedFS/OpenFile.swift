@@ -34,7 +34,8 @@ final class ReadWriteLock: @unchecked Sendable {
 /// released (after its chunks are on disk), shrinking is sealed at once,
 /// before the cut.
 final class OpenFile: @unchecked Sendable {
-    let fd: Int32
+    private let descriptor: Descriptor
+    var fd: Int32 { descriptor.raw }
     /// The backing inode, the key of the filesystem's open-file table.
     let inode: InodeKey
     let writable: Bool
@@ -63,11 +64,12 @@ final class OpenFile: @unchecked Sendable {
     /// `taken` is the backing file's current stat if the caller just took
     /// it; `sealedHere` the length the caller itself just sealed into
     /// `header` (a file it created), which is not authenticated again.
-    init(fd: Int32, writable: Bool, header: FileHeader, cipher: FileCipher, stat taken: stat? = nil, sealedHere: Int? = nil,
+    /// Owns `descriptor` (closed with the state, or at once if this throws).
+    init(_ descriptor: consuming Descriptor, writable: Bool, header: FileHeader, cipher: FileCipher, stat taken: stat? = nil, sealedHere: Int? = nil,
          onIntegrityFailure: @escaping @Sendable (CipherError, Principal?) -> Void) throws(Errno) {
         let st: stat
-        if let taken { st = taken } else { st = try Syscall.fstat(fd) }
-        self.fd = fd
+        if let taken { st = taken } else { st = try Syscall.fstat(descriptor.raw) }
+        self.descriptor = descriptor
         self.inode = InodeKey(st)
         self.writable = writable
         self.cipher = cipher
@@ -83,8 +85,6 @@ final class OpenFile: @unchecked Sendable {
             throw .ioError
         }
     }
-
-    deinit { close(fd) }
 
     // MARK: Reading
 

@@ -47,7 +47,7 @@ extension Rekeyer {
         do throws(Errno) {
             let key = InodeKey(try Syscall.fstat(fd))
             file = try fs.openShared(key) { fs.pinOpen(key) } make: { () throws(Errno) -> OpenFile in
-                try fs.makeOpenFile(fd: try Syscall.call { dup(fd) }, writable: true, principal: job.principal, rekeying: true)
+                try fs.makeOpenFile(Descriptor(adopting: try Syscall.call { dup(fd) }), writable: true, principal: job.principal, rekeying: true)
             }
         } catch { throw RekeyFailure(error) }
         defer { fs.releaseFile(file) }
@@ -102,12 +102,11 @@ extension Rekeyer {
     private func backUp(_ fd: Int32, _ st: stat, _ object: ID128) throws(Errno) -> String {
         mkdir(fs.cipherdir + "/" + Self.backupDirectory, 0o700)
         let path = backupPath(object)
-        let out = try Syscall.openat(AT_FDCWD, path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, 0o600)
-        defer { close(out) }
-        try copy(from: fd, to: out, count: Int(st.st_size))
+        let out = try Syscall.open(AT_FDCWD, path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, 0o600)
+        try copy(from: fd, to: out.raw, count: Int(st.st_size))
         var times = [st.st_atim, st.st_mtim]
-        _ = futimens(out, &times)
-        try Syscall.call { fsync(out) }
+        _ = futimens(out.raw, &times)
+        try Syscall.call { fsync(out.raw) }
         return Self.backupDirectory + "/" + object.hex + ".old"
     }
 
@@ -130,9 +129,8 @@ extension Rekeyer {
         let dirFD = candidate.fd
         let temporary = DirectoryKeys.fileName.description + ".rekey"
         do throws(Errno) {
-            let fd = try Syscall.openat(dirFD, DirectoryKeys.fileName, O_RDONLY | O_NOFOLLOW)
-            defer { close(fd) }
-            guard var header = EncryptedFileSystem.header(of: fd) else { throw Errno.ioError }
+            let fd = try Syscall.open(dirFD, DirectoryKeys.fileName, O_RDONLY | O_NOFOLLOW)
+            guard var header = EncryptedFileSystem.header(of: fd.raw) else { throw Errno.ioError }
             guard header.fileID.rawValue == candidate.object, selects(header) else { return .skipped }
             let dataKey = try fs.keys { () throws(KeyManagerError) in
                 try keyManager.decryptDataKey(header.wrappedKey, for: candidate.object, key: header.keyID, version: header.keyVersion,
@@ -150,10 +148,9 @@ extension Rekeyer {
                 try cipher.seal(header: &header, plaintextSize: 0)
                 bytes = try header.encoded()
             } catch { throw Errno.ioError }
-            let out = try Syscall.openat(dirFD, temporary, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, 0o400)
-            defer { close(out) }
-            try Syscall.pwrite(out, bytes, at: 0)
-            try Syscall.call { fsync(out) }
+            let out = try Syscall.open(dirFD, temporary, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, 0o400)
+            try Syscall.pwrite(out.raw, bytes, at: 0)
+            try Syscall.call { fsync(out.raw) }
             try Syscall.call { renameat(dirFD, temporary, dirFD, DirectoryKeys.fileName.description) }
             fs.nodes.dropKeys(ofDirectory: candidate.object)
             return .moved(bytes: 0, key: wrapped.key, version: wrapped.version)

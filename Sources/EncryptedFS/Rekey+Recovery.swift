@@ -39,7 +39,7 @@ extension Rekeyer {
                 continue
             }
             var fd: Int32 = -1
-            do throws(Errno) { fd = try openConfined(intent.path, O_RDWR) } catch {
+            do throws(Errno) { fd = try openConfined(intent.path, O_RDWR).take() } catch {
                 // Only a file that is not there may be looked for elsewhere (renamed) or given up;
                 // one that is there but cannot be opened (read-only, immutable) keeps its intent.
                 guard error == .noSuchFileOrDirectory || error.rawValue == ENOTDIR else {
@@ -85,16 +85,15 @@ extension Rekeyer {
                         continue
                     }
                     if let copy = try? openConfined(Self.backupDirectory + "/" + intent.object.hex + ".old", O_RDONLY) {
-                        defer { close(copy) }
-                        let saved = (try? Syscall.pread(copy, count: ChunkLayout.headerSize, at: 0)) ?? []
+                        let saved = (try? Syscall.pread(copy.raw, count: ChunkLayout.headerSize, at: 0)) ?? []
                         guard saved == intent.oldHeader else {
                             refuseRecovery(intent, "the backup does not start with the intent's old header")
                             try keyManager.clearRekeyIntent(intent.object)
                             continue
                         }
                         do throws(Errno) {
-                            let st = try Syscall.fstat(copy)
-                            try self.copy(from: copy, to: fd, count: Int(st.st_size))
+                            let st = try Syscall.fstat(copy.raw)
+                            try self.copy(from: copy.raw, to: fd, count: Int(st.st_size))
                             try Syscall.call { ftruncate(fd, st.st_size) }
                             var times = [st.st_atim, st.st_mtim]
                             _ = futimens(fd, &times)
@@ -115,9 +114,8 @@ extension Rekeyer {
         }
         // Backups without an intent belong to files already committed.
         let kept = Set(failures.map { $0.object.hex + ".old" })
-        if let dir = try? Syscall.openat(fs.nodes.rootFD, Self.backupDirectory, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) {
-            defer { close(dir) }
-            for entry in (try? Syscall.listDirectory(dir)) ?? [] where !kept.contains(entry.name.description) { Syscall.unlinkQuietly(dir, entry.name) }
+        if let dir = try? Syscall.open(fs.nodes.rootFD, Self.backupDirectory, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) {
+            for entry in (try? Syscall.listDirectory(dir.raw)) ?? [] where !kept.contains(entry.name.description) { Syscall.unlinkQuietly(dir.raw, entry.name) }
         }
         return failures
     }
@@ -152,29 +150,21 @@ extension Rekeyer {
     /// Opens `relative` (a path inside CIPHERDIR) one component at a time from
     /// the CIPHERDIR descriptor, following no symlink and no `..`: whatever a
     /// stored path says, nothing outside CIPHERDIR is reached.
-    func openConfined(_ relative: String, _ flags: Int32) throws(Errno) -> Int32 {
+    func openConfined(_ relative: String, _ flags: Int32) throws(Errno) -> Descriptor {
         let parts = relative.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
         guard !parts.isEmpty, parts.allSatisfy({ !$0.isEmpty && $0 != "." && $0 != ".." }) else { throw .invalidArgument }
-        var dir = try Syscall.call { dup(fs.nodes.rootFD) }
+        var dir = Descriptor(adopting: try Syscall.call { dup(fs.nodes.rootFD) })
         for part in parts.dropLast() {
-            let next: Int32
-            do throws(Errno) { next = try Syscall.openat(dir, part, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) } catch {
-                close(dir)
-                throw error
-            }
-            close(dir)
-            dir = next
+            dir = try Syscall.open(dir.raw, part, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
         }
-        defer { close(dir) }
-        return try Syscall.openat(dir, parts[parts.count - 1], flags | O_NOFOLLOW)
+        return try Syscall.open(dir.raw, parts[parts.count - 1], flags | O_NOFOLLOW)
     }
 
     /// Unlinks `relative` inside CIPHERDIR, confined like `openConfined`.
     private func unlinkConfined(_ relative: String) {
         guard let slash = relative.lastIndex(of: "/"),
               let dir = try? openConfined(String(relative[..<slash]), O_DIRECTORY | O_RDONLY) else { return }
-        defer { close(dir) }
-        unlinkat(dir, String(relative[relative.index(after: slash)...]), 0)
+        unlinkat(dir.raw, String(relative[relative.index(after: slash)...]), 0)
     }
 
     /// Opens (read-write) the backing file whose header carries `object`, wherever it now is; -1 if none.

@@ -18,10 +18,9 @@ extension Rekeyer {
     func walk(_ job: RekeyJob, selects: (FileHeader) -> Bool, keepOpen: Bool = false,
               visit: (Candidate) -> Bool) throws(Errno) {
         let start = try startDirectory(job.path)
-        let fd = try Syscall.openat(fs.nodes.rootFD, start.isEmpty ? "." : start, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
-        defer { close(fd) }
+        let fd = try Syscall.open(fs.nodes.rootFD, start.isEmpty ? "." : start, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
         var seen = Set<InodeKey>()
-        _ = walk(start.description, fd: fd, seen: &seen, keepOpen: keepOpen, selects: selects, visit: visit)
+        _ = walk(start.description, fd: fd.raw, seen: &seen, keepOpen: keepOpen, selects: selects, visit: visit)
     }
 
     /// Visits every backing file and `.kmsfs.dir` under `directory` (sorted,
@@ -36,22 +35,16 @@ extension Rekeyer {
             // file by its object id when the hint does not lead to it).
             let path = directory.isEmpty ? entry.name.description : directory + "/" + entry.name.description
             if entry.type == DT_DIR {
-                guard let child = try? Syscall.openat(fd, entry.name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) else { continue }
-                let more = walk(path, fd: child, seen: &seen, keepOpen: keepOpen, selects: selects, visit: visit)
-                close(child)
-                if !more { return false }
+                guard let child = try? Syscall.open(fd, entry.name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW) else { continue }
+                if !walk(path, fd: child.raw, seen: &seen, keepOpen: keepOpen, selects: selects, visit: visit) { return false }
                 continue
             }
             guard entry.type == DT_REG || entry.type == DT_UNKNOWN else { continue }
-            guard let file = try? Syscall.openat(fd, entry.name, O_RDONLY | O_NOFOLLOW) else { continue }
-            guard let st = try? Syscall.fstat(file), st.st_mode & S_IFMT == S_IFREG, seen.insert(InodeKey(st)).inserted,
-                  let header = EncryptedFileSystem.header(of: file), selects(header) else { close(file); continue }
-            var kept: Int32 = -1
-            if keepOpen {
-                if isKeys { kept = dup(fd); close(file) } else { kept = file }
-            } else {
-                close(file)
-            }
+            guard let file = try? Syscall.open(fd, entry.name, O_RDONLY | O_NOFOLLOW) else { continue }
+            guard let st = try? Syscall.fstat(file.raw), st.st_mode & S_IFMT == S_IFREG, seen.insert(InodeKey(st)).inserted,
+                  let header = EncryptedFileSystem.header(of: file.raw), selects(header) else { continue }
+            // The candidate keeps the file (a directory's keys: the directory) open for whoever moves it.
+            let kept: Int32 = !keepOpen ? -1 : isKeys ? dup(fd) : file.take()
             let candidate = Candidate(directory: directory, name: entry.name.description, kind: isKeys ? .directory : .file,
                                       object: header.fileID.rawValue, bytes: isKeys ? 0 : Int(st.st_size), fd: kept)
             if !visit(candidate) { return false }

@@ -131,3 +131,29 @@ enum Syscall {
         return out
     }
 }
+
+/// A descriptor this value owns: closed when the value's life ends, on every
+/// path, error paths included, unless handed on with `take()` — instead of
+/// a `close` paired by hand with each `openat` and "on failure the
+/// descriptor is closed" contracts.
+struct Descriptor: ~Copyable {
+    let raw: Int32
+    init(adopting raw: Int32) { self.raw = raw }
+    deinit { close(raw) }
+    /// Hands the descriptor on; whoever takes it closes it.
+    consuming func take() -> Int32 {
+        let raw = self.raw
+        discard self
+        return raw
+    }
+}
+
+extension Syscall {
+    static func open(_ dir: Int32, _ name: FileName, _ flags: Int32, _ mode: mode_t = 0) throws(Errno) -> Descriptor {
+        Descriptor(adopting: try openat(dir, name, flags, mode))
+    }
+
+    static func open(_ dir: Int32, _ name: String, _ flags: Int32, _ mode: mode_t = 0) throws(Errno) -> Descriptor {
+        Descriptor(adopting: try openat(dir, name, flags, mode))
+    }
+}
