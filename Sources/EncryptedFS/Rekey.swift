@@ -84,7 +84,7 @@ public final class Rekeyer: @unchecked Sendable {
                     }
                 } catch {
                     try keyManager.setRekeyState(id, .failed, error: "cannot walk the filesystem: \(error)", by: nil)
-                    return try keyManager.rekeyJob(id)!
+                    return try currentJob(id)
                 }
                 try keyManager.setRekeyTotals(id, files: count, bytes: bytes)
             }
@@ -93,14 +93,14 @@ public final class Rekeyer: @unchecked Sendable {
             var batch: [Candidate] = []
             func flush() throws(KeyManagerError) -> Bool {
                 defer { batch.removeAll() }
-                job = try keyManager.rekeyJob(id)!
+                job = try currentJob(id)
                 guard job.state == .running, !stopRequested.load(ordering: .relaxed), !interrupted.load(ordering: .relaxed) else {
                     batch.forEach { close($0.fd) }
                     stopped = true
                     return false
                 }
                 failed += process(batch, job, selects: selects, started: started, moved: moved)
-                progress(try keyManager.rekeyJob(id)!)
+                progress(try currentJob(id))
                 return true
             }
             var walkError: KeyManagerError?
@@ -115,25 +115,25 @@ public final class Rekeyer: @unchecked Sendable {
             } catch {
                 batch.forEach { close($0.fd) }
                 try keyManager.setRekeyState(id, .failed, error: "cannot walk the filesystem: \(error)", by: nil)
-                return try keyManager.rekeyJob(id)!
+                return try currentJob(id)
             }
             if let walkError { throw walkError }
             if !stopped, !batch.isEmpty { _ = try flush() }
-            if stopped { return try keyManager.rekeyJob(id)! }
+            if stopped { return try currentJob(id) }
             if found == 0 {
                 // A walk can miss a file renamed from a directory not yet
                 // walked into one already walked; the usage index cannot.
                 // Walk again until both agree.
                 if job.path == nil, pass < Self.maxPasses, try remainingInIndex(job, targetVersion: target) > 0 { continue }
                 try keyManager.setRekeyState(id, .done, by: nil)
-                job = try keyManager.rekeyJob(id)!
+                job = try currentJob(id)
                 progress(job)
                 logger.debug("rekey job done", metadata: ["job": "\(id)", "files": "\(job.filesDone)"])
                 return job
             }
             if failed > 0, failed == found {
                 try keyManager.setRekeyState(id, .failed, error: Self.failureSummary(failed, cause: try keyManager.rekeyJob(id)?.lastError), by: nil)
-                return try keyManager.rekeyJob(id)!
+                return try currentJob(id)
             }
         }
         var remaining = 0
@@ -144,10 +144,17 @@ public final class Rekeyer: @unchecked Sendable {
         } else {
             try keyManager.setRekeyState(id, .done, by: nil)
         }
-        return try keyManager.rekeyJob(id)!
+        return try currentJob(id)
     }
 
     /// What a failed job says: how many files, and the cause of the last failure.
+    /// Job `id` as the keystore has it now; a job deleted under a running
+    /// pass (the keystore was replaced) ends the run with an error instead of a crash.
+    func currentJob(_ id: Int64) throws(KeyManagerError) -> RekeyJob {
+        guard let job = try keyManager.rekeyJob(id) else { throw .invalidArgument("rekey job \(id) is no longer in the keystore") }
+        return job
+    }
+
     static func failureSummary(_ count: Int, cause: String?) -> String {
         "\(count) file(s) could not be moved" + (cause.map { "; last cause: \($0)" } ?? "") + " (`kmsfs fsck` checks the files)"
     }
