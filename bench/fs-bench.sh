@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # make bench: the workloads of DESIGN.md §11 on kmsfs, gocryptfs and a
 # plaintext FUSE passthrough (libfuse's passthrough_ll), in one run, on the
-# same tmpfs backing store. Prints medians of REPS runs and kmsfs ÷ gocryptfs.
+# same tmpfs backing store. Prints medians of REPS (default 5) interleaved runs,
+# kmsfs ÷ gocryptfs and kmsfs ÷ plain.
 # Needs root (drop_caches) and the Debian packages gocryptfs, libfuse3-dev and
 # linux-source-6.1 (installed by `make bench`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REPS=${REPS:-3}
+REPS=${REPS:-5}
 FILESYSTEMS=${FILESYSTEMS:-plain gocryptfs kmsfs}
 CHUNK=${KMSFS_BENCH_CHUNK:-}
 # KMSFS_MOUNT_ARGS: extra arguments for `kmsfs mount` (e.g. "--threads 2").
@@ -113,13 +114,15 @@ names = {"write128k": "stream write 128K (MB/s)", "read128k": "stream read 128K 
          "read1m": "stream read 1M (MB/s)", "untar": "untar (s)", "md5": "md5sum tree (s)", "lsR": "ls -lR (s)",
          "rmrf": "rm -rf (s)", "rand4k": "random 4K r/w x4000 (s)"}
 present = [fs for fs in ("plain", "gocryptfs", "kmsfs") if (fs, "untar") in data]
-print(f"{'workload':28} " + " ".join(f"{fs:>10}" for fs in present) + ("  kmsfs/gocryptfs" if len(present) == 3 else ""))
+print(f"{'workload':28} " + " ".join(f"{fs:>10}" for fs in present) + ("  kmsfs/gocryptfs       kmsfs/plain" if len(present) == 3 else ""))
 for w in rows:
     med = {fs: statistics.median(data[(fs, w)]) for fs in present}
     val = {fs: mb[w] / med[fs] / 1e6 for fs in med} if w in mb else med
     line = f"{names[w]:28} " + " ".join(f"{val[fs]:10.2f}" for fs in present)
     if len(present) == 3:
         ratio = val["kmsfs"] / val["gocryptfs"] if w in mb else med["kmsfs"] / med["gocryptfs"]
-        line += f"  {ratio:5.2f} " + ("throughput" if w in mb else "time")
+        line += f"  {ratio:5.2f} " + ("throughput" if w in mb else "time      ")
+        vs_plain = val["kmsfs"] / val["plain"] if w in mb else med["kmsfs"] / med["plain"]
+        line += f"  {vs_plain:5.2f} " + ("throughput" if w in mb else "time")
     print(line)
 PY

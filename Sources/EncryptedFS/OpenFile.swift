@@ -34,8 +34,8 @@ final class ReadWriteLock: @unchecked Sendable {
 /// released (after its chunks are on disk), shrinking is sealed at once,
 /// before the cut.
 final class OpenFile: @unchecked Sendable {
-    private let descriptor: Descriptor
-    var fd: Int32 { descriptor.raw }
+    /// Where the ciphertext lives (the backing file; memory in unit tests).
+    let store: any CiphertextStore
     /// The backing inode, the key of the filesystem's open-file table.
     let inode: InodeKey
     let writable: Bool
@@ -65,11 +65,17 @@ final class OpenFile: @unchecked Sendable {
     /// it; `sealedHere` the length the caller itself just sealed into
     /// `header` (a file it created), which is not authenticated again.
     /// Owns `descriptor` (closed with the state, or at once if this throws).
-    init(_ descriptor: consuming Descriptor, writable: Bool, header: FileHeader, cipher: FileCipher, stat taken: stat? = nil, sealedHere: Int? = nil,
+    convenience init(_ descriptor: consuming Descriptor, writable: Bool, header: FileHeader, cipher: FileCipher, stat taken: stat? = nil, sealedHere: Int? = nil,
+                     onIntegrityFailure: @escaping @Sendable (CipherError, Principal?) -> Void) throws(Errno) {
+        try self.init(store: DescriptorStore(descriptor), writable: writable, header: header, cipher: cipher, stat: taken, sealedHere: sealedHere,
+                      onIntegrityFailure: onIntegrityFailure)
+    }
+
+    init(store: any CiphertextStore, writable: Bool, header: FileHeader, cipher: FileCipher, stat taken: stat? = nil, sealedHere: Int? = nil,
          onIntegrityFailure: @escaping @Sendable (CipherError, Principal?) -> Void) throws(Errno) {
         let st: stat
-        if let taken { st = taken } else { st = try Syscall.fstat(descriptor.raw) }
-        self.descriptor = descriptor
+        if let taken { st = taken } else { st = try store.attributes() }
+        self.store = store
         self.inode = InodeKey(st)
         self.writable = writable
         self.cipher = cipher
@@ -109,7 +115,7 @@ final class OpenFile: @unchecked Sendable {
         let sealedCount = ChunkPipeline.ciphertextBytes(layout, plaintextSize: plaintextCount)
         let sealed = UnsafeMutableRawBufferPointer.allocate(byteCount: sealedCount, alignment: 16)
         defer { sealed.deallocate() }
-        let got = try Syscall.pread(fd, sealed, at: layout.ciphertextOffset(of: first))
+        let got = try store.read(into: sealed, at: layout.ciphertextOffset(of: first))
         guard got == sealedCount else {
             // The file shrank under us: cut outside the mount.
             onIntegrityFailure(.truncated(expectedPlaintextSize: size, actualPlaintextSize: layout.plaintextOffset(of: first) + got), reader)
@@ -146,8 +152,7 @@ final class OpenFile: @unchecked Sendable {
             } else {
                 // truncate(2) to the size a file already has still changes
                 // its mtime and ctime (the kernel leaves that to us).
-                var times = [timespec(tv_sec: 0, tv_nsec: Int(KMSFS_UTIME_OMIT)), timespec(tv_sec: 0, tv_nsec: Int(KMSFS_UTIME_NOW))]
-                try Syscall.call { futimens(fd, &times) }
+                try store.touch()
             }
         }
     }
@@ -211,7 +216,7 @@ final class OpenFile: @unchecked Sendable {
             try ChunkPipeline.seal(cipher, first: first, plaintext: plain, into: sealed)
         } catch { throw .ioError }
         do throws(Errno) {
-            try Syscall.pwrite(fd, UnsafeRawBufferPointer(sealed), at: layout.ciphertextOffset(of: first))
+            try store.write(UnsafeRawBufferPointer(sealed), at: layout.ciphertextOffset(of: first))
         } catch {
             if newSize > size { restoreEnd(plain, first: first) }
             throw error
@@ -240,7 +245,7 @@ final class OpenFile: @unchecked Sendable {
     /// EIO, as a crash in the middle of the write would have left it.
     private func restoreEnd(_ plain: UnsafeRawBufferPointer, first: ChunkIndex) {
         tail = nil
-        guard ftruncate(fd, off_t(layout.ciphertextSize(plaintextSize: size))) == 0 else { return }
+        guard (try? store.truncate(to: layout.ciphertextSize(plaintextSize: size))) != nil else { return }
         let index = ChunkIndex(size / layout.chunkSize)
         let keep = size % layout.chunkSize
         let start = layout.plaintextOffset(of: index) - layout.plaintextOffset(of: first)
@@ -250,7 +255,7 @@ final class OpenFile: @unchecked Sendable {
         do throws(CipherError) {
             try cipher.sealChunk(index, plaintext: UnsafeRawBufferPointer(rebasing: plain[start..<(start + keep)]), into: sealed)
         } catch { return }
-        _ = try? Syscall.pwrite(fd, UnsafeRawBufferPointer(sealed), at: layout.ciphertextOffset(of: index))
+        _ = try? store.write(UnsafeRawBufferPointer(sealed), at: layout.ciphertextOffset(of: index))
     }
 
     /// The old plaintext of chunk `index` (`count` bytes): from the cached
@@ -278,7 +283,7 @@ final class OpenFile: @unchecked Sendable {
         try persistLength(newSize)
         let keep = newSize % layout.chunkSize
         if keep == 0 {
-            try Syscall.call { ftruncate(fd, off_t(layout.ciphertextSize(plaintextSize: newSize))) }
+            try store.truncate(to: layout.ciphertextSize(plaintextSize: newSize))
         } else {
             let index = ChunkIndex(newSize / layout.chunkSize)
             let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: layout.chunkSize, alignment: 16)
@@ -290,8 +295,8 @@ final class OpenFile: @unchecked Sendable {
             do throws(CipherError) {
                 try cipher.sealChunk(index, plaintext: UnsafeRawBufferPointer(rebasing: plain[0..<keep]), into: sealed)
             } catch { throw .ioError }
-            try Syscall.call { ftruncate(fd, off_t(layout.ciphertextSize(plaintextSize: newSize))) }
-            try Syscall.pwrite(fd, UnsafeRawBufferPointer(sealed), at: layout.ciphertextOffset(of: index))
+            try store.truncate(to: layout.ciphertextSize(plaintextSize: newSize))
+            try store.write(UnsafeRawBufferPointer(sealed), at: layout.ciphertextOffset(of: index))
         }
         size = newSize
     }
@@ -303,7 +308,7 @@ final class OpenFile: @unchecked Sendable {
             try cipher.seal(header: &header, plaintextSize: length)
             bytes = try header.encoded()
         } catch { throw .ioError }
-        try Syscall.pwrite(fd, bytes, at: 0)
+        try store.write(bytes, at: 0)
         sealedLength = length
     }
 
@@ -397,7 +402,6 @@ final class OpenFile: @unchecked Sendable {
     /// Flushes to stable storage.
     func sync(dataOnly: Bool) throws(Errno) {
         try sealLength()
-        let fd = self.fd
-        try Syscall.call { dataOnly ? fdatasync(fd) : fsync(fd) }
+        try store.sync(dataOnly: dataOnly)
     }
 }
