@@ -107,18 +107,14 @@ extension KeyManager {
     public func recordUsage(_ object: ID128, kind: ObjectKind, key: KeyID, version: KeyVersion) throws(KeyManagerError) {
         if let journal { return try journal.append(.record(object, kind, key, version, clock())) }
         try write { db in
-            try db.execute(sql: """
-                INSERT INTO usage (object_id, kind, key_id, version, updated_at) VALUES (?, ?, ?, ?, ?)
-                ON CONFLICT(object_id) DO UPDATE SET kind = excluded.kind, key_id = excluded.key_id,
-                    version = excluded.version, updated_at = excluded.updated_at
-                """, arguments: [object.hex, kind.rawValue, key.rawValue.hex, version.rawValue, clock()])
+            try db.execute(sql: UsageSQL.upsert, arguments: [object.hex, kind.rawValue, key.rawValue.hex, version.rawValue, clock()])
         }
     }
 
     /// Forgets `object` (its file or directory is gone).
     public func forgetUsage(_ object: ID128) throws(KeyManagerError) {
         if let journal { return try journal.append(.forget(object)) }
-        try write { db in try db.execute(sql: "DELETE FROM usage WHERE object_id = ?", arguments: [object.hex]) }
+        try write { db in try db.execute(sql: UsageSQL.delete, arguments: [object.hex]) }
     }
 
     /// How many files and directories each version of a key wraps.

@@ -272,7 +272,7 @@ extension KeyManager {
 
     /// Enables a Disabled key, or undeprecates a Deprecated one.
     public func enable(_ reference: String, by principal: Principal) throws(KeyManagerError) {
-        try transition(reference, .enable, event: "EnableKey", by: principal) { _ in "successor = NULL" }
+        try transition(reference, .enable, event: "EnableKey", by: principal) { _ in ("successor", nil) }
     }
 
     /// Disables a key: no new files, no opens, until enabled again.
@@ -293,7 +293,7 @@ extension KeyManager {
             guard KeyLimits.deletionWindowDays.contains(days) else {
                 throw .invalidArgument("deletion window \(days) days is outside 7-30")
             }
-        } extra: { _ in "deletion_date = \(date)" }
+        } extra: { _ in ("deletion_date", date) }
         return date
     }
 
@@ -304,7 +304,7 @@ extension KeyManager {
 
     /// Cancels a scheduled deletion; the key is left Disabled.
     public func cancelDeletion(_ reference: String, by principal: Principal) throws(KeyManagerError) {
-        try transition(reference, .cancelDeletion, event: "CancelKeyDeletion", by: principal) { _ in "deletion_date = NULL" }
+        try transition(reference, .cancelDeletion, event: "CancelKeyDeletion", by: principal) { _ in ("deletion_date", nil) }
     }
 
     /// Deprecates a key in favour of `successor`: no new data keys; its files
@@ -344,7 +344,7 @@ extension KeyManager {
                 }
             }
             invalidate(next)
-        } extra: { _ in "successor = '\(successorHex)'" }
+        } extra: { _ in ("successor", successorHex) }
         return lost
     }
 
@@ -353,7 +353,7 @@ extension KeyManager {
     /// request's parameters.
     private func transition(_ reference: String, _ action: LifecycleAction, event: String, by principal: Principal,
                             request: [String: String] = [:], precheck: () throws(KeyManagerError) -> Void = {},
-                            extra: (KeyRecord) -> String?) throws(KeyManagerError) {
+                            extra: (KeyRecord) -> (column: String, value: (any DatabaseValueConvertible)?)?) throws(KeyManagerError) {
         let parameters = request.merging(["keyId": reference]) { a, _ in a }
         try adminOperation(event, principal, request: parameters) { () throws(KeyManagerError) in
             let id = try resolve(reference)
@@ -362,9 +362,14 @@ extension KeyManager {
             guard case .allowed(let newState) = try check(action, rec) else { return }
             try precheck()
             let now = clock()
-            let set = ["state = '\(newState.rawValue)'", "state_changed_at = \(now)", extra(rec)].compactMap { $0 }.joined(separator: ", ")
+            // Every value bound; the one extra column's name is a literal of the caller's.
+            let more = extra(rec)
+            let set = "state = ?, state_changed_at = ?" + (more.map { ", \($0.column) = ?" } ?? "")
+            var values: [(any DatabaseValueConvertible)?] = [newState.rawValue, now]
+            if let more { values.append(more.value) }
+            values += [id.rawValue.hex, rec.state.rawValue]
             try sealedWrite { db in
-                try db.execute(sql: "UPDATE keys SET \(set) WHERE id = ? AND state = ?", arguments: [id.rawValue.hex, rec.state.rawValue])
+                try db.execute(sql: "UPDATE keys SET \(set) WHERE id = ? AND state = ?", arguments: StatementArguments(values))
                 guard db.changesCount == 1 else { throw KeyManagerError.database("key \(rec.displayName) changed meanwhile; try again") }
                 try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(event, key: id, principal: principal, request: parameters), at: now)
             }

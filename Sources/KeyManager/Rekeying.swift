@@ -324,11 +324,7 @@ extension KeyManager {
                 WHERE id = ?
                 """, arguments: [fresh, fresh * bytes, now, job])
             try db.execute(sql: "DELETE FROM rekey_intents WHERE object_id = ?", arguments: [object.hex])
-            try db.execute(sql: """
-                INSERT INTO usage (object_id, kind, key_id, version, updated_at) VALUES (?, ?, ?, ?, ?)
-                ON CONFLICT(object_id) DO UPDATE SET kind = excluded.kind, key_id = excluded.key_id,
-                    version = excluded.version, updated_at = excluded.updated_at
-                """, arguments: [object.hex, kind.rawValue, key.rawValue.hex, version.rawValue, now])
+            try db.execute(sql: UsageSQL.upsert, arguments: [object.hex, kind.rawValue, key.rawValue.hex, version.rawValue, now])
         }
     }
 

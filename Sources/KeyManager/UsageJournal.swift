@@ -85,12 +85,8 @@ final class UsageJournal: @unchecked Sendable {
 
     private func write(_ batch: [Change]) throws {
         try db.write { db in
-            let insert = try db.cachedStatement(sql: """
-                INSERT INTO usage (object_id, kind, key_id, version, updated_at) VALUES (?, ?, ?, ?, ?)
-                ON CONFLICT(object_id) DO UPDATE SET kind = excluded.kind, key_id = excluded.key_id,
-                    version = excluded.version, updated_at = excluded.updated_at
-                """)
-            let delete = try db.cachedStatement(sql: "DELETE FROM usage WHERE object_id = ?")
+            let insert = try db.cachedStatement(sql: UsageSQL.upsert)
+            let delete = try db.cachedStatement(sql: UsageSQL.delete)
             var chain: Data?
             for change in batch {
                 switch change {
@@ -109,6 +105,18 @@ final class UsageJournal: @unchecked Sendable {
         timer?.cancel()
         timer = nil
     }
+}
+
+/// The usage index's two writes, shared by the journal, unbatched callers and rekey commits.
+enum UsageSQL {
+    /// Arguments: object id, kind, key id, version, time.
+    static let upsert = """
+        INSERT INTO usage (object_id, kind, key_id, version, updated_at) VALUES (?, ?, ?, ?, ?)
+        ON CONFLICT(object_id) DO UPDATE SET kind = excluded.kind, key_id = excluded.key_id,
+            version = excluded.version, updated_at = excluded.updated_at
+        """
+    /// Argument: object id.
+    static let delete = "DELETE FROM usage WHERE object_id = ?"
 }
 
 extension KeyManager {
