@@ -29,21 +29,20 @@ enum CipherTree {
         return name.isHashedLongName ? .entry : .own
     }
 
-    /// One name in a backing directory, with its d_type and inode.
+    /// One name in a backing directory, with its d_type.
     struct Listed {
         var name: FileName
         var type: UInt8
-        var inode: UInt64
         var kind: Kind
     }
 
     /// The names in backing directory `dirFD`, sorted by name (a walk in a
     /// fixed order: a resumed rekey pass and a second fsck see the same
-    /// sequence), kmsfs's own names left out unless `own` asks for them.
-    static func list(_ dirFD: Int32, own: Bool = false) throws(Errno) -> [Listed] {
+    /// sequence), kmsfs's own names left out.
+    static func list(_ dirFD: Int32) throws(Errno) -> [Listed] {
         try Syscall.listDirectory(dirFD)
-            .map { Listed(name: $0.name, type: $0.type, inode: $0.inode, kind: kind(of: $0.name)) }
-            .filter { own || $0.kind != .own }
+            .map { Listed(name: $0.name, type: $0.type, kind: kind(of: $0.name)) }
+            .filter { $0.kind != .own }
             .sorted { $0.name < $1.name }
     }
 }

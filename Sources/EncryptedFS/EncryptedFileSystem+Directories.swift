@@ -14,9 +14,9 @@ extension EncryptedFileSystem {
     public func opendir(_ id: NodeID, _ context: RequestContext) throws(Errno) -> UInt64 {
         let node = try nodes.node(id)
         let dir = plaintextNames ? nil : try directoryKeys(node, context)
-        var entries = [DirectoryEntry(name: ".", inode: node.key.inode, type: S_IFDIR, nextOffset: 1),
-                       DirectoryEntry(name: "..", inode: UInt64((try? Syscall.fstatat(node.fd, "..").st_ino) ?? 1), type: S_IFDIR, nextOffset: 2)]
-        var stored: [FileName?] = [nil, nil]
+        var items = [Listing.Item(entry: DirectoryEntry(name: ".", inode: node.key.inode, type: S_IFDIR, nextOffset: 1)),
+                     Listing.Item(entry: DirectoryEntry(name: "..", inode: UInt64((try? Syscall.fstatat(node.fd, "..").st_ino) ?? 1),
+                                                        type: S_IFDIR, nextOffset: 2))]
         var damaged = 0
         let backing = try Syscall.listDirectory(node.fd)
         let holdsDevices = backing.contains { $0.name == DeviceNode.marker }
@@ -28,8 +28,8 @@ extension EncryptedFileSystem {
                    let device = deviceNode(in: node.fd, stored: raw.name, path: nil, context) {
                     type = device.type
                 }
-                entries.append(DirectoryEntry(name: name, inode: raw.inode, type: type, nextOffset: Int64(entries.count + 1)))
-                stored.append(raw.name)
+                items.append(Listing.Item(entry: DirectoryEntry(name: name, inode: raw.inode, type: type, nextOffset: Int64(items.count + 1)),
+                                          stored: raw.name))
             case .internalEntry:
                 continue
             case .damaged:
@@ -46,26 +46,33 @@ extension EncryptedFileSystem {
         return open.withLock { s in
             let handle = s.next
             s.next += 1
-            s.directories[handle] = Listing(entries: entries, stored: stored, damaged: damaged)
+            s.directories[handle] = Listing(items: items, damaged: damaged)
             return handle
         }
     }
 
     public func readdir(_ id: NodeID, handle: UInt64, offset: Int64, _ add: (DirectoryEntry) -> Bool) throws(Errno) {
+        for item in try listing(handle, from: offset) { guard add(item.entry) else { return } }
+    }
+
+    /// The entries of open directory `handle` from `offset`; past the last
+    /// intact entry, a directory with damaged names answers EIO.
+    func listing(_ handle: UInt64, from offset: Int64) throws(Errno) -> ArraySlice<Listing.Item> {
         guard let listing = open.withLock({ $0.directories[handle] }) else { throw .badFileDescriptor }
-        // Past the last intact entry, a directory with damaged names answers EIO.
-        if Int(offset) >= listing.entries.count, listing.damaged > 0 { throw .ioError }
-        var i = Int(offset)
-        while i < listing.entries.count, add(listing.entries[i]) { i += 1 }
+        guard Int(offset) < listing.items.count else {
+            if listing.damaged > 0 { throw .ioError }
+            return []
+        }
+        return listing.items[Int(offset)...]
     }
 
     /// What a listed backing name is to the mount, from the directory's name
     /// cache when seen before (the caller has checked the directory's keys).
     func listedName(_ stored: FileName, in node: Node, keys dir: DirectoryKeys?) -> DecodedName {
-        if plaintextNames || dir == nil { return decodeName(stored, inDirectory: node.fd, keys: dir) }
-        if let known = node.names.plaintext(for: stored) { return .name(known) }
+        guard !plaintextNames, dir != nil, let cache = node.names else { return decodeName(stored, inDirectory: node.fd, keys: dir) }
+        if let known = cache.plaintext(for: stored) { return .name(known) }
         let decoded = decodeName(stored, inDirectory: node.fd, keys: dir)
-        if case .name(let name) = decoded { node.names.remember(name, stored: stored) }
+        if case .name(let name) = decoded { cache.remember(name, stored: stored) }
         return decoded
     }
 
@@ -75,26 +82,25 @@ extension EncryptedFileSystem {
     /// list it); a lookup the full buffer leaves out is taken back.
     public func readdirplus(_ id: NodeID, handle: UInt64, offset: Int64, _ context: RequestContext,
                             _ add: (DirectoryEntry, EntryReply?) -> Bool) throws(Errno) {
-        guard let listing = open.withLock({ $0.directories[handle] }) else { throw .badFileDescriptor }
-        if Int(offset) >= listing.entries.count, listing.damaged > 0 { throw .ioError }
+        let items = try listing(handle, from: offset)
         let dir = try nodes.node(id)
-        var i = Int(offset)
-        while i < listing.entries.count {
-            let entry = listing.entries[i]
-            let reply = listing.stored[i].flatMap { try? lookup(stored: $0, name: entry.name, in: dir, id, context) }
-            guard add(entry, reply) else {
+        for item in items {
+            let reply = item.stored.flatMap { try? lookup(stored: $0, name: item.entry.name, in: dir, id, context) }
+            guard add(item.entry, reply) else {
                 if let reply { nodes.forget(reply.node, 1) }
                 return
             }
-            i += 1
         }
     }
 
-    /// An open directory: its decrypted entries, their stored names (nil for
-    /// "." and ".."), and how many names did not authenticate.
+    /// An open directory: its decrypted entries with their stored names (nil
+    /// for "." and ".."), and how many names did not authenticate.
     struct Listing {
-        var entries: [DirectoryEntry]
-        var stored: [FileName?]
+        struct Item {
+            var entry: DirectoryEntry
+            var stored: FileName?
+        }
+        var items: [Item]
         var damaged: Int
     }
 

@@ -157,10 +157,10 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             return name
         }
         let dir = try directoryKeys(node, context)
-        if let known = node.names.stored(for: name) { return known }
+        if let known = node.names?.stored(for: name) { return known }
         let stored: FileName
         do throws(CipherError) { stored = FileName(LongName.storedName(for: try dir.names.encrypt(name.bytes))) } catch { throw .invalidArgument }
-        node.names.remember(name, stored: stored)
+        node.names?.remember(name, stored: stored)
         return stored
     }
 

@@ -43,8 +43,9 @@ final class Node: @unchecked Sendable {
     /// descriptors run short.
     var lastUsed: UInt64 = 0
     var evictedAt: UInt64 = 0
-    /// This directory's names seen before, both ways.
-    let names = NameCache()
+    /// A directory's names seen before, both ways (nil for other nodes:
+    /// a lookup that makes a file's node allocates no cache).
+    let names: NameCache?
 
     init(id: NodeID, fd: Int32, key: InodeKey, type: mode_t, parent: NodeID?, name: FileName, device: dev_t = 0) {
         self.id = id
@@ -54,6 +55,7 @@ final class Node: @unchecked Sendable {
         self.type = type
         self.parent = parent
         self.name = name
+        self.names = type == S_IFDIR ? NameCache() : nil
     }
 
     deinit { close(fd) }

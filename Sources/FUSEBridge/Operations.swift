@@ -202,11 +202,7 @@ enum Operations {
                 fi.pointee.fh = opened.handle
                 fi.pointee.direct_io = opened.directIO ? 1 : 0
                 fi.pointee.keep_cache = opened.keepCache ? 1 : 0
-                var e = fuse_entry_param()
-                e.ino = entry.node.rawValue
-                e.attr = entry.attributes
-                e.attr_timeout = entry.attributeTimeout
-                e.entry_timeout = entry.entryTimeout
+                var e = Operations.entryParam(entry)
                 let fs = Operations.fileSystem(req)  // the reply frees the request
                 if fuse_reply_create(req, &e, fi) == -ENOENT {
                     fs.release(entry.node, handle: opened.handle)

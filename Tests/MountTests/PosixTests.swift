@@ -105,10 +105,8 @@ import Testing
 
     @Test("a tree of more files than the daemon's starting descriptor limit (one descriptor per cached inode)")
     func moreFilesThanDescriptors() throws {
-        let fs = try MountedFS()
-        try fs.unmount()
         // A soft limit far below the hard one, as login sessions have (1,024 of 524,288).
-        try fs.mount(launcher: "prlimit --nofile=256:8192")
+        let fs = try MountedFS(launcher: "prlimit --nofile=256:8192")
         let r = try fs.python("""
             for i in range(3000):
                 with open(f"f{i}", "w") as f: f.write(str(i))

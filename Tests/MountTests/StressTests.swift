@@ -116,11 +116,9 @@ import Testing
 
     @Test("more files than the daemon may hold descriptors (limit 1,024): tar extracts 6,000 files, find+cat reads them all the same, ls -lR lists them, rm -rf removes them; 5,000 creates, two stat storms and unlinks in one directory; the daemon asked the kernel to forget entries instead of failing with EMFILE")
     func moreFilesThanTheHardLimit() throws {
-        let fs = try MountedFS()
-        try fs.unmount()
         // Each inode the kernel caches holds a descriptor in the daemon; 1,024 of them is what many hosts allow.
         // A hard limit, unlike PosixTests.moreFilesThanDescriptors (a soft one the daemon raises): only relief helps here.
-        try fs.mount(launcher: "prlimit --nofile=1024:1024")
+        let fs = try MountedFS(launcher: "prlimit --nofile=1024:1024")
         let made = try fs.run("""
             mkdir -p $T/src && cd $T/src && python3 -c '
             import os
