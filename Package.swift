@@ -10,6 +10,7 @@ let package = Package(
         .library(name: "ChunkCipher", targets: ["ChunkCipher"]),
         .library(name: "KeyManager", targets: ["KeyManager"]),
         .library(name: "EncryptedFS", targets: ["EncryptedFS"]),
+        .library(name: "Administration", targets: ["Administration"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -41,8 +42,13 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
             .product(name: "SystemPackage", package: "swift-system"),
         ]),
+        // The admin plane: typed requests and replies, their service, and the control socket that carries them.
+        .target(name: "Administration", dependencies: [
+            "EncryptedFS", "KeyManager", "ChunkCipher", "CLinux",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .executableTarget(name: "kmsfs", dependencies: [
-            "EncryptedFS", "KeyManager", "ChunkCipher", "FUSEBridge", "CLinux",
+            "Administration", "EncryptedFS", "KeyManager", "ChunkCipher", "FUSEBridge", "CLinux",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -55,6 +61,7 @@ let package = Package(
             .product(name: "SystemPackage", package: "swift-system"),
         ]),
         .testTarget(name: "CLITests", dependencies: ["KeyManager", "ChunkCipher"]),
+        .testTarget(name: "AdministrationTests", dependencies: ["Administration", "KeyManager", "ChunkCipher"]),
         .testTarget(name: "KeyManagerTests", dependencies: ["KeyManager", "ChunkCipher", .product(name: "GRDB", package: "GRDB.swift")]),
     ]
 )

@@ -228,7 +228,7 @@ extension KeyManager {
 }
 
 /// Which audit records to list or export (every field optional).
-public struct AuditFilter: Sendable {
+public struct AuditFilter: Sendable, Codable, Equatable {
     public var since: Double?
     public var until: Double?
     /// A key id or alias.

@@ -1,4 +1,6 @@
+import Administration
 import ArgumentParser
+import ChunkCipher
 import Foundation
 import KeyManager
 
@@ -15,7 +17,7 @@ struct AuditCommand: ParsableCommand {
         @OptionGroup var output: JSONOption
 
         func run() throws {
-            let result = try fs.open(verifyingIntegrity: false).verifyAudit()
+            guard case .auditVerification(let result) = try fs.perform(.verifyAudit, verifyingIntegrity: false) else { throw Unexpected() }
             if output.json { try Output.json(result) } else if let problem = result.problem {
                 Output.note("kmsfs: audit log does not verify: \(problem)")
             } else {
@@ -35,10 +37,8 @@ struct AuditCommand: ParsableCommand {
 
         /// The filter as given; a peer of a live mount other than root and
         /// the mounting user sees only its keys' records and its own.
-        func filter(for caller: Principal) throws -> AuditFilter {
-            var filter = AuditFilter(since: try since.map(Self.time), until: try until.map(Self.time), key: key, event: event, uid: uid, outcome: outcome)
-            if Invocation.current.daemon != nil, caller.uid != 0, caller.uid != geteuid() { filter.viewer = caller }
-            return filter
+        func filter() throws -> AuditFilter {
+            AuditFilter(since: try since.map(Self.time), until: try until.map(Self.time), key: key, event: event, uid: uid, outcome: outcome)
         }
 
         static func time(_ text: String) throws -> Double {
@@ -56,7 +56,7 @@ struct AuditCommand: ParsableCommand {
         @OptionGroup var output: JSONOption
 
         func run() throws {
-            let records = try fs.open().auditRecords(try filters.filter(for: caller), limit: limit)
+            guard case .auditRecords(let records, _) = try fs.perform(.auditRecords(filter: try filters.filter(), limit: limit)) else { throw Unexpected() }
             if output.json { try Output.json(records); return }
             Output.table(["#", "TIME", "EVENT", "OUTCOME", "KEY", "VER", "UID", "OBJECT", "PATH"], records.map { r in
                 [String(r.seq), Output.date(r.time), r.event, r.outcome, r.keyID.map { String($0.prefix(12)) } ?? "-",
@@ -80,15 +80,16 @@ struct AuditCommand: ParsableCommand {
         }
 
         func run() throws {
-            let manager = try fs.open()
+            guard case .auditRecords(let records, let filesystem) = try fs.perform(.auditRecords(filter: try filters.filter(), limit: limit)),
+                  let filesystemID = ID128(hex: filesystem) else { throw Unexpected() }
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
             let host = ProcessInfo.processInfo.hostName
-            for record in try manager.auditRecords(try filters.filter(for: caller), limit: limit) {
+            for record in records {
                 if format == "ocsf" {
-                    Output.line(SecurityFindings.line(SecurityFindings.ocsf(record, filesystem: manager.filesystemID, hostname: host)))
+                    Output.line(SecurityFindings.line(SecurityFindings.ocsf(record, filesystem: filesystemID, hostname: host)))
                 } else {
-                    Output.line(String(decoding: try encoder.encode(CloudTrailEvent(record, filesystem: manager.filesystemID.hex)), as: UTF8.self))
+                    Output.line(String(decoding: try encoder.encode(CloudTrailEvent(record, filesystem: filesystem)), as: UTF8.self))
                 }
             }
         }
@@ -111,13 +112,12 @@ extension AuditCommand {
         @Option(help: "Print the hashed form of this path inside the filesystem, e.g. /projects/report.txt.") var hash: String?
 
         func run() throws {
-            let manager = try fs.open()
-            if let mode { try manager.setAuditPathMode(mode, by: caller) }
-            if let hash {
-                Output.line(manager.auditPathHash(hash))
+            guard case .auditPaths(let current, let hashed) = try fs.perform(.auditPaths(mode: mode, hash: hash)) else { throw Unexpected() }
+            if let hashed {
+                Output.line(hashed)
                 return
             }
-            Output.line("paths in audit records: \(manager.auditPathMode().rawValue)")
+            Output.line("paths in audit records: \(current.rawValue)")
         }
     }
 
@@ -143,25 +143,17 @@ extension AuditCommand {
         @OptionGroup var output: JSONOption
 
         func run() throws {
-            let manager = try fs.open()
-            var config = try manager.alertConfig()
-            let changing = syslog != nil || jsonl != nil || command != nil || denialBurst != nil || denialWindow != nil || rotationOverdueDays != nil
-                || format != nil || asffAccount != nil || asffRegion != nil
-            // The daemon may run as root: only root or the mounting user may make it run a command or write a file.
-            if Invocation.current.daemon != nil, caller.uid != 0, caller.uid != geteuid(), command != nil || jsonl != nil {
-                throw Failure("only root or the mounting user may set the alert command or file of a mounted filesystem")
-            }
-            if let syslog { config.syslog = syslog == .on }
-            if let jsonl { config.jsonl = jsonl.isEmpty ? nil : URL(fileURLWithPath: jsonl).standardizedFileURL.path }
-            if let command { config.command = command.isEmpty ? nil : command }
-            if let denialBurst { config.denialBurst = denialBurst }
-            if let denialWindow { config.denialWindow = denialWindow }
-            if let rotationOverdueDays { config.rotationOverdueDays = rotationOverdueDays }
-            if let format { config.format = format == "kmsfs" ? nil : format }
-            if asffAccount != nil || asffRegion != nil {
-                config.asffAccount = .init(accountID: asffAccount ?? config.asffAccount?.accountID ?? "", region: asffRegion ?? config.asffAccount?.region ?? "")
-            }
-            if changing { try manager.setAlertConfig(config, by: caller) }
+            var change = AlertChange()
+            change.syslog = syslog.map { $0 == .on }
+            change.jsonl = jsonl.map { $0.isEmpty ? $0 : URL(fileURLWithPath: $0).standardizedFileURL.path }
+            change.command = command
+            change.denialBurst = denialBurst
+            change.denialWindow = denialWindow
+            change.rotationOverdueDays = rotationOverdueDays
+            change.format = format
+            change.asffAccount = asffAccount
+            change.asffRegion = asffRegion
+            guard case .alerts(let config) = try fs.perform(.alerts(change: change)) else { throw Unexpected() }
             if output.json { try Output.json(config); return }
             Output.line("syslog:              \(config.syslog ? "on" : "off")")
             Output.line("json-lines file:     \(config.jsonl ?? "-")")

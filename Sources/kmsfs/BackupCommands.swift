@@ -1,5 +1,5 @@
+import Administration
 import ArgumentParser
-import EncryptedFS
 import Foundation
 import KeyManager
 
@@ -17,25 +17,15 @@ struct BackupCommand: ParsableCommand {
         @Option(help: "Read the backup passphrase from this file (first line); it should differ from the keystore's.") var backupPassphraseFile: String
 
         func run() throws {
-            let manager = try fs.open()
-            if Invocation.current.daemon != nil, caller.uid != 0, caller.uid != geteuid() {
-                throw Failure("only root or the mounting user may write a backup through the mount's daemon")
-            }
-            guard !FileManager.default.fileExists(atPath: out) else { throw Failure("\(out) exists; choose a new file") }
-            let secret = try PassphraseReader.read(file: backupPassphraseFile, command: nil, prompt: "", confirm: false)
+            let path = URL(fileURLWithPath: out).standardizedFileURL.path
+            guard !FileManager.default.fileExists(atPath: path) else { throw Failure("\(out) exists; choose a new file") }
             let meter = ProgressMeter("backup", unit: "", json: false)
-            meter.step("deriving the backup key (scrypt), sealing and signing the keystore")
-            let bytes = try manager.createBackup(backupPassphrase: secret, by: caller)
-            meter.step("writing \(bytes.count) bytes")
-            guard FileManager.default.createFile(atPath: out, contents: nil, attributes: [.posixPermissions: 0o600]),
-                  let handle = FileHandle(forWritingAtPath: out) else { throw Failure("cannot create \(out)") }
-            try handle.write(contentsOf: Data(bytes))
-            try handle.synchronize()
-            try handle.close()
+            meter.step("deriving the backup key (scrypt), sealing, signing and writing the keystore")
+            guard case .backupWritten(let count, let signer, let fingerprint) = try fs.perform(.createBackup(
+                out: path, passphraseFile: URL(fileURLWithPath: backupPassphraseFile).standardizedFileURL.path)) else { throw Unexpected() }
             meter.finish()
-            let signer = try KeyManager.backupSigner(bytes)
-            Output.line("backup written to \(out) (\(bytes.count) bytes)")
-            Output.line("signed by key \(signer.keyID), fingerprint \(signer.fingerprint)")
+            Output.line("backup written to \(out) (\(count) bytes)")
+            Output.line("signed by key \(signer), fingerprint \(fingerprint)")
             Output.line("keep the fingerprint apart from the backup: restoring into an empty keystore asks for it (--trusted-fingerprint)")
         }
     }

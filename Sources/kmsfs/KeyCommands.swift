@@ -1,3 +1,4 @@
+import Administration
 import ArgumentParser
 import ChunkCipher
 import Foundation
@@ -64,34 +65,31 @@ struct KeyCommand: ParsableCommand {
         @OptionGroup var output: JSONOption
 
         func run() throws {
-            let manager = try fs.open()
             let tagMap = Dictionary(tags.map { ($0.name, $0.value) }, uniquingKeysWith: { $1 })
-            let key: KeyMetadata
+            var creation = KeyCreation(spec: spec, description: description, aliases: aliases, tags: tagMap,
+                                       rotationDays: noRotation ? nil : rotationDays)
             switch provider {
             case "local":
                 guard externalKey == nil, region == nil, endpointUrl == nil, profile == nil, !strict, module == nil, token == nil, pinFile == nil, objectLabel == nil else {
                     throw ValidationError("--external-key, --region, --endpoint-url, --profile and --strict go with --provider aws-kms (--strict also with pkcs11)")
                 }
-                key = try manager.createKey(spec: spec ?? .aes256, description: description, aliases: aliases, tags: tagMap,
-                                            rotationDays: noRotation ? nil : rotationDays, by: caller)
             case "aws-kms":
                 guard let externalKey else { throw ValidationError("--provider aws-kms needs --external-key ARN_OR_ID") }
                 guard let region = ExternalKeyConfig.region(region, keyID: externalKey) else {
                     throw ValidationError("--provider aws-kms needs --region (or AWS_REGION, or a key ARN)")
                 }
-                key = try manager.createExternalKey(ExternalKeyConfig(provider: "aws-kms", keyID: externalKey, region: region,
-                                                                      endpoint: endpointUrl, profile: profile, strict: strict),
-                                                    spec: spec, description: description, aliases: aliases, tags: tagMap, by: caller)
+                creation.external = ExternalKeyConfig(provider: "aws-kms", keyID: externalKey, region: region,
+                                                      endpoint: endpointUrl, profile: profile, strict: strict)
             case "pkcs11":
                 guard let module, let token, let pinFile else { throw ValidationError("--provider pkcs11 needs --module, --token and --pin-file") }
                 let pinPath = URL(fileURLWithPath: pinFile).standardizedFileURL.path
                 let label = objectLabel ?? "kmsfs-" + ID128.random().hex
-                key = try manager.createExternalKey(ExternalKeyConfig(pkcs11Module: module, token: token, objectLabel: label, pinFile: pinPath, strict: strict),
-                                                    spec: spec ?? .aes256, createInToken: objectLabel == nil,
-                                                    description: description, aliases: aliases, tags: tagMap, by: caller)
+                creation.external = ExternalKeyConfig(pkcs11Module: module, token: token, objectLabel: label, pinFile: pinPath, strict: strict)
+                creation.createInToken = objectLabel == nil
             default:
                 throw ValidationError("--provider is local, aws-kms or pkcs11")
             }
+            guard case .key(let key) = try fs.perform(.createKey(creation)) else { throw Unexpected() }
             if output.json { try Output.json(key) } else { Output.line("\(key.keyID)") }
         }
     }
@@ -104,7 +102,9 @@ struct KeyCommand: ParsableCommand {
         @OptionGroup var output: JSONOption
 
         func run() throws {
-            let keys = try fs.open().listKeys(state: state, tag: tag.map { ($0.name, $0.value) })
+            guard case .keys(let keys) = try fs.perform(.listKeys(state: state, tag: tag.map { KeyTag(name: $0.name, value: $0.value) })) else {
+                throw Unexpected()
+            }
             if output.json { try Output.json(keys); return }
             Output.table(["KEY ID", "ALIASES", "SPEC", "STATE", "VERSION", "ROTATION", "TAGS"], keys.map { k in
                 [k.keyID.rawValue.hex, k.aliases.joined(separator: ","), k.spec.rawValue, k.state.rawValue,
@@ -120,39 +120,12 @@ struct KeyCommand: ParsableCommand {
         @Argument(help: "Key id or alias.") var key: String
         @OptionGroup var output: JSONOption
 
-        struct Description: Encodable {
-            var metadata: KeyMetadata
-            var versions: [KeyVersionInfo]
-            var policy: [String: [String]]
-            var nextRotationAt: Double?
-            /// Versions below it refuse to decrypt (`key min-decryption-version`).
-            var minDecryptionVersion: KeyVersion?
-            /// Where the material lives: "local" or "aws-kms".
-            var provider: String
-            /// For an external key: which one, where.
-            var externalKey: ExternalKeyConfig?
-            /// For an AWS KMS key that KMS can rotate: whether it rotates the material itself (GetKeyRotationStatus).
-            var externalRotation: ExternalRotation?
-        }
-        struct ExternalRotation: Encodable {
-            var enabled: Bool
-            var periodDays: Int?
-        }
-
         func run() throws {
-            let manager = try fs.open()
-            let (metadata, versions, policy) = try manager.describe(key)
-            let floor = metadata.state == .destroyed ? nil : try manager.minDecryptionVersion(key)
-            let external = try manager.externalKey(key)
-            let kmsRotation = try manager.externalRotation(key)
-            if output.json {
-                try Output.json(Description(metadata: metadata, versions: versions,
-                                            policy: Dictionary(uniqueKeysWithValues: policy.map { ($0.key.rawValue, $0.value) }),
-                                            nextRotationAt: metadata.nextRotationAt, minDecryptionVersion: floor,
-                                            provider: external?.provider ?? "local", externalKey: external,
-                                            externalRotation: kmsRotation.map { ExternalRotation(enabled: $0.enabled, periodDays: $0.periodDays) }))
-                return
-            }
+            guard case .keyDescription(let description) = try fs.perform(.describeKey(key: key)) else { throw Unexpected() }
+            if output.json { try Output.json(description); return }
+            let (metadata, versions, floor, external) = (description.metadata, description.versions, description.minDecryptionVersion, description.externalKey)
+            let kmsRotation = description.externalRotation
+            let policy = description.policy
             Output.line("key id:        \(metadata.keyID)")
             Output.line("aliases:       \(metadata.aliases.joined(separator: ", "))")
             Output.line("description:   \(metadata.description)")
@@ -179,7 +152,7 @@ struct KeyCommand: ParsableCommand {
             if let floor { Output.line("cut off below: version \(floor.rawValue) (min-decryption-version)") }
             Output.line("tags:          \(metadata.tags.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ", "))")
             for op in KeyOperation.allCases {
-                Output.line("may \(op.rawValue):".padding(toLength: 15, withPad: " ", startingAt: 0) + (policy[op] ?? []).joined(separator: ", "))
+                Output.line("may \(op.rawValue):".padding(toLength: 15, withPad: " ", startingAt: 0) + (policy[op.rawValue] ?? []).joined(separator: ", "))
             }
             Output.line("")
             Output.table(["VERSION", "CREATED", "STATUS", "FILES+DIRS"], versions.map { v in
@@ -196,7 +169,7 @@ struct KeyCommand: ParsableCommand {
         @OptionGroup var fs: FilesystemOption
         @Argument(help: "Key id or alias.") var key: String
         func run() throws {
-            let version = try fs.open().rotate(key, by: caller)
+            guard case .rotated(let version) = try fs.perform(.rotateKey(key: key)) else { throw Unexpected() }
             Output.line("\(key) rotated; current version is \(version)")
         }
     }
@@ -212,10 +185,10 @@ struct KeyCommand: ParsableCommand {
         }
         func run() throws {
             if let days {
-                try fs.open().setRotation(key, days: days, by: caller)
+                try fs.perform(.setRotation(key: key, days: days))
                 Output.line("\(key) rotates every \(days) days")
             } else if off {
-                try fs.open().setRotation(key, days: nil, by: caller)
+                try fs.perform(.setRotation(key: key, days: nil))
                 Output.line("automatic rotation of \(key) is off")
             } else {
                 throw ValidationError("give exactly one of --days N or --off")
@@ -227,14 +200,14 @@ struct KeyCommand: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Enable a Disabled key, or undeprecate a Deprecated one.")
         @OptionGroup var fs: FilesystemOption
         @Argument(help: "Key id or alias.") var key: String
-        func run() throws { try fs.open().enable(key, by: caller); Output.line("\(key) is Enabled") }
+        func run() throws { try fs.perform(.enableKey(key: key)); Output.line("\(key) is Enabled") }
     }
 
     struct Disable: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Disable a key: its files can be neither created nor opened until it is enabled.")
         @OptionGroup var fs: FilesystemOption
         @Argument(help: "Key id or alias.") var key: String
-        func run() throws { try fs.open().disable(key, by: caller); Output.line("\(key) is Disabled") }
+        func run() throws { try fs.perform(.disableKey(key: key)); Output.line("\(key) is Disabled") }
     }
 
     struct ScheduleDeletion: ParsableCommand {
@@ -245,12 +218,11 @@ struct KeyCommand: ParsableCommand {
         @Argument(help: "Key id or alias.") var key: String
         @Option(help: "Days before destruction (7-30).") var days: Int = 30
         func run() throws {
-            let manager = try fs.open()
-            let date = try manager.scheduleDeletion(key, days: days, by: caller)
+            guard case .deletionScheduled(let date, let bound, let successor) = try fs.perform(.scheduleDeletion(key: key, days: days)) else {
+                throw Unexpected()
+            }
             Output.line("\(key) is PendingDeletion; it will be destroyed after \(Output.date(date)) if no file still uses it")
-            let bound = try manager.boundPaths(of: key)
             if !bound.isEmpty {
-                let successor = try manager.describe(key).metadata.successor
                 Output.note("warning: \(key) is still bound to \(bound.joined(separator: ", ")): "
                             + (successor.map { "new files there go to its successor \($0.rawValue.hex) meanwhile; " }
                                ?? "new files there fail (EKEYREVOKED) meanwhile; ")
@@ -263,7 +235,7 @@ struct KeyCommand: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Cancel a scheduled deletion; the key is left Disabled.")
         @OptionGroup var fs: FilesystemOption
         @Argument(help: "Key id or alias.") var key: String
-        func run() throws { try fs.open().cancelDeletion(key, by: caller); Output.line("deletion of \(key) cancelled; it is Disabled") }
+        func run() throws { try fs.perform(.cancelDeletion(key: key)); Output.line("deletion of \(key) cancelled; it is Disabled") }
     }
 
     struct Deprecate: ParsableCommand {
@@ -276,25 +248,19 @@ struct KeyCommand: ParsableCommand {
         @Flag(help: "Copy the key's encrypt and decrypt grants to the successor, so no one loses access when the files move.")
         var carryPolicy = false
         func run() throws {
-            let manager = try fs.open()
-            let lost = try manager.deprecate(key, successor: successor, carryPolicy: carryPolicy, by: caller)
+            guard case .deprecated(let outcome) = try fs.perform(.deprecateKey(key: key, successor: successor, mode: mode, rate: rate,
+                                                                                 carryPolicy: carryPolicy)) else { throw Unexpected() }
             Output.line("\(key) is Deprecated; new data goes to \(successor)")
-            if !lost.isEmpty {
-                Output.note("warning: \(successor)'s policy does not grant " + lost.joined(separator: ", ")
+            if !outcome.lostGrants.isEmpty {
+                Output.note("warning: \(successor)'s policy does not grant " + outcome.lostGrants.joined(separator: ", ")
                             + ", which \(key) grants; once the files move they lose that access. "
                             + "Grant it on \(successor) (`kmsfs key policy \(successor) --grant OPERATION SUBJECT`) or deprecate with --carry-policy")
             }
-            // Queue the move of its files; the mount runs it, or `rekey resume` offline.
-            if let active = try manager.activeRekeyJob() {
-                Output.note("rekey job \(active.id) is \(active.state.rawValue); start one for \(key) when it ends: `kmsfs rekey start --key \(key)`")
-            } else {
-                let job = try manager.createRekeyJob(source: key, target: successor, mode: mode, rate: rate, by: caller)
-                if let daemon = Invocation.current.daemon {
-                    daemon.rekey.wake()
-                    Output.line("rekey job \(job.id) queued: the mount moves \(key)'s files to \(successor) now")
-                } else {
-                    Output.line("rekey job \(job.id) queued: it runs at the next mount, or now with `kmsfs rekey resume --fs …`")
-                }
+            if let busy = outcome.busy {
+                Output.note("rekey job \(busy.id) is \(busy.state.rawValue); start one for \(key) when it ends: `kmsfs rekey start --key \(key)`")
+            } else if let job = outcome.queued {
+                Output.line(outcome.live ? "rekey job \(job.id) queued: the mount moves \(key)'s files to \(successor) now"
+                                         : "rekey job \(job.id) queued: it runs at the next mount, or now with `kmsfs rekey resume --fs …`")
             }
         }
     }
@@ -306,23 +272,12 @@ struct KeyCommand: ParsableCommand {
         @Flag(help: "Also list the object ids.") var objects = false
         @OptionGroup var output: JSONOption
 
-        struct Report: Encodable {
-            var key: String
-            var total: Int
-            var versions: [String: Int]
-            var objects: [String]?
-        }
-
         func run() throws {
-            let manager = try fs.open()
-            let usage = try manager.usage(of: key)
-            let ids = objects ? try manager.objects(using: key).map { "\($0.object.hex) \($0.kind.rawValue) v\($0.version)" } : nil
-            let report = Report(key: key, total: usage.values.reduce(0, +),
-                                versions: Dictionary(uniqueKeysWithValues: usage.map { (String($0.key.rawValue), $0.value) }), objects: ids)
+            guard case .usage(let report) = try fs.perform(.keyUsage(key: key, objects: objects)) else { throw Unexpected() }
             if output.json { try Output.json(report); return }
             Output.line("\(key): \(report.total) file(s) and directories")
-            Output.table(["VERSION", "COUNT"], usage.sorted { $0.key < $1.key }.map { [String($0.key.rawValue), String($0.value)] })
-            for line in ids ?? [] { Output.line(line) }
+            Output.table(["VERSION", "COUNT"], report.versions.sorted { UInt32($0.key) ?? 0 < UInt32($1.key) ?? 0 }.map { [$0.key, String($0.value)] })
+            for line in report.objects ?? [] { Output.line(line) }
         }
     }
 
@@ -336,12 +291,11 @@ struct KeyCommand: ParsableCommand {
             guard (key == nil) == delete else { throw ValidationError("give a KEY to point the alias at, or --delete") }
         }
         func run() throws {
-            let manager = try fs.open()
             if delete {
-                try manager.deleteAlias(alias, by: caller)
+                try fs.perform(.deleteAlias(alias: alias))
                 Output.line("deleted \(alias.hasPrefix("alias/") ? alias : "alias/" + alias)")
             } else if let key {
-                try manager.setAlias(alias, to: key, by: caller)
+                try fs.perform(.setAlias(alias: alias, key: key))
                 Output.line("\(alias) → \(key)")
             } else {
                 throw ValidationError("give a KEY to point the alias at, or --delete")
@@ -356,10 +310,10 @@ struct KeyCommand: ParsableCommand {
         @Argument(help: "Tags NAME=VALUE to set.") var tags: [Tag] = []
         @Option(help: "A tag name to remove (repeatable).") var remove: [String] = []
         func run() throws {
-            let manager = try fs.open()
-            for tag in tags { try manager.setTag(key, name: tag.name, value: tag.value, by: caller) }
-            for name in remove { try manager.setTag(key, name: name, value: nil, by: caller) }
-            Output.line("tags of \(key): " + (try manager.describe(key).metadata.tags.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ", ")))
+            guard case .tags(let now) = try fs.perform(.changeTags(key: key, set: tags.map { KeyTag(name: $0.name, value: $0.value) }, remove: remove)) else {
+                throw Unexpected()
+            }
+            Output.line("tags of \(key): " + now.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ", "))
         }
     }
 
@@ -393,12 +347,12 @@ struct KeyCommand: ParsableCommand {
         }
 
         func run() throws {
-            let manager = try fs.open()
-            for (op, subject) in try Self.pairs(grant) { try manager.grant(op, to: subject, on: key, by: caller) }
-            for (op, subject) in try Self.pairs(revoke) { try manager.revoke(op, from: subject, on: key, by: caller) }
-            let policy = try manager.describe(key).policy
-            if output.json { try Output.json(Dictionary(uniqueKeysWithValues: KeyOperation.allCases.map { ($0.rawValue, policy[$0] ?? []) })); return }
-            for op in KeyOperation.allCases { Output.line("\(op.rawValue): \((policy[op] ?? []).joined(separator: " "))") }
+            guard case .policy(let policy) = try fs.perform(.changePolicy(key: key, grant: try Self.pairs(grant).map(PolicyChange.init),
+                                                                          revoke: try Self.pairs(revoke).map(PolicyChange.init))) else {
+                throw Unexpected()
+            }
+            if output.json { try Output.json(policy); return }
+            for op in KeyOperation.allCases { Output.line("\(op.rawValue): \((policy[op.rawValue] ?? []).joined(separator: " "))") }
         }
     }
 
@@ -411,31 +365,19 @@ struct KeyCommand: ParsableCommand {
         @Flag(help: "Remove the binding of PATH.") var unbind = false
         @OptionGroup var output: JSONOption
 
-        /// One binding as `key bind --json` lists it.
-        struct Binding: Encodable {
-            var path: String
-            var keyId: String
-            var aliases: [String]
-        }
-
         func run() throws {
-            let manager = try fs.open()
             if output.json, path != nil || unbind { throw ValidationError("--json goes with `key bind` without arguments (the list)") }
             switch (path, key, unbind) {
             case (let path?, let key?, false):
-                try manager.bind(path: path, to: key, by: caller)
+                try fs.perform(.bind(path: path, key: key))
                 Output.line("\(KeyManager.normalize(path: path)) → \(key)")
             case (let path?, nil, true):
-                try manager.unbind(path: path, by: caller)
+                try fs.perform(.unbind(path: path))
                 Output.line("unbound \(KeyManager.normalize(path: path))")
             case (nil, nil, false):
-                let bindings = try manager.listBindings()
-                if output.json {
-                    let aliases = Dictionary(try manager.listKeys().map { ($0.keyID, $0.aliases) }, uniquingKeysWith: { a, _ in a })
-                    try Output.json(bindings.map { Binding(path: $0.path, keyId: $0.key.rawValue.hex, aliases: aliases[$0.key] ?? []) })
-                    return
-                }
-                Output.table(["PATH", "KEY"], bindings.map { [$0.path, $0.key.rawValue.hex] })
+                guard case .bindings(let bindings) = try fs.perform(.listBindings) else { throw Unexpected() }
+                if output.json { try Output.json(bindings); return }
+                Output.table(["PATH", "KEY"], bindings.map { [$0.path, $0.keyId] })
             default:
                 throw ValidationError("use `key bind PATH KEY`, `key bind PATH --unbind`, or `key bind` to list")
             }
@@ -448,7 +390,7 @@ struct KeyCommand: ParsableCommand {
         @Argument(help: "Key id or alias.") var key: String
         @Argument(help: "The version to retire.") var version: UInt32
         func run() throws {
-            try fs.open().retireVersion(key, version: KeyVersion(rawValue: version), by: caller)
+            try fs.perform(.retireVersion(key: key, version: KeyVersion(rawValue: version)))
             Output.line("\(key) version \(version) retired")
         }
     }
@@ -467,7 +409,7 @@ struct KeyCommand: ParsableCommand {
         }
 
         func run() throws {
-            let rotations = try fs.open().rotations(of: key)
+            guard case .rotations(let rotations) = try fs.perform(.listRotations(key: key)) else { throw Unexpected() }
             let entries = rotations.map { Entry(keyId: $0.keyID.rawValue.hex, version: $0.version.rawValue,
                                                 rotationDate: Output.date($0.rotationDate), rotationType: $0.rotationType.rawValue) }
             if output.json { try Output.json(entries); return }
@@ -489,12 +431,11 @@ struct KeyCommand: ParsableCommand {
             guard (version != nil) != clear else { throw ValidationError("give a VERSION or --clear") }
         }
         func run() throws {
-            let manager = try fs.open()
             if let version {
-                try manager.setMinDecryptionVersion(key, version: KeyVersion(rawValue: version), by: caller)
+                try fs.perform(.setMinDecryptionVersion(key: key, version: KeyVersion(rawValue: version)))
                 Output.line("versions of \(key) below \(version) no longer decrypt")
             } else {
-                try manager.setMinDecryptionVersion(key, version: nil, by: caller)
+                try fs.perform(.setMinDecryptionVersion(key: key, version: nil))
                 Output.line("every version of \(key) decrypts again")
             }
         }
@@ -507,9 +448,9 @@ struct KeyCommand: ParsableCommand {
         @Option(help: "The message (at most 256 KiB).") var messageFile: String
         @Option(help: "Where to write the signature (DER for ECDSA, raw for RSA), as `openssl dgst -verify` reads it.") var out: String
         func run() throws {
-            let message = try Invocation.current.readInput(messageFile)
-            let signature = try fs.open().signMessage(message, with: key, by: caller)
-            try Invocation.current.writeOutput(out, signature)
+            let message = try InputFile.read(messageFile)
+            guard case .signature(let signature) = try fs.perform(.sign(key: key, message: Data(message))) else { throw Unexpected() }
+            try InputFile.write(out, [UInt8](signature))
             Output.line("signed \(message.count) bytes with \(key); signature in \(out)")
         }
     }
@@ -521,9 +462,10 @@ struct KeyCommand: ParsableCommand {
         @Option(help: "The message.") var messageFile: String
         @Option(help: "The signature.") var signatureFile: String
         func run() throws {
-            let message = try Invocation.current.readInput(messageFile)
-            let signature = try Invocation.current.readInput(signatureFile)
-            guard try fs.open().verifyMessage(message, signature: signature, with: key, by: caller) else {
+            let message = try InputFile.read(messageFile)
+            let signature = try InputFile.read(signatureFile)
+            guard case .verified(let valid) = try fs.perform(.verify(key: key, message: Data(message), signature: Data(signature))) else { throw Unexpected() }
+            guard valid else {
                 Output.note("kmsfs: the signature is not valid for this message and key")
                 throw ExitCode(1)
             }
@@ -542,7 +484,7 @@ struct KeyCommand: ParsableCommand {
             if format == "der" && out == nil { throw ValidationError("--format der needs --out FILE") }
         }
         func run() throws {
-            let pem = try fs.open().publicKeyPEM(key, by: caller)
+            guard case .publicKey(let pem) = try fs.perform(.getPublicKey(key: key)) else { throw Unexpected() }
             guard let out else { Output.line(pem); return }
             var bytes = Array(pem.utf8)
             if format == "der" {
@@ -550,7 +492,7 @@ struct KeyCommand: ParsableCommand {
                 guard let der = PEM.der(pem) else { throw ValidationError("the public key's PEM did not decode") }
                 bytes = der
             }
-            try Invocation.current.writeOutput(out, bytes)
+            try InputFile.write(out, bytes)
             Output.line("public key of \(key) in \(out) (\(format.uppercased()))")
         }
     }
@@ -583,7 +525,9 @@ struct KeyCommand: ParsableCommand {
                     guard let date = try? Date(expires, strategy: .iso8601) else { throw ValidationError("--expires must be ISO 8601, e.g. 2027-01-31T00:00:00Z") }
                     expiry = date.timeIntervalSince1970
                 }
-                let grant = try fs.open().createGrant(on: key, grantee: subject, operations: ops, expiresAt: expiry, by: caller)
+                guard case .grant(let grant) = try fs.perform(.createGrant(key: key, grantee: subject, operations: ops, expiresAt: expiry)) else {
+                    throw Unexpected()
+                }
                 if output.json { try Output.json(GrantView(grant)) } else { Output.line(grant.grantID) }
             }
         }
@@ -594,7 +538,8 @@ struct KeyCommand: ParsableCommand {
             @Argument(help: "Key id or alias.") var key: String
             @OptionGroup var output: JSONOption
             func run() throws {
-                let grants = try fs.open().listGrants(key, by: caller).map(GrantView.init)
+                guard case .grants(let list) = try fs.perform(.listGrants(key: key)) else { throw Unexpected() }
+                let grants = list.map(GrantView.init)
                 if output.json { try Output.json(grants); return }
                 Output.table(["GRANT ID", "GRANTEE", "OPERATIONS", "CREATED", "EXPIRES"], grants.map {
                     [$0.grantId, $0.grantee, $0.operations.joined(separator: ","), $0.creationDate, $0.expirationDate ?? "never"]
@@ -608,7 +553,7 @@ struct KeyCommand: ParsableCommand {
             @Argument(help: "Key id or alias.") var key: String
             @Argument(help: "The grant id.") var grantID: String
             func run() throws {
-                try fs.open().revokeGrant(key, grantID: grantID, by: caller)
+                try fs.perform(.revokeGrant(key: key, grantID: grantID))
                 Output.line("grant \(grantID) on \(key) removed")
             }
         }
@@ -653,9 +598,12 @@ struct KeyCommand: ParsableCommand {
             var unused: Bool
         }
 
-        func run() throws {
+        func validate() throws {
             guard unusedDays > 0 else { throw ValidationError("--unused-days must be at least 1") }
-            let findings = try fs.open().accessReport(unusedDays: unusedDays, by: caller)
+        }
+
+        func run() throws {
+            guard case .access(let findings) = try fs.perform(.accessReport(unusedDays: unusedDays)) else { throw Unexpected() }
             let entries = findings.map {
                 Entry(keyId: $0.keyID.rawValue.hex, aliases: $0.aliases, state: $0.state.rawValue, subject: $0.subject,
                       operations: $0.operations, sources: $0.sources, lastUsed: $0.lastUsedAt.map { Output.date($0) }, unused: $0.unused)

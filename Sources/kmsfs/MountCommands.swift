@@ -1,3 +1,4 @@
+import Administration
 import ArgumentParser
 import ChunkCipher
 import CLinux
@@ -43,8 +44,9 @@ struct Mount: ParsableCommand {
         if !foreground {
             let metrics = metricsFile.map { ["--metrics-file", URL(fileURLWithPath: $0).standardizedFileURL.path,
                                              "--metrics-interval", String(metricsInterval)] } ?? []
-            try Daemon.spawn(passphrase: secret, arguments: [cipher, mount, "-f"] + options.flatMap { ["-o", $0] }
-                             + ["--threads", String(threads), "--audit-opens", auditOpens.rawValue] + metrics)
+            let warnings = try MountDaemon.spawn(passphrase: secret, arguments: [cipher, mount, "-f"] + options.flatMap { ["-o", $0] }
+                                                 + ["--threads", String(threads), "--audit-opens", auditOpens.rawValue] + metrics)
+            for warning in warnings { Output.note("kmsfs: " + warning) }
             return
         }
         let notify = notifyFD
@@ -104,14 +106,14 @@ struct Mount: ParsableCommand {
             // passthrough_ll and gocryptfs do it).
             umask(0)
             let started = Date().timeIntervalSince1970
-            let services = DaemonServices(rekey: rekey)
+            let admin = AdminService(manager: manager, rekey: rekey)
             let control = try ControlServer(directory: keystore, status: { [fs, manager] in
                 var status = MountStatus(cipherdir: cipher, mountpoint: mount, pid: getpid(), startedAt: started,
                                          statistics: fs.statistics, keysInUse: fs.keysInUse)
                 status.governingKeys = try? manager.governingKeys()
                 return status
             }, admit: { [manager] peer in manager.controlAdmission(peer) },
-               execute: { [manager] command, peer in Invocation.runForwarded(command, as: peer, manager: manager, daemon: services) })
+               execute: { request, peer throws(AdminFailure) in try admin.perform(request, as: peer) })
             rekey.start()
             defer { rekey.stop() }
             // However many inodes the kernel caches, the daemon stays under its descriptor limit.
@@ -133,14 +135,14 @@ struct Mount: ParsableCommand {
             let sharing = mountOptions.contains("allow_other")
                 ? (try? manager.sharingWarnings(owner: getuid(), mountpoint: mount)) ?? [] : []
             if let notify {
-                Daemon.report(notify, (["ok"] + sharing.map { "warning: " + $0 }).joined(separator: "\n"))
+                MountDaemon.report(notify, (["ok"] + sharing.map { "warning: " + $0 }).joined(separator: "\n"))
             } else {
                 sharing.forEach { Output.note("kmsfs: warning: " + $0) }
             }
             try session.run(threads: threads)
         } catch {
             let message = (error as? KeyManagerError)?.description ?? "\(error)"
-            if let notify { Daemon.report(notify, message) }
+            if let notify { MountDaemon.report(notify, message) }
             throw error
         }
     }
@@ -244,77 +246,5 @@ struct Status: ParsableCommand {
         for key in report.keys ?? [] {
             Output.line("key:            \(key.aliases.first ?? key.keyID.rawValue.hex) \(key.state.rawValue) v\(key.currentVersion)")
         }
-    }
-}
-
-/// The kernel's list of kmsfs mounts.
-enum MountTable {
-    static func kmsfsMounts() -> [(source: String, mountpoint: String)] {
-        guard let text = try? String(contentsOfFile: "/proc/self/mounts", encoding: .utf8) else { return [] }
-        return text.split(separator: "\n").compactMap { line in
-            let f = line.split(separator: " ")
-            guard f.count >= 3, f[2] == "fuse.kmsfs" else { return nil }
-            func unescape(_ s: Substring) -> String { s.replacingOccurrences(of: "\\040", with: " ") }
-            return (unescape(f[0]), unescape(f[1]))
-        }
-    }
-}
-
-/// Running in the background the way gocryptfs does: never fork once threads
-/// exist; re-execute ourselves in the foreground as a child and wait for it
-/// to say the mount is ready (or why it failed).
-enum Daemon {
-    static func spawn(passphrase: borrowing SecretKey, arguments: [String]) throws {
-        var secretPipe: [Int32] = [0, 0], notifyPipe: [Int32] = [0, 0]
-        // Close-on-exec, so the child holds only the copies dup2 gives it as fds 3 and 4
-        // (otherwise it would never see end-of-file on the passphrase).
-        guard kmsfs_pipe_cloexec(&secretPipe) == 0, kmsfs_pipe_cloexec(&notifyPipe) == 0 else { throw ValidationError("cannot create pipes") }
-        let argv = ["kmsfs", "mount"] + arguments + ["--passphrase-fd", "3", "--notify-fd", "4"]
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, secretPipe[0], 3)
-        posix_spawn_file_actions_adddup2(&actions, notifyPipe[1], 4)
-        // The daemon holds nothing but stdio and these two pipes, or a caller
-        // waiting for end-of-file on a pipe it shared with us would hang.
-        _ = kmsfs_spawn_close_from(&actions, 5)
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-        // The daemon's log goes nowhere unless KMSFS_DAEMON_LOG names a file to append it to.
-        let log = ProcessInfo.processInfo.environment["KMSFS_DAEMON_LOG"] ?? "/dev/null"
-        posix_spawn_file_actions_addopen(&actions, 2, log, O_WRONLY | O_CREAT | O_APPEND, 0o600)
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        posix_spawnattr_setflags(&attributes, KMSFS_POSIX_SPAWN_SETSID)
-        var cArgs = argv.map { strdup($0) } + [nil]
-        defer { cArgs.forEach { free($0) } }
-        var pid: pid_t = 0
-        let status = posix_spawn(&pid, "/proc/self/exe", &actions, &attributes, &cArgs, environ)
-        close(secretPipe[0])
-        close(notifyPipe[1])
-        guard status == 0 else {
-            close(secretPipe[1]); close(notifyPipe[0])
-            throw Failure("cannot start the mount daemon: \(String(cString: strerror(status)))")
-        }
-        passphrase.withUnsafeBytes { raw in _ = write(secretPipe[1], raw.baseAddress, raw.count) }
-        close(secretPipe[1])
-        var reply = [UInt8]()
-        var byte: UInt8 = 0
-        while read(notifyPipe[0], &byte, 1) == 1 { reply.append(byte) }
-        close(notifyPipe[0])
-        let lines = String(decoding: reply, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false)
-        let message = lines.first.map(String.init) ?? ""
-        for warning in lines.dropFirst() { Output.note("kmsfs: " + warning) }
-        guard message == "ok" else {
-            var childStatus: Int32 = 0
-            waitpid(pid, &childStatus, 0)
-            throw Failure(message.isEmpty ? "the mount daemon exited without mounting" : message)
-        }
-    }
-
-    static func report(_ fd: Int32, _ message: String) {
-        _ = message.withCString { write(fd, $0, strlen($0)) }
-        close(fd)
     }
 }

@@ -1,3 +1,4 @@
+import Administration
 import ArgumentParser
 import ChunkCipher
 import Foundation
@@ -27,23 +28,27 @@ struct FilesystemOption: ParsableArguments {
 
     @OptionGroup var passphrase: PassphraseOptions
 
-    /// The key manager a command works with. Inside the mount daemon (a
-    /// forwarded command) it is the daemon's own. From a shell, against a
-    /// mounted filesystem, the whole command line is forwarded to the daemon,
-    /// its output printed and its exit code returned (this throws `ExitCode`
-    /// once it has); unmounted, the keystore is opened with the passphrase
-    /// and due rotations and deletions run. `verifyingIntegrity: false` opens
-    /// a keystore edited outside kmsfs too, to report on it (`audit verify`).
-    func open(verifyingIntegrity: Bool = true) throws -> KeyManager {
-        if let manager = Invocation.current.manager { return manager }
+    /// Where the command's requests go: the daemon of a live mount (which
+    /// runs them as this user, authenticated by the socket), or, unmounted,
+    /// the keystore opened here with the passphrase, after its due rotations
+    /// and deletions run. `verifyingIntegrity: false` opens a keystore edited
+    /// outside kmsfs too, to report on it (`audit verify`).
+    func client(verifyingIntegrity: Bool = true) throws -> AdminClient {
         let cipherdir = try Paths.cipherdir(of: fs)
         let keystore = try Paths.keystore(of: cipherdir)
-        try Invocation.forwardIfMounted(keystore: keystore, cipherdir: cipherdir)
-        let manager = try KeyManager.open(in: keystore, passphrase: passphrase.read(keystore: keystore), verifyingIntegrity: verifyingIntegrity,
-                                          clock: Clock.current)
-        Invocation.current.opened = manager
-        if verifyingIntegrity { Self.report(try manager.runSchedules()) }
-        return manager
+        return AdminClient(keystore: keystore, principal: caller) {
+            let manager = try KeyManager.open(in: keystore, passphrase: passphrase.read(keystore: keystore),
+                                              verifyingIntegrity: verifyingIntegrity, clock: Clock.current)
+            Invocation.opened = manager
+            if verifyingIntegrity { Self.report(try manager.runSchedules()) }
+            return manager
+        }
+    }
+
+    /// Carries out one request (see `client`).
+    @discardableResult
+    func perform(_ request: AdminRequest, verifyingIntegrity: Bool = true) throws -> AdminReply {
+        try client(verifyingIntegrity: verifyingIntegrity).perform(request)
     }
 
     static func report(_ report: ScheduleReport) {
@@ -55,6 +60,30 @@ struct FilesystemOption: ParsableArguments {
         for (key, n) in report.blocked {
             Output.note(KeyManagerError.deletionBlocked(key: key.rawValue.hex, references: n).description)
         }
+    }
+}
+
+/// A reply of another kind than the request's (a daemon of another version).
+struct Unexpected: Error, CustomStringConvertible {
+    var description: String { "the filesystem answered the request with a reply of another kind; is the mount's daemon of this kmsfs version?" }
+}
+
+/// Files a command reads or writes for its caller, as the caller: the
+/// daemon of a live mount never opens a peer's paths (they travel as bytes).
+enum InputFile {
+    /// The largest such file.
+    static let maxBytes = 256 << 10
+
+    static func read(_ path: String, limit: Int = maxBytes) throws -> [UInt8] {
+        guard let handle = FileHandle(forReadingAtPath: path) else { throw Failure("cannot read \(path)") }
+        defer { try? handle.close() }
+        let data = try handle.read(upToCount: limit + 1) ?? Data()
+        guard data.count <= limit else { throw Failure("\(path) is larger than \(limit) bytes") }
+        return [UInt8](data)
+    }
+
+    static func write(_ path: String, _ bytes: [UInt8]) throws {
+        guard FileManager.default.createFile(atPath: path, contents: Data(bytes)) else { throw Failure("cannot write \(path)") }
     }
 }
 
@@ -90,7 +119,7 @@ enum Paths {
 }
 
 /// The principal running this command.
-var caller: Principal { Invocation.current.principal }
+var caller: Principal { Invocation.principal }
 
 enum Clock {
     /// The system clock; debug builds honour KMSFS_TEST_NOW (seconds since
@@ -117,12 +146,12 @@ enum Clock {
 enum Output {
     /// A line on stderr (notes and errors; stdout stays machine-readable).
     static func note(_ text: String) {
-        Invocation.current.write(text + "\n", error: true)
+        FileHandle.standardError.write(Data((text + "\n").utf8))
     }
 
-    /// A line on stdout (or into a forwarded command's reply).
+    /// A line on stdout.
     static func line(_ text: String = "") {
-        Invocation.current.write(text + "\n", error: false)
+        FileHandle.standardOutput.write(Data((text + "\n").utf8))
     }
 
     static func json<T: Encodable>(_ value: T) throws {

@@ -6,7 +6,7 @@ import Glibc
 /// Feedback for a long operation run at a terminal, on stderr: a bar with
 /// rate and ETA redrawn in place on a TTY (at most ten times a second),
 /// plain lines every few seconds otherwise (a log, a pipe, systemd's
-/// journal), nothing under --json or inside the daemon. `KMSFS_PROGRESS_SECONDS` sets the
+/// journal), nothing under --json. `KMSFS_PROGRESS_SECONDS` sets the
 /// interval of the plain lines (5 s by default; tests shorten it).
 final class ProgressMeter {
     enum Style { case bar, lines, silent }
@@ -21,8 +21,7 @@ final class ProgressMeter {
     init(_ label: String, unit: String, json: Bool) {
         self.label = label
         self.unit = unit
-        // A command a live mount's daemon runs for a peer prints only what it returns to the peer.
-        style = json || Invocation.current.daemon != nil ? .silent : (isatty(2) == 1 ? .bar : .lines)
+        style = json ? .silent : (isatty(2) == 1 ? .bar : .lines)
         interval = style == .bar ? 0.1 : (ProcessInfo.processInfo.environment["KMSFS_PROGRESS_SECONDS"].flatMap(Double.init) ?? 5)
     }
 

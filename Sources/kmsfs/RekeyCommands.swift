@@ -1,3 +1,4 @@
+import Administration
 import ArgumentParser
 import EncryptedFS
 import Foundation
@@ -28,17 +29,9 @@ struct RekeyCommand: ParsableCommand {
         @OptionGroup var output: JSONOption
 
         func run() throws {
-            let manager = try fs.open()
-            let source = try key ?? defaultSource(manager)
-            let job = try manager.createRekeyJob(source: source, target: to, mode: mode, path: path, rate: rate, workers: workers, by: caller)
-            try RekeyCommand.launch(job, manager: manager, fs: fs, json: output.json)
-        }
-
-        func defaultSource(_ manager: KeyManager) throws -> String {
-            guard let key = try manager.listKeys(state: .deprecated).first(where: { $0.successor != nil }) else {
-                throw ValidationError("no deprecated key with a successor; name the key with --key KEY[:VERSION]")
-            }
-            return key.keyID.rawValue.hex
+            let client = try fs.client()
+            let reply = try client.perform(.startRekey(RekeyStart(source: key, target: to, mode: mode, path: path, rate: rate, workers: workers)))
+            try RekeyCommand.launch(reply, client: client, fs: fs, json: output.json)
         }
     }
 
@@ -47,7 +40,8 @@ struct RekeyCommand: ParsableCommand {
         @OptionGroup var fs: FilesystemOption
         @OptionGroup var output: JSONOption
         func run() throws {
-            guard let job = try fs.open().latestRekeyJob() else {
+            guard case .rekeyStatus(let latest) = try fs.perform(.rekeyStatus) else { throw Unexpected() }
+            guard let job = latest else {
                 if output.json { Output.line("null") } else { Output.line("no rekey job") }
                 return
             }
@@ -73,27 +67,21 @@ struct RekeyCommand: ParsableCommand {
         @Option(help: "A new throttle in MB/s.") var rate: Double?
         @OptionGroup var output: JSONOption
         func run() throws {
-            let manager = try fs.open()
-            guard let job = try manager.activeRekeyJob() else { throw Failure("no rekey job to resume") }
-            if let rate { try manager.setRekeyRate(job.id, rate, by: caller) }
-            if job.state == .paused { try manager.setRekeyState(job.id, .running, by: caller) }
-            try RekeyCommand.launch(try manager.rekeyJob(job.id)!, manager: manager, fs: fs, json: output.json)
+            let client = try fs.client()
+            try RekeyCommand.launch(try client.perform(.resumeRekey(rate: rate)), client: client, fs: fs, json: output.json)
         }
     }
 
+    /// Pauses or cancels the active job; a live mount answers once its worker has stopped moving files.
     static func change(_ fs: FilesystemOption, to state: RekeyState) throws {
-        let manager = try fs.open()
-        guard let job = try manager.activeRekeyJob() else { throw Failure("no active rekey job") }
-        try manager.setRekeyState(job.id, state, by: caller)
-        // In the daemon: return once the worker has stopped moving files.
-        Invocation.current.daemon?.rekey.interruptAndWait()
+        guard case .rekeyJob(let job, _) = try fs.perform(.changeRekey(state: state)) else { throw Unexpected() }
         Output.line("rekey job \(job.id) \(state.rawValue)")
     }
 
-    /// In the daemon: hand the job to its worker. Offline: run it here.
-    static func launch(_ job: RekeyJob, manager: KeyManager, fs: FilesystemOption, json: Bool) throws {
-        if let daemon = Invocation.current.daemon {
-            daemon.rekey.wake()
+    /// A live mount's daemon has the job already. Offline: run it here.
+    static func launch(_ reply: AdminReply, client: AdminClient, fs: FilesystemOption, json: Bool) throws {
+        guard case .rekeyJob(let job, let live) = reply else { throw Unexpected() }
+        guard !live, let manager = client.manager else {
             if json { show(job, json: true) } else {
                 Output.line("rekey job \(job.id) queued (\(job.mode.rawValue)); it runs inside the mount — `kmsfs rekey status --fs …` shows progress")
             }
@@ -112,7 +100,7 @@ struct RekeyCommand: ParsableCommand {
         meter.finish()
         if final.state == .running {
             try manager.setRekeyState(job.id, .paused, error: nil, by: caller)
-            final = try manager.rekeyJob(job.id)!
+            final = try manager.rekeyJob(job.id) ?? final
             Output.note("paused; `kmsfs rekey resume --fs …` continues where it stopped")
         }
         show(final, json: json)

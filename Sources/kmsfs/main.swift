@@ -19,6 +19,6 @@ do {
 } catch {
     status = Invocation.report(error, json: CommandLine.arguments.contains("--json"))
 }
-Invocation.current.opened?.sealAuditDigest()
+Invocation.opened?.sealAuditDigest()
 KeyManager.drainAlerts()
 exit(status)

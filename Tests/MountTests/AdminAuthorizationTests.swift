@@ -92,7 +92,7 @@ struct AdminAuthorizationTests {
             return data
         answers = [ask(b"garbage\\n"), ask(b'{"command": "run", "argume'), ask(b'{"command": 7}\\n'),
                    ask(b'{"command": "run", "arguments": "key list"}\\n'), ask(b'\\x00\\xff\\xfe\\n'),
-                   ask(b"x" * (2 << 20)), ask(json.dumps({"command": "run", "arguments": ["key", "rotation", "alias/team", "--fs", sys.argv[2]]}).encode() + b"\\n"),
+                   ask(b"x" * (2 << 20)), ask(json.dumps({"command": "admin", "request": {"setRotation": {"key": "alias/team", "days": 5}}}).encode() + b"\\n"),
                    ask(b'{"command": "status"}\\n'), ask(b'{"command": "reboot"}\\n')]
         for a in answers:
             reply = json.loads(a)
@@ -103,13 +103,14 @@ struct AdminAuthorizationTests {
         #expect(out.ok, "\(out.stderr)")
         let replies = out.stdout.split(separator: "\n").map { jsonObject(String($0)) }
         #expect(replies.count == 9)
-        for (i, reply) in replies.enumerated() where i != 6 {
+        for (i, reply) in replies.enumerated() {
             #expect(reply["ok"] as? Bool == false && reply["error"] is String, "reply \(i): \(reply)")
         }
         #expect((replies[5]["error"] as? String)?.contains("longer than") == true, "\(replies[5])")
-        // A well-formed but invalid command runs and fails as a command would.
-        let rotation = replies[6]["result"] as? [String: Any]
-        #expect(rotation?["code"] as? Int != 0 && (rotation?["stderr"] as? String)?.contains("exactly one") == true, "\(replies[6])")
+        // The old shape (a command line to re-parse) is no longer served.
+        #expect((replies[3]["error"] as? String)?.contains("unknown command run") == true, "\(replies[3])")
+        // A well-formed but invalid request runs and fails as the keystore refuses it, with its code.
+        #expect(replies[6]["code"] as? String == "ValidationException" && (replies[6]["error"] as? String)?.contains("90") == true, "\(replies[6])")
 
         // Idle connections held open by uid 4242 (more than it may hold) do not delay root.
         let hold = """

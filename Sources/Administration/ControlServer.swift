@@ -1,4 +1,5 @@
 import CLinux
+import EncryptedFS
 import Foundation
 import KeyManager
 import Logging
@@ -6,61 +7,17 @@ import Logging
 import Glibc
 #endif
 
-/// What `kmsfs status` shows of a running mount.
-public struct MountStatus: Codable, Sendable {
-    public var cipherdir: String
-    public var mountpoint: String
-    public var pid: Int32
-    public var startedAt: Double
-    public var statistics: FilesystemStatistics
-    /// Master keys whose data keys are held by open files right now.
-    public var keysInUse: [String]
-    /// The bound keys and who may encrypt and decrypt with them.
-    public var governingKeys: [GoverningKey]?
-
-    public init(cipherdir: String, mountpoint: String, pid: Int32, startedAt: Double, statistics: FilesystemStatistics, keysInUse: [String]) {
-        self.cipherdir = cipherdir
-        self.mountpoint = mountpoint
-        self.pid = pid
-        self.startedAt = startedAt
-        self.statistics = statistics
-        self.keysInUse = keysInUse
-    }
-}
-
-/// A command line the daemon ran on behalf of a peer, and what it printed.
-public struct ForwardedResult: Codable, Sendable {
-    public var code: Int32
-    public var stdout: String
-    public var stderr: String
-    /// Files the command made for the caller (path → base64): the caller
-    /// writes them as itself; the daemon never writes a peer's paths.
-    public var files: [String: String]?
-    public init(code: Int32, stdout: String, stderr: String, files: [String: String]? = nil) {
-        self.code = code
-        self.stdout = stdout
-        self.stderr = stderr
-        self.files = files
-    }
-}
-
-/// A command line to run in the daemon, with the input files the caller
-/// read as itself (path → base64): the daemon never reads a peer's paths.
-public struct ForwardedCommand: Sendable {
-    public var arguments: [String]
-    public var inputs: [String: String]
-}
-
 /// The daemon's local control socket, `CIPHERDIR/.kmsfs/control.sock`.
 /// Callers are authenticated by their peer credentials (SO_PEERCRED), never
-/// by anything they send. One JSON request per line, one JSON reply.
+/// by anything they send. One JSON request per line, one JSON reply
+/// (docs/JSON.md, "The control socket").
 ///
 /// - `status` answers root and the uid the daemon runs as.
-/// - `run` executes an admin command line (`kmsfs key …`, `audit …`,
-///   `rekey …`) inside the daemon, as the peer: the `admit` closure decides
-///   who may talk at all (and records refusals) — administrators of some
-///   key run any command, holders of encrypt or decrypt only the key-use
-///   commands — and each key operation then checks its key's policy.
+/// - `admin` carries one typed `AdminRequest`, carried out inside the
+///   daemon as the peer: the `admit` closure decides who may talk at all
+///   (and records refusals) — administrators of some key may ask anything,
+///   holders of encrypt or decrypt only the key-use requests — and each key
+///   operation then checks its key's policy.
 ///
 /// The socket is world-connectable (mode 0666 inside the traverse-only
 /// `.kmsfs`), because admins named by key policy need not be root; the peer
@@ -69,18 +26,18 @@ public struct ForwardedCommand: Sendable {
 /// `maxConnections`, `connectionsPerUser` per uid other than root and the
 /// mounting user, who are never turned away), a request is at most `maxRequest` bytes and must
 /// arrive within `readTimeout`, so a stalled or flooding client holds only
-/// its own connection; commands then run one at a time.
+/// its own connection; requests run concurrently (the keystore serialises
+/// its writes), so a slow one (a KMS call, a backup's scrypt) does not hold
+/// up a root `key disable`.
 public final class ControlServer: @unchecked Sendable {
     public static let socketName = "control.sock"
     private let path: String
     private let listener: Int32
     private let status: @Sendable () -> MountStatus
     private let admit: @Sendable (Principal) -> ControlAdmission
-    private let execute: @Sendable (ForwardedCommand, Principal) -> ForwardedResult
+    private let execute: @Sendable (AdminRequest, Principal) throws(AdminFailure) -> AdminReply
     private let logger = Logger(label: "kmsfs.control")
     private var thread: Thread?
-    /// Commands run one at a time (they share the process's invocation state).
-    private let running = NSLock()
     private let connections = NSLock()
     private var open: [UInt32: Int] = [:]
 
@@ -91,20 +48,23 @@ public final class ControlServer: @unchecked Sendable {
 
     struct Request: Codable {
         var command: String
-        var arguments: [String]?
-        var inputs: [String: String]?
+        var request: AdminRequest?
     }
     struct Reply: Codable {
         var ok: Bool
         var error: String?
+        /// With `error`: the failure's code (docs/JSON.md); absent for a refusal by the socket itself.
+        var code: String?
         var status: MountStatus?
-        var result: ForwardedResult?
+        var reply: AdminReply?
     }
 
     /// Listens on `directory/control.sock` (replacing a stale socket).
     public init(directory: String, status: @escaping @Sendable () -> MountStatus,
                 admit: @escaping @Sendable (Principal) -> ControlAdmission = { _ in .refused },
-                execute: @escaping @Sendable (ForwardedCommand, Principal) -> ForwardedResult = { _, _ in ForwardedResult(code: 1, stdout: "", stderr: "not supported\n") }) throws {
+                execute: @escaping @Sendable (AdminRequest, Principal) throws(AdminFailure) -> AdminReply = { _, _ throws(AdminFailure) in
+                    throw AdminFailure("this mount serves no admin requests")
+                }) throws {
         path = directory + "/" + Self.socketName
         self.status = status
         self.admit = admit
@@ -197,32 +157,47 @@ public final class ControlServer: @unchecked Sendable {
         case .closed:
             return
         }
-        guard let request = try? JSONDecoder().decode(Request.self, from: Data(line)) else {
-            send(client, Reply(ok: false, error: "malformed request: expected one JSON object {\"command\": …} on one line"))
+        let request: Request
+        do {
+            request = try JSONDecoder().decode(Request.self, from: Data(line))
+        } catch {
+            send(client, Reply(ok: false, error: "malformed request: expected one JSON object {\"command\": \"status\"} or "
+                                               + "{\"command\": \"admin\", \"request\": {…}} on one line (\(Self.decodingProblem(error)))"))
             return
         }
-        switch request.command {
-        case "status" where privileged:
+        switch (request.command, request.request) {
+        case ("status", _) where privileged:
             send(client, Reply(ok: true, status: status()))
-        case "run" where admission == .keyUser && !Self.keyUseCommand(request.arguments ?? []):
+        case ("admin", let admin?) where admission == .keyUser && !admin.isKeyUse:
             send(client, Reply(ok: false, error: "uid \(uid) may not administer this filesystem: no key policy grants it administer "
                                                 + "(with encrypt or decrypt alone, only key sign, verify, get-public-key and retiring its own grant)"))
-        case "run":
-            let command = ForwardedCommand(arguments: request.arguments ?? [], inputs: request.inputs ?? [:])
-            let result = running.withLock { execute(command, peer) }
-            send(client, Reply(ok: true, result: result))
-        case "status":
+        case ("admin", let admin?):
+            do {
+                send(client, Reply(ok: true, reply: try execute(admin, peer)))
+            } catch {
+                send(client, Reply(ok: false, error: error.message, code: error.code))
+            }
+        case ("admin", nil):
+            send(client, Reply(ok: false, error: "malformed request: \"admin\" needs a \"request\""))
+        case ("status", _):
             send(client, Reply(ok: false, error: "uid \(uid) may not read the status of this mount (root or the mounting user)"))
         default:
             send(client, Reply(ok: false, error: "unknown command \(request.command.prefix(64))"))
         }
     }
 
-    /// The commands a key user (encrypt or decrypt, no administer) may run:
-    /// using a signing key, and giving up (retiring) a grant it holds.
-    static func keyUseCommand(_ arguments: [String]) -> Bool {
-        guard arguments.count >= 2, arguments[0] == "key" else { return false }
-        return ["sign", "verify", "get-public-key"].contains(arguments[1]) || arguments.dropFirst().starts(with: ["grant", "revoke"])
+    /// Where a request failed to decode, for its sender (never echoing what it sent).
+    static func decodingProblem(_ error: Error) -> String {
+        switch error as? DecodingError {
+        case .keyNotFound(let key, let context)?: "no \(key.stringValue) at \(path(context))"
+        case .typeMismatch(_, let context)?, .valueNotFound(_, let context)?: "wrong type at \(path(context))"
+        case .dataCorrupted(let context)?: context.codingPath.isEmpty ? "not JSON" : "unreadable value at \(path(context))"
+        default: "not JSON"
+        }
+    }
+
+    private static func path(_ context: DecodingError.Context) -> String {
+        context.codingPath.isEmpty ? "the top" : context.codingPath.map(\.stringValue).joined(separator: ".")
     }
 
     enum LineRead { case line([UInt8]), tooLong, timedOut, closed }
@@ -339,13 +314,23 @@ public final class ControlServer: @unchecked Sendable {
         return true
     }
 
-    /// Runs `arguments` (a kmsfs command line without the program name) in the
-    /// daemon serving `directory`. nil when no daemon answers; throws the
-    /// daemon's refusal as `ControlRefusal`.
-    public static func forward(directory: String, arguments: [String], inputs: [String: String] = [:]) throws -> ForwardedResult? {
-        guard let reply = try exchange(directory: directory, Request(command: "run", arguments: arguments, inputs: inputs.isEmpty ? nil : inputs)) else { return nil }
-        guard reply.ok, let result = reply.result else { throw ControlRefusal(message: reply.error ?? "refused") }
-        return result
+    /// Carries out `request` in the daemon serving `directory`: nil when no
+    /// daemon answers; a refusal or failure is thrown as `AdminFailure` (a
+    /// refusal by the socket itself with the code "ControlRefused").
+    public static func perform(_ request: AdminRequest, directory: String) throws(AdminFailure) -> AdminReply? {
+        let answer: Reply?
+        do {
+            answer = try exchange(directory: directory, Request(command: "admin", request: request))
+        } catch let error as ControlRefusal {
+            throw AdminFailure(code: "ControlRefused", error.message)
+        } catch {
+            throw AdminFailure("cannot send the request to the mount's daemon: \(error)")
+        }
+        guard let answer else { return nil }
+        guard answer.ok, let reply = answer.reply else {
+            throw AdminFailure(code: answer.code ?? "ControlRefused", answer.error ?? "refused")
+        }
+        return reply
     }
 }
 
@@ -355,9 +340,34 @@ public struct ControlRefusal: Error, CustomStringConvertible {
     public var description: String { message }
 }
 
-extension EncryptedFileSystem {
-    /// Master keys whose data keys open files hold now.
-    public var keysInUse: [String] {
-        Array(Set(openFileKeys.map(\.rawValue.hex))).sorted()
+/// The kernel's list of kmsfs mounts.
+public enum MountTable {
+    public static func kmsfsMounts() -> [(source: String, mountpoint: String)] {
+        guard let text = try? String(contentsOfFile: "/proc/self/mounts", encoding: .utf8) else { return [] }
+        return text.split(separator: "\n").compactMap { line in
+            let f = line.split(separator: " ")
+            guard f.count >= 3, f[2] == "fuse.kmsfs" else { return nil }
+            // /proc/mounts escapes space, tab, newline and backslash as octal.
+            return (unescape(f[0]), unescape(f[1]))
+        }
+    }
+
+    static func unescape(_ field: Substring) -> String {
+        var out = [UInt8]()
+        let bytes = Array(field.utf8)
+        var i = 0
+        while i < bytes.count {
+            if bytes[i] == 0x5C, i + 3 < bytes.count {
+                let digits = bytes[(i + 1)...(i + 3)].map { Int($0) - 0x30 }
+                if digits.allSatisfy({ (0...7).contains($0) }), digits[0] <= 3 {
+                    out.append(UInt8(digits[0] * 64 + digits[1] * 8 + digits[2]))
+                    i += 4
+                    continue
+                }
+            }
+            out.append(bytes[i])
+            i += 1
+        }
+        return String(decoding: out, as: UTF8.self)
     }
 }
