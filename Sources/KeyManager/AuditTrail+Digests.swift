@@ -1,0 +1,133 @@
+import ChunkCipher
+import Foundation
+import GRDB
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// How records name paths, and the signed digests that seal the log.
+
+// MARK: Paths in records
+
+/// How audit records name the file of an open or create.
+public enum AuditPathMode: String, Sendable, Codable, CaseIterable {
+    /// `hmac:` and a keyed hash of the path (the default): events on one path
+    /// correlate, and an investigator can test a path (`audit paths --hash`),
+    /// but the log does not reveal names.
+    case hashed
+    /// The plaintext path (opt-in).
+    case plain
+    /// No path; the random object id only.
+    case off
+}
+
+extension KeyManager {
+    public func auditPathMode() -> AuditPathMode {
+        let now = clock()
+        if let cached = caches.withLock({ $0.pathMode }), abs(now - cached.fetchedAt) < Self.recordTTL * 10 { return cached.mode }
+        let stored: String? = try? verifiedRead { db in try String.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'audit_paths'") }
+        let mode = stored.flatMap(AuditPathMode.init(rawValue:)) ?? .hashed
+        caches.withLock { $0.pathMode = (mode, now) }
+        return mode
+    }
+
+    /// Sets how paths are recorded (administrators of the default key; audited).
+    public func setAuditPathMode(_ mode: AuditPathMode, by principal: Principal) throws(KeyManagerError) {
+        _ = try authorizeAdmin(principal, try resolve("alias/default"))
+        try sealedWrite { db in
+            try db.execute(sql: "INSERT OR REPLACE INTO meta (name, value) VALUES ('audit_paths', ?)", arguments: [mode.rawValue])
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("PutAuditSettings", principal: principal, error: "paths: \(mode.rawValue)"), at: clock())
+        }
+        caches.withLock { $0.pathMode = nil }
+    }
+
+    static let auditPathLabel = Array("kmsfs/v1/audit-path".utf8)
+
+    /// The keyed hash an audit record holds for `path` in `hashed` mode.
+    public func auditPathHash(_ path: String) -> String {
+        let mac = pathMAC.mac(Self.auditPathLabel + Array(path.utf8))
+        return "hmac:" + ID128(bytes: mac.prefix(16))!.hex
+    }
+
+    func storedAuditPath(_ path: String) -> String? {
+        switch auditPathMode() {
+        case .hashed: return auditPathHash(path)
+        case .plain: return path
+        case .off: return nil
+        }
+    }
+}
+
+// MARK: Signed digests
+
+extension KeyManager {
+    /// The alias of the SIGN_VERIFY key that signs audit digests (ECC P-256,
+    /// made on first use, administered by root).
+    public static let auditDigestAlias = "alias/kmsfs-audit-digest"
+    static let digestLabel = Array("kmsfs/v1/audit-digest".utf8)
+
+    func digestMessage(seq: Int64, hash: Data, time: Double) -> [UInt8] {
+        var out = Self.digestLabel + filesystemID.bytes
+        out += Array(String(seq).utf8) + [0] + [UInt8](hash) + Array(String(time).utf8)
+        return out
+    }
+
+    /// Signs the newest record's seq and hash, if records were added since
+    /// the last digest. The daemon calls this every minute and at unmount,
+    /// offline commands when they end.
+    @discardableResult
+    public func sealAuditDigest() -> Bool {
+        do {
+            try flushUsage()
+            let system = Principal(uid: 0, gid: 0, pid: getpid(), processName: "kmsfs-audit")
+            guard let last = try read({ db in try Row.fetchOne(db, sql: "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1") }) else { return false }
+            let seq: Int64 = last["seq"], hash: Data = last["hash"]
+            let covered: Int64? = try read { db in try Int64.fetchOne(db, sql: "SELECT MAX(last_seq) FROM audit_digests") }
+            if let covered, covered >= seq { return false }
+            let key: KeyID
+            if let existing = try? resolve(Self.auditDigestAlias) { key = existing } else {
+                key = try makeKey(spec: .eccP256, description: "signs the audit log's digests", aliases: [Self.auditDigestAlias], by: system).keyID
+            }
+            let time = clock()
+            let (version, signature) = try sign(digestMessage(seq: seq, hash: hash, time: time), with: key.rawValue.hex, by: system)
+            try write { db in
+                try db.execute(sql: "INSERT INTO audit_digests (time, last_seq, last_hash, key_id, key_version, signature) VALUES (?, ?, ?, ?, ?, ?)",
+                               arguments: [time, seq, hash, key.rawValue.hex, Int(version.rawValue), Data(signature)])
+            }
+            return true
+        } catch {
+            logger.error("could not sign an audit digest", metadata: ["error": .string("\(error)")])
+            return false
+        }
+    }
+
+    /// Checks every signed digest against the log: a bad signature, or a
+    /// covered record that is gone or changed, names the digest and position.
+    func verifyDigests(_ db: Database, records: Int) throws -> AuditVerification? {
+        var count = 0
+        let maxSeq = try Int64.fetchOne(db, sql: "SELECT MAX(seq) FROM audit_log") ?? 0
+        for row in try Row.fetchAll(db, sql: "SELECT * FROM audit_digests ORDER BY id") {
+            count += 1
+            let seq: Int64 = row["last_seq"], hash: Data = row["last_hash"], time: Double = row["time"]
+            let keyHex: String = row["key_id"]
+            let version = KeyVersion(rawValue: UInt32(row["key_version"] as Int))
+            let publicKey = try Data.fetchOne(db, sql: "SELECT public_key FROM key_versions WHERE key_id = ? AND version = ?",
+                                              arguments: [keyHex, version.rawValue])
+            let spec = try String.fetchOne(db, sql: "SELECT spec FROM keys WHERE id = ?", arguments: [keyHex]).flatMap(KeySpec.init(rawValue:))
+            guard let publicKey, let spec,
+                  AsymmetricKeys.verify(digestMessage(seq: seq, hash: hash, time: time), signature: [UInt8](row["signature"] as Data),
+                                        publicKey: [UInt8](publicKey), spec: spec) else {
+                return AuditVerification(records: records, firstBad: seq, problem: "signed digest \(count) (up to record \(seq)) has a bad signature")
+            }
+            guard seq <= maxSeq else {
+                return AuditVerification(records: records, firstBad: maxSeq + 1,
+                                         problem: "records \(maxSeq + 1)–\(seq) were cut off the end of the log (signed digest \(count) covers up to \(seq))")
+            }
+            let stored = try Data.fetchOne(db, sql: "SELECT hash FROM audit_log WHERE seq = ?", arguments: [seq])
+            guard stored == hash else {
+                return AuditVerification(records: records, firstBad: seq, problem: "record \(seq), signed by digest \(count), is missing or was rewritten")
+            }
+        }
+        return nil
+    }
+}
