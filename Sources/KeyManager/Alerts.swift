@@ -97,11 +97,11 @@ extension KeyManager {
 
     /// Applies the rules to an audit event as it is recorded.
     func observeForAlerts(_ event: AuditEvent) {
-        guard event.outcome != "success" else { return }
+        guard event.outcome != .success else { return }
         let now = clock()
         guard let config = try? alertConfig() else { return }
         switch (event.event, event.outcome) {
-        case (_, "denied"):
+        case (_, .denied):
             guard let uid = event.principal?.uid else { return }
             let burst = alertState.withLock { s -> Int? in
                 var times = (s.denials[uid] ?? []).filter { now - $0 < config.denialWindow }
@@ -115,7 +115,7 @@ extension KeyManager {
                 raise(Alert(time: now, rule: "denial-burst", severity: "high",
                             message: "uid \(uid) was denied \(burst) times within \(Int(config.denialWindow)) s", keyID: event.key?.rawValue.hex, uid: uid))
             }
-        case ("Decrypt", "refused"), ("GenerateDataKey", "refused"):
+        case ("Decrypt", .refused), ("GenerateDataKey", .refused):
             guard let key = event.key, let state = try? record(key).state,
                   [.disabled, .pendingDeletion, .destroyed].contains(state), once("state:\(key.rawValue.hex)", now) else { return }
             raise(Alert(time: now, rule: "key-state", severity: "high",
@@ -125,7 +125,7 @@ extension KeyManager {
             guard once("integrity:\(event.object?.hex ?? event.error ?? "")", now) else { return }
             raise(Alert(time: now, rule: "integrity", severity: "critical", message: event.error ?? "integrity failure",
                         keyID: event.key?.rawValue.hex, uid: event.principal?.uid, objectID: event.object?.hex))
-        case ("DeleteKey", "refused"):
+        case ("DeleteKey", .refused):
             guard let key = event.key, once("deletion:\(key.rawValue.hex)", now) else { return }
             raise(Alert(time: now, rule: "deletion-refused", severity: "medium", message: event.error ?? "deletion refused",
                         keyID: key.rawValue.hex))

@@ -4,11 +4,29 @@ import GRDB
 import Glibc
 #endif
 
+/// How a key operation ended, as audit records store it (the `outcome`
+/// column; exports map it to CloudTrail's error codes and OCSF's status).
+public enum AuditOutcome: String, Sendable, Codable, CaseIterable {
+    case success
+    /// A key policy or grant did not allow the caller.
+    case denied
+    /// The key's state, a limit or a guard refused the operation.
+    case refused
+    /// The request itself was invalid (an unknown key, a bad value).
+    case invalid
+    /// Something failed underneath (a provider, a database, a file).
+    case failure
+    /// Stored data did not authenticate.
+    case integrityFailure = "integrity-failure"
+    /// Worth a record but not a failure (a mount without open auditing).
+    case warning
+}
+
 /// One audit event. Records are hash-chained: each stores the previous
 /// record's hash, so an edit, a deletion or a reordering breaks the chain.
 public struct AuditEvent: Sendable {
     public var event: String
-    public var outcome: String
+    public var outcome: AuditOutcome
     public var key: KeyID?
     public var version: KeyVersion?
     public var principal: Principal?
@@ -21,7 +39,7 @@ public struct AuditEvent: Sendable {
     /// requestParameters): which alias, subject, path or successor. Never secrets.
     public var request: String?
 
-    public init(_ event: String, outcome: String = "success", key: KeyID? = nil, version: KeyVersion? = nil,
+    public init(_ event: String, outcome: AuditOutcome = .success, key: KeyID? = nil, version: KeyVersion? = nil,
                 principal: Principal? = nil, object: ID128? = nil, error: String? = nil, path: String? = nil,
                 request: [String: String]? = nil) {
         self.path = path
@@ -82,14 +100,14 @@ enum AuditTrail {
                        previous chained: inout Data?) throws {
         let previous = try chained ?? Data.fetchOne(db, sql: "SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1") ?? Data(count: 32)
         let hash = chainHash(previous: previous, key: key, fields: [
-            String(time), e.event, e.outcome, e.key?.rawValue.hex ?? "", e.version.map { String($0.rawValue) } ?? "",
+            String(time), e.event, e.outcome.rawValue, e.key?.rawValue.hex ?? "", e.version.map { String($0.rawValue) } ?? "",
             e.principal.map { String($0.uid) } ?? "", e.principal.map { String($0.gid) } ?? "",
             e.principal.map { String($0.pid) } ?? "", e.principal?.processName ?? "", e.object?.hex ?? "", e.error ?? "",
         ] + optionalFields(path: e.path, request: e.request))
         try db.cachedStatement(sql: """
             INSERT INTO audit_log (time, event, outcome, key_id, key_version, uid, gid, pid, process, object_id, error, path, request, prev_hash, hash)
             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-            """).execute(arguments: [time, e.event, e.outcome, e.key?.rawValue.hex, e.version.map { Int($0.rawValue) },
+            """).execute(arguments: [time, e.event, e.outcome.rawValue, e.key?.rawValue.hex, e.version.map { Int($0.rawValue) },
                              e.principal.map { Int($0.uid) }, e.principal.map { Int($0.gid) }, e.principal.map { Int($0.pid) },
                              e.principal?.processName, e.object?.hex, e.error, e.path, e.request, previous, Data(hash)])
         chained = Data(hash)
@@ -113,14 +131,14 @@ extension KeyManager {
         if let key = event.key, countsKeyUse.load(ordering: .relaxed) {
             keyUse.withLock { $0[KeyUse(event: event.event, outcome: event.outcome, key: key), default: 0] += 1 }
         }
-        if !auditsRoutineUse.load(ordering: .relaxed), event.outcome == "success",
+        if !auditsRoutineUse.load(ordering: .relaxed), event.outcome == .success,
            event.event == "Decrypt" || event.event == "GenerateDataKey" { return }
         if let journal {
             do throws(KeyManagerError) {
                 try journal.append(.audit(event, clock()))
                 // Denials, refusals and integrity failures are written at once;
                 // only routine successes wait for the batch.
-                if event.outcome != "success" { try journal.flush() }
+                if event.outcome != .success { try journal.flush() }
             } catch {
                 logger.error("audit record could not be written", metadata: ["event": .string(event.event), "error": .string("\(error)")])
             }
@@ -254,7 +272,7 @@ public struct AuditFilter: Sendable, Codable, Equatable {
 /// successes are not written): for the daemon's metrics.
 public struct KeyUse: Hashable, Sendable {
     public var event: String
-    public var outcome: String
+    public var outcome: AuditOutcome
     public var key: KeyID
 }
 

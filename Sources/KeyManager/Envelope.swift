@@ -16,7 +16,7 @@ extension KeyManager {
         }
         try authorize(principal, .encrypt, rec, object: object, path: { path })
         do { try check(.generateDataKey, rec) } catch {
-            audit(AuditEvent("GenerateDataKey", outcome: "refused", key: key, principal: principal, object: object, error: error.description, path: path))
+            audit(AuditEvent("GenerateDataKey", outcome: .refused, key: key, principal: principal, object: object, error: error.description, path: path))
             throw error
         }
         let version = rec.metadata.currentVersion
@@ -38,7 +38,7 @@ extension KeyManager {
                                principal: Principal, path: String? = nil, movingOffCutOff: Bool = false) throws(KeyManagerError) -> SecretKey {
         // A header naming a key or version this keystore never had was altered (or comes from elsewhere).
         func altered(_ why: String) -> KeyManagerError {
-            audit(AuditEvent("Decrypt", outcome: "integrity-failure", key: key, version: version, principal: principal, object: object,
+            audit(AuditEvent("Decrypt", outcome: .integrityFailure, key: key, version: version, principal: principal, object: object,
                              error: why, path: path))
             return .unwrapFailed(key: key.rawValue.hex, version: version)
         }
@@ -52,14 +52,14 @@ extension KeyManager {
         }
         try authorize(principal, .decrypt, rec, object: object, path: { path })
         do { try check(.unwrapDataKey, rec) } catch {
-            audit(AuditEvent("Decrypt", outcome: "refused", key: key, version: version, principal: principal, object: object, error: error.description, path: path))
+            audit(AuditEvent("Decrypt", outcome: .refused, key: key, version: version, principal: principal, object: object, error: error.description, path: path))
             throw error
         }
         if !movingOffCutOff { try checkFloor(rec, version, principal: principal, object: object, path: { path }) }
         guard let dek = try provider(for: key).unwrapDataKey(wrapped, key: key, version: version, context: dataKeyContext(object: object, key: key, version: version),
                                                    stored: { () throws(KeyManagerError) in try storedMaterial(key, version) }) else {
             let error = KeyManagerError.unwrapFailed(key: rec.displayName, version: version)
-            audit(AuditEvent("Decrypt", outcome: "integrity-failure", key: key, version: version, principal: principal, object: object, error: error.description, path: path))
+            audit(AuditEvent("Decrypt", outcome: .integrityFailure, key: key, version: version, principal: principal, object: object, error: error.description, path: path))
             throw error
         }
         audit(AuditEvent("Decrypt", key: key, version: version, principal: principal, object: object, path: path))
@@ -167,7 +167,7 @@ extension KeyManager {
         try authorize(principal, operation, rec, object: object, path: path)
         let action: LifecycleAction = operation == .encrypt ? .generateDataKey : .unwrapDataKey
         do { try check(action, rec) } catch {
-            audit(AuditEvent(operation == .encrypt ? "GenerateDataKey" : "Decrypt", outcome: "refused", key: key,
+            audit(AuditEvent(operation == .encrypt ? "GenerateDataKey" : "Decrypt", outcome: .refused, key: key,
                              principal: principal, object: object, error: error.description, path: path()))
             throw error
         }

@@ -88,12 +88,12 @@ extension KeyManager {
             do throws(KeyManagerError) {
                 let now = try external.refreshState()
                 if now != before {
-                    audit(AuditEvent("ExternalKeyStateChange", outcome: now == "Enabled" ? "success" : "refused", key: id,
+                    audit(AuditEvent("ExternalKeyStateChange", outcome: now == "Enabled" ? .success : .refused, key: id,
                                      error: "\(external.config.location) is \(now)" + (before.map { " (was \($0))" } ?? "")))
                     invalidate(id)
                 }
             } catch {
-                audit(AuditEvent("DescribeKey", outcome: "failure", key: id, error: error.description))
+                audit(AuditEvent("DescribeKey", outcome: .failure, key: id, error: error.description))
             }
         }
     }

@@ -119,7 +119,7 @@ extension KeyManager {
     func checkFloor(_ rec: KeyRecord, _ version: KeyVersion, principal: Principal, object: ID128?, path: () -> String?) throws(KeyManagerError) {
         guard let floor = rec.minDecryptionVersion, version < floor else { return }
         let error = KeyManagerError.versionCutOff(key: rec.displayName, version: version, minimum: floor)
-        audit(AuditEvent("Decrypt", outcome: "refused", key: rec.id, version: version, principal: principal, object: object,
+        audit(AuditEvent("Decrypt", outcome: .refused, key: rec.id, version: version, principal: principal, object: object,
                          error: error.description, path: path()))
         throw error
     }
@@ -156,7 +156,7 @@ extension KeyManager {
             // Like decrypting: a Disabled or PendingDeletion key does not verify.
             try check(.unwrapDataKey, rec)
             let valid = try verify(message, signature: signature, key: id.rawValue.hex, version: rec.metadata.currentVersion)
-            audit(AuditEvent("Verify", outcome: valid ? "success" : "invalid", key: id, version: rec.metadata.currentVersion, principal: principal,
+            audit(AuditEvent("Verify", outcome: valid ? .success : .invalid, key: id, version: rec.metadata.currentVersion, principal: principal,
                              error: valid ? nil : "the signature does not verify",
                              request: ["keyId": id.rawValue.hex, "signingAlgorithm": rec.metadata.spec.signingAlgorithm]))
             return valid

@@ -266,13 +266,13 @@ extension KeyManager {
                 }
                 if references > 0 {
                     report.blocked[rec.id] = references
-                    audit(AuditEvent("DeleteKey", outcome: "refused", key: rec.id,
+                    audit(AuditEvent("DeleteKey", outcome: .refused, key: rec.id,
                                      error: KeyManagerError.deletionBlocked(key: rec.displayName, references: references).description))
                     continue
                 }
                 if indexIncomplete {
                     report.unverified.append(rec.id)
-                    audit(AuditEvent("DeleteKey", outcome: "refused", key: rec.id,
+                    audit(AuditEvent("DeleteKey", outcome: .refused, key: rec.id,
                                      error: "a mount ended without flushing the usage index; it may miss files of this key"))
                     continue
                 }

@@ -175,9 +175,9 @@ extension KeyManager {
             switch error {
             case .accessDenied, .keystoreTampered, .wrongPassphrase: break
             case .invalidArgument, .keyNotFound, .versionNotFound, .versionInUse, .deletionBlocked:
-                audit(AuditEvent(event, outcome: "invalid", key: key, principal: principal, error: error.description, request: request))
+                audit(AuditEvent(event, outcome: .invalid, key: key, principal: principal, error: error.description, request: request))
             default:
-                audit(AuditEvent(event, outcome: "refused", key: key, principal: principal, error: error.description, request: request))
+                audit(AuditEvent(event, outcome: .refused, key: key, principal: principal, error: error.description, request: request))
             }
             throw error
         }

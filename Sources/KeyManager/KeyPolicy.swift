@@ -16,7 +16,7 @@ extension KeyManager {
         let now = clock()
         if rec.grants.contains(where: { $0.allows(operation, to: principal, at: now) }) { return }
         let error = KeyManagerError.accessDenied(key: rec.displayName, principal: principal, operation: operation)
-        audit(AuditEvent("Authorize", outcome: "denied", key: rec.id, principal: principal, object: object, error: error.description, path: path()))
+        audit(AuditEvent("Authorize", outcome: .denied, key: rec.id, principal: principal, object: object, error: error.description, path: path()))
         throw error
     }
 
@@ -95,7 +95,7 @@ extension KeyManager {
         }
         if matches(administrators) { return .administrator }
         if matches(users) { return .keyUser }
-        audit(AuditEvent("AdminAccess", outcome: "denied", principal: principal,
+        audit(AuditEvent("AdminAccess", outcome: .denied, principal: principal,
                          error: "uid \(principal.uid) may use no key; control socket request refused"))
         return .refused
     }

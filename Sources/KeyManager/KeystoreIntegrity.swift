@@ -249,7 +249,7 @@ extension KeyManager {
         }
         guard fresh else { return }
         logger.critical("keystore edited outside kmsfs", metadata: ["findings": .string(findings.joined(separator: "; "))])
-        audit(AuditEvent("KeystoreIntegrityFailure", outcome: "failure", error: findings.joined(separator: "; ")))
+        audit(AuditEvent("KeystoreIntegrityFailure", outcome: .failure, error: findings.joined(separator: "; ")))
         raise(Alert(time: clock(), rule: "integrity", severity: "critical",
                     message: "the keystore was edited outside kmsfs: " + findings.joined(separator: "; ")))
     }

@@ -234,7 +234,7 @@ extension KeyManager {
                            arguments: [state.rawValue, now, error, state.isActive ? nil : now, id])
             if principal != nil || !state.isActive {
                 try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("Rekey" + state.rawValue.prefix(1).uppercased() + state.rawValue.dropFirst(),
-                                                     outcome: state == .failed ? "failure" : "success", key: job.sourceKey,
+                                                     outcome: state == .failed ? .failure : .success, key: job.sourceKey,
                                                      principal: principal, error: "job \(id)" + (error.map { ": \($0)" } ?? "")), at: now)
             }
         }

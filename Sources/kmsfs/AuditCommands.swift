@@ -33,10 +33,16 @@ struct AuditCommand: ParsableCommand {
         @Option(help: "Only records of this key (id or alias).") var key: String?
         @Option(help: "Only this event, e.g. Decrypt, DisableKey, IntegrityFailure.") var event: String?
         @Option(help: "Only records of this uid.") var uid: UInt32?
-        @Option(help: "Only this outcome: success, denied, refused, failure, integrity-failure.") var outcome: String?
+        @Option(help: "Only this outcome: success, denied, refused, invalid, failure, integrity-failure or warning.") var outcome: String?
 
         /// The filter as given; a peer of a live mount other than root and
         /// the mounting user sees only its keys' records and its own.
+        func validate() throws {
+            if let outcome, AuditOutcome(rawValue: outcome) == nil {
+                throw ValidationError("--outcome is one of " + AuditOutcome.allCases.map(\.rawValue).joined(separator: ", "))
+            }
+        }
+
         func filter() throws -> AuditFilter {
             AuditFilter(since: try since.map(Self.time), until: try until.map(Self.time), key: key, event: event, uid: uid, outcome: outcome)
         }

@@ -62,6 +62,12 @@ struct AuditLogTests {
         #expect((try JSONSerialization.jsonObject(with: Data(future.utf8)) as? [Any])?.isEmpty == true, "\(future)")
         let past = try fs.run("$K audit list --until 2000-01-01T00:00:00Z --json --fs $M").stdout
         #expect((try JSONSerialization.jsonObject(with: Data(past.utf8)) as? [Any])?.isEmpty == true, "\(past)")
+        let deniedOnly = try fs.run("$K audit list --outcome denied --json --fs $M").stdout
+        let deniedRecords = try JSONSerialization.jsonObject(with: Data(deniedOnly.utf8)) as? [[String: Any]] ?? []
+        #expect(deniedRecords.count == 1 && deniedRecords.allSatisfy { $0["outcome"] as? String == "denied" }, "\(deniedOnly)")
+        // An outcome no record can have is a usage error, not an empty list.
+        let bogus = try fs.run("$K audit list --outcome failed --fs $M")
+        #expect(bogus.status == 64 && bogus.stderr.contains("integrity-failure"), "\(bogus.stderr)")
         let byKey = try fs.run("$K audit list --key alias/x --json --fs $M").stdout
         #expect(byKey.contains("\"event\" : \"CreateKey\"") && !byKey.contains("\"Decrypt\""), "\(byKey)")
         let exported = try fs.run("$K audit export --format jsonl --fs $M").stdout.split(separator: "\n")
