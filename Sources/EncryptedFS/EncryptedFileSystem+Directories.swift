@@ -11,7 +11,7 @@ import Glibc
 
 /// Listing directories (READDIR and READDIRPLUS).
 extension EncryptedFileSystem {
-    public func opendir(_ id: NodeID, _ context: RequestContext) throws(Errno) -> UInt64 {
+    public func opendir(_ id: NodeID, _ context: RequestContext) throws(Errno) -> HandleID {
         let node = try nodes.node(id)
         let dir = plaintextNames ? nil : try directoryKeys(node, context)
         var items = [Listing.Item(entry: DirectoryEntry(name: ".", inode: node.key.inode, type: S_IFDIR, nextOffset: 1)),
@@ -44,20 +44,19 @@ extension EncryptedFileSystem {
                              key: dir?.keyID, path: nodes.path(of: id).description, principal: principal(context))
         }
         return open.withLock { s in
-            let handle = s.next
-            s.next += 1
+            let handle = s.issue()
             s.directories[handle] = Listing(items: items, damaged: damaged)
             return handle
         }
     }
 
-    public func readdir(_ id: NodeID, handle: UInt64, offset: Int64, _ add: (DirectoryEntry) -> Bool) throws(Errno) {
+    public func readdir(_ id: NodeID, handle: HandleID, offset: Int64, _ add: (DirectoryEntry) -> Bool) throws(Errno) {
         for item in try listing(handle, from: offset) { guard add(item.entry) else { return } }
     }
 
     /// The entries of open directory `handle` from `offset`; past the last
     /// intact entry, a directory with damaged names answers EIO.
-    func listing(_ handle: UInt64, from offset: Int64) throws(Errno) -> ArraySlice<Listing.Item> {
+    func listing(_ handle: HandleID, from offset: Int64) throws(Errno) -> ArraySlice<Listing.Item> {
         guard let listing = open.withLock({ $0.directories[handle] }) else { throw .badFileDescriptor }
         guard Int(offset) < listing.items.count else {
             if listing.damaged > 0 { throw .ioError }
@@ -80,7 +79,7 @@ extension EncryptedFileSystem {
     /// and `rm -rf` cost no LOOKUP and GETATTR round trip per name. An entry
     /// removed since opendir is listed without attributes (as readdir would
     /// list it); a lookup the full buffer leaves out is taken back.
-    public func readdirplus(_ id: NodeID, handle: UInt64, offset: Int64, _ context: RequestContext,
+    public func readdirplus(_ id: NodeID, handle: HandleID, offset: Int64, _ context: RequestContext,
                             _ add: (DirectoryEntry, EntryReply?) -> Bool) throws(Errno) {
         let items = try listing(handle, from: offset)
         let dir = try nodes.node(id)
@@ -104,7 +103,7 @@ extension EncryptedFileSystem {
         var damaged: Int
     }
 
-    public func releasedir(_ id: NodeID, handle: UInt64) {
+    public func releasedir(_ id: NodeID, handle: HandleID) {
         open.withLock { _ = $0.directories.removeValue(forKey: handle) }
     }
 }

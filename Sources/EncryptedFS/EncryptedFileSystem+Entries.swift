@@ -40,7 +40,7 @@ extension EncryptedFileSystem {
         return (attributes(node, st, context), timeout)
     }
 
-    public func setattr(_ id: NodeID, _ changes: AttributeChanges, handle: UInt64?, _ context: RequestContext) throws(Errno) -> (stat, Double) {
+    public func setattr(_ id: NodeID, _ changes: AttributeChanges, handle: HandleID?, _ context: RequestContext) throws(Errno) -> (stat, Double) {
         let node = try nodes.node(id)
         if let mode = changes.mode, !node.isSymlink {
             try Syscall.call { chmod(node.procPath, mode & 0o7777) }

@@ -53,12 +53,11 @@ extension EncryptedFileSystem {
             try? keyManager.forgetUsage(fileID.rawValue)
             throw error
         }
-        let handle = open.withLock { s -> UInt64 in
+        let handle = open.withLock { s -> HandleID in
             let shared = s.files[file.inode] ?? file
             s.files[file.inode] = shared
             shared.handles += 1
-            let h = s.next
-            s.next += 1
+            let h = s.issue()
             s.handles[h] = shared
             return h
         }
@@ -187,21 +186,20 @@ extension EncryptedFileSystem {
                 throw error
             }
         }
-        let handle = open.withLock { s -> UInt64 in
-            let h = s.next
-            s.next += 1
+        let handle = open.withLock { s -> HandleID in
+            let h = s.issue()
             s.handles[h] = file
             return h
         }
         return OpenReply(handle: handle)
     }
 
-    func file(_ handle: UInt64) throws(Errno) -> OpenFile {
+    func file(_ handle: HandleID) throws(Errno) -> OpenFile {
         guard let file = open.withLock({ $0.handles[handle] }) else { throw .badFileDescriptor }
         return file
     }
 
-    public func read(_ id: NodeID, handle: UInt64, size: Int, offset: Int64, _ context: RequestContext,
+    public func read(_ id: NodeID, handle: HandleID, size: Int, offset: Int64, _ context: RequestContext,
                      _ reply: (UnsafeRawBufferPointer) -> Void) throws(Errno) {
         let file = try file(handle)
         try file.read(offset: Int(offset), count: size, by: principal(context)) { bytes in
@@ -210,27 +208,27 @@ extension EncryptedFileSystem {
         }
     }
 
-    public func write(_ id: NodeID, handle: UInt64, data: UnsafeRawBufferPointer, offset: Int64, _ context: RequestContext) throws(Errno) -> Int {
+    public func write(_ id: NodeID, handle: HandleID, data: UnsafeRawBufferPointer, offset: Int64, _ context: RequestContext) throws(Errno) -> Int {
         let file = try file(handle)
         let n = try file.write(data, at: Int(offset))
         bytesWritten.add(n, ordering: .relaxed)
         return n
     }
 
-    public func flush(_ id: NodeID, handle: UInt64, _ context: RequestContext) throws(Errno) {
+    public func flush(_ id: NodeID, handle: HandleID, _ context: RequestContext) throws(Errno) {
         try file(handle).sealLength()
     }
 
-    public func fsync(_ id: NodeID, handle: UInt64, dataOnly: Bool) throws(Errno) {
+    public func fsync(_ id: NodeID, handle: HandleID, dataOnly: Bool) throws(Errno) {
         try file(handle).sync(dataOnly: dataOnly)
     }
 
-    public func release(_ id: NodeID, handle: UInt64) {
+    public func release(_ id: NodeID, handle: HandleID) {
         guard let file = open.withLock({ $0.handles.removeValue(forKey: handle) }) else { return }
         releaseFile(file)
     }
 
-    public func fallocate(_ id: NodeID, handle: UInt64, mode: Int32, offset: Int64, length: Int64, _ context: RequestContext) throws(Errno) {
+    public func fallocate(_ id: NodeID, handle: HandleID, mode: Int32, offset: Int64, length: Int64, _ context: RequestContext) throws(Errno) {
         guard mode == 0 else { throw .notSupported }
         let file = try file(handle)
         let end = Int(offset + length)

@@ -40,9 +40,15 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
 
     struct OpenState: ~Copyable {
         var files: [InodeKey: OpenFile] = [:]
-        var handles: [UInt64: OpenFile] = [:]
-        var directories: [UInt64: Listing] = [:]
+        var handles: [HandleID: OpenFile] = [:]
+        var directories: [HandleID: Listing] = [:]
         var next: UInt64 = 1
+
+        /// A handle not given out before in this mount.
+        mutating func issue() -> HandleID {
+            defer { next += 1 }
+            return HandleID(rawValue: next)
+        }
     }
     let open = Mutex(OpenState())
     /// Striped by inode: serialises making an inode's open state (see `openShared`).

@@ -41,12 +41,20 @@ public struct EntryReply {
     }
 }
 
+/// An open file's or directory's handle: what open, create and opendir
+/// return, and what the kernel gives back with every request on it.
+public struct HandleID: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+    public var rawValue: UInt64
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+    public var description: String { String(rawValue) }
+}
+
 /// A reply to open and create.
 public struct OpenReply: Sendable {
-    public var handle: UInt64
+    public var handle: HandleID
     public var directIO = false
     public var keepCache = false
-    public init(handle: UInt64, directIO: Bool = false, keepCache: Bool = false) {
+    public init(handle: HandleID, directIO: Bool = false, keepCache: Bool = false) {
         self.handle = handle
         self.directIO = directIO
         self.keepCache = keepCache
@@ -96,7 +104,7 @@ public protocol FileSystem: AnyObject, Sendable {
     /// kernel has released the directory: where a filesystem may apply back-pressure.
     func entryReplied()
     func getattr(_ node: NodeID, _ context: RequestContext) throws(Errno) -> (stat, Double)
-    func setattr(_ node: NodeID, _ changes: AttributeChanges, handle: UInt64?, _ context: RequestContext) throws(Errno) -> (stat, Double)
+    func setattr(_ node: NodeID, _ changes: AttributeChanges, handle: HandleID?, _ context: RequestContext) throws(Errno) -> (stat, Double)
     func readlink(_ node: NodeID, _ context: RequestContext) throws(Errno) -> [UInt8]
     func mknod(_ parent: NodeID, _ name: FileName, mode: mode_t, device: dev_t, _ context: RequestContext) throws(Errno) -> EntryReply
     func mkdir(_ parent: NodeID, _ name: FileName, mode: mode_t, _ context: RequestContext) throws(Errno) -> EntryReply
@@ -107,22 +115,22 @@ public protocol FileSystem: AnyObject, Sendable {
     func link(_ node: NodeID, _ newParent: NodeID, _ newName: FileName, _ context: RequestContext) throws(Errno) -> EntryReply
     func open(_ node: NodeID, flags: Int32, _ context: RequestContext) throws(Errno) -> OpenReply
     /// Reads up to `size` bytes at `offset` and hands them to `reply` (valid only during the call).
-    func read(_ node: NodeID, handle: UInt64, size: Int, offset: Int64, _ context: RequestContext, _ reply: (UnsafeRawBufferPointer) -> Void) throws(Errno)
-    func write(_ node: NodeID, handle: UInt64, data: UnsafeRawBufferPointer, offset: Int64, _ context: RequestContext) throws(Errno) -> Int
-    func flush(_ node: NodeID, handle: UInt64, _ context: RequestContext) throws(Errno)
-    func release(_ node: NodeID, handle: UInt64)
-    func fsync(_ node: NodeID, handle: UInt64, dataOnly: Bool) throws(Errno)
-    func opendir(_ node: NodeID, _ context: RequestContext) throws(Errno) -> UInt64
+    func read(_ node: NodeID, handle: HandleID, size: Int, offset: Int64, _ context: RequestContext, _ reply: (UnsafeRawBufferPointer) -> Void) throws(Errno)
+    func write(_ node: NodeID, handle: HandleID, data: UnsafeRawBufferPointer, offset: Int64, _ context: RequestContext) throws(Errno) -> Int
+    func flush(_ node: NodeID, handle: HandleID, _ context: RequestContext) throws(Errno)
+    func release(_ node: NodeID, handle: HandleID)
+    func fsync(_ node: NodeID, handle: HandleID, dataOnly: Bool) throws(Errno)
+    func opendir(_ node: NodeID, _ context: RequestContext) throws(Errno) -> HandleID
     /// Lists entries from `offset`; `add` returns false when the reply buffer is full.
-    func readdir(_ node: NodeID, handle: UInt64, offset: Int64, _ add: (DirectoryEntry) -> Bool) throws(Errno)
+    func readdir(_ node: NodeID, handle: HandleID, offset: Int64, _ add: (DirectoryEntry) -> Bool) throws(Errno)
     /// READDIRPLUS: lists entries from `offset`, each with what a lookup of
     /// it would reply (nil for "." and "..", or an entry gone meanwhile), so
     /// the kernel needs no LOOKUP or GETATTR for what it lists. `add`
     /// returns false when the reply buffer is full; the filesystem then
     /// takes back the lookup it made for that entry.
-    func readdirplus(_ node: NodeID, handle: UInt64, offset: Int64, _ context: RequestContext,
+    func readdirplus(_ node: NodeID, handle: HandleID, offset: Int64, _ context: RequestContext,
                      _ add: (DirectoryEntry, EntryReply?) -> Bool) throws(Errno)
-    func releasedir(_ node: NodeID, handle: UInt64)
+    func releasedir(_ node: NodeID, handle: HandleID)
     func statfs(_ node: NodeID) throws(Errno) -> statvfs
     /// access(2) with `mask` (R_OK, W_OK, X_OK or F_OK). The kernel asks only
     /// when it does not check permissions itself (no `default_permissions`).
@@ -132,7 +140,7 @@ public protocol FileSystem: AnyObject, Sendable {
     func listxattr(_ node: NodeID, _ context: RequestContext) throws(Errno) -> [FileName]
     func removexattr(_ node: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno)
     func create(_ parent: NodeID, _ name: FileName, mode: mode_t, flags: Int32, _ context: RequestContext) throws(Errno) -> (EntryReply, OpenReply)
-    func fallocate(_ node: NodeID, handle: UInt64, mode: Int32, offset: Int64, length: Int64, _ context: RequestContext) throws(Errno)
+    func fallocate(_ node: NodeID, handle: HandleID, mode: Int32, offset: Int64, length: Int64, _ context: RequestContext) throws(Errno)
     /// Called once when the session ends.
     func destroy()
 }
@@ -140,7 +148,7 @@ public protocol FileSystem: AnyObject, Sendable {
 extension FileSystem {
     public func entryReplied() {}
     public func forget(_ node: NodeID, _ count: UInt64) {}
-    public func setattr(_ node: NodeID, _ changes: AttributeChanges, handle: UInt64?, _ context: RequestContext) throws(Errno) -> (stat, Double) { throw .noFunction }
+    public func setattr(_ node: NodeID, _ changes: AttributeChanges, handle: HandleID?, _ context: RequestContext) throws(Errno) -> (stat, Double) { throw .noFunction }
     public func readlink(_ node: NodeID, _ context: RequestContext) throws(Errno) -> [UInt8] { throw .noFunction }
     public func mknod(_ parent: NodeID, _ name: FileName, mode: mode_t, device: dev_t, _ context: RequestContext) throws(Errno) -> EntryReply { throw .noFunction }
     public func mkdir(_ parent: NodeID, _ name: FileName, mode: mode_t, _ context: RequestContext) throws(Errno) -> EntryReply { throw .noFunction }
@@ -149,12 +157,12 @@ extension FileSystem {
     public func symlink(target: [UInt8], _ parent: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) -> EntryReply { throw .noFunction }
     public func rename(_ parent: NodeID, _ name: FileName, _ newParent: NodeID, _ newName: FileName, flags: UInt32, _ context: RequestContext) throws(Errno) { throw .noFunction }
     public func link(_ node: NodeID, _ newParent: NodeID, _ newName: FileName, _ context: RequestContext) throws(Errno) -> EntryReply { throw .noFunction }
-    public func write(_ node: NodeID, handle: UInt64, data: UnsafeRawBufferPointer, offset: Int64, _ context: RequestContext) throws(Errno) -> Int { throw .readOnlyFileSystem }
-    public func flush(_ node: NodeID, handle: UInt64, _ context: RequestContext) throws(Errno) {}
-    public func release(_ node: NodeID, handle: UInt64) {}
-    public func fsync(_ node: NodeID, handle: UInt64, dataOnly: Bool) throws(Errno) {}
-    public func releasedir(_ node: NodeID, handle: UInt64) {}
-    public func readdirplus(_ node: NodeID, handle: UInt64, offset: Int64, _ context: RequestContext,
+    public func write(_ node: NodeID, handle: HandleID, data: UnsafeRawBufferPointer, offset: Int64, _ context: RequestContext) throws(Errno) -> Int { throw .readOnlyFileSystem }
+    public func flush(_ node: NodeID, handle: HandleID, _ context: RequestContext) throws(Errno) {}
+    public func release(_ node: NodeID, handle: HandleID) {}
+    public func fsync(_ node: NodeID, handle: HandleID, dataOnly: Bool) throws(Errno) {}
+    public func releasedir(_ node: NodeID, handle: HandleID) {}
+    public func readdirplus(_ node: NodeID, handle: HandleID, offset: Int64, _ context: RequestContext,
                             _ add: (DirectoryEntry, EntryReply?) -> Bool) throws(Errno) {
         try readdir(node, handle: handle, offset: offset) { add($0, nil) }
     }
@@ -164,6 +172,6 @@ extension FileSystem {
     public func listxattr(_ node: NodeID, _ context: RequestContext) throws(Errno) -> [FileName] { [] }
     public func removexattr(_ node: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) { throw .notSupported }
     public func create(_ parent: NodeID, _ name: FileName, mode: mode_t, flags: Int32, _ context: RequestContext) throws(Errno) -> (EntryReply, OpenReply) { throw .noFunction }
-    public func fallocate(_ node: NodeID, handle: UInt64, mode: Int32, offset: Int64, length: Int64, _ context: RequestContext) throws(Errno) { throw .notSupported }
+    public func fallocate(_ node: NodeID, handle: HandleID, mode: Int32, offset: Int64, length: Int64, _ context: RequestContext) throws(Errno) { throw .notSupported }
     public func destroy() {}
 }

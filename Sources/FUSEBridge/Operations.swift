@@ -37,6 +37,11 @@ enum Operations {
         Unmanaged<FileSystemBox>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue().fileSystem
     }
 
+    /// The handle open, create or opendir gave this request's file (0 when the kernel sent none).
+    static func handle(_ fi: UnsafeMutablePointer<fuse_file_info>?) -> HandleID {
+        HandleID(rawValue: fi?.pointee.fh ?? 0)
+    }
+
     static func context(_ req: fuse_req_t?) -> RequestContext {
         guard let ctx = fuse_req_ctx(req)?.pointee else { return RequestContext(uid: 0, gid: 0, pid: 0) }
         return RequestContext(uid: ctx.uid, gid: ctx.gid, pid: ctx.pid, umask: UInt32(ctx.umask))
@@ -130,7 +135,7 @@ enum Operations {
                 if set & FUSE_SET_ATTR_SIZE != 0 { changes.size = Int64(attr.st_size) }
                 if set & FUSE_SET_ATTR_ATIME_NOW != 0 { changes.accessTime = .now } else if set & FUSE_SET_ATTR_ATIME != 0 { changes.accessTime = .at(attr.st_atim) }
                 if set & FUSE_SET_ATTR_MTIME_NOW != 0 { changes.modificationTime = .now } else if set & FUSE_SET_ATTR_MTIME != 0 { changes.modificationTime = .at(attr.st_mtim) }
-                var (attributes, timeout) = try Operations.fileSystem(req).setattr(NodeID(rawValue: ino), changes, handle: fi?.pointee.fh, Operations.context(req))
+                var (attributes, timeout) = try Operations.fileSystem(req).setattr(NodeID(rawValue: ino), changes, handle: fi.map { HandleID(rawValue: $0.pointee.fh) }, Operations.context(req))
                 fuse_reply_attr(req, &attributes, timeout)
             }
         }
@@ -185,7 +190,7 @@ enum Operations {
             Operations.reply(req) { () throws(Errno) in
                 guard let fi else { throw .invalidArgument }
                 let opened = try Operations.fileSystem(req).open(NodeID(rawValue: ino), flags: fi.pointee.flags, Operations.context(req))
-                fi.pointee.fh = opened.handle
+                fi.pointee.fh = opened.handle.rawValue
                 fi.pointee.direct_io = opened.directIO ? 1 : 0
                 fi.pointee.keep_cache = opened.keepCache ? 1 : 0
                 if fuse_reply_open(req, fi) == -ENOENT {
@@ -199,7 +204,7 @@ enum Operations {
                 guard let fi else { throw .invalidArgument }
                 let (entry, opened) = try Operations.fileSystem(req).create(NodeID(rawValue: parent), Operations.name(name), mode: mode,
                                                                  flags: fi.pointee.flags, Operations.context(req))
-                fi.pointee.fh = opened.handle
+                fi.pointee.fh = opened.handle.rawValue
                 fi.pointee.direct_io = opened.directIO ? 1 : 0
                 fi.pointee.keep_cache = opened.keepCache ? 1 : 0
                 var e = Operations.entryParam(entry)
@@ -212,7 +217,7 @@ enum Operations {
         }
         ops.read = { req, ino, size, offset, fi in
             Operations.reply(req) { () throws(Errno) in
-                try Operations.fileSystem(req).read(NodeID(rawValue: ino), handle: fi?.pointee.fh ?? 0, size: size, offset: Int64(offset), Operations.context(req)) { bytes in
+                try Operations.fileSystem(req).read(NodeID(rawValue: ino), handle: Operations.handle(fi), size: size, offset: Int64(offset), Operations.context(req)) { bytes in
                     fuse_reply_buf(req, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count)
                 }
             }
@@ -220,33 +225,33 @@ enum Operations {
         ops.write = { req, ino, buf, size, offset, fi in
             Operations.reply(req) { () throws(Errno) in
                 let data = UnsafeRawBufferPointer(start: buf, count: size)
-                let written = try Operations.fileSystem(req).write(NodeID(rawValue: ino), handle: fi?.pointee.fh ?? 0, data: data,
+                let written = try Operations.fileSystem(req).write(NodeID(rawValue: ino), handle: Operations.handle(fi), data: data,
                                                         offset: Int64(offset), Operations.context(req))
                 fuse_reply_write(req, written)
             }
         }
         ops.flush = { req, ino, fi in
             Operations.reply(req) { () throws(Errno) in
-                try Operations.fileSystem(req).flush(NodeID(rawValue: ino), handle: fi?.pointee.fh ?? 0, Operations.context(req))
+                try Operations.fileSystem(req).flush(NodeID(rawValue: ino), handle: Operations.handle(fi), Operations.context(req))
                 fuse_reply_err(req, 0)
             }
         }
         ops.release = { req, ino, fi in
-            Operations.fileSystem(req).release(NodeID(rawValue: ino), handle: fi?.pointee.fh ?? 0)
+            Operations.fileSystem(req).release(NodeID(rawValue: ino), handle: Operations.handle(fi))
             fuse_reply_err(req, 0)
         }
         ops.fsync = { req, ino, datasync, fi in
             Operations.reply(req) { () throws(Errno) in
-                try Operations.fileSystem(req).fsync(NodeID(rawValue: ino), handle: fi?.pointee.fh ?? 0, dataOnly: datasync != 0)
+                try Operations.fileSystem(req).fsync(NodeID(rawValue: ino), handle: Operations.handle(fi), dataOnly: datasync != 0)
                 fuse_reply_err(req, 0)
             }
         }
         ops.opendir = { req, ino, fi in
             Operations.reply(req) { () throws(Errno) in
                 guard let fi else { throw .invalidArgument }
-                fi.pointee.fh = try Operations.fileSystem(req).opendir(NodeID(rawValue: ino), Operations.context(req))
+                fi.pointee.fh = try Operations.fileSystem(req).opendir(NodeID(rawValue: ino), Operations.context(req)).rawValue
                 if fuse_reply_open(req, fi) == -ENOENT {
-                    Operations.fileSystem(req).releasedir(NodeID(rawValue: ino), handle: fi.pointee.fh)
+                    Operations.fileSystem(req).releasedir(NodeID(rawValue: ino), handle: HandleID(rawValue: fi.pointee.fh))
                 }
             }
         }
@@ -255,7 +260,7 @@ enum Operations {
                 let buffer = UnsafeMutablePointer<CChar>.allocate(capacity: size)
                 defer { buffer.deallocate() }
                 var used = 0
-                try Operations.fileSystem(req).readdir(NodeID(rawValue: ino), handle: fi?.pointee.fh ?? 0, offset: Int64(offset)) { entry in
+                try Operations.fileSystem(req).readdir(NodeID(rawValue: ino), handle: Operations.handle(fi), offset: Int64(offset)) { entry in
                     var attributes = stat()
                     attributes.st_ino = ino_t(entry.inode)
                     attributes.st_mode = entry.type
@@ -276,7 +281,7 @@ enum Operations {
                 var used = 0
                 var entries = false
                 let fs = Operations.fileSystem(req)
-                try fs.readdirplus(NodeID(rawValue: ino), handle: fi?.pointee.fh ?? 0, offset: Int64(offset), Operations.context(req)) { entry, reply in
+                try fs.readdirplus(NodeID(rawValue: ino), handle: Operations.handle(fi), offset: Int64(offset), Operations.context(req)) { entry, reply in
                     // Without a reply (".", ".."), node id 0: the kernel takes the name and type only.
                     var e = reply.map(Operations.entryParam) ?? fuse_entry_param()
                     if reply == nil {
@@ -296,7 +301,7 @@ enum Operations {
             }
         }
         ops.releasedir = { req, ino, fi in
-            Operations.fileSystem(req).releasedir(NodeID(rawValue: ino), handle: fi?.pointee.fh ?? 0)
+            Operations.fileSystem(req).releasedir(NodeID(rawValue: ino), handle: Operations.handle(fi))
             fuse_reply_err(req, 0)
         }
         ops.fsyncdir = { req, _, _, _ in fuse_reply_err(req, 0) }
@@ -344,7 +349,7 @@ enum Operations {
         }
         ops.fallocate = { req, ino, mode, offset, length, fi in
             Operations.reply(req) { () throws(Errno) in
-                try Operations.fileSystem(req).fallocate(NodeID(rawValue: ino), handle: fi?.pointee.fh ?? 0, mode: mode,
+                try Operations.fileSystem(req).fallocate(NodeID(rawValue: ino), handle: Operations.handle(fi), mode: mode,
                                               offset: Int64(offset), length: Int64(length), Operations.context(req))
                 fuse_reply_err(req, 0)
             }

@@ -22,7 +22,7 @@ import SystemPackage
         fs = try EncryptedFileSystem(cipherdir: root, keyManager: manager)
     }
 
-    func read(_ node: NodeID, _ handle: UInt64, _ size: Int, at offset: Int64) throws -> [UInt8] {
+    func read(_ node: NodeID, _ handle: HandleID, _ size: Int, at offset: Int64) throws -> [UInt8] {
         var out = [UInt8]()
         try fs.read(node, handle: handle, size: size, offset: offset, RequestContext(uid: getuid(), gid: getgid(), pid: getpid())) { out = Array($0) }
         return out

@@ -35,18 +35,18 @@ final class GreetingFileSystem: FileSystem, @unchecked Sendable {
     func open(_ node: NodeID, flags: Int32, _ context: RequestContext) throws(Errno) -> OpenReply {
         lastContext = context
         guard flags & O_ACCMODE == O_RDONLY else { throw .permissionDenied }
-        return OpenReply(handle: node.rawValue)
+        return OpenReply(handle: HandleID(rawValue: node.rawValue))
     }
 
-    func read(_ node: NodeID, handle: UInt64, size: Int, offset: Int64, _ context: RequestContext, _ reply: (UnsafeRawBufferPointer) -> Void) throws(Errno) {
+    func read(_ node: NodeID, handle: HandleID, size: Int, offset: Int64, _ context: RequestContext, _ reply: (UnsafeRawBufferPointer) -> Void) throws(Errno) {
         let data = files[order[Int(node.rawValue) - 2].description]!
         let start = min(Int(offset), data.count), end = min(start + size, data.count)
         data[start..<end].withUnsafeBytes { reply($0) }
     }
 
-    func opendir(_ node: NodeID, _ context: RequestContext) throws(Errno) -> UInt64 { 1 }
+    func opendir(_ node: NodeID, _ context: RequestContext) throws(Errno) -> HandleID { HandleID(rawValue: 1) }
 
-    func readdir(_ node: NodeID, handle: UInt64, offset: Int64, _ add: (DirectoryEntry) -> Bool) throws(Errno) {
+    func readdir(_ node: NodeID, handle: HandleID, offset: Int64, _ add: (DirectoryEntry) -> Bool) throws(Errno) {
         let entries: [FileName] = [".", ".."] + order
         var i = Int(offset)
         while i < entries.count, add(DirectoryEntry(name: entries[i], inode: UInt64(max(1, i)), type: i < 2 ? S_IFDIR : S_IFREG,
