@@ -3,6 +3,7 @@ import EncryptedFS
 import Foundation
 import KeyManager
 import Logging
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -29,7 +30,7 @@ import Glibc
 /// its own connection; requests run concurrently (the keystore serialises
 /// its writes), so a slow one (a KMS call, a backup's scrypt) does not hold
 /// up a root `key disable`.
-public final class ControlServer: @unchecked Sendable {
+public final class ControlServer: Sendable {
     public static let socketName = "control.sock"
     private let path: String
     private let listener: Int32
@@ -37,9 +38,8 @@ public final class ControlServer: @unchecked Sendable {
     private let admit: @Sendable (Principal) -> ControlAdmission
     private let execute: @Sendable (AdminRequest, Principal) throws(AdminFailure) -> AdminReply
     private let logger = Logger(label: "kmsfs.control")
-    private var thread: Thread?
-    private let connections = NSLock()
-    private var open: [UInt32: Int] = [:]
+    /// Connections open per uid.
+    private let connections = Mutex<[UInt32: Int]>([:])
 
     public static let maxConnections = 32
     public static let connectionsPerUser = 4
@@ -90,7 +90,6 @@ public final class ControlServer: @unchecked Sendable {
         let thread = Thread { [self] in serve() }
         thread.name = "kmsfs-control"
         thread.start()
-        self.thread = thread
     }
 
     public func stop() {
@@ -112,7 +111,7 @@ public final class ControlServer: @unchecked Sendable {
             // Root and the mounting user are never turned away for capacity;
             // any other uid holds at most `connectionsPerUser` at a time.
             let privileged = uid == 0 || uid == geteuid()
-            let admitted = connections.withLock { () -> Bool in
+            let admitted = connections.withLock { open -> Bool in
                 guard open.values.reduce(0, +) < Self.maxConnections || privileged,
                       privileged || open[uid, default: 0] < Self.connectionsPerUser else { return false }
                 open[uid, default: 0] += 1
@@ -126,7 +125,7 @@ public final class ControlServer: @unchecked Sendable {
             let worker = Thread { [self] in
                 handle(client, peer: peer, privileged: privileged)
                 close(client)
-                connections.withLock { open[peer.uid, default: 1] -= 1 }
+                connections.withLock { $0[peer.uid, default: 1] -= 1 }
             }
             worker.name = "kmsfs-control-client"
             worker.start()

@@ -21,7 +21,7 @@ import Glibc
 /// again only after many more lookups. The thread is separate because the
 /// notification waits for the directory's lock, which a request being served
 /// may hold.
-public final class DescriptorRelief: @unchecked Sendable {
+public final class DescriptorRelief: Sendable {
     let nodes: NodeTable
     let invalidate: @Sendable (NodeID, FileName) -> Int32
     public let highWater: Int

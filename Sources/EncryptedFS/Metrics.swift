@@ -7,6 +7,7 @@ import KeyManager
 /// (`kmsfs mount --metrics-file /var/lib/node_exporter/textfile/kmsfs.prom`):
 /// written beside it and renamed over it, so the collector never reads half
 /// a file. Counters count since the mount started.
+// @unchecked: only its DispatchSourceTimer (a let, used from start and stop) is not marked Sendable.
 public final class MetricsWriter: @unchecked Sendable {
     let path: String
     let interval: Double

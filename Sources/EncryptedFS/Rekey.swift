@@ -23,7 +23,7 @@ import Glibc
 /// still on the old key, and the write, happen with nobody else reading or
 /// writing it. Every finished file is checkpointed in the keystore; passes
 /// repeat until a walk finds nothing and the usage index agrees.
-public final class Rekeyer: @unchecked Sendable {
+public final class Rekeyer: Sendable {
     let fs: EncryptedFileSystem
     var keyManager: KeyManager { fs.keyManager }
     let logger = Logger(label: "kmsfs.rekey")
@@ -189,7 +189,7 @@ public final class Rekeyer: @unchecked Sendable {
     /// Whether workers should stop before their next file: an unmount or
     /// SIGINT (at once), or a pause or cancel in the keystore (read at most
     /// every 200 ms), so a throttled batch does not delay either.
-    final class StopCheck: @unchecked Sendable {
+    final class StopCheck: Sendable {
         let rekeyer: Rekeyer
         let id: Int64
         let lock = Mutex<(checkedAt: Double, stop: Bool)>((0, false))

@@ -15,7 +15,7 @@ import Glibc
 /// keystore's queued or running job (resuming one a crash or an unmount
 /// left), sleeps while none is runnable, and wakes when an admin command
 /// starts or resumes one.
-public final class RekeyService: @unchecked Sendable {
+public final class RekeyService: Sendable {
     public let rekeyer: Rekeyer
     private let wakeup = DispatchSemaphore(value: 0)
     private let finished = DispatchSemaphore(value: 0)

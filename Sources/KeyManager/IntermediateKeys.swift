@@ -33,7 +33,8 @@ final class IntermediateKeyCache: @unchecked Sendable {
     }
     private let state = Mutex(State())
     /// Held while a new intermediate key is made, so creates that all find none make one, not one each.
-    private let making = NSLock()
+    /// Held while a new intermediate key is made, so concurrent creates make one.
+    private let making = Mutex(())
     let store: IntermediateStore
     let clock: @Sendable () -> Double
     let maxAge: Double
@@ -86,18 +87,18 @@ final class IntermediateKeyCache: @unchecked Sendable {
             }
         }
         if let found = live() { return found }
-        making.lock()
-        defer { making.unlock() }
-        if let found = live() { return found }
-        let now = clock()
-        let id = ID128.random()
-        let (aead, blob) = try make(id)
-        try store.saveIntermediate(id, key: key, version: version, blob: blob)
-        state.withLock { s in
-            s.current[version] = Current(id: id, aead: aead, createdAt: now, files: 1)
-            s.opened[id] = (aead, now + maxAge)
+        return try making.withLock { _ throws(KeyManagerError) -> (ID128, AESGCM) in
+            if let found = live() { return found }
+            let now = clock()
+            let id = ID128.random()
+            let (aead, blob) = try make(id)
+            try store.saveIntermediate(id, key: key, version: version, blob: blob)
+            state.withLock { s in
+                s.current[version] = Current(id: id, aead: aead, createdAt: now, files: 1)
+                s.opened[id] = (aead, now + maxAge)
+            }
+            return (id, aead)
         }
-        return (id, aead)
     }
 
     private func opened(_ id: ID128, _ key: KeyID, _ version: KeyVersion,

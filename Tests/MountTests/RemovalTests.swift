@@ -106,6 +106,6 @@ struct RecoveryFailureTests {
         #expect(try intents().isEmpty, "repaired at mount")
         #expect(try fs.run("diff -r $T/ref $M/data").ok)
         let audit = try fs.run("$K audit list --event RekeyRecovery --json --limit 10 --fs $M").stdout
-        #expect(audit.contains("\"outcome\" : \"failed\""), "\(audit)")
+        #expect(audit.contains("\"outcome\" : \"failure\""), "\(audit)")
     }
 }
