@@ -93,19 +93,19 @@ final class OpenFile: @unchecked Sendable {
     private func readChunks(_ first: ChunkIndex, plaintextCount: Int, into plain: UnsafeMutableRawBufferPointer,
                             by reader: Principal? = nil) throws(Errno) {
         let sealedCount = ChunkPipeline.ciphertextBytes(layout, plaintextSize: plaintextCount)
-        let sealed = UnsafeMutableRawBufferPointer.allocate(byteCount: sealedCount, alignment: 16)
-        defer { sealed.deallocate() }
-        let got = try store.read(into: sealed, at: layout.ciphertextOffset(of: first))
-        guard got == sealedCount else {
-            // The file shrank under us: cut outside the mount.
-            onIntegrityFailure(.truncated(expectedPlaintextSize: size, actualPlaintextSize: layout.plaintextOffset(of: first) + got), reader)
-            throw .ioError
-        }
-        do throws(CipherError) {
-            try ChunkPipeline.open(cipher, first: first, sealed: UnsafeRawBufferPointer(sealed), into: plain)
-        } catch {
-            onIntegrityFailure(error, reader)
-            throw .ioError
+        try BufferPool.shared.withBuffer(sealedCount) { sealed throws(Errno) in
+            let got = try store.read(into: sealed, at: layout.ciphertextOffset(of: first))
+            guard got == sealedCount else {
+                // The file shrank under us: cut outside the mount.
+                onIntegrityFailure(.truncated(expectedPlaintextSize: size, actualPlaintextSize: layout.plaintextOffset(of: first) + got), reader)
+                throw .ioError
+            }
+            do throws(CipherError) {
+                try ChunkPipeline.open(cipher, first: first, sealed: UnsafeRawBufferPointer(sealed), into: plain)
+            } catch {
+                onIntegrityFailure(error, reader)
+                throw .ioError
+            }
         }
     }
 
@@ -168,8 +168,17 @@ final class OpenFile: @unchecked Sendable {
             try sealAndWrite(data, first: chunks.lowerBound, newSize: newSize)
             return
         }
-        let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: plainCount, alignment: 16)
-        defer { plain.deallocate() }
+        try BufferPool.shared.withBuffer(plainCount) { plain throws(Errno) in
+            try mergeAndWrite(data, at: offset, into: plain, chunks: chunks, newSize: newSize)
+        }
+    }
+
+    /// `writeRange` of a write that covers its chunks only in part: the old
+    /// bytes around it and the write itself, merged in `plain` (its chunks' plaintext), sealed and written.
+    private func mergeAndWrite(_ data: UnsafeRawBufferPointer, at offset: Int, into plain: UnsafeMutableRawBufferPointer,
+                               chunks: Range<ChunkIndex>, newSize: Int) throws(Errno) {
+        let end = offset + data.count
+        let base = layout.plaintextOffset(of: chunks.lowerBound)
         // Old bytes before the write in the first chunk.
         if offset > base {
             let n = layout.plaintextCount(of: chunks.lowerBound, plaintextSize: size)
@@ -190,16 +199,16 @@ final class OpenFile: @unchecked Sendable {
     /// file's partial end), writes it, and sets the size to `newSize`.
     private func sealAndWrite(_ plain: UnsafeRawBufferPointer, first: ChunkIndex, newSize: Int) throws(Errno) {
         let sealedCount = ChunkPipeline.ciphertextBytes(layout, plaintextSize: plain.count)
-        let sealed = UnsafeMutableRawBufferPointer.allocate(byteCount: sealedCount, alignment: 16)
-        defer { sealed.deallocate() }
-        do throws(CipherError) {
-            try ChunkPipeline.seal(cipher, first: first, plaintext: plain, into: sealed)
-        } catch { throw .ioError }
-        do throws(Errno) {
-            try store.write(UnsafeRawBufferPointer(sealed), at: layout.ciphertextOffset(of: first))
-        } catch {
-            if newSize > size { restoreEnd(plain, first: first) }
-            throw error
+        try BufferPool.shared.withBuffer(sealedCount) { sealed throws(Errno) in
+            do throws(CipherError) {
+                try ChunkPipeline.seal(cipher, first: first, plaintext: plain, into: sealed)
+            } catch { throw .ioError }
+            do throws(Errno) {
+                try store.write(UnsafeRawBufferPointer(sealed), at: layout.ciphertextOffset(of: first))
+            } catch {
+                if newSize > size { restoreEnd(plain, first: first) }
+                throw error
+            }
         }
         size = newSize
         // Remember the new partial last chunk for the next append.
