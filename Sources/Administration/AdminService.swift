@@ -19,7 +19,8 @@ extension RekeyService: RekeyDriver {}
 /// key operation is checked against its key's policy by `KeyManager`; what
 /// this type adds is what only a live mount needs to decide — a peer other
 /// than root and the mounting user sees only its own audit trail and may not
-/// make the daemon run a command or write a file.
+/// make the daemon run a command, write a file, load a PKCS#11 module or
+/// use its AWS credentials.
 public struct AdminService: Sendable {
     public let manager: KeyManager
     /// A live mount's rekey worker; nil when the keystore was opened offline.
@@ -172,6 +173,14 @@ public struct AdminService: Sendable {
     }
 
     private func createKey(_ c: KeyCreation, _ caller: Principal) throws -> KeyMetadata {
+        // An external key makes the daemon load a PKCS#11 module and read a
+        // PIN file, or call AWS with its own credentials, at paths and
+        // endpoints the request names: only for those with the daemon's standing.
+        if c.external != nil, !trusted(caller) {
+            throw AdminFailure(code: "AccessDeniedException",
+                               "only root or the mounting user may create a key held in AWS KMS or a PKCS#11 token through the mount's daemon "
+                               + "(it would load the module, read the PIN file and use the credentials as the daemon); create it offline or ask them")
+        }
         guard let external = c.external else {
             return try manager.createKey(spec: c.spec ?? .aes256, description: c.description, aliases: c.aliases, tags: c.tags,
                                          rotationDays: c.rotationDays, by: caller)

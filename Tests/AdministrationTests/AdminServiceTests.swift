@@ -121,6 +121,19 @@ struct AdminServiceTests {
         try "backup passphrase 123".write(toFile: pass, atomically: true, encoding: .utf8)
         #expect(throws: AdminFailure.self) { try live.perform(.createBackup(out: out, passphraseFile: pass), as: stranger) }
         #expect(!FileManager.default.fileExists(atPath: out))
+        // Nor make the daemon load a PKCS#11 module or call AWS with its credentials.
+        let evil = ExternalKeyConfig(pkcs11Module: store.root + "/evil.so", token: "t", objectLabel: "l", pinFile: "/etc/shadow")
+        do {
+            _ = try live.perform(.createKey(KeyCreation(spec: nil, description: "", aliases: [], tags: [:], rotationDays: nil,
+                                                        external: evil, createInToken: true)), as: stranger)
+            Issue.record("a stranger made the daemon load a module")
+        } catch {
+            #expect(error.code == "AccessDeniedException" && error.message.contains("PKCS#11"), "\(error)")
+        }
+        let aws = ExternalKeyConfig(provider: "aws-kms", keyID: "k", region: "eu-west-1", endpoint: "http://127.0.0.1:9")
+        #expect(throws: AdminFailure.self) {
+            try live.perform(.createKey(KeyCreation(spec: nil, description: "", aliases: [], tags: [:], rotationDays: nil, external: aws)), as: stranger)
+        }
         // The mounting user may; the file is private and names its signer.
         guard case .backupWritten(let bytes, _, let fingerprint) = try live.perform(.createBackup(out: out, passphraseFile: pass), as: owner) else {
             Issue.record("no backup"); return
