@@ -70,19 +70,19 @@ public final class ControlServer: Sendable {
         self.admit = admit
         self.execute = execute
         unlink(path)
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw POSIXError(.init(rawValue: errno) ?? .EIO) }
-        guard var address = Self.address(path) else { close(fd); throw POSIXError(.ENAMETOOLONG) }
+        let made = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard made >= 0 else { throw POSIXError(.init(rawValue: errno) ?? .EIO) }
+        let socket = Descriptor(adopting: made)  // closed here on any failure below
+        guard var address = Self.address(path) else { throw POSIXError(.ENAMETOOLONG) }
         let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(socket.raw, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
         // Connectable by anyone who can reach it; who may do what is decided per request.
-        guard bound == 0, chmod(path, 0o666) == 0, chmod(directory, 0o711) == 0, listen(fd, 16) == 0 else {
-            let error = errno
-            close(fd)
-            throw POSIXError(.init(rawValue: error) ?? .EIO)
+        guard bound == 0, chmod(path, 0o666) == 0, chmod(directory, 0o711) == 0, listen(socket.raw, 16) == 0 else {
+            throw POSIXError(.init(rawValue: errno) ?? .EIO)
         }
-        listener = fd
+        // From here `stop` closes it (the accepting thread is woken by its shutdown first).
+        listener = socket.take()
     }
 
     /// Serves requests on a background thread until `stop`.
@@ -100,13 +100,14 @@ public final class ControlServer: Sendable {
 
     private func serve() {
         while true {
-            let client = accept(listener, nil, nil)
-            if client < 0 {
+            let accepted = accept(listener, nil, nil)
+            if accepted < 0 {
                 if errno == EINTR || errno == ECONNABORTED { continue }
                 return
             }
+            let client = Descriptor(adopting: accepted)  // closed at the end of this turn unless handed to a worker
             var uid: UInt32 = 0, gid: UInt32 = 0, pid: Int32 = 0
-            guard kmsfs_peer_credentials(client, &uid, &gid, &pid) == 0 else { close(client); continue }
+            guard kmsfs_peer_credentials(client.raw, &uid, &gid, &pid) == 0 else { continue }
             let peer = Principal(uid: uid, gid: gid, pid: pid, processName: Self.processName(pid))
             // Root and the mounting user are never turned away for capacity;
             // any other uid holds at most `connectionsPerUser` at a time.
@@ -118,13 +119,13 @@ public final class ControlServer: Sendable {
                 return true
             }
             guard admitted else {
-                send(client, Reply(ok: false, error: "too many connections from uid \(uid); try again"))
-                close(client)
+                send(client.raw, Reply(ok: false, error: "too many connections from uid \(uid); try again"))
                 continue
             }
+            let handed = client.take()
             let worker = Thread { [self] in
-                handle(client, peer: peer, privileged: privileged)
-                close(client)
+                let client = Descriptor(adopting: handed)
+                handle(client.raw, peer: peer, privileged: privileged)
                 connections.withLock { $0[peer.uid, default: 1] -= 1 }
             }
             worker.name = "kmsfs-control-client"
@@ -255,21 +256,24 @@ public final class ControlServer: Sendable {
     }
 
     /// A socket connected to the daemon serving `directory`, or nil when none answers.
+    /// The caller owns (closes) what this returns.
     private static func connection(_ directory: String) -> Int32? {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { return nil }
-        guard var address = Self.address(directory + "/" + socketName) else { close(fd); return nil }
+        let made = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard made >= 0 else { return nil }
+        let socket = Descriptor(adopting: made)
+        guard var address = Self.address(directory + "/" + socketName) else { return nil }
         let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(socket.raw, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
-        guard connected == 0 else { close(fd); return nil }
-        return fd
+        guard connected == 0 else { return nil }
+        return socket.take()
     }
 
     /// Sends one request to the daemon serving `directory`; nil when none answers.
     static func exchange(directory: String, _ request: Request) throws -> Reply? {
-        guard let fd = connection(directory) else { return nil }
-        defer { close(fd) }
+        guard let raw = connection(directory) else { return nil }
+        let socket = Descriptor(adopting: raw)
+        let fd = socket.raw
         var data = try JSONEncoder().encode(request)
         data.append(0x0A)
         let sent = data.withUnsafeBytes { raw -> Bool in
@@ -308,8 +312,8 @@ public final class ControlServer: Sendable {
 
     /// Whether a daemon answers on `directory`'s control socket.
     public static func isServing(directory: String) -> Bool {
-        guard let fd = connection(directory) else { return false }
-        close(fd)
+        guard let raw = connection(directory) else { return false }
+        _ = Descriptor(adopting: raw)
         return true
     }
 

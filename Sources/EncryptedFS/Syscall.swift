@@ -136,12 +136,12 @@ enum Syscall {
 /// path, error paths included, unless handed on with `take()` — instead of
 /// a `close` paired by hand with each `openat` and "on failure the
 /// descriptor is closed" contracts.
-struct Descriptor: ~Copyable {
-    let raw: Int32
-    init(adopting raw: Int32) { self.raw = raw }
+public struct Descriptor: ~Copyable, Sendable {
+    public let raw: Int32
+    public init(adopting raw: Int32) { self.raw = raw }
     deinit { close(raw) }
     /// Hands the descriptor on; whoever takes it closes it.
-    consuming func take() -> Int32 {
+    public consuming func take() -> Int32 {
         let raw = self.raw
         discard self
         return raw

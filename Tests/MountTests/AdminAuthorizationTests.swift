@@ -70,6 +70,13 @@ struct AdminAuthorizationTests {
         let before = try fs.run("$K status --json --fs $M").stdout
         let pid = (jsonObject(before)["daemon"] as? [String: Any])?["pid"] as? Int
         #expect(pid != nil)
+        // The daemon's sockets now: the listener (and any of its own); each connection must give its back.
+        func sockets() -> Int {
+            let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid ?? 0)/fd")) ?? []
+            return fds.filter { (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid ?? 0)/fd/\($0)"))?.hasPrefix("socket:") == true }.count
+        }
+        let socketsBefore = sockets()
+        #expect(socketsBefore >= 1)
         let script = """
         import socket, json, os, sys
         path = sys.argv[1]
@@ -150,6 +157,8 @@ struct AdminAuthorizationTests {
         let after = jsonObject(try fs.run("$K status --json --fs $M").stdout)
         #expect((after["daemon"] as? [String: Any])?["pid"] as? Int == pid, "the same daemon still serves")
         #expect(try fs.run("cat $M/f").stdout == "data\n")
+        // Every refused, malformed, oversized, idle and served connection was closed.
+        #expect(eventually(within: 15) { sockets() == socketsBefore }, "\(sockets()) sockets, \(socketsBefore) before")
     }
 
     @Test("moving an alias needs administer on both keys and the same spec; kmsfs's own aliases are reserved; creations and moves are audited with their parameters")
