@@ -61,7 +61,7 @@ let package = Package(
             .product(name: "SystemPackage", package: "swift-system"),
         ]),
         .testTarget(name: "CLITests", dependencies: ["KeyManager", "ChunkCipher"]),
-        .testTarget(name: "AdministrationTests", dependencies: ["Administration", "KeyManager", "ChunkCipher"]),
+        .testTarget(name: "AdministrationTests", dependencies: ["Administration", "EncryptedFS", "KeyManager", "ChunkCipher"]),
         .testTarget(name: "KeyManagerTests", dependencies: ["KeyManager", "ChunkCipher", .product(name: "GRDB", package: "GRDB.swift")]),
     ]
 )
