@@ -18,6 +18,7 @@ struct BackupCommand: ParsableCommand {
 
         func run() throws {
             let path = URL(fileURLWithPath: out).standardizedFileURL.path
+            // AdminService refuses this too; checked here first so no passphrase is asked and no scrypt run for nothing.
             guard !FileManager.default.fileExists(atPath: path) else { throw Failure("\(out) exists; choose a new file") }
             let meter = ProgressMeter("backup", unit: "", json: false)
             meter.step("deriving the backup key (scrypt), sealing, signing and writing the keystore")

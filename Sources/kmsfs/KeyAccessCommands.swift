@@ -53,9 +53,9 @@ extension KeyCommand {
         @Option(help: "The message (at most 256 KiB).") var messageFile: String
         @Option(help: "Where to write the signature (DER for ECDSA, raw for RSA), as `openssl dgst -verify` reads it.") var out: String
         func run() throws {
-            let message = try InputFile.read(messageFile)
+            let message = try CallerFile.read(messageFile)
             guard case .signature(let signature) = try fs.perform(.sign(key: key, message: Data(message))) else { throw Unexpected() }
-            try InputFile.write(out, [UInt8](signature))
+            try CallerFile.write(out, [UInt8](signature))
             Output.line("signed \(message.count) bytes with \(key); signature in \(out)")
         }
     }
@@ -67,8 +67,8 @@ extension KeyCommand {
         @Option(help: "The message.") var messageFile: String
         @Option(help: "The signature.") var signatureFile: String
         func run() throws {
-            let message = try InputFile.read(messageFile)
-            let signature = try InputFile.read(signatureFile)
+            let message = try CallerFile.read(messageFile)
+            let signature = try CallerFile.read(signatureFile)
             guard case .verified(let valid) = try fs.perform(.verify(key: key, message: Data(message), signature: Data(signature))) else { throw Unexpected() }
             guard valid else {
                 Output.note("kmsfs: the signature is not valid for this message and key")
@@ -97,7 +97,7 @@ extension KeyCommand {
                 guard let der = PEM.der(pem) else { throw ValidationError("the public key's PEM did not decode") }
                 bytes = der
             }
-            try InputFile.write(out, bytes)
+            try CallerFile.write(out, bytes)
             Output.line("public key of \(key) in \(out) (\(format.uppercased()))")
         }
     }

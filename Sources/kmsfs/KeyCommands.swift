@@ -23,14 +23,11 @@ extension KeyState: ExpressibleByArgument {
 extension KeyOperation: ExpressibleByArgument {}
 
 /// `NAME=VALUE`.
-struct Tag: ExpressibleByArgument {
-    var name: String
-    var value: String
-    init?(argument: String) {
+extension KeyTag: ExpressibleByArgument {
+    public init?(argument: String) {
         let parts = argument.split(separator: "=", maxSplits: 1)
         guard parts.count == 2 else { return nil }
-        name = String(parts[0])
-        value = String(parts[1])
+        self.init(name: String(parts[0]), value: String(parts[1]))
     }
 }
 
@@ -48,7 +45,7 @@ struct KeyCommand: ParsableCommand {
         @OptionGroup var fs: FilesystemOption
         @Option(name: .customLong("alias"), help: "An alias such as alias/prod (repeatable).") var aliases: [String] = []
         @Option(help: "What the key is for.") var description = ""
-        @Option(name: .customLong("tag"), help: "A tag NAME=VALUE, e.g. env=prod (repeatable).") var tags: [Tag] = []
+        @Option(name: .customLong("tag"), help: "A tag NAME=VALUE, e.g. env=prod (repeatable).") var tags: [KeyTag] = []
         @Option(help: "AES_256 (default), RSA_2048, RSA_3072, RSA_4096, ECC_NIST_P256, ECC_NIST_P384 or ECC_NIST_P521. With aws-kms, the KMS key's own spec unless given.") var spec: KeySpec?
         @Option(help: "Automatic rotation period in days, 90-2560.") var rotationDays: Int = 365
         @Flag(help: "Create without automatic rotation.") var noRotation = false
@@ -98,11 +95,11 @@ struct KeyCommand: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "List master keys.")
         @OptionGroup var fs: FilesystemOption
         @Option(help: "Only keys in this state.") var state: KeyState?
-        @Option(help: "Only keys with this tag NAME=VALUE.") var tag: Tag?
+        @Option(help: "Only keys with this tag NAME=VALUE.") var tag: KeyTag?
         @OptionGroup var output: JSONOption
 
         func run() throws {
-            guard case .keys(let keys) = try fs.perform(.listKeys(state: state, tag: tag.map { KeyTag(name: $0.name, value: $0.value) })) else {
+            guard case .keys(let keys) = try fs.perform(.listKeys(state: state, tag: tag)) else {
                 throw Unexpected()
             }
             if output.json { try Output.json(keys); return }
@@ -307,10 +304,10 @@ struct KeyCommand: ParsableCommand {
         static let configuration = CommandConfiguration(commandName: "tag", abstract: "Set or remove tags on a key.")
         @OptionGroup var fs: FilesystemOption
         @Argument(help: "Key id or alias.") var key: String
-        @Argument(help: "Tags NAME=VALUE to set.") var tags: [Tag] = []
+        @Argument(help: "Tags NAME=VALUE to set.") var tags: [KeyTag] = []
         @Option(help: "A tag name to remove (repeatable).") var remove: [String] = []
         func run() throws {
-            guard case .tags(let now) = try fs.perform(.changeTags(key: key, set: tags.map { KeyTag(name: $0.name, value: $0.value) }, remove: remove)) else {
+            guard case .tags(let now) = try fs.perform(.changeTags(key: key, set: tags, remove: remove)) else {
                 throw Unexpected()
             }
             Output.line("tags of \(key): " + now.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ", "))

@@ -70,7 +70,7 @@ struct Unexpected: Error, CustomStringConvertible {
 
 /// Files a command reads or writes for its caller, as the caller: the
 /// daemon of a live mount never opens a peer's paths (they travel as bytes).
-enum InputFile {
+enum CallerFile {
     /// The largest such file.
     static let maxBytes = 256 << 10
 

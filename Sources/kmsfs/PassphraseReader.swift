@@ -1,3 +1,4 @@
+import Administration
 import ArgumentParser
 import ChunkCipher
 import Foundation
@@ -6,13 +7,13 @@ import Foundation
 /// output, or the terminal with echo off.
 enum PassphraseReader {
     static func read(file: String?, command: String?, prompt: String, confirm: Bool) throws -> SecretKey {
+        // A refusal of the passphrase is a usage error (exit 64), as ArgumentParser reports one.
+        func usage<T: ~Copyable>(_ body: () throws(AdminFailure) -> T) throws -> T {
+            do { return try body() } catch { throw ValidationError(error.message) }
+        }
+        if let file { return try usage { () throws(AdminFailure) in try SecretFile.read(file) } }
         var raw: [UInt8]
-        if let file {
-            guard let data = FileManager.default.contents(atPath: file) else {
-                throw ValidationError("cannot read passphrase file \(file)")
-            }
-            raw = [UInt8](data)
-        } else if let command {
+        if let command {
             raw = try run(command)
         } else {
             raw = try prompted(prompt)
@@ -26,11 +27,7 @@ enum PassphraseReader {
             }
         }
         defer { wipe(&raw) }
-        // The first line is the passphrase, as gocryptfs reads it.
-        let line = raw.prefix { $0 != 0x0A && $0 != 0x0D }
-        guard !line.isEmpty else { throw ValidationError("the passphrase is empty") }
-        guard line.count <= 1024 else { throw ValidationError("the passphrase is longer than 1024 bytes") }
-        return SecretKey(copying: Array(line))
+        return try usage { () throws(AdminFailure) in try SecretFile.firstLine(raw) }
     }
 
     /// Reads a passphrase written to a pipe by the parent process.
