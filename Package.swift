@@ -24,8 +24,10 @@ let package = Package(
         .systemLibrary(name: "COpenSSL", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
         // Hand-written C over the standard PKCS#11 API (types from p11-kit's pkcs11.h; modules loaded with dlopen).
         .target(name: "CPKCS11", cSettings: [.unsafeFlags(["-I/usr/include/p11-kit-1"])]),
+        // Hand-written hooks on libfuse's raw I/O for what libfuse 3.14 cannot negotiate (FUSE_HANDLE_KILLPRIV_V2).
+        .target(name: "CFUSEIO", dependencies: ["CFUSE"]),
         .target(name: "FUSEBridge", dependencies: [
-            "CFUSE",
+            "CFUSE", "CFUSEIO",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "SystemPackage", package: "swift-system"),
         ]),

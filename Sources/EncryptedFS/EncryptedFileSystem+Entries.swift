@@ -75,6 +75,7 @@ extension EncryptedFileSystem {
                 try Syscall.call { utimensat(AT_FDCWD, node.procPath, &times, 0) }
             }
         }
+        if context.clearsSetID { try clearSetID(node, context) }
         return try getattr(id, context)
     }
 

@@ -181,7 +181,10 @@ extension EncryptedFileSystem {
         let node = try nodes.node(id)
         let file = try openFile(node, flags: flags, context)
         if flags & O_TRUNC != 0 {
-            do throws(Errno) { try file.truncate(to: 0) } catch {
+            do throws(Errno) {
+                if context.clearsSetID, try clearSetID(node, context) { attributesChanged?(id) }
+                try file.truncate(to: 0)
+            } catch {
                 releaseFile(file)
                 throw error
             }
@@ -210,6 +213,7 @@ extension EncryptedFileSystem {
 
     public func write(_ id: NodeID, handle: HandleID, data: UnsafeRawBufferPointer, offset: Int64, _ context: RequestContext) throws(Errno) -> Int {
         let file = try file(handle)
+        if context.clearsSetID, try clearSetID(try nodes.node(id), context) { attributesChanged?(id) }
         let n = try file.write(data, at: Int(offset))
         bytesWritten.add(n, ordering: .relaxed)
         return n
@@ -226,6 +230,44 @@ extension EncryptedFileSystem {
     public func release(_ id: NodeID, handle: HandleID) {
         guard let file = open.withLock({ $0.handles.removeValue(forKey: handle) }) else { return }
         releaseFile(file)
+    }
+
+    /// Clears set-ID bits as ext4 does when a caller without CAP_FSETID
+    /// writes or truncates a regular file, or anyone changes its owner: the
+    /// set-user-ID bit always; the set-group-ID bit if the file is group
+    /// executable or the caller is neither root nor in the file's group.
+    /// The kernel leaves this to the filesystem (FUSE_HANDLE_KILLPRIV_V2, see
+    /// CFUSEIO) and says when through `RequestContext.clearsSetID`. True if a
+    /// bit was cleared: a write or open reply carries no attributes, so the
+    /// kernel's cached mode must then be dropped (`attributesChanged`), or
+    /// `stat` would still show the bit.
+    @discardableResult
+    func clearSetID(_ node: Node, _ context: RequestContext) throws(Errno) -> Bool {
+        guard node.isRegular else { return false }
+        let st = try Syscall.fstatat(node.fd, "", flags: KMSFS_AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)
+        let mode = st.st_mode & 0o7777
+        guard mode & (S_ISUID | S_ISGID) != 0 else { return false }
+        let cleared = Self.withoutSetID(mode, callerInGroup: context.uid == 0 || Self.caller(context, isIn: st.st_gid))
+        guard cleared != mode else { return false }
+        try Syscall.call { chmod(node.procPath, cleared) }
+        return true
+    }
+
+    /// `mode` without the set-ID bits an unprivileged write removes (see `clearSetID`).
+    static func withoutSetID(_ mode: mode_t, callerInGroup: Bool) -> mode_t {
+        var cleared = mode & ~S_ISUID
+        if mode & S_IXGRP != 0 || !callerInGroup { cleared &= ~S_ISGID }
+        return cleared
+    }
+
+    /// Whether the caller's primary or supplementary groups include `gid`
+    /// (its supplementary groups from /proc, as libfuse's fuse_req_getgroups
+    /// reads them; a caller gone meanwhile counts as not in the group).
+    static func caller(_ context: RequestContext, isIn gid: gid_t) -> Bool {
+        if context.gid == gid { return true }
+        guard let status = try? String(contentsOfFile: "/proc/\(context.pid)/status", encoding: .utf8),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("Groups:") }) else { return false }
+        return line.dropFirst("Groups:".count).split(whereSeparator: { $0 == " " || $0 == "\t" }).contains { gid_t($0) == gid }
     }
 
     public func fallocate(_ id: NodeID, handle: HandleID, mode: Int32, offset: Int64, length: Int64, _ context: RequestContext) throws(Errno) {

@@ -19,6 +19,8 @@ public struct FilesystemStatistics: Sendable, Codable {
     public var deniedRequests: Int
     /// Entries the daemon asked the kernel to forget to stay under its descriptor limit.
     public var forgottenOnRequest: Int = 0
+    /// FUSE requests answered since the mount (all daemons of this process).
+    public var requests: Int = 0
 }
 
 /// The encrypted filesystem: maps the plaintext tree onto CIPHERDIR, one
@@ -33,6 +35,9 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     let nodes: NodeTable
     /// Set by the mount: keeps the nodes' descriptors under the limit (for statistics).
     nonisolated(unsafe) public var relief: DescriptorRelief?
+    /// Set by the mount: tells the kernel to drop its cached attributes of a
+    /// node whose mode the filesystem changed on its own (see `clearSetID`).
+    nonisolated(unsafe) public var attributesChanged: (@Sendable (NodeID) -> Void)?
     let logger = Logger(label: "kmsfs.fs")
     /// Seconds the kernel may cache attributes and names.
     let timeout: Double = 1.0
@@ -88,7 +93,8 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         FilesystemStatistics(openFiles: open.withLock { $0.files.count }, nodes: nodes.count,
                              bytesRead: bytesRead.load(ordering: .relaxed), bytesWritten: bytesWritten.load(ordering: .relaxed),
                              integrityFailures: integrityFailures.load(ordering: .relaxed), deniedRequests: denied.load(ordering: .relaxed),
-                             forgottenOnRequest: relief?.evictions.load(ordering: .relaxed) ?? 0)
+                             forgottenOnRequest: relief?.evictions.load(ordering: .relaxed) ?? 0,
+                             requests: RequestCounters.shared.requests.load(ordering: .relaxed))
     }
 
     // MARK: Helpers

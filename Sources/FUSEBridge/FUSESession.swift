@@ -1,4 +1,5 @@
 import CFUSE
+import CFUSEIO
 import Logging
 import SystemPackage
 #if canImport(Glibc)
@@ -55,7 +56,14 @@ public final class FUSESession: @unchecked Sendable {
             fuse_remove_signal_handlers(session)
             throw MountError.mountFailed(mountpoint)
         }
+        // Before the loop reads the kernel's INIT: offer to clear set-ID bits ourselves.
+        let hooked = kmsfs_fuseio_install(session)
+        if hooked != 0 { logger.warning("raw FUSE I/O hooks not installed (error \(-hooked)); the kernel keeps asking for security.capability before writes") }
     }
+
+    /// Whether the kernel leaves clearing set-user-ID and set-group-ID bits
+    /// to this filesystem (FUSE_HANDLE_KILLPRIV_V2); known once INIT is answered.
+    public static var clearsSetIDItself: Bool { kmsfs_fuseio_killpriv_v2() != 0 }
 
     /// Serves requests on up to `threads` threads until unmounted or signalled, then unmounts.
     public func run(threads: Int = 4) throws {
@@ -80,6 +88,15 @@ public final class FUSESession: @unchecked Sendable {
     public func invalidateEntry(parent: NodeID, name: FileName) -> Int32 {
         guard let session else { return -ENODEV }
         return name.withCString { fuse_lowlevel_notify_inval_entry(session, parent.rawValue, $0, name.count) }
+    }
+
+    /// Asks the kernel to drop its cached attributes of `node` (not its
+    /// cached data), so the next stat asks the filesystem. Safe inside a
+    /// request of the same node: it takes no inode lock.
+    @discardableResult
+    public func invalidateAttributes(_ node: NodeID) -> Int32 {
+        guard let session else { return -ENODEV }
+        return fuse_lowlevel_notify_inval_inode(session, node.rawValue, -1, 0)
     }
 
     /// Asks the loop to end (as a signal would).

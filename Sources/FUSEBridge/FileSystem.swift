@@ -16,12 +16,18 @@ public struct RequestContext: Sendable {
     public var gid: UInt32
     public var pid: Int32
     public var umask: UInt32
+    /// The kernel asks the filesystem to clear the set-user-ID bit and a
+    /// group-executable set-group-ID bit as part of this write, truncate,
+    /// chown or truncating open (the caller lacks CAP_FSETID; see
+    /// FUSE_HANDLE_KILLPRIV_V2 in Sources/CFUSEIO).
+    public var clearsSetID: Bool
 
-    public init(uid: UInt32, gid: UInt32, pid: Int32, umask: UInt32 = 0o022) {
+    public init(uid: UInt32, gid: UInt32, pid: Int32, umask: UInt32 = 0o022, clearsSetID: Bool = false) {
         self.uid = uid
         self.gid = gid
         self.pid = pid
         self.umask = umask
+        self.clearsSetID = clearsSetID
     }
 }
 

@@ -1,4 +1,5 @@
 import CFUSE
+import CFUSEIO
 import Synchronization
 import SystemPackage
 #if canImport(Glibc)
@@ -44,7 +45,8 @@ enum Operations {
 
     static func context(_ req: fuse_req_t?) -> RequestContext {
         guard let ctx = fuse_req_ctx(req)?.pointee else { return RequestContext(uid: 0, gid: 0, pid: 0) }
-        return RequestContext(uid: ctx.uid, gid: ctx.gid, pid: ctx.pid, umask: UInt32(ctx.umask))
+        return RequestContext(uid: ctx.uid, gid: ctx.gid, pid: ctx.pid, umask: UInt32(ctx.umask),
+                              clearsSetID: kmsfs_fuseio_request_kills_suidgid() != 0)
     }
 
     /// The one place where an `Errno` becomes `fuse_reply_err`.
@@ -96,6 +98,10 @@ enum Operations {
             // Large reads as well as writes: fewer requests per megabyte.
             conn.pointee.max_readahead = max(conn.pointee.max_readahead, 1 << 20)
             if conn.pointee.capable & UInt32(FUSE_CAP_EXPORT_SUPPORT) != 0 { conn.pointee.want |= UInt32(FUSE_CAP_EXPORT_SUPPORT) }
+            // Set-ID bits are cleared by the filesystem under the protocol's
+            // second scheme (FUSE_HANDLE_KILLPRIV_V2, offered by CFUSEIO's
+            // hooks), not the first, whose requests carry no flag to act on.
+            conn.pointee.want &= ~UInt32(FUSE_CAP_HANDLE_KILLPRIV)
         }
         ops.destroy = { userdata in
             guard let userdata else { return }

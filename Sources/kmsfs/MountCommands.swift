@@ -123,6 +123,7 @@ struct Mount: ParsableCommand {
             relief.start()
             defer { relief.stop() }
             fs.relief = relief
+            fs.attributesChanged = { [session] node in session.invalidateAttributes(node) }
             let metrics = metricsFile.map {
                 MetricsWriter(path: URL(fileURLWithPath: $0).standardizedFileURL.path, interval: metricsInterval, filesystem: fs,
                               mountpoint: mount, started: started)
@@ -233,7 +234,7 @@ struct Status: ParsableCommand {
             let s = d.statistics
             Output.line("daemon:         pid \(d.pid), up since \(Output.date(d.startedAt))")
             Output.line("open files:     \(s.openFiles) (\(s.nodes) inodes known)")
-            Output.line("bytes:          \(s.bytesRead) read, \(s.bytesWritten) written")
+            Output.line("bytes:          \(s.bytesRead) read, \(s.bytesWritten) written (\(s.requests) requests)")
             Output.line("errors:         \(s.integrityFailures) integrity failures, \(s.deniedRequests) denied requests")
             Output.line("keys in use:    \(d.keysInUse.isEmpty ? "-" : d.keysInUse.joined(separator: ", "))")
             for key in d.governingKeys ?? [] {

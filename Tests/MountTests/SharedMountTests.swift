@@ -79,4 +79,48 @@ struct SharedMountTests {
             "ok",                                // listing works for the other uid
         ], "\(out.stdout)")
     }
+
+    @Test("set-user-ID and set-group-ID bits are cleared as on the local filesystem: a write, truncate or truncating open by another uid, a chown by root; kept for root's writes and for a group member's write to a non-executable setgid file; stat sees it while the file is still open")
+    func setIDBitsMatchTheLocalFilesystem() throws {
+        let fs = try MountedFS(mountOptions: ["allow_other"], initOptions: ["--shared"])
+        // The same steps in the mount and in a directory of the local filesystem beside it.
+        let script = """
+            as4242="setpriv --reuid 4242 --regid 4242 --clear-groups"
+            t() { chmod $1 $D/f; shift; "$@" >/dev/null 2>&1; stat -c %a $D/f; }
+            echo hi > $D/f
+            t 6777 $as4242 sh -c "echo x >> $D/f"
+            t 6767 $as4242 sh -c "echo x >> $D/f"
+            chgrp 4242 $D/f; t 2767 $as4242 sh -c "echo x >> $D/f"; chgrp 0 $D/f
+            t 6777 sh -c "echo x >> $D/f"
+            t 6777 $as4242 truncate -s 1 $D/f
+            t 6777 $as4242 sh -c "echo y > $D/f"
+            t 6777 chown 4343 $D/f; chown 0 $D/f
+            t 2745 chown 4343 $D/f; chown 0 $D/f
+            chmod 6777 $D/f; $as4242 sh -c "exec 3>>$D/f; echo x >&3; stat -c %a $D/f"
+            """
+        let mounted = try fs.run("D=$M\n" + script)
+        let local = try fs.run("mkdir -m 0777 $T/local && D=$T/local\n" + script)
+        #expect(mounted.ok && local.ok, "\(mounted.stderr) \(local.stderr)")
+        let expected = ["777", "767", "2767", "6777", "777", "777", "777", "2745", "777"]
+        #expect(local.stdout.split(separator: "\n").map(String.init) == expected, "the local filesystem: \(local.stdout)")
+        #expect(mounted.stdout.split(separator: "\n").map(String.init) == expected, "kmsfs: \(mounted.stdout)")
+    }
+
+    @Test("the kernel asks for security.capability once per file, not before every write: 200 one-byte writes cost about 200 requests (FUSE_HANDLE_KILLPRIV_V2 negotiated)")
+    func oneCapabilityQueryPerFile() throws {
+        let fs = try MountedFS()
+        let out = try fs.run("""
+            requests() { $K status --json --fs $M | python3 -c 'import json,sys; print(json.load(sys.stdin)["daemon"]["statistics"]["requests"])'; }
+            echo > $M/g
+            a=$(requests)
+            dd if=/dev/zero of=$M/g bs=1 count=200 conv=notrunc status=none
+            b=$(requests)
+            echo $((b - a))
+            """)
+        #expect(out.ok, "\(out.stderr)")
+        let delta = Int(out.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? -1
+        // 200 WRITEs, an OPEN, a FLUSH, a RELEASE, the first write's GETXATTR and a few
+        // attribute requests; with a GETXATTR before every write it would be over 400.
+        #expect(delta >= 200 && delta < 260, "\(delta) requests for 200 writes")
+    }
 }

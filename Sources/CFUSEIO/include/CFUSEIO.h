@@ -1,0 +1,23 @@
+// Raw /dev/fuse I/O hooks for what libfuse 3.14 cannot negotiate or pass on:
+// FUSE_HANDLE_KILLPRIV_V2 (protocol 7.33). See fuseio.c.
+#ifndef KMSFS_CFUSEIO_H
+#define KMSFS_CFUSEIO_H
+
+struct fuse_session;
+
+/// Routes the mounted session's reads and replies through the hooks below
+/// and offers FUSE_HANDLE_KILLPRIV_V2 in the INIT reply when the kernel
+/// does. Call after fuse_session_mount and before the loop. 0 or -errno.
+int kmsfs_fuseio_install(struct fuse_session *se);
+
+/// 1 once the kernel has been told this filesystem clears set-user-ID and
+/// set-group-ID bits itself (FUSE_HANDLE_KILLPRIV_V2 granted), else 0.
+int kmsfs_fuseio_killpriv_v2(void);
+
+/// 1 when the request this thread is handling asks the filesystem to clear
+/// the set-user-ID bit and a group-executable set-group-ID bit: a WRITE with
+/// FUSE_WRITE_KILL_SUIDGID, a SETATTR with FATTR_KILL_SUIDGID, an OPEN or
+/// CREATE with FUSE_OPEN_KILL_SUIDGID. Only valid inside a request handler.
+int kmsfs_fuseio_request_kills_suidgid(void);
+
+#endif
