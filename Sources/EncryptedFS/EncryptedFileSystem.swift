@@ -72,9 +72,9 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         self.keyManager = keyManager
         self.layout = try ChunkLayout(chunkSize: keyManager.chunkSize)
         self.plaintextNames = keyManager.plaintextNames
-        let fd = try Syscall.openat(AT_FDCWD, cipherdir, KMSFS_O_PATH | O_DIRECTORY)
-        let st = try Syscall.fstat(fd)
-        nodes = NodeTable(root: Node(id: .root, fd: fd, key: InodeKey(st), type: S_IFDIR, parent: nil, name: ""))
+        let root = try Syscall.open(AT_FDCWD, cipherdir, KMSFS_O_PATH | O_DIRECTORY)
+        let st = try Syscall.fstat(root.raw)
+        nodes = NodeTable(root: Node(id: .root, descriptor: root, key: InodeKey(st), type: S_IFDIR, parent: nil, name: ""))
     }
 
     /// Writes the root directory's keys; `kmsfs init` calls this once.

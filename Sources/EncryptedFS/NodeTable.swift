@@ -25,7 +25,9 @@ struct InodeKey: Hashable {
 /// directory's keys once loaded.
 final class Node: @unchecked Sendable {
     let id: NodeID
-    let fd: Int32
+    /// The node's `O_PATH` descriptor, closed with the node.
+    private let descriptor: Descriptor
+    var fd: Int32 { descriptor.raw }
     let key: InodeKey
     let type: mode_t
     // Guarded by the table's lock.
@@ -47,18 +49,16 @@ final class Node: @unchecked Sendable {
     /// a lookup that makes a file's node allocates no cache).
     let names: NameCache?
 
-    init(id: NodeID, fd: Int32, key: InodeKey, type: mode_t, parent: NodeID?, name: FileName, device: dev_t = 0) {
+    init(id: NodeID, descriptor: consuming Descriptor, key: InodeKey, type: mode_t, parent: NodeID?, name: FileName, device: dev_t = 0) {
         self.id = id
         self.device = device
-        self.fd = fd
+        self.descriptor = descriptor
         self.key = key
         self.type = type
         self.parent = parent
         self.name = name
         self.names = type == S_IFDIR ? NameCache() : nil
     }
-
-    deinit { close(fd) }
 
     var isDirectory: Bool { type == S_IFDIR }
     var isRegular: Bool { type == S_IFREG }
@@ -113,10 +113,13 @@ final class NodeTable: Sendable {
     private struct State: ~Copyable {
         var nodes: [NodeID: Node] = [:]
         var byInode: [InodeKey: NodeID] = [:]
-        var next: UInt64 = 2
         var tick: UInt64 = 0
     }
     private let state = Mutex(State())
+    /// The next node id (1 is the root). Taken before the table's lock, so
+    /// a lookup that loses a race to the same inode leaves a gap: ids are
+    /// never reused, which is all the kernel needs.
+    private let nextID = Atomic<UInt64>(2)
     /// The number of nodes, kept beside the table so the relief's checks on
     /// request threads take no lock (written under the table's lock).
     private let population = Atomic<Int>(1)
@@ -156,29 +159,29 @@ final class NodeTable: Sendable {
             node.lastUsed = s.tick
             return node
         }) { return existing }
-        let fd: Int32
+        let opened: Descriptor
         do throws(Errno) {
-            fd = try Syscall.openat(parentFD, storedName, KMSFS_O_PATH | O_NOFOLLOW)
+            opened = try Syscall.open(parentFD, storedName, KMSFS_O_PATH | O_NOFOLLOW)
         } catch where error == .tooManyOpenFiles || error == .tooManyOpenFilesInSystem {
             // Out of descriptors: FORGETs the relief asked for are on their
             // way; wait for some (at most 0.5 s) rather than fail the lookup.
-            fd = try openWaitingForDescriptors(parentFD, storedName)
+            opened = try openWaitingForDescriptors(parentFD, storedName)
         }
-        let fresh = try Syscall.fstat(fd)
-        guard InodeKey(fresh) == key else {
-            close(fd)
+        guard InodeKey(try Syscall.fstat(opened.raw)) == key else {
             throw .noSuchFileOrDirectory // replaced between stat and open
         }
+        // Made before the lock; if another lookup of the inode won the race
+        // it is dropped below, and its descriptor with it.
+        let made = Node(id: NodeID(rawValue: nextID.add(1, ordering: .relaxed).oldValue), descriptor: opened, key: key,
+                        type: st.st_mode & S_IFMT, parent: parent, name: name, device: device)
         let (node, count) = state.withLock { s -> (Node, Int) in
             s.tick += 1
             if let id = s.byInode[key], let node = s.nodes[id] {
-                close(fd)
                 node.lookups += 1
                 node.lastUsed = s.tick
                 return (node, s.nodes.count)
             }
-            let node = Node(id: NodeID(rawValue: s.next), fd: fd, key: key, type: st.st_mode & S_IFMT, parent: parent, name: name, device: device)
-            s.next += 1
+            let node = made
             node.lookups = 1
             node.lastUsed = s.tick
             s.nodes[node.id] = node
@@ -190,13 +193,13 @@ final class NodeTable: Sendable {
         return node
     }
 
-    private func openWaitingForDescriptors(_ parentFD: Int32, _ storedName: FileName) throws(Errno) -> Int32 {
+    private func openWaitingForDescriptors(_ parentFD: Int32, _ storedName: FileName) throws(Errno) -> Descriptor {
         var lastError = Errno.tooManyOpenFiles
         for _ in 0..<100 {
             pressure?()
             usleep(5_000)
             do throws(Errno) {
-                return try Syscall.openat(parentFD, storedName, KMSFS_O_PATH | O_NOFOLLOW)
+                return try Syscall.open(parentFD, storedName, KMSFS_O_PATH | O_NOFOLLOW)
             } catch where error == .tooManyOpenFiles || error == .tooManyOpenFilesInSystem {
                 lastError = error
             }

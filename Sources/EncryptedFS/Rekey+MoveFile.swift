@@ -37,12 +37,12 @@ extension Rekeyer {
     }
 
     private func rekeyFile(_ candidate: Candidate, _ job: RekeyJob, selects: (FileHeader) -> Bool) throws(RekeyFailure) -> Outcome {
-        let fd: Int32
-        do throws(Errno) { fd = try Syscall.openat(AT_FDCWD, "/proc/self/fd/\(candidate.fd)", O_RDWR) } catch {
+        let opened: Descriptor
+        do throws(Errno) { opened = try Syscall.open(AT_FDCWD, "/proc/self/fd/\(candidate.fd)", O_RDWR) } catch {
             if error == .noSuchFileOrDirectory { return .skipped }
             throw RekeyFailure(error)
         }
-        defer { close(fd) }
+        let fd = opened.raw  // open until this function returns
         let file: OpenFile
         do throws(Errno) {
             let key = InodeKey(try Syscall.fstat(fd))

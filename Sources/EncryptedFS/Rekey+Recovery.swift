@@ -38,22 +38,22 @@ extension Rekeyer {
                 try keyManager.clearRekeyIntent(intent.object)
                 continue
             }
-            var fd: Int32 = -1
-            do throws(Errno) { fd = try openConfined(intent.path, O_RDWR).take() } catch {
+            let found: Descriptor?
+            do throws(Errno) { found = try openConfined(intent.path, O_RDWR) } catch {
                 // Only a file that is not there may be looked for elsewhere (renamed) or given up;
                 // one that is there but cannot be opened (read-only, immutable) keeps its intent.
                 guard error == .noSuchFileOrDirectory || error.rawValue == ENOTDIR else {
                     failures.append(recoveryFailed(intent, "open it", error))
                     continue
                 }
-                fd = locate(intent.object)
+                found = locate(intent.object)
             }
-            guard fd >= 0 else {
+            guard let opened = found else {
                 logger.warning("rekey intent for a file that is gone", metadata: ["object": .string(intent.object.hex)])
                 try keyManager.clearRekeyIntent(intent.object)
                 continue
             }
-            defer { close(fd) }
+            let fd = opened.raw  // open until this intent is done with
             let current = (try? Syscall.pread(fd, count: ChunkLayout.headerSize, at: 0)) ?? []
             if let header = try? FileHeader(decoding: current), header.fileID.rawValue != intent.object {
                 refuseRecovery(intent, "the file at the intent's path is another object")
@@ -167,15 +167,14 @@ extension Rekeyer {
         unlinkat(dir.raw, String(relative[relative.index(after: slash)...]), 0)
     }
 
-    /// Opens (read-write) the backing file whose header carries `object`, wherever it now is; -1 if none.
-    func locate(_ object: ID128) -> Int32 {
+    /// Opens (read-write) the backing file whose header carries `object`, wherever it now is; nil if none.
+    func locate(_ object: ID128) -> Descriptor? {
         var found: Int32 = -1
         var seen = Set<InodeKey>()
         _ = walk("", fd: fs.nodes.rootFD, seen: &seen, keepOpen: true, selects: { $0.fileID.rawValue == object }) { candidate in
             if candidate.kind == .file { found = Glibc.open("/proc/self/fd/\(candidate.fd)", O_RDWR) }
-            close(candidate.fd)
             return found < 0
         }
-        return found
+        return found >= 0 ? Descriptor(adopting: found) : nil
     }
 }

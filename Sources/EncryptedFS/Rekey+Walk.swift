@@ -44,9 +44,17 @@ extension Rekeyer {
             guard let st = try? Syscall.fstat(file.raw), st.st_mode & S_IFMT == S_IFREG, seen.insert(InodeKey(st)).inserted,
                   let header = EncryptedFileSystem.header(of: file.raw), selects(header) else { continue }
             // The candidate keeps the file (a directory's keys: the directory) open for whoever moves it.
-            let kept: Int32 = !keepOpen ? -1 : isKeys ? dup(fd) : file.take()
+            var kept: SharedDescriptor?
+            if keepOpen {
+                if isKeys {
+                    guard let directory = try? Syscall.call({ dup(fd) }) else { continue }
+                    kept = SharedDescriptor(Descriptor(adopting: directory))
+                } else {
+                    kept = SharedDescriptor(file)
+                }
+            }
             let candidate = Candidate(directory: directory, name: entry.name.description, kind: isKeys ? .directory : .file,
-                                      object: header.fileID.rawValue, bytes: isKeys ? 0 : Int(st.st_size), fd: kept)
+                                      object: header.fileID.rawValue, bytes: isKeys ? 0 : Int(st.st_size), opened: kept)
             if !visit(candidate) { return false }
         }
         return true
@@ -60,9 +68,9 @@ extension Rekeyer {
         let context = RequestContext(uid: 0, gid: 0, pid: getpid())
         for component in path.split(separator: "/").map(String.init) where !component.isEmpty {
             let name = try fs.storedName(FileName(component), in: node, context)
-            let fd = try Syscall.openat(node.fd, name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
-            let st = try Syscall.fstat(fd)
-            node = Node(id: NodeID(rawValue: 0), fd: fd, key: InodeKey(st), type: S_IFDIR, parent: nil, name: FileName(component))
+            let opened = try Syscall.open(node.fd, name, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
+            let st = try Syscall.fstat(opened.raw)
+            node = Node(id: NodeID(rawValue: 0), descriptor: opened, key: InodeKey(st), type: S_IFDIR, parent: nil, name: FileName(component))
             stored.append(name)
         }
         return FileName(bytes: Array(stored.map { Array($0.bytes) }.joined(separator: [UInt8(ascii: "/")])))

@@ -48,8 +48,10 @@ public final class Rekeyer: Sendable {
         var bytes: Int
         /// Opened as the walk found it, so a rename afterwards cannot hide
         /// it: the file (read-only; reopened read-write through /proc), or
-        /// for a `.kmsfs.dir` its directory (O_PATH). -1 when not kept.
-        var fd: Int32 = -1
+        /// for a `.kmsfs.dir` its directory (O_PATH). Nil when not kept;
+        /// closed when the last copy of the candidate is gone.
+        var opened: SharedDescriptor?
+        var fd: Int32 { opened?.raw ?? -1 }
         var path: String { directory.isEmpty ? name : directory + "/" + name }
     }
 
@@ -95,7 +97,6 @@ public final class Rekeyer: Sendable {
                 defer { batch.removeAll() }
                 job = try currentJob(id)
                 guard job.state == .running, !stopRequested.load(ordering: .relaxed), !interrupted.load(ordering: .relaxed) else {
-                    batch.forEach { close($0.fd) }
                     stopped = true
                     return false
                 }
@@ -106,14 +107,14 @@ public final class Rekeyer: Sendable {
             var walkError: KeyManagerError?
             do throws(Errno) {
                 try walk(job, selects: selects, keepOpen: true) { candidate in
-                    guard pass > 1 || !done.contains(candidate.object) else { close(candidate.fd); return true }
+                    guard pass > 1 || !done.contains(candidate.object) else { return true }
                     found += 1
                     batch.append(candidate)
                     guard batch.count >= Self.batchSize else { return true }
                     do throws(KeyManagerError) { return try flush() } catch { walkError = error; return false }
                 }
             } catch {
-                batch.forEach { close($0.fd) }
+                batch.removeAll()
                 try keyManager.setRekeyState(id, .failed, error: "cannot walk the filesystem: \(error)", by: nil)
                 return try currentJob(id)
             }
@@ -160,7 +161,6 @@ public final class Rekeyer: Sendable {
     }
 
     /// Moves one batch on `job.workers` threads; returns how many failed.
-    /// Closes every candidate's descriptor.
     private func process(_ batch: [Candidate], _ job: RekeyJob, selects: @escaping @Sendable (FileHeader) -> Bool,
                          started: Double, moved: borrowing Atomic<Int>) -> Int {
         let failures = Atomic<Int>(0)
@@ -169,7 +169,6 @@ public final class Rekeyer: Sendable {
         DispatchQueue.concurrentPerform(iterations: workers) { worker in
             for i in stride(from: worker, to: batch.count, by: workers) {
                 let candidate = batch[i]
-                defer { close(candidate.fd) }
                 guard !control.shouldStop() else { continue }
                 do throws(RekeyFailure) {
                     if case .moved(let bytes, _, _) = try rekey(candidate, job, selects: selects) {

@@ -108,12 +108,9 @@ enum Syscall {
 
     /// The names in a directory (without "." and ".."), with their d_type.
     static func listDirectory(_ dirFD: Int32) throws(Errno) -> [(name: FileName, type: UInt8, inode: UInt64)] {
-        let fd = try openat(dirFD, ".", O_RDONLY | O_DIRECTORY)
-        guard let dir = fdopendir(fd) else {
-            let error = errno
-            close(fd)
-            throw Errno(rawValue: error)
-        }
+        let opened = try open(dirFD, ".", O_RDONLY | O_DIRECTORY)
+        guard let dir = fdopendir(opened.raw) else { throw Errno(rawValue: errno) }
+        _ = opened.take()  // the DIR now owns it
         defer { closedir(dir) }
         var out: [(FileName, UInt8, UInt64)] = []
         while true {
@@ -146,6 +143,15 @@ public struct Descriptor: ~Copyable, Sendable {
         discard self
         return raw
     }
+}
+
+/// A descriptor that several values refer to (a rekey candidate copied
+/// into a batch and handed to a worker): closed when the last one lets go,
+/// so no path has to remember to close it.
+final class SharedDescriptor: Sendable {
+    private let descriptor: Descriptor
+    var raw: Int32 { descriptor.raw }
+    init(_ descriptor: consuming Descriptor) { self.descriptor = descriptor }
 }
 
 extension Syscall {
