@@ -77,7 +77,7 @@ final class DirectoryKeys: Sendable {
             let cipher = try FileCipher(key: nameKey, fileID: header.fileID, layout: layout)
             _ = try cipher.verify(header: header)
         } catch {
-            keyManager.audit(AuditEvent("IntegrityFailure", outcome: .failure, key: header.keyID, version: header.keyVersion,
+            keyManager.audit(AuditEvent(.integrityFailure, outcome: .failure, key: header.keyID, version: header.keyVersion,
                                         principal: principal, object: object, error: "directory header: \(error)"))
             throw .ioError
         }

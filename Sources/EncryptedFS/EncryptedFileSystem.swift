@@ -276,7 +276,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
                           principal: Principal? = nil) {
         integrityFailures.add(1, ordering: .relaxed)
         logger.error("integrity failure", metadata: ["what": .string(what), "object": .string(object?.hex ?? "-"), "error": .string(error.description)])
-        keyManager.audit(AuditEvent("IntegrityFailure", outcome: .failure, key: key, principal: principal, object: object,
+        keyManager.audit(AuditEvent(.integrityFailure, outcome: .failure, key: key, principal: principal, object: object,
                                     error: "\(what): \(error)", path: path))
     }
 

@@ -89,11 +89,11 @@ public final class MetricsWriter: @unchecked Sendable {
                [("", Double(stats.forgottenOnRequest))])
         let manager = filesystem.keyManager
         let aliases = Dictionary(((try? manager.listKeys()) ?? []).map { ($0.keyID, $0.aliases.first ?? "") }, uniquingKeysWith: { a, _ in a })
-        let uses = manager.keyUseCounts.sorted { ($0.key.key.rawValue.hex, $0.key.event, $0.key.outcome.rawValue) < ($1.key.key.rawValue.hex, $1.key.event, $1.key.outcome.rawValue) }
+        let uses = manager.keyUseCounts.sorted { ($0.key.key.rawValue.hex, $0.key.event.rawValue, $0.key.outcome.rawValue) < ($1.key.key.rawValue.hex, $1.key.event.rawValue, $1.key.outcome.rawValue) }
         metric("kmsfs_key_operations_total", "counter",
                "Key operations by key, operation (GenerateDataKey: a data key made; Decrypt: one unwrapped; ReEncrypt, Authorize, ...) and outcome.",
                uses.map { use in
-                   ("key=\(Self.label(use.key.key.rawValue.hex)),alias=\(Self.label(aliases[use.key.key] ?? "")),operation=\(Self.label(use.key.event)),outcome=\(Self.label(use.key.outcome.rawValue))",
+                   ("key=\(Self.label(use.key.key.rawValue.hex)),alias=\(Self.label(aliases[use.key.key] ?? "")),operation=\(Self.label(use.key.event.rawValue)),outcome=\(Self.label(use.key.outcome.rawValue))",
                     Double(use.value))
                })
         if let job = try? manager.latestRekeyJob() {

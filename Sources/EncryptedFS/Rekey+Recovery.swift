@@ -108,7 +108,7 @@ extension Rekeyer {
                 try keyManager.clearRekeyIntent(intent.object)
                 if intent.backup != nil { unlinkConfined(Self.backupDirectory + "/" + intent.object.hex + ".old") }
             }
-            keyManager.audit(AuditEvent("RekeyRecovery", key: intent.oldKey, version: intent.oldVersion, object: intent.object,
+            keyManager.audit(AuditEvent(.rekeyRecovery, key: intent.oldKey, version: intent.oldVersion, object: intent.object,
                                         error: "job \(intent.job): \(intent.mode.rawValue) \(intent.mode == .rewrap && current != intent.oldHeader ? "completed" : "rolled back")"))
             logger.notice("repaired an interrupted rekey", metadata: ["object": .string(intent.object.hex), "mode": .string(intent.mode.rawValue)])
         }
@@ -123,7 +123,7 @@ extension Rekeyer {
     private func recoveryFailed(_ intent: RekeyIntent, _ action: String, _ error: Errno) -> RecoveryFailure {
         let failure = RecoveryFailure(object: intent.object, path: intent.path, action: action, error: error)
         logger.error("an interrupted rekey could not be repaired", metadata: ["object": .string(intent.object.hex), "error": .string("\(error)")])
-        keyManager.audit(AuditEvent("RekeyRecovery", outcome: .failure, key: intent.oldKey, version: intent.oldVersion, object: intent.object,
+        keyManager.audit(AuditEvent(.rekeyRecovery, outcome: .failure, key: intent.oldKey, version: intent.oldVersion, object: intent.object,
                                     error: failure.description))
         return failure
     }
@@ -144,7 +144,7 @@ extension Rekeyer {
 
     private func refuseRecovery(_ intent: RekeyIntent, _ why: String) {
         logger.error("rekey intent refused", metadata: ["object": .string(intent.object.hex), "why": .string(why)])
-        keyManager.audit(AuditEvent("RekeyRecovery", outcome: .refused, object: intent.object, error: why))
+        keyManager.audit(AuditEvent(.rekeyRecovery, outcome: .refused, object: intent.object, error: why))
     }
 
     /// Opens `relative` (a path inside CIPHERDIR) one component at a time from

@@ -90,7 +90,7 @@ extension KeyManager {
         let json = String(decoding: (try? JSONEncoder().encode(config)) ?? Data(), as: UTF8.self)
         try sealedWrite { db in
             try db.execute(sql: "INSERT OR REPLACE INTO meta (name, value) VALUES ('alert_config', ?)", arguments: [json])
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("PutAlertConfig", principal: principal, error: json), at: clock())
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.putAlertConfig, principal: principal, error: json), at: clock())
         }
         alertState.withLock { $0.config = nil }
     }
@@ -115,17 +115,17 @@ extension KeyManager {
                 raise(Alert(time: now, rule: "denial-burst", severity: "high",
                             message: "uid \(uid) was denied \(burst) times within \(Int(config.denialWindow)) s", keyID: event.key?.rawValue.hex, uid: uid))
             }
-        case ("Decrypt", .refused), ("GenerateDataKey", .refused):
+        case (.decrypt, .refused), (.generateDataKey, .refused):
             guard let key = event.key, let state = try? record(key).state,
                   [.disabled, .pendingDeletion, .destroyed].contains(state), once("state:\(key.rawValue.hex)", now) else { return }
             raise(Alert(time: now, rule: "key-state", severity: "high",
-                        message: "a \(state.rawValue) key was used: \(event.error ?? event.event)", keyID: key.rawValue.hex,
+                        message: "a \(state.rawValue) key was used: \(event.error ?? event.event.rawValue)", keyID: key.rawValue.hex,
                         uid: event.principal?.uid, objectID: event.object?.hex))
-        case ("IntegrityFailure", _):
+        case (.integrityFailure, _):
             guard once("integrity:\(event.object?.hex ?? event.error ?? "")", now) else { return }
             raise(Alert(time: now, rule: "integrity", severity: "critical", message: event.error ?? "integrity failure",
                         keyID: event.key?.rawValue.hex, uid: event.principal?.uid, objectID: event.object?.hex))
-        case ("DeleteKey", .refused):
+        case (.deleteKey, .refused):
             guard let key = event.key, once("deletion:\(key.rawValue.hex)", now) else { return }
             raise(Alert(time: now, rule: "deletion-refused", severity: "medium", message: event.error ?? "deletion refused",
                         keyID: key.rawValue.hex))

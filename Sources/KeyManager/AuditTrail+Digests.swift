@@ -36,7 +36,7 @@ extension KeyManager {
         _ = try authorizeAdmin(principal, try resolve("alias/default"))
         try sealedWrite { db in
             try db.execute(sql: "INSERT OR REPLACE INTO meta (name, value) VALUES ('audit_paths', ?)", arguments: [mode.rawValue])
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("PutAuditSettings", principal: principal, error: "paths: \(mode.rawValue)"), at: clock())
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.putAuditSettings, principal: principal, error: "paths: \(mode.rawValue)"), at: clock())
         }
         caches.withLock { $0.pathMode = nil }
     }

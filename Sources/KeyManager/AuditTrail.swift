@@ -25,7 +25,7 @@ public enum AuditOutcome: String, Sendable, Codable, CaseIterable {
 /// One audit event. Records are hash-chained: each stores the previous
 /// record's hash, so an edit, a deletion or a reordering breaks the chain.
 public struct AuditEvent: Sendable {
-    public var event: String
+    public var event: AuditAction
     public var outcome: AuditOutcome
     public var key: KeyID?
     public var version: KeyVersion?
@@ -39,7 +39,7 @@ public struct AuditEvent: Sendable {
     /// requestParameters): which alias, subject, path or successor. Never secrets.
     public var request: String?
 
-    public init(_ event: String, outcome: AuditOutcome = .success, key: KeyID? = nil, version: KeyVersion? = nil,
+    public init(_ event: AuditAction, outcome: AuditOutcome = .success, key: KeyID? = nil, version: KeyVersion? = nil,
                 principal: Principal? = nil, object: ID128? = nil, error: String? = nil, path: String? = nil,
                 request: [String: String]? = nil) {
         self.path = path
@@ -100,14 +100,14 @@ enum AuditTrail {
                        previous chained: inout Data?) throws {
         let previous = try chained ?? Data.fetchOne(db, sql: "SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1") ?? Data(count: 32)
         let hash = chainHash(previous: previous, key: key, fields: [
-            String(time), e.event, e.outcome.rawValue, e.key?.rawValue.hex ?? "", e.version.map { String($0.rawValue) } ?? "",
+            String(time), e.event.rawValue, e.outcome.rawValue, e.key?.rawValue.hex ?? "", e.version.map { String($0.rawValue) } ?? "",
             e.principal.map { String($0.uid) } ?? "", e.principal.map { String($0.gid) } ?? "",
             e.principal.map { String($0.pid) } ?? "", e.principal?.processName ?? "", e.object?.hex ?? "", e.error ?? "",
         ] + optionalFields(path: e.path, request: e.request))
         try db.cachedStatement(sql: """
             INSERT INTO audit_log (time, event, outcome, key_id, key_version, uid, gid, pid, process, object_id, error, path, request, prev_hash, hash)
             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-            """).execute(arguments: [time, e.event, e.outcome.rawValue, e.key?.rawValue.hex, e.version.map { Int($0.rawValue) },
+            """).execute(arguments: [time, e.event.rawValue, e.outcome.rawValue, e.key?.rawValue.hex, e.version.map { Int($0.rawValue) },
                              e.principal.map { Int($0.uid) }, e.principal.map { Int($0.gid) }, e.principal.map { Int($0.pid) },
                              e.principal?.processName, e.object?.hex, e.error, e.path, e.request, previous, Data(hash)])
         chained = Data(hash)
@@ -132,7 +132,7 @@ extension KeyManager {
             keyUse.withLock { $0[KeyUse(event: event.event, outcome: event.outcome, key: key), default: 0] += 1 }
         }
         if !auditsRoutineUse.load(ordering: .relaxed), event.outcome == .success,
-           event.event == "Decrypt" || event.event == "GenerateDataKey" { return }
+           event.event == .decrypt || event.event == .generateDataKey { return }
         if let journal {
             do throws(KeyManagerError) {
                 try journal.append(.audit(event, clock()))
@@ -140,14 +140,14 @@ extension KeyManager {
                 // only routine successes wait for the batch.
                 if event.outcome != .success { try journal.flush() }
             } catch {
-                logger.error("audit record could not be written", metadata: ["event": .string(event.event), "error": .string("\(error)")])
+                logger.error("audit record could not be written", metadata: ["event": .string(event.event.rawValue), "error": .string("\(error)")])
             }
             return
         }
         do {
             try db.write { db in try AuditTrail.append(db, chain: integrity.hmac, event, at: clock()) }
         } catch {
-            logger.error("audit record could not be written", metadata: ["event": .string(event.event), "error": .string("\(error)")])
+            logger.error("audit record could not be written", metadata: ["event": .string(event.event.rawValue), "error": .string("\(error)")])
         }
     }
 
@@ -271,7 +271,7 @@ public struct AuditFilter: Sendable, Codable, Equatable {
 /// One kind of key use this process has audited (counted even when routine
 /// successes are not written): for the daemon's metrics.
 public struct KeyUse: Hashable, Sendable {
-    public var event: String
+    public var event: AuditAction
     public var outcome: AuditOutcome
     public var key: KeyID
 }

@@ -113,7 +113,7 @@ extension KeyManager {
         out += [UInt8](publicKey)
         out.appendBigEndian(UInt64(signature.count), width: 2)
         out += signature
-        audit(AuditEvent("CreateBackup", key: signer, version: version, principal: principal))
+        audit(AuditEvent(.createBackup, key: signer, version: version, principal: principal))
         return out
     }
 
@@ -222,7 +222,7 @@ extension KeyManager {
             let kek = try AESGCM.make(try stored.deriveKey(passphrase: passphrase, salt: salt))
             try restored.sealedWrite { db in
                 try restored.rewrapSecrets(db, from: restored.kek, to: kek, salt: salt, scrypt: stored)
-                try AuditTrail.append(db, chain: restored.integrity.hmac, AuditEvent("RestoreBackup", principal: principal, error: "new keystore from a backup signed by \(signer)"), at: clock())
+                try AuditTrail.append(db, chain: restored.integrity.hmac, AuditEvent(.restoreBackup, principal: principal, error: "new keystore from a backup signed by \(signer)"), at: clock())
             }
             do {
                 try restored.db.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA wal_checkpoint(TRUNCATE)") }
@@ -330,7 +330,7 @@ extension KeyManager {
             guard conflicts.isEmpty else {
                 throw KeyManagerError.invalidArgument("the backup conflicts with this keystore, nothing restored:\n  " + conflicts.joined(separator: "\n  "))
             }
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("RestoreBackup", principal: principal,
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.restoreBackup, principal: principal,
                                                  error: "merged \(addedKeys.count) key(s), \(addedVersions) version(s) from a backup signed by \(signer)"), at: clock())
         }
         caches.withLock {

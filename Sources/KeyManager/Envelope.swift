@@ -16,7 +16,7 @@ extension KeyManager {
         }
         try authorize(principal, .encrypt, rec, object: object, path: { path })
         do { try check(.generateDataKey, rec) } catch {
-            audit(AuditEvent("GenerateDataKey", outcome: .refused, key: key, principal: principal, object: object, error: error.description, path: path))
+            audit(AuditEvent(.generateDataKey, outcome: .refused, key: key, principal: principal, object: object, error: error.description, path: path))
             throw error
         }
         let version = rec.metadata.currentVersion
@@ -25,7 +25,7 @@ extension KeyManager {
             () throws(KeyManagerError) in try storedMaterial(key, version)
         }
         try recordUsage(object, kind: kind, key: key, version: version)
-        audit(AuditEvent("GenerateDataKey", key: key, version: version, principal: principal, object: object, path: path))
+        audit(AuditEvent(.generateDataKey, key: key, version: version, principal: principal, object: object, path: path))
         return DataKey(key: dek, keyID: key, version: version, wrapped: wrapped)
     }
 
@@ -38,7 +38,7 @@ extension KeyManager {
                                principal: Principal, path: String? = nil, movingOffCutOff: Bool = false) throws(KeyManagerError) -> SecretKey {
         // A header naming a key or version this keystore never had was altered (or comes from elsewhere).
         func altered(_ why: String) -> KeyManagerError {
-            audit(AuditEvent("Decrypt", outcome: .integrityFailure, key: key, version: version, principal: principal, object: object,
+            audit(AuditEvent(.decrypt, outcome: .integrityFailure, key: key, version: version, principal: principal, object: object,
                              error: why, path: path))
             return .unwrapFailed(key: key.rawValue.hex, version: version)
         }
@@ -52,17 +52,17 @@ extension KeyManager {
         }
         try authorize(principal, .decrypt, rec, object: object, path: { path })
         do { try check(.unwrapDataKey, rec) } catch {
-            audit(AuditEvent("Decrypt", outcome: .refused, key: key, version: version, principal: principal, object: object, error: error.description, path: path))
+            audit(AuditEvent(.decrypt, outcome: .refused, key: key, version: version, principal: principal, object: object, error: error.description, path: path))
             throw error
         }
         if !movingOffCutOff { try checkFloor(rec, version, principal: principal, object: object, path: { path }) }
         guard let dek = try provider(for: key).unwrapDataKey(wrapped, key: key, version: version, context: dataKeyContext(object: object, key: key, version: version),
                                                    stored: { () throws(KeyManagerError) in try storedMaterial(key, version) }) else {
             let error = KeyManagerError.unwrapFailed(key: rec.displayName, version: version)
-            audit(AuditEvent("Decrypt", outcome: .integrityFailure, key: key, version: version, principal: principal, object: object, error: error.description, path: path))
+            audit(AuditEvent(.decrypt, outcome: .integrityFailure, key: key, version: version, principal: principal, object: object, error: error.description, path: path))
             throw error
         }
-        audit(AuditEvent("Decrypt", key: key, version: version, principal: principal, object: object, path: path))
+        audit(AuditEvent(.decrypt, key: key, version: version, principal: principal, object: object, path: path))
         return dek
     }
 
@@ -98,7 +98,7 @@ extension KeyManager {
             }
         }
         try recordUsage(object, kind: kind, key: target, version: newVersion)
-        audit(AuditEvent("ReEncrypt", key: target, version: newVersion, principal: principal, object: object,
+        audit(AuditEvent(.reEncrypt, key: target, version: newVersion, principal: principal, object: object,
                          error: "from \(key.rawValue.hex) v\(version)", request: request.isEmpty ? nil : request))
         return (target, newVersion, rewrapped)
     }
@@ -167,7 +167,7 @@ extension KeyManager {
         try authorize(principal, operation, rec, object: object, path: path)
         let action: LifecycleAction = operation == .encrypt ? .generateDataKey : .unwrapDataKey
         do { try check(action, rec) } catch {
-            audit(AuditEvent(operation == .encrypt ? "GenerateDataKey" : "Decrypt", outcome: .refused, key: key,
+            audit(AuditEvent(operation == .encrypt ? .generateDataKey : .decrypt, outcome: .refused, key: key,
                              principal: principal, object: object, error: error.description, path: path()))
             throw error
         }

@@ -88,12 +88,12 @@ extension KeyManager {
             do throws(KeyManagerError) {
                 let now = try external.refreshState()
                 if now != before {
-                    audit(AuditEvent("ExternalKeyStateChange", outcome: now == "Enabled" ? .success : .refused, key: id,
+                    audit(AuditEvent(.externalKeyStateChange, outcome: now == "Enabled" ? .success : .refused, key: id,
                                      error: "\(external.config.location) is \(now)" + (before.map { " (was \($0))" } ?? "")))
                     invalidate(id)
                 }
             } catch {
-                audit(AuditEvent("DescribeKey", outcome: .failure, key: id, error: error.description))
+                audit(AuditEvent(.describeKey, outcome: .failure, key: id, error: error.description))
             }
         }
     }
@@ -108,7 +108,7 @@ extension KeyManager {
                                   aliases: [String] = [], tags: [String: String] = [:], by principal: Principal) throws(KeyManagerError) -> KeyMetadata {
         var request = ["keySpec": (requested ?? .aes256).rawValue, "origin": "EXTERNAL_KMS", "externalKey": config.keyID, "region": config.region]
         if !aliases.isEmpty { request["aliasNames"] = aliases.joined(separator: ",") }
-        return try adminOperation("CreateKey", principal, request: request) { () throws(KeyManagerError) in
+        return try adminOperation(.createKey, principal, request: request) { () throws(KeyManagerError) in
             for alias in aliases { try Self.refuseReserved(alias) }
             if config.provider == "pkcs11" {
                 let spec = requested ?? .aes256

@@ -23,7 +23,7 @@ extension KeyManager {
         var request = ["keyId": reference, "granteePrincipal": grantee.description,
                        "operations": operations.map(\.rawValue).joined(separator: ",")]
         if let expiresAt { request["expiresAt"] = Date(timeIntervalSince1970: expiresAt).formatted(.iso8601) }
-        return try adminOperation("CreateGrant", principal, request: request) { () throws(KeyManagerError) -> KeyGrant in
+        return try adminOperation(.createGrant, principal, request: request) { () throws(KeyManagerError) -> KeyGrant in
             let id = try resolve(reference)
             let rec = try authorizeAdmin(principal, id)
             try check(.change, rec)
@@ -43,7 +43,7 @@ extension KeyManager {
                 var recorded = request
                 recorded["keyId"] = id.rawValue.hex
                 recorded["grantId"] = grantID
-                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("CreateGrant", key: id, principal: principal, request: recorded), at: now)
+                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.createGrant, key: id, principal: principal, request: recorded), at: now)
             }
             invalidate(id)
             guard let grant = try record(id).grants.first(where: { $0.grantID == grantID }) else {
@@ -55,7 +55,7 @@ extension KeyManager {
 
     /// A key's grants, expired ones included (marked by their expiry).
     public func listGrants(_ reference: String, by principal: Principal) throws(KeyManagerError) -> [KeyGrant] {
-        try adminOperation("ListGrants", principal, request: ["keyId": reference]) { () throws(KeyManagerError) in
+        try adminOperation(.listGrants, principal, request: ["keyId": reference]) { () throws(KeyManagerError) in
             try authorizeAdmin(principal, try resolve(reference)).grants
         }
     }
@@ -63,7 +63,7 @@ extension KeyManager {
     /// Removes a grant: by an administrator of the key (RevokeGrant), or by
     /// its own grantee uid giving it up (RetireGrant).
     public func revokeGrant(_ reference: String, grantID: String, by principal: Principal) throws(KeyManagerError) {
-        try adminOperation("RevokeGrant", principal, request: ["keyId": reference, "grantId": grantID]) { () throws(KeyManagerError) in
+        try adminOperation(.revokeGrant, principal, request: ["keyId": reference, "grantId": grantID]) { () throws(KeyManagerError) in
             let id = try resolve(reference)
             let rec = try record(id)
             guard let grant = rec.grants.first(where: { $0.grantID == grantID }) else {
@@ -71,7 +71,7 @@ extension KeyManager {
             }
             let retiring = grant.grantee == PolicySubject.uid(principal.uid).description
             if !retiring { _ = try authorizeAdmin(principal, id) }
-            let event = retiring ? "RetireGrant" : "RevokeGrant"
+            let event: AuditAction = retiring ? .retireGrant : .revokeGrant
             try sealedWrite { db in
                 try db.execute(sql: "DELETE FROM grants WHERE id = ? AND key_id = ?", arguments: [grantID, id.rawValue.hex])
                 try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(event, key: id, principal: principal,
@@ -93,7 +93,7 @@ extension KeyManager {
     /// way out, and it runs as the administrator's job).
     public func setMinDecryptionVersion(_ reference: String, version: KeyVersion?, by principal: Principal) throws(KeyManagerError) {
         let request = ["keyId": reference, "minDecryptionVersion": version.map { String($0.rawValue) } ?? "none"]
-        try adminOperation("SetMinDecryptionVersion", principal, request: request) { () throws(KeyManagerError) in
+        try adminOperation(.setMinDecryptionVersion, principal, request: request) { () throws(KeyManagerError) in
             let id = try resolve(reference)
             let rec = try authorizeAdmin(principal, id)
             try check(.change, rec)
@@ -108,7 +108,7 @@ extension KeyManager {
                 } else {
                     try db.execute(sql: "DELETE FROM key_floors WHERE key_id = ?", arguments: [id.rawValue.hex])
                 }
-                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("SetMinDecryptionVersion", key: id, version: version,
+                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.setMinDecryptionVersion, key: id, version: version,
                                                                             principal: principal, request: request), at: clock())
             }
             invalidate(id)
@@ -119,7 +119,7 @@ extension KeyManager {
     func checkFloor(_ rec: KeyRecord, _ version: KeyVersion, principal: Principal, object: ID128?, path: () -> String?) throws(KeyManagerError) {
         guard let floor = rec.minDecryptionVersion, version < floor else { return }
         let error = KeyManagerError.versionCutOff(key: rec.displayName, version: version, minimum: floor)
-        audit(AuditEvent("Decrypt", outcome: .refused, key: rec.id, version: version, principal: principal, object: object,
+        audit(AuditEvent(.decrypt, outcome: .refused, key: rec.id, version: version, principal: principal, object: object,
                          error: error.description, path: path()))
         throw error
     }
@@ -135,12 +135,12 @@ extension KeyManager {
 extension KeyManager {
     /// Signs `message` with a SIGN_VERIFY key (policy: encrypt), audited as Sign.
     public func signMessage(_ message: [UInt8], with reference: String, by principal: Principal) throws(KeyManagerError) -> [UInt8] {
-        try adminOperation("Sign", principal, request: ["keyId": reference, "messageBytes": String(message.count)]) { () throws(KeyManagerError) in
+        try adminOperation(.sign, principal, request: ["keyId": reference, "messageBytes": String(message.count)]) { () throws(KeyManagerError) in
             let id = try resolve(reference)
             let rec = try record(id)
             try check(.change, rec)
             let (version, signature) = try sign(message, with: id.rawValue.hex, by: principal)
-            audit(AuditEvent("Sign", key: id, version: version, principal: principal,
+            audit(AuditEvent(.sign, key: id, version: version, principal: principal,
                              request: ["keyId": id.rawValue.hex, "signingAlgorithm": rec.metadata.spec.signingAlgorithm]))
             return signature
         }
@@ -148,7 +148,7 @@ extension KeyManager {
 
     /// Whether `signature` is `message`'s under a SIGN_VERIFY key (policy: decrypt), audited as Verify.
     public func verifyMessage(_ message: [UInt8], signature: [UInt8], with reference: String, by principal: Principal) throws(KeyManagerError) -> Bool {
-        try adminOperation("Verify", principal, request: ["keyId": reference]) { () throws(KeyManagerError) in
+        try adminOperation(.verify, principal, request: ["keyId": reference]) { () throws(KeyManagerError) in
             let id = try resolve(reference)
             let rec = try record(id)
             guard rec.metadata.usage == .signVerify else { throw .invalidArgument("key \(rec.displayName) is not a SIGN_VERIFY key") }
@@ -156,7 +156,7 @@ extension KeyManager {
             // Like decrypting: a Disabled or PendingDeletion key does not verify.
             try check(.unwrapDataKey, rec)
             let valid = try verify(message, signature: signature, key: id.rawValue.hex, version: rec.metadata.currentVersion)
-            audit(AuditEvent("Verify", outcome: valid ? .success : .invalid, key: id, version: rec.metadata.currentVersion, principal: principal,
+            audit(AuditEvent(.verify, outcome: valid ? .success : .invalid, key: id, version: rec.metadata.currentVersion, principal: principal,
                              error: valid ? nil : "the signature does not verify",
                              request: ["keyId": id.rawValue.hex, "signingAlgorithm": rec.metadata.spec.signingAlgorithm]))
             return valid
@@ -165,7 +165,7 @@ extension KeyManager {
 
     /// The public key of a SIGN_VERIFY key as PEM (policy: decrypt), audited as GetPublicKey.
     public func publicKeyPEM(_ reference: String, by principal: Principal) throws(KeyManagerError) -> String {
-        try adminOperation("GetPublicKey", principal, request: ["keyId": reference]) { () throws(KeyManagerError) in
+        try adminOperation(.getPublicKey, principal, request: ["keyId": reference]) { () throws(KeyManagerError) in
             let id = try resolve(reference)
             let rec = try record(id)
             try check(.change, rec)
@@ -176,7 +176,7 @@ extension KeyManager {
                                   arguments: [id.rawValue.hex, rec.metadata.currentVersion.rawValue])
             }
             guard let der else { throw .versionNotFound(key: rec.displayName, version: rec.metadata.currentVersion) }
-            audit(AuditEvent("GetPublicKey", key: id, version: rec.metadata.currentVersion, principal: principal, request: ["keyId": id.rawValue.hex]))
+            audit(AuditEvent(.getPublicKey, key: id, version: rec.metadata.currentVersion, principal: principal, request: ["keyId": id.rawValue.hex]))
             return AsymmetricKeys.pem(publicKey: [UInt8](der))
         }
     }

@@ -15,7 +15,7 @@ extension KeyManager {
     /// as the key it joins, and both must have the same spec and usage.
     /// Names kmsfs uses itself (`alias/kmsfs-…`) are reserved.
     public func setAlias(_ alias: String, to reference: String, by principal: Principal) throws(KeyManagerError) {
-        var event = "CreateAlias"
+        var event = AuditAction.createAlias
         try adminOperation(event, principal, request: ["aliasName": alias, "targetKeyId": reference]) { () throws(KeyManagerError) in
             try Self.validate(alias: alias)
             try Self.refuseReserved(alias)
@@ -25,7 +25,7 @@ extension KeyManager {
             let currentHex: String? = try verifiedRead { db in try String.fetchOne(db, sql: "SELECT key_id FROM aliases WHERE alias = ?", arguments: [alias]) }
             var previous: KeyID?
             if let currentHex, let current = KeyID(hex: currentHex) {
-                event = "UpdateAlias"
+                event = .updateAlias
                 guard current != id else { return }
                 let old = try authorizeAdmin(principal, current)
                 guard old.metadata.spec == rec.metadata.spec, old.metadata.usage == rec.metadata.usage else {
@@ -48,7 +48,7 @@ extension KeyManager {
     /// Removes an alias (`alias/NAME`, or NAME). A key id is not an alias and is refused.
     public func deleteAlias(_ name: String, by principal: Principal) throws(KeyManagerError) {
         let alias = name.hasPrefix("alias/") ? name : "alias/" + name
-        try adminOperation("DeleteAlias", principal, request: ["aliasName": alias]) { () throws(KeyManagerError) in
+        try adminOperation(.deleteAlias, principal, request: ["aliasName": alias]) { () throws(KeyManagerError) in
             guard KeyID(hex: name) == nil else {
                 throw .invalidArgument("\(name) is a key id, not an alias; `kmsfs key describe \(name)` lists its aliases")
             }
@@ -60,7 +60,7 @@ extension KeyManager {
             try sealedWrite { db in
                 try db.execute(sql: "DELETE FROM aliases WHERE alias = ?", arguments: [alias])
                 guard db.changesCount == 1 else { throw KeyManagerError.database("alias \(alias) changed meanwhile; try again") }
-                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("DeleteAlias", key: id, principal: principal,
+                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.deleteAlias, key: id, principal: principal,
                                                                             request: ["aliasName": alias]), at: clock())
             }
             invalidate(id)
@@ -69,7 +69,7 @@ extension KeyManager {
 
     /// Sets (or with nil removes) a tag such as `env=prod`.
     public func setTag(_ reference: String, name: String, value: String?, by principal: Principal) throws(KeyManagerError) {
-        let event = value == nil ? "UntagResource" : "TagResource"
+        let event: AuditAction = value == nil ? .untagResource : .tagResource
         var request = ["keyId": reference, "tagKey": name]
         if let value { request["tagValue"] = value }
         try adminOperation(event, principal, request: request) { () throws(KeyManagerError) in
@@ -132,7 +132,7 @@ extension KeyManager {
         let newKEK = try AESGCM.make(try params.deriveKey(passphrase: newPassphrase, salt: salt))
         try sealedWrite { db in
             try rewrapSecrets(db, from: kek, to: newKEK, salt: salt, scrypt: params)
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("ChangePassphrase", principal: principal), at: clock())
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.changePassphrase, principal: principal), at: clock())
         }
         local.replaceKEK(newKEK)
         do { try db.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA wal_checkpoint(TRUNCATE)") } } catch {}

@@ -14,7 +14,7 @@ extension KeyManager {
     /// schedule, and a key takes at most `KeyLimits.onDemandRotations`.
     @discardableResult
     public func rotate(_ reference: String, by principal: Principal) throws(KeyManagerError) -> KeyVersion {
-        try adminOperation("RotateKeyOnDemand", principal, request: ["keyId": reference]) { () throws(KeyManagerError) in
+        try adminOperation(.rotateKeyOnDemand, principal, request: ["keyId": reference]) { () throws(KeyManagerError) in
             let id = try resolve(reference)
             let rec = try authorizeAdmin(principal, id)
             try check(.change, rec)
@@ -50,7 +50,7 @@ extension KeyManager {
                 UPDATE keys SET current_version = ?,
                     last_rotated_at = CASE WHEN ? OR rotation_days IS NULL THEN ? ELSE last_rotated_at END WHERE id = ?
                 """, arguments: [next.rawValue, type == .automatic, now, rec.id.rawValue.hex])
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(type == .automatic ? "RotateKey" : "RotateKeyOnDemand",
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(type == .automatic ? .rotateKey : .rotateKeyOnDemand,
                                                                         key: rec.id, version: next, principal: principal,
                                                                         request: ["keyId": rec.id.rawValue.hex, "rotationType": type.rawValue]), at: now)
         }
@@ -86,7 +86,7 @@ extension KeyManager {
     /// Turning it on starts the period now (as AWS does); changing the period
     /// of a rotating key keeps its last rotation as the start.
     public func setRotation(_ reference: String, days: Int?, by principal: Principal) throws(KeyManagerError) {
-        let event = days == nil ? "DisableKeyRotation" : "EnableKeyRotation"
+        let event: AuditAction = days == nil ? .disableKeyRotation : .enableKeyRotation
         var request = ["keyId": reference]
         if let days { request["rotationPeriodInDays"] = String(days) }
         try adminOperation(event, principal, request: request) { () throws(KeyManagerError) in
@@ -113,12 +113,12 @@ extension KeyManager {
 
     /// Enables a Disabled key, or undeprecates a Deprecated one.
     public func enable(_ reference: String, by principal: Principal) throws(KeyManagerError) {
-        try transition(reference, .enable, event: "EnableKey", by: principal) { _ in ("successor", nil) }
+        try transition(reference, .enable, event: .enableKey, by: principal) { _ in ("successor", nil) }
     }
 
     /// Disables a key: no new files, no opens, until enabled again.
     public func disable(_ reference: String, by principal: Principal) throws(KeyManagerError) {
-        try transition(reference, .disable, event: "DisableKey", by: principal) { _ in nil }
+        try transition(reference, .disable, event: .disableKey, by: principal) { _ in nil }
     }
 
     /// Schedules destruction after a window of 7–30 days (default 30). A key
@@ -129,7 +129,7 @@ extension KeyManager {
     public func scheduleDeletion(_ reference: String, days: Int = KeyLimits.defaultDeletionWindowDays,
                                  by principal: Principal) throws(KeyManagerError) -> Double {
         let date = clock() + Double(days) * 86_400
-        try transition(reference, .scheduleDeletion, event: "ScheduleKeyDeletion", by: principal,
+        try transition(reference, .scheduleDeletion, event: .scheduleKeyDeletion, by: principal,
                        request: ["pendingWindowInDays": String(days)]) { () throws(KeyManagerError) in
             guard KeyLimits.deletionWindowDays.contains(days) else {
                 throw .invalidArgument("deletion window \(days) days is outside 7-30")
@@ -145,7 +145,7 @@ extension KeyManager {
 
     /// Cancels a scheduled deletion; the key is left Disabled.
     public func cancelDeletion(_ reference: String, by principal: Principal) throws(KeyManagerError) {
-        try transition(reference, .cancelDeletion, event: "CancelKeyDeletion", by: principal) { _ in ("deletion_date", nil) }
+        try transition(reference, .cancelDeletion, event: .cancelKeyDeletion, by: principal) { _ in ("deletion_date", nil) }
     }
 
     /// Deprecates a key in favour of `successor`: no new data keys; its files
@@ -159,7 +159,7 @@ extension KeyManager {
                           by principal: Principal) throws(KeyManagerError) -> [String] {
         var lost = [String]()
         var successorHex = ""
-        try transition(reference, .deprecate, event: "DeprecateKey", by: principal,
+        try transition(reference, .deprecate, event: .deprecateKey, by: principal,
                        request: ["successorKeyId": successor, "carryPolicy": String(carryPolicy)]) { () throws(KeyManagerError) in
             let next = try resolve(successor)
             let id = try resolve(reference)
@@ -175,7 +175,7 @@ extension KeyManager {
                         try sealedWrite { db in
                             try db.execute(sql: "INSERT OR IGNORE INTO policies (key_id, operation, subject) VALUES (?, ?, ?)",
                                            arguments: [next.rawValue.hex, op.rawValue, subject.description])
-                            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("PutKeyPolicy", key: next, principal: principal,
+                            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.putKeyPolicy, key: next, principal: principal,
                                                   request: ["operation": op.rawValue, "grant": subject.description, "carriedFrom": id.rawValue.hex]),
                                                   at: clock())
                         }
@@ -192,7 +192,7 @@ extension KeyManager {
     /// Applies a lifecycle action: policy, table check, `precheck`, state
     /// change and audit in one transaction; any refusal is audited with the
     /// request's parameters.
-    private func transition(_ reference: String, _ action: LifecycleAction, event: String, by principal: Principal,
+    private func transition(_ reference: String, _ action: LifecycleAction, event: AuditAction, by principal: Principal,
                             request: [String: String] = [:], precheck: () throws(KeyManagerError) -> Void = {},
                             extra: (KeyRecord) -> (column: String, value: (any DatabaseValueConvertible)?)?) throws(KeyManagerError) {
         let parameters = request.merging(["keyId": reference]) { a, _ in a }
@@ -221,7 +221,7 @@ extension KeyManager {
     /// Retires an old version no data key needs any more; it decrypts nothing after.
     public func retireVersion(_ reference: String, version: KeyVersion, by principal: Principal) throws(KeyManagerError) {
         let request = ["keyId": reference, "keyVersion": String(version.rawValue)]
-        try adminOperation("RetireKeyVersion", principal, request: request) { () throws(KeyManagerError) in
+        try adminOperation(.retireKeyVersion, principal, request: request) { () throws(KeyManagerError) in
             let id = try resolve(reference)
             let rec = try authorizeAdmin(principal, id)
             try check(.change, rec)
@@ -236,7 +236,7 @@ extension KeyManager {
                 try db.execute(sql: "UPDATE key_versions SET retired = 1, material = NULL WHERE key_id = ? AND version = ?",
                                arguments: [id.rawValue.hex, version.rawValue])
                 guard db.changesCount == 1 else { throw KeyManagerError.versionNotFound(key: rec.displayName, version: version) }
-                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("RetireKeyVersion", key: id, version: version, principal: principal,
+                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.retireKeyVersion, key: id, version: version, principal: principal,
                                                                             request: request), at: clock())
             }
             forgetWrappers(id)
@@ -266,13 +266,13 @@ extension KeyManager {
                 }
                 if references > 0 {
                     report.blocked[rec.id] = references
-                    audit(AuditEvent("DeleteKey", outcome: .refused, key: rec.id,
+                    audit(AuditEvent(.deleteKey, outcome: .refused, key: rec.id,
                                      error: KeyManagerError.deletionBlocked(key: rec.displayName, references: references).description))
                     continue
                 }
                 if indexIncomplete {
                     report.unverified.append(rec.id)
-                    audit(AuditEvent("DeleteKey", outcome: .refused, key: rec.id,
+                    audit(AuditEvent(.deleteKey, outcome: .refused, key: rec.id,
                                      error: "a mount ended without flushing the usage index; it may miss files of this key"))
                     continue
                 }
@@ -280,7 +280,7 @@ extension KeyManager {
                     try db.execute(sql: "UPDATE key_versions SET material = NULL, retired = 1 WHERE key_id = ?", arguments: [rec.id.rawValue.hex])
                     try db.execute(sql: "UPDATE keys SET state = 'Destroyed', state_changed_at = ? WHERE id = ?", arguments: [now, rec.id.rawValue.hex])
                     try db.execute(sql: "DELETE FROM aliases WHERE key_id = ?", arguments: [rec.id.rawValue.hex])
-                    try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("DeleteKey", key: rec.id), at: now)
+                    try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.deleteKey, key: rec.id), at: now)
                 }
                 // Overwrite freed pages so the material is gone from the file, not just unlinked.
                 do { try db.writeWithoutTransaction { db in try db.execute(sql: "PRAGMA wal_checkpoint(TRUNCATE)") } } catch {}

@@ -72,7 +72,7 @@ extension KeyManager {
                           by principal: Principal) throws(KeyManagerError) -> KeyMetadata {
         var request = ["keySpec": spec.rawValue]
         if !aliases.isEmpty { request["aliasNames"] = aliases.joined(separator: ",") }
-        return try adminOperation("CreateKey", principal, request: request) { () throws(KeyManagerError) in
+        return try adminOperation(.createKey, principal, request: request) { () throws(KeyManagerError) in
             for alias in aliases { try Self.refuseReserved(alias) }
             return try makeKey(spec: spec, description: description, aliases: aliases, tags: tags, rotationDays: rotationDays, by: principal)
         }
@@ -123,7 +123,7 @@ extension KeyManager {
             var request = ["keySpec": spec.rawValue]
             if !aliases.isEmpty { request["aliasNames"] = aliases.joined(separator: ",") }
             if !tags.isEmpty { request["tags"] = tags.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",") }
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("CreateKey", key: id, version: KeyVersion(rawValue: 1), principal: principal,
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.createKey, key: id, version: KeyVersion(rawValue: 1), principal: principal,
                                                                         request: request), at: now)
         }
         return try record(id).metadata
@@ -169,7 +169,7 @@ extension KeyManager {
     /// Runs `body`, an admin operation; a refusal is audited as `event` with
     /// the request's parameters (a denial was already audited by the policy
     /// check, an outside keystore edit by the integrity check).
-    func adminOperation<T>(_ event: String, _ principal: Principal, key: KeyID? = nil, request: [String: String],
+    func adminOperation<T>(_ event: AuditAction, _ principal: Principal, key: KeyID? = nil, request: [String: String],
                            _ body: () throws(KeyManagerError) -> T) throws(KeyManagerError) -> T {
         do { return try body() } catch {
             switch error {

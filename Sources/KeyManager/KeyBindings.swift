@@ -28,7 +28,7 @@ extension KeyManager {
     /// directories (or the root) onto it.
     public func bind(path: String, to reference: String, by principal: Principal) throws(KeyManagerError) {
         let normalized = Self.normalize(path: path)
-        try adminOperation("BindKey", principal, request: ["path": normalized, "targetKeyId": reference]) { () throws(KeyManagerError) in
+        try adminOperation(.bindKey, principal, request: ["path": normalized, "targetKeyId": reference]) { () throws(KeyManagerError) in
             let id = try resolve(reference)
             let rec = try authorizeAdmin(principal, id)
             guard rec.metadata.spec == .aes256 else { throw .invalidArgument("only AES_256 keys can govern files; \(rec.displayName) is \(rec.metadata.spec.rawValue)") }
@@ -46,7 +46,7 @@ extension KeyManager {
                     INSERT INTO bindings (path_mac, path_sealed, key_id) VALUES (?, ?, ?)
                     ON CONFLICT(path_mac) DO UPDATE SET key_id = excluded.key_id, path_sealed = excluded.path_sealed
                     """, arguments: [pathMAC(normalized), Data(sealed), id.rawValue.hex])
-                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("BindKey", key: id, principal: principal,
+                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.bindKey, key: id, principal: principal,
                                                                             request: ["path": normalized, "targetKeyId": id.rawValue.hex,
                                                                                       "previousKeyId": replaced?.rawValue.hex ?? "none"]), at: clock())
             }
@@ -59,7 +59,7 @@ extension KeyManager {
     /// that governs the path afterwards (its nearest bound ancestor's).
     public func unbind(path: String, by principal: Principal) throws(KeyManagerError) {
         let normalized = Self.normalize(path: path)
-        try adminOperation("UnbindKey", principal, request: ["path": normalized]) { () throws(KeyManagerError) in
+        try adminOperation(.unbindKey, principal, request: ["path": normalized]) { () throws(KeyManagerError) in
             guard normalized != "/" else { throw .invalidArgument("the root must stay bound; bind it to another key instead") }
             let mac = pathMAC(normalized)
             let hex: String? = try verifiedRead { db in try String.fetchOne(db, sql: "SELECT key_id FROM bindings WHERE path_mac = ?", arguments: [mac]) }
@@ -70,7 +70,7 @@ extension KeyManager {
             if inherited != id { _ = try authorizeAdmin(principal, inherited) }
             try sealedWrite { db in
                 try db.execute(sql: "DELETE FROM bindings WHERE path_mac = ?", arguments: [mac])
-                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("UnbindKey", key: id, principal: principal,
+                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.unbindKey, key: id, principal: principal,
                                                                             request: ["path": normalized, "inheritedKeyId": inherited.rawValue.hex]),
                                       at: clock())
             }

@@ -241,7 +241,7 @@ public final class KeyManager: @unchecked Sendable {
             let next = (try Int64.fetchOne(db, sql: "SELECT MAX(seq) FROM audit_log") ?? 0) + 1
             try db.execute(sql: "INSERT OR REPLACE INTO meta (name, value) VALUES ('audit_keyed_from', ?)", arguments: [next])
             try integrity.reseal(db, generation: 1)
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("SealKeystore", error: "keystore rows authenticated for the first time"), at: clock())
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.sealKeystore, error: "keystore rows authenticated for the first time"), at: clock())
         }
         noteGeneration(1)
     }

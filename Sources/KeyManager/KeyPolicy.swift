@@ -16,7 +16,7 @@ extension KeyManager {
         let now = clock()
         if rec.grants.contains(where: { $0.allows(operation, to: principal, at: now) }) { return }
         let error = KeyManagerError.accessDenied(key: rec.displayName, principal: principal, operation: operation)
-        audit(AuditEvent("Authorize", outcome: .denied, key: rec.id, principal: principal, object: object, error: error.description, path: path()))
+        audit(AuditEvent(.authorize, outcome: .denied, key: rec.id, principal: principal, object: object, error: error.description, path: path()))
         throw error
     }
 
@@ -29,14 +29,14 @@ extension KeyManager {
     /// Grants `operation` on a key to a subject (`uid:N`, `gid:N` or `*`).
     public func grant(_ operation: KeyOperation, to subject: PolicySubject, on reference: String, by principal: Principal) throws(KeyManagerError) {
         let request = ["keyId": reference, "operation": operation.rawValue, "grant": subject.description]
-        try adminOperation("PutKeyPolicy", principal, request: request) { () throws(KeyManagerError) in
+        try adminOperation(.putKeyPolicy, principal, request: request) { () throws(KeyManagerError) in
             let id = try resolve(reference)
             let rec = try authorizeAdmin(principal, id)
             try check(.change, rec)
             try sealedWrite { db in
                 try db.execute(sql: "INSERT OR IGNORE INTO policies (key_id, operation, subject) VALUES (?, ?, ?)",
                                arguments: [id.rawValue.hex, operation.rawValue, subject.description])
-                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("PutKeyPolicy", key: id, principal: principal,
+                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.putKeyPolicy, key: id, principal: principal,
                                                                             request: request.merging(["keyId": id.rawValue.hex]) { $1 }), at: clock())
             }
             invalidate(id)
@@ -46,7 +46,7 @@ extension KeyManager {
     /// Revokes a grant. The last administrator cannot be removed.
     public func revoke(_ operation: KeyOperation, from subject: PolicySubject, on reference: String, by principal: Principal) throws(KeyManagerError) {
         let request = ["keyId": reference, "operation": operation.rawValue, "revoke": subject.description]
-        try adminOperation("PutKeyPolicy", principal, request: request) { () throws(KeyManagerError) in
+        try adminOperation(.putKeyPolicy, principal, request: request) { () throws(KeyManagerError) in
             let id = try resolve(reference)
             let rec = try authorizeAdmin(principal, id)
             try check(.change, rec)
@@ -56,7 +56,7 @@ extension KeyManager {
             try sealedWrite { db in
                 try db.execute(sql: "DELETE FROM policies WHERE key_id = ? AND operation = ? AND subject = ?",
                                arguments: [id.rawValue.hex, operation.rawValue, subject.description])
-                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("PutKeyPolicy", key: id, principal: principal,
+                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.putKeyPolicy, key: id, principal: principal,
                                                                             request: request.merging(["keyId": id.rawValue.hex]) { $1 }), at: clock())
             }
             invalidate(id)
@@ -95,7 +95,7 @@ extension KeyManager {
         }
         if matches(administrators) { return .administrator }
         if matches(users) { return .keyUser }
-        audit(AuditEvent("AdminAccess", outcome: .denied, principal: principal,
+        audit(AuditEvent(.adminAccess, outcome: .denied, principal: principal,
                          error: "uid \(principal.uid) may use no key; control socket request refused"))
         return .refused
     }

@@ -249,7 +249,7 @@ extension KeyManager {
         }
         guard fresh else { return }
         logger.critical("keystore edited outside kmsfs", metadata: ["findings": .string(findings.joined(separator: "; "))])
-        audit(AuditEvent("KeystoreIntegrityFailure", outcome: .failure, error: findings.joined(separator: "; ")))
+        audit(AuditEvent(.keystoreIntegrityFailure, outcome: .failure, error: findings.joined(separator: "; ")))
         raise(Alert(time: clock(), rule: "integrity", severity: "critical",
                     message: "the keystore was edited outside kmsfs: " + findings.joined(separator: "; ")))
     }
@@ -260,7 +260,7 @@ extension KeyManager {
         try write { db in
             let (findings, generation) = try integrity.verify(db)
             try integrity.reseal(db, generation: generation + 1)
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("AcceptKeystoreEdits", principal: principal,
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.acceptKeystoreEdits, principal: principal,
                                                  error: findings.isEmpty ? "no edits" : findings.joined(separator: "; ")), at: clock())
             caches.withLock { $0.reportedTampering = []; $0.integrityGeneration = generation + 1 }
             return findings

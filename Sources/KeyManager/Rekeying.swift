@@ -136,7 +136,7 @@ extension KeyManager {
         }
         var request = ["keyId": source, "mode": mode.rawValue]
         if let target { request["targetKeyId"] = target }
-        return try adminOperation("StartRekey", principal, request: request) { () throws(KeyManagerError) in
+        return try adminOperation(.startRekey, principal, request: request) { () throws(KeyManagerError) in
         let sourceID = try resolve(reference)
         let sourceRecord = try authorizeAdmin(principal, sourceID)
         guard sourceRecord.metadata.usage == .encryptDecrypt else { throw .invalidArgument("\(reference) is a SIGN_VERIFY key; it wraps no files") }
@@ -167,7 +167,7 @@ extension KeyManager {
                 """, arguments: [mode.rawValue, sourceID.rawValue.hex, version.map { Int($0.rawValue) }, targetID.rawValue.hex, storedPath, rate,
                                  workers, Int(principal.uid), Int(principal.gid), now, now])
             let id = db.lastInsertedRowID
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("StartRekey", key: sourceID, version: version, principal: principal,
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.startRekey, key: sourceID, version: version, principal: principal,
                                                  error: "job \(id): \(mode.rawValue) to \(targetID.rawValue.hex)",
                                                  request: request.merging(["jobId": String(id)]) { $1 }), at: now)
             return id
@@ -233,7 +233,7 @@ extension KeyManager {
             try db.execute(sql: "UPDATE rekey_jobs SET state = ?, updated_at = ?, last_error = COALESCE(?, last_error), finished_at = ? WHERE id = ?",
                            arguments: [state.rawValue, now, error, state.isActive ? nil : now, id])
             if principal != nil || !state.isActive {
-                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("Rekey" + state.rawValue.prefix(1).uppercased() + state.rawValue.dropFirst(),
+                try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.rekey(state),
                                                      outcome: state == .failed ? .failure : .success, key: job.sourceKey,
                                                      principal: principal, error: "job \(id)" + (error.map { ": \($0)" } ?? "")), at: now)
             }

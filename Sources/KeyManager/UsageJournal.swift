@@ -186,7 +186,7 @@ extension KeyManager {
             }
             let removed = old.keys.filter { !fresh.contains($0) }.count
             try db.execute(sql: "DELETE FROM meta WHERE name = 'usage_journal_pid'")
-            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent("RebuildUsageIndex", error: "\(fresh.count) entries: \(added) added, \(removed) removed, \(changed) changed"), at: now)
+            try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.rebuildUsageIndex, error: "\(fresh.count) entries: \(added) added, \(removed) removed, \(changed) changed"), at: now)
             return UsageRebuild(entries: fresh.count, added: added, removed: removed, changed: changed)
         }
     }

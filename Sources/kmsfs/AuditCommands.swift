@@ -41,6 +41,10 @@ struct AuditCommand: ParsableCommand {
             if let outcome, AuditOutcome(rawValue: outcome) == nil {
                 throw ValidationError("--outcome is one of " + AuditOutcome.allCases.map(\.rawValue).joined(separator: ", "))
             }
+            // A misspelt event would match nothing and look like "no such records".
+            if let event, AuditAction(rawValue: event) == nil {
+                throw ValidationError("--event \(event) is not an event kmsfs records; one of " + AuditAction.allCases.map(\.rawValue).joined(separator: ", "))
+            }
         }
 
         func filter() throws -> AuditFilter {
@@ -220,7 +224,7 @@ struct CloudTrailEvent: Encodable {
                          "integrity-failure": "InvalidCiphertextException", "failure": "KMSInternalException"][r.outcome] ?? r.outcome
             errorMessage = r.error
         }
-        readOnly = ["Decrypt", "DescribeKey", "ListKeys"].contains(r.event)
+        readOnly = [AuditAction.decrypt, .describeKey].map(\.rawValue).contains(r.event)
         requestParameters = r.request.flatMap { try? JSONDecoder().decode([String: String].self, from: Data($0.utf8)) }
         additionalEventData = Extra(outcome: r.outcome, keyVersion: r.keyVersion, objectId: r.objectID, path: r.path, sequence: r.seq)
     }

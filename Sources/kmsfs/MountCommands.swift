@@ -60,7 +60,7 @@ struct Mount: ParsableCommand {
             _ = consume secret
             _ = try manager.runSchedules()
             if auditOpens == .off {
-                manager.audit(AuditEvent("MountWithoutOpenAudit", outcome: .warning, principal: caller,
+                manager.audit(AuditEvent(.mountWithoutOpenAudit, outcome: .warning, principal: caller,
                                          error: "successful file opens and creates are not recorded by this mount (benchmark)"))
                 manager.auditsRoutineUse.store(false, ordering: .relaxed)
             }

@@ -126,3 +126,51 @@ struct RekeyJobPathTests {
         #expect(slashFirst >= 1, "no sealed path began with '/' in 1,500 jobs (1 in 64 expected)")
     }
 }
+
+@Suite struct AuditActionTests {
+    @Test("audit event names are distinct, and every record a key's life writes names an AuditAction — a misspelt name cannot reach the log")
+    func everyRecordNamesAKnownAction() throws {
+        #expect(Set(AuditAction.allCases.map(\.rawValue)).count == AuditAction.allCases.count)
+        let scratch = Scratch()
+        let km = try scratch.create()
+        let key = try km.createKey(aliases: ["alias/life"], tags: ["env": "dev"], by: owner)
+        let ref = key.keyID.rawValue.hex
+        try km.setAlias("alias/life2", to: ref, by: owner)
+        try km.setTag(ref, name: "team", value: "a", by: owner)
+        try km.setTag(ref, name: "team", value: nil, by: owner)
+        try km.grant(.decrypt, to: .uid(4242), on: ref, by: owner)
+        try km.revoke(.decrypt, from: .uid(4242), on: ref, by: owner)
+        let grant = try km.createGrant(on: ref, grantee: .uid(4242), operations: [.encrypt], expiresAt: nil, by: owner)
+        try km.revokeGrant(ref, grantID: grant.grantID, by: owner)
+        _ = try km.rotate(ref, by: owner)
+        try km.setRotation(ref, days: 90, by: owner)
+        try km.setRotation(ref, days: nil, by: owner)
+        try km.setMinDecryptionVersion(ref, version: KeyVersion(rawValue: 2), by: owner)
+        try km.setMinDecryptionVersion(ref, version: nil, by: owner)
+        let object = ID128.random()
+        let dataKey = try km.generateDataKey(for: object, kind: .file, key: key.keyID, principal: owner)
+        _ = try km.decryptDataKey(dataKey.wrapped, for: object, key: key.keyID, version: dataKey.version, principal: owner)
+        #expect(throws: KeyManagerError.self) {
+            try km.decryptDataKey(dataKey.wrapped, for: object, key: key.keyID, version: dataKey.version, principal: stranger)
+        }
+        try km.disable(ref, by: owner)
+        #expect(throws: KeyManagerError.self) { try km.generateDataKey(for: .random(), kind: .file, key: key.keyID, principal: owner) }
+        try km.enable(ref, by: owner)
+        try km.bind(path: "/team", to: ref, by: owner)
+        let job = try km.createRekeyJob(source: ref, by: owner)
+        try km.setRekeyState(job.id, .cancelled, by: owner)
+        try km.scheduleDeletion(ref, by: owner)
+        try km.cancelDeletion(ref, by: owner)
+
+        let records = try km.auditRecords(AuditFilter(), limit: nil)
+        let unknown = records.map(\.event).filter { AuditAction(rawValue: $0) == nil }
+        #expect(unknown.isEmpty, "\(unknown)")
+        let seen = Set(records.map(\.event))
+        for expected: AuditAction in [.createKey, .createAlias, .tagResource, .untagResource, .putKeyPolicy, .createGrant, .revokeGrant,
+                                      .rotateKeyOnDemand, .enableKeyRotation, .disableKeyRotation, .setMinDecryptionVersion,
+                                      .generateDataKey, .decrypt, .disableKey, .enableKey, .bindKey, .startRekey, .rekeyCancelled,
+                                      .scheduleKeyDeletion, .cancelKeyDeletion] {
+            #expect(seen.contains(expected.rawValue), "no \(expected.rawValue) record")
+        }
+    }
+}

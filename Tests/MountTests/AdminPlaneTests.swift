@@ -68,6 +68,9 @@ struct AuditLogTests {
         // An outcome no record can have is a usage error, not an empty list.
         let bogus = try fs.run("$K audit list --outcome failed --fs $M")
         #expect(bogus.status == 64 && bogus.stderr.contains("integrity-failure"), "\(bogus.stderr)")
+        // So is an event name kmsfs never records (a typo would otherwise list nothing).
+        let typo = try fs.run("$K audit list --event Decryt --fs $M")
+        #expect(typo.status == 64 && typo.stderr.contains("GenerateDataKey"), "\(typo.stderr)")
         let byKey = try fs.run("$K audit list --key alias/x --json --fs $M").stdout
         #expect(byKey.contains("\"event\" : \"CreateKey\"") && !byKey.contains("\"Decrypt\""), "\(byKey)")
         let exported = try fs.run("$K audit export --format jsonl --fs $M").stdout.split(separator: "\n")

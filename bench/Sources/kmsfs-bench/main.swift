@@ -143,7 +143,7 @@ func keyManagerBench() throws {
     }
     let unwrapPerSecond = Double(n) / (now() - start)
     // Audit records alone: group-committed (as mounted) and one transaction each (offline).
-    let record = AuditEvent("Decrypt", key: key, version: KeyVersion(rawValue: 1), principal: principal, object: .random())
+    let record = AuditEvent(.decrypt, key: key, version: KeyVersion(rawValue: 1), principal: principal, object: .random())
     start = now()
     for _ in 0..<50_000 { manager.audit(record) }
     try manager.flushUsage()
