@@ -67,7 +67,7 @@ extension KeyManager {
     public func alertConfig() throws(KeyManagerError) -> AlertConfig {
         let now = clock()
         if let cached = alertState.withLock({ $0.config }), abs(now - cached.fetchedAt) < Self.recordTTL * 10 { return cached.value }
-        let stored: String? = try verifiedRead { db in try String.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'alert_config'") }
+        let stored: String? = try verifiedRead { db in try KeystoreMeta.value(.alertConfig, db, as: String.self) }
         let config = stored.flatMap { try? JSONDecoder().decode(AlertConfig.self, from: Data($0.utf8)) } ?? AlertConfig()
         alertState.withLock { $0.config = (config, now) }
         return config
@@ -89,7 +89,7 @@ extension KeyManager {
         config.configuredBy = principal.uid
         let json = String(decoding: (try? JSONEncoder().encode(config)) ?? Data(), as: UTF8.self)
         try sealedWrite { db in
-            try db.execute(sql: "INSERT OR REPLACE INTO meta (name, value) VALUES ('alert_config', ?)", arguments: [json])
+            try KeystoreMeta.set(.alertConfig, to: json, db)
             try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.putAlertConfig, principal: principal, error: json), at: clock())
         }
         alertState.withLock { $0.config = nil }
@@ -151,10 +151,10 @@ extension KeyManager {
         for rec in records where rec.state == .enabled && rec.metadata.usage == .encryptDecrypt && rec.metadata.rotationPeriodDays == nil {
             let age = now - rec.metadata.lastRotatedAt
             guard age > Double(config.rotationOverdueDays) * 86400 else { continue }
-            let name = "alerted_rotation_" + rec.id.rawValue.hex
-            let last: Double? = try? read { db in try Double.fetchOne(db, sql: "SELECT value FROM meta WHERE name = ?", arguments: [name]) }
+            let name = MetaName.rotationAlerted(rec.id)
+            let last = try? read { db in try KeystoreMeta.value(name, db, as: Double.self) }
             if let last, now - last < 86400 { continue }
-            _ = try? write { db in try db.execute(sql: "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", arguments: [name, now]) }
+            _ = try? write { db in try KeystoreMeta.set(name, to: now, db) }
             raise(Alert(time: now, rule: "rotation-overdue", severity: "medium",
                         message: "key \(rec.displayName) was last rotated \(Int(age / 86400)) days ago and does not rotate automatically",
                         keyID: rec.id.rawValue.hex))

@@ -25,7 +25,7 @@ extension KeyManager {
     public func auditPathMode() -> AuditPathMode {
         let now = clock()
         if let cached = caches.withLock({ $0.pathMode }), abs(now - cached.fetchedAt) < Self.recordTTL * 10 { return cached.mode }
-        let stored: String? = try? verifiedRead { db in try String.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'audit_paths'") }
+        let stored: String? = try? verifiedRead { db in try KeystoreMeta.value(.auditPaths, db, as: String.self) }
         let mode = stored.flatMap(AuditPathMode.init(rawValue:)) ?? .hashed
         caches.withLock { $0.pathMode = (mode, now) }
         return mode
@@ -35,7 +35,7 @@ extension KeyManager {
     public func setAuditPathMode(_ mode: AuditPathMode, by principal: Principal) throws(KeyManagerError) {
         _ = try authorizeAdmin(principal, try resolve("alias/default"))
         try sealedWrite { db in
-            try db.execute(sql: "INSERT OR REPLACE INTO meta (name, value) VALUES ('audit_paths', ?)", arguments: [mode.rawValue])
+            try KeystoreMeta.set(.auditPaths, to: mode.rawValue, db)
             try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.putAuditSettings, principal: principal, error: "paths: \(mode.rawValue)"), at: clock())
         }
         caches.withLock { $0.pathMode = nil }

@@ -206,7 +206,7 @@ extension KeyManager {
                 return AuditVerification(records: 0, firstBad: nil,
                                          problem: "the keystore was edited outside kmsfs: " + findings.joined(separator: "; "))
             }
-            let keyedFrom = try Int64.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'audit_keyed_from'") ?? 1
+            let keyedFrom = try KeystoreMeta.value(.auditKeyedFrom, db, as: Int64.self) ?? 1
             var previous = Data(count: 32)
             var count = 0
             let rows = try Row.fetchCursor(db, sql: "SELECT * FROM audit_log ORDER BY seq")

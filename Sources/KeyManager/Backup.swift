@@ -81,7 +81,7 @@ extension KeyManager {
                 try rewrapSecrets(db, from: kek, to: backupKEK, salt: salt, scrypt: scrypt)
                 try integrity.reseal(db, generation: generation + 1)
                 // The copy is no mount's: a restored keystore must not look like one that died mid-batch.
-                try db.execute(sql: "DELETE FROM meta WHERE name = 'usage_journal_pid'")
+                try KeystoreMeta.remove(.usageJournalPID, db)
             }
             try copy.writeWithoutTransaction { db in try db.execute(sql: "VACUUM") }
             try copy.close()
@@ -135,12 +135,12 @@ extension KeyManager {
         }
         let check = try fs.bytes.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: new, context: Self.kekCheckContext(fs)) }
         let meta = try metadataKey.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: new, context: Self.metadataKeyContext(fs)) }
-        for (name, value) in [("salt", Data(salt)), ("kek_check", Data(check)), ("metadata_key", Data(meta))] as [(String, Data)] {
-            try db.execute(sql: "UPDATE meta SET value = ? WHERE name = ?", arguments: [value, name])
+        for (name, value) in [(.salt, Data(salt)), (.kekCheck, Data(check)), (.metadataKey, Data(meta))] as [(MetaName, Data)] {
+            try KeystoreMeta.set(name, to: value, db)
         }
-        try db.execute(sql: "UPDATE meta SET value = ? WHERE name = 'scrypt_logn'", arguments: [Int(scrypt.logN)])
-        try db.execute(sql: "UPDATE meta SET value = ? WHERE name = 'scrypt_r'", arguments: [Int(scrypt.r)])
-        try db.execute(sql: "UPDATE meta SET value = ? WHERE name = 'scrypt_p'", arguments: [Int(scrypt.p)])
+        for (name, value) in [(.scryptLogN, Int(scrypt.logN)), (.scryptR, Int(scrypt.r)), (.scryptP, Int(scrypt.p))] as [(MetaName, Int)] {
+            try KeystoreMeta.set(name, to: value, db)
+        }
     }
 
     /// The SIGN_VERIFY key that signs audit digests and backups (made on first use).
@@ -283,17 +283,13 @@ extension KeyManager {
                         """, arguments: [id, key["spec"], key["state"], key["description"], key["created_at"], key["state_changed_at"],
                                          key["current_version"], key["rotation_days"], key["last_rotated_at"], key["deletion_date"]])
                     addedKeys.append(id)
-                    for sub in try other.read({ db in try Row.fetchAll(db, sql: "SELECT * FROM policies WHERE key_id = ?", arguments: [id]) }) {
-                        try db.execute(sql: "INSERT OR IGNORE INTO policies (key_id, operation, subject) VALUES (?, ?, ?)", arguments: [id, sub["operation"], sub["subject"]])
-                    }
-                    for tag in try other.read({ db in try Row.fetchAll(db, sql: "SELECT * FROM tags WHERE key_id = ?", arguments: [id]) }) {
-                        try db.execute(sql: "INSERT OR IGNORE INTO tags (key_id, name, value) VALUES (?, ?, ?)", arguments: [id, tag["name"], tag["value"]])
-                    }
-                    for alias in try other.read({ db in try Row.fetchAll(db, sql: "SELECT * FROM aliases WHERE key_id = ?", arguments: [id]) }) {
-                        if let owner = try String.fetchOne(db, sql: "SELECT key_id FROM aliases WHERE alias = ?", arguments: [alias["alias"] as String]), owner != id {
-                            conflicts.append("alias \(alias["alias"] as String) names key \(owner) here and \(id) in the backup")
+                    for row in try other.read({ db in try PolicyRow.rows(of: id, db) }) { try row.insert(db, onConflict: .ignore) }
+                    for row in try other.read({ db in try TagRow.rows(of: id, db) }) { try row.insert(db, onConflict: .ignore) }
+                    for row in try other.read({ db in try AliasRow.rows(of: id, db) }) {
+                        if let owner = try AliasRow.target(of: row.alias, db), owner != id {
+                            conflicts.append("alias \(row.alias) names key \(owner) here and \(id) in the backup")
                         } else {
-                            try db.execute(sql: "INSERT OR IGNORE INTO aliases (alias, key_id) VALUES (?, ?)", arguments: [alias["alias"], id])
+                            try row.insert(db, onConflict: .ignore)
                         }
                     }
                 }

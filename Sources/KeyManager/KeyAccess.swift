@@ -36,10 +36,8 @@ extension KeyManager {
             if let expiresAt, expiresAt <= now { throw .invalidArgument("the grant would expire before it starts") }
             let grantID = ID128.random().hex
             try sealedWrite { db in
-                try db.execute(sql: """
-                    INSERT INTO grants (id, key_id, grantee, operations, created_at, expires_at, created_by) VALUES (?, ?, ?, ?, ?, ?, ?)
-                    """, arguments: [grantID, id.rawValue.hex, grantee.description, ops.map(\.rawValue).joined(separator: ","),
-                                     now, expiresAt, Int(principal.uid)])
+                try GrantRow(id: grantID, keyID: id.rawValue.hex, grantee: grantee.description, operations: ops.map(\.rawValue).joined(separator: ","),
+                             createdAt: now, expiresAt: expiresAt, createdBy: Int(principal.uid)).insert(db)
                 var recorded = request
                 recorded["keyId"] = id.rawValue.hex
                 recorded["grantId"] = grantID
@@ -73,7 +71,7 @@ extension KeyManager {
             if !retiring { _ = try authorizeAdmin(principal, id) }
             let event: AuditAction = retiring ? .retireGrant : .revokeGrant
             try sealedWrite { db in
-                try db.execute(sql: "DELETE FROM grants WHERE id = ? AND key_id = ?", arguments: [grantID, id.rawValue.hex])
+                try GrantRow.remove(grantID, of: id, db)
                 try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(event, key: id, principal: principal,
                                                                             request: ["keyId": id.rawValue.hex, "grantId": grantID,
                                                                                       "granteePrincipal": grant.grantee]), at: clock())
@@ -102,12 +100,7 @@ extension KeyManager {
                 throw .invalidArgument("key \(rec.displayName) has versions 1-\(rec.metadata.currentVersion); the minimum must be one of them")
             }
             try sealedWrite { db in
-                if let version {
-                    try db.execute(sql: "INSERT INTO key_floors (key_id, min_version) VALUES (?, ?) ON CONFLICT(key_id) DO UPDATE SET min_version = excluded.min_version",
-                                   arguments: [id.rawValue.hex, version.rawValue])
-                } else {
-                    try db.execute(sql: "DELETE FROM key_floors WHERE key_id = ?", arguments: [id.rawValue.hex])
-                }
+                try FloorRow.set(version, of: id, db)
                 try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.setMinDecryptionVersion, key: id, version: version,
                                                                             principal: principal, request: request), at: clock())
             }

@@ -22,7 +22,7 @@ extension KeyManager {
             let id = try resolve(reference)
             let rec = try authorizeAdmin(principal, id)
             try check(.change, rec)
-            let currentHex: String? = try verifiedRead { db in try String.fetchOne(db, sql: "SELECT key_id FROM aliases WHERE alias = ?", arguments: [alias]) }
+            let currentHex = try verifiedRead { db in try AliasRow.target(of: alias, db) }
             var previous: KeyID?
             if let currentHex, let current = KeyID(hex: currentHex) {
                 event = .updateAlias
@@ -34,8 +34,7 @@ extension KeyManager {
                 previous = current
             }
             try sealedWrite { db in
-                try db.execute(sql: "INSERT INTO aliases (alias, key_id) VALUES (?, ?) ON CONFLICT(alias) DO UPDATE SET key_id = excluded.key_id",
-                               arguments: [alias, id.rawValue.hex])
+                try AliasRow.point(alias, at: id, db)
                 var request = ["aliasName": alias, "targetKeyId": id.rawValue.hex]
                 if let previous { request["previousKeyId"] = previous.rawValue.hex }
                 try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(event, key: id, principal: principal, request: request), at: clock())
@@ -53,13 +52,12 @@ extension KeyManager {
                 throw .invalidArgument("\(name) is a key id, not an alias; `kmsfs key describe \(name)` lists its aliases")
             }
             try Self.refuseReserved(alias)
-            let hex: String? = try verifiedRead { db in try String.fetchOne(db, sql: "SELECT key_id FROM aliases WHERE alias = ?", arguments: [alias]) }
+            let hex = try verifiedRead { db in try AliasRow.target(of: alias, db) }
             guard let hex, let id = KeyID(hex: hex) else { throw .invalidArgument("there is no alias \(alias); `kmsfs key list` shows the aliases") }
             let rec = try authorizeAdmin(principal, id)
             try check(.change, rec)
             try sealedWrite { db in
-                try db.execute(sql: "DELETE FROM aliases WHERE alias = ?", arguments: [alias])
-                guard db.changesCount == 1 else { throw KeyManagerError.database("alias \(alias) changed meanwhile; try again") }
+                guard try AliasRow.deleteOne(db, key: alias) else { throw KeyManagerError.database("alias \(alias) changed meanwhile; try again") }
                 try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.deleteAlias, key: id, principal: principal,
                                                                             request: ["aliasName": alias]), at: clock())
             }
@@ -78,12 +76,7 @@ extension KeyManager {
             try check(.change, rec)
             if let value { try Self.validate(tag: name, value: value) }
             try sealedWrite { db in
-                if let value {
-                    try db.execute(sql: "INSERT INTO tags (key_id, name, value) VALUES (?, ?, ?) ON CONFLICT(key_id, name) DO UPDATE SET value = excluded.value",
-                                   arguments: [id.rawValue.hex, name, value])
-                } else {
-                    try db.execute(sql: "DELETE FROM tags WHERE key_id = ? AND name = ?", arguments: [id.rawValue.hex, name])
-                }
+                try TagRow.set(name, of: id, to: value, db)
                 try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(event, key: id, principal: principal, request: request), at: clock())
             }
             invalidate(id)
@@ -121,9 +114,9 @@ extension KeyManager {
     public func changePassphrase(to newPassphrase: borrowing SecretKey, scrypt: ScryptParameters? = nil,
                                  by principal: Principal) throws(KeyManagerError) {
         let stored: ScryptParameters = try read { db in
-            let logN = try Int.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'scrypt_logn'") ?? 16
-            let r = try Int.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'scrypt_r'") ?? 8
-            let p = try Int.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'scrypt_p'") ?? 1
+            let logN = try KeystoreMeta.value(.scryptLogN, db, as: Int.self) ?? 16
+            let r = try KeystoreMeta.value(.scryptR, db, as: Int.self) ?? 8
+            let p = try KeystoreMeta.value(.scryptP, db, as: Int.self) ?? 1
             return ScryptParameters(logN: UInt8(logN), r: UInt32(r), p: UInt32(p))
         }
         try KeyLimits.checkPassphrase(newPassphrase, "new passphrase")

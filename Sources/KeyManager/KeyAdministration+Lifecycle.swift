@@ -173,8 +173,7 @@ extension KeyManager {
                 for subject in old.policy[op, default: []].subtracting(nextRecord.policy[op, default: []]).sorted(by: { $0.description < $1.description }) {
                     if carryPolicy {
                         try sealedWrite { db in
-                            try db.execute(sql: "INSERT OR IGNORE INTO policies (key_id, operation, subject) VALUES (?, ?, ?)",
-                                           arguments: [next.rawValue.hex, op.rawValue, subject.description])
+                            try PolicyRow.add(op, on: next, to: subject, db)
                             try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.putKeyPolicy, key: next, principal: principal,
                                                   request: ["operation": op.rawValue, "grant": subject.description, "carriedFrom": id.rawValue.hex]),
                                                   at: clock())
@@ -279,7 +278,7 @@ extension KeyManager {
                 try sealedWrite { db in
                     try db.execute(sql: "UPDATE key_versions SET material = NULL, retired = 1 WHERE key_id = ?", arguments: [rec.id.rawValue.hex])
                     try db.execute(sql: "UPDATE keys SET state = 'Destroyed', state_changed_at = ? WHERE id = ?", arguments: [now, rec.id.rawValue.hex])
-                    try db.execute(sql: "DELETE FROM aliases WHERE key_id = ?", arguments: [rec.id.rawValue.hex])
+                    try AliasRow.removeAll(of: rec.id, db)
                     try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.deleteKey, key: rec.id), at: now)
                 }
                 // Overwrite freed pages so the material is gone from the file, not just unlinked.

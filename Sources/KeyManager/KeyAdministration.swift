@@ -45,7 +45,7 @@ extension KeyManager {
             return id
         }
         let alias = reference.hasPrefix("alias/") ? reference : "alias/" + reference
-        let hex: String? = try verifiedRead { db in try String.fetchOne(db, sql: "SELECT key_id FROM aliases WHERE alias = ?", arguments: [alias]) }
+        let hex = try verifiedRead { db in try AliasRow.target(of: alias, db) }
         guard let hex, let id = KeyID(hex: hex) else { throw .keyNotFound(reference) }
         return id
     }
@@ -104,21 +104,16 @@ extension KeyManager {
                                arguments: [id.rawValue.hex, external.provider, config])
             }
             for alias in aliases {
-                guard try Int.fetchOne(db, sql: "SELECT 1 FROM aliases WHERE alias = ?", arguments: [alias]) == nil else {
+                guard try AliasRow.target(of: alias, db) == nil else {
                     throw KeyManagerError.invalidArgument("alias \(alias) is already in use; pick another or move it with `kmsfs key alias`")
                 }
-                try db.execute(sql: "INSERT INTO aliases (alias, key_id) VALUES (?, ?)", arguments: [alias, id.rawValue.hex])
+                try AliasRow(alias: alias, key: id).insert(db)
             }
-            for (name, value) in tags {
-                try db.execute(sql: "INSERT INTO tags (key_id, name, value) VALUES (?, ?, ?)", arguments: [id.rawValue.hex, name, value])
-            }
+            for (name, value) in tags { try TagRow(key: id, name: name, value: value).insert(db) }
             var subjects: Set<PolicySubject> = [.uid(0), .uid(principal.uid)]
             if principal.uid == 0 { subjects = [.uid(0)] }
             for op in KeyOperation.allCases {
-                for subject in subjects {
-                    try db.execute(sql: "INSERT OR IGNORE INTO policies (key_id, operation, subject) VALUES (?, ?, ?)",
-                                   arguments: [id.rawValue.hex, op.rawValue, subject.description])
-                }
+                for subject in subjects { try PolicyRow.add(op, on: id, to: subject, db) }
             }
             var request = ["keySpec": spec.rawValue]
             if !aliases.isEmpty { request["aliasNames"] = aliases.joined(separator: ",") }

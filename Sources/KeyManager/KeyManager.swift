@@ -132,16 +132,14 @@ public final class KeyManager: @unchecked Sendable {
             try pool.write { db in
                 let check = try fsID.bytes.withUnsafeBytes { try KeyWrap.seal($0, under: kek, context: kekCheckContext(fsID)) }
                 let wrappedMeta = try metadataKey.withUnsafeBytes { try KeyWrap.seal($0, under: kek, context: metadataKeyContext(fsID)) }
-                let meta: [(String, DatabaseValueConvertible)] = [
-                    ("format", "kmsfs-keystore-1"), ("fs_id", fsID.hex), ("chunk_size", options.chunkSize),
-                    ("plaintext_names", options.plaintextNames ? 1 : 0), ("scrypt_logn", Int(options.scrypt.logN)),
-                    ("scrypt_r", Int(options.scrypt.r)), ("scrypt_p", Int(options.scrypt.p)), ("salt", Data(salt)),
-                    ("kek_check", Data(check)), ("metadata_key", Data(wrappedMeta)), ("created_at", clock()),
-                    ("audit_keyed_from", 1),
+                let meta: [(MetaName, any DatabaseValueConvertible)] = [
+                    (.format, "kmsfs-keystore-1"), (.filesystemID, fsID.hex), (.chunkSize, options.chunkSize),
+                    (.plaintextNames, options.plaintextNames ? 1 : 0), (.scryptLogN, Int(options.scrypt.logN)),
+                    (.scryptR, Int(options.scrypt.r)), (.scryptP, Int(options.scrypt.p)), (.salt, Data(salt)),
+                    (.kekCheck, Data(check)), (.metadataKey, Data(wrappedMeta)), (.createdAt, clock()),
+                    (.auditKeyedFrom, 1),
                 ]
-                for (name, value) in meta {
-                    try db.execute(sql: "INSERT INTO meta (name, value) VALUES (?, ?)", arguments: [name, value])
-                }
+                for (name, value) in meta { try KeystoreMeta.set(name, to: value, db) }
                 try KeystoreIntegrity(metadataKey: metadataKey).reseal(db, generation: 1)
             }
         } catch let error as KeyManagerError { throw error } catch { throw .database("\(error)") }
@@ -166,7 +164,7 @@ public final class KeyManager: @unchecked Sendable {
         guard FileManager.default.fileExists(atPath: path) else { throw .keystoreNotFound(directory) }
         // Every check runs on a read-only connection: a wrong passphrase, a
         // damaged file or a newer schema leave the keystore as it was.
-        let meta: [String: DatabaseValue]
+        let meta: [MetaName: DatabaseValue]
         do {
             var readonly = Configuration()
             readonly.readonly = true
@@ -181,21 +179,19 @@ public final class KeyManager: @unchecked Sendable {
                 }
                 let integrity = try String.fetchOne(db, sql: "PRAGMA quick_check") ?? "no answer"
                 guard integrity == "ok" else { throw KeyManagerError.keystoreCorrupt(integrity) }
-                var meta = [String: DatabaseValue]()
-                for row in try Row.fetchAll(db, sql: "SELECT name, value FROM meta") { meta[row["name"]] = row["value"] as DatabaseValue }
-                return meta
+                return try KeystoreMeta.all(db)
             }
         } catch let error as KeyManagerError { throw error } catch let error as DatabaseError {
             throw .keystoreCorrupt(error.message ?? "\(error.resultCode)")
         } catch { throw .keystoreCorrupt("\(error)") }
-        guard let fsHex = String.fromDatabaseValue(meta["fs_id"] ?? .null), let fsID = ID128(hex: fsHex),
-              let chunkSize = Int.fromDatabaseValue(meta["chunk_size"] ?? .null),
-              let logN = Int.fromDatabaseValue(meta["scrypt_logn"] ?? .null),
-              let r = Int.fromDatabaseValue(meta["scrypt_r"] ?? .null), let p = Int.fromDatabaseValue(meta["scrypt_p"] ?? .null),
-              let salt = Data.fromDatabaseValue(meta["salt"] ?? .null),
-              let check = Data.fromDatabaseValue(meta["kek_check"] ?? .null),
-              let wrappedMeta = Data.fromDatabaseValue(meta["metadata_key"] ?? .null),
-              let plainNames = Int.fromDatabaseValue(meta["plaintext_names"] ?? .null) else {
+        guard let fsHex = String.fromDatabaseValue(meta[.filesystemID] ?? .null), let fsID = ID128(hex: fsHex),
+              let chunkSize = Int.fromDatabaseValue(meta[.chunkSize] ?? .null),
+              let logN = Int.fromDatabaseValue(meta[.scryptLogN] ?? .null),
+              let r = Int.fromDatabaseValue(meta[.scryptR] ?? .null), let p = Int.fromDatabaseValue(meta[.scryptP] ?? .null),
+              let salt = Data.fromDatabaseValue(meta[.salt] ?? .null),
+              let check = Data.fromDatabaseValue(meta[.kekCheck] ?? .null),
+              let wrappedMeta = Data.fromDatabaseValue(meta[.metadataKey] ?? .null),
+              let plainNames = Int.fromDatabaseValue(meta[.plaintextNames] ?? .null) else {
             throw .keystoreCorrupt("filesystem settings are missing")
         }
         let scrypt = ScryptParameters(logN: UInt8(clamping: logN), r: UInt32(clamping: r), p: UInt32(clamping: p))
@@ -236,10 +232,10 @@ public final class KeyManager: @unchecked Sendable {
             let check = try fs.bytes.withUnsafeBytes { (raw) throws(KeyManagerError) in
                 try KeyWrap.seal(raw, under: kek, context: Self.kekCheckContext(fs))
             }
-            try db.execute(sql: "UPDATE meta SET value = ? WHERE name = 'kek_check'", arguments: [Data(check)])
+            try KeystoreMeta.set(.kekCheck, to: Data(check), db)
             // Records from here on are chained with a keyed MAC; older ones keep SHA-256.
             let next = (try Int64.fetchOne(db, sql: "SELECT MAX(seq) FROM audit_log") ?? 0) + 1
-            try db.execute(sql: "INSERT OR REPLACE INTO meta (name, value) VALUES ('audit_keyed_from', ?)", arguments: [next])
+            try KeystoreMeta.set(.auditKeyedFrom, to: next, db)
             try integrity.reseal(db, generation: 1)
             try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.sealKeystore, error: "keystore rows authenticated for the first time"), at: clock())
         }

@@ -34,8 +34,7 @@ extension KeyManager {
             let rec = try authorizeAdmin(principal, id)
             try check(.change, rec)
             try sealedWrite { db in
-                try db.execute(sql: "INSERT OR IGNORE INTO policies (key_id, operation, subject) VALUES (?, ?, ?)",
-                               arguments: [id.rawValue.hex, operation.rawValue, subject.description])
+                try PolicyRow.add(operation, on: id, to: subject, db)
                 try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.putKeyPolicy, key: id, principal: principal,
                                                                             request: request.merging(["keyId": id.rawValue.hex]) { $1 }), at: clock())
             }
@@ -54,8 +53,7 @@ extension KeyManager {
                 throw .invalidArgument("\(subject) is the last administrator of key \(rec.displayName); grant another first")
             }
             try sealedWrite { db in
-                try db.execute(sql: "DELETE FROM policies WHERE key_id = ? AND operation = ? AND subject = ?",
-                               arguments: [id.rawValue.hex, operation.rawValue, subject.description])
+                try PolicyRow.remove(operation, on: id, from: subject, db)
                 try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.putKeyPolicy, key: id, principal: principal,
                                                                             request: request.merging(["keyId": id.rawValue.hex]) { $1 }), at: clock())
             }
@@ -82,14 +80,7 @@ extension KeyManager {
     /// then checks its own key's policy). A refusal is audited.
     public func controlAdmission(_ principal: Principal) -> ControlAdmission {
         let now = clock()
-        let (administrators, users) = (try? verifiedRead { db in
-            (try String.fetchAll(db, sql: "SELECT DISTINCT subject FROM policies WHERE operation = ?",
-                                 arguments: [KeyOperation.administer.rawValue]),
-             try String.fetchAll(db, sql: """
-                SELECT subject FROM policies WHERE operation != ?
-                UNION SELECT grantee FROM grants WHERE expires_at IS NULL OR expires_at > ?
-                """, arguments: [KeyOperation.administer.rawValue, now]))
-        }) ?? ([], [])
+        let (administrators, users) = (try? verifiedRead { db in try PolicyRow.subjects(db, at: now) }) ?? ([], [])
         func matches(_ subjects: [String]) -> Bool {
             subjects.compactMap(PolicySubject.init(argument:)).contains { $0.matches(principal) }
         }

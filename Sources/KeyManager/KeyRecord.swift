@@ -30,15 +30,9 @@ struct KeyRecord: Sendable {
         guard let id = KeyID(hex: hex), let spec = KeySpec(rawValue: row["spec"]), let state = KeyState(rawValue: row["state"]) else {
             throw KeyManagerError.keystoreCorrupt("key row \(hex) is unreadable")
         }
-        let aliases = try String.fetchAll(db, sql: "SELECT alias FROM aliases WHERE key_id = ? ORDER BY alias", arguments: [hex])
-        var tags = [String: String]()
-        for t in try Row.fetchAll(db, sql: "SELECT name, value FROM tags WHERE key_id = ?", arguments: [hex]) { tags[t["name"]] = t["value"] }
-        var policy = [KeyOperation: Set<PolicySubject>]()
-        for p in try Row.fetchAll(db, sql: "SELECT operation, subject FROM policies WHERE key_id = ?", arguments: [hex]) {
-            if let op = KeyOperation(rawValue: p["operation"]), let subject = PolicySubject(argument: p["subject"]) {
-                policy[op, default: []].insert(subject)
-            }
-        }
+        let aliases = try AliasRow.aliases(of: hex, db)
+        let tags = try TagRow.tags(of: hex, db)
+        let policy = try PolicyRow.policy(of: hex, db)
         let successor: String? = row["successor"]
         let metadata = KeyMetadata(
             keyID: id, spec: spec, state: state, description: row["description"], aliases: aliases, tags: tags,
@@ -46,11 +40,8 @@ struct KeyRecord: Sendable {
             currentVersion: KeyVersion(rawValue: UInt32(row["current_version"] as Int)),
             rotationPeriodDays: row["rotation_days"], lastRotatedAt: row["last_rotated_at"],
             deletionDate: row["deletion_date"], successor: successor.flatMap { KeyID(hex: $0) })
-        let grants = try Row.fetchAll(db, sql: "SELECT * FROM grants WHERE key_id = ? ORDER BY created_at, id", arguments: [hex])
-            .compactMap { KeyGrant(row: $0, key: id) }
-        let floor = try Int.fetchOne(db, sql: "SELECT min_version FROM key_floors WHERE key_id = ?", arguments: [hex])
-        return KeyRecord(metadata: metadata, policy: policy, grants: grants,
-                         minDecryptionVersion: floor.map { KeyVersion(rawValue: UInt32($0)) })
+        return KeyRecord(metadata: metadata, policy: policy, grants: try GrantRow.grants(of: id, db),
+                         minDecryptionVersion: try FloorRow.floor(of: hex, db))
     }
 
     /// The name users know the key by: its first alias, or its id.
@@ -72,18 +63,6 @@ public struct KeyGrant: Sendable, Codable, Equatable {
 
     /// The operations a grant may give: using the key, never administering it.
     public static let grantable: [KeyOperation] = [.encrypt, .decrypt]
-
-    init?(row: Row, key: KeyID) {
-        guard let subject = PolicySubject(argument: row["grantee"]) else { return nil }
-        let operations = (row["operations"] as String).split(separator: ",").compactMap { KeyOperation(rawValue: String($0)) }
-        grantID = row["id"]
-        keyID = key
-        grantee = subject.description
-        self.operations = operations
-        createdAt = row["created_at"]
-        expiresAt = row["expires_at"]
-        createdBy = UInt32(row["created_by"] as Int)
-    }
 
     /// Whether it still works at `now` (not yet expired).
     func isLive(at now: Double) -> Bool { expiresAt.map { now < $0 } ?? true }

@@ -142,7 +142,7 @@ struct KeystoreIntegrity {
         for row in try Row.fetchAll(db, sql: "SELECT tbl, row, mac FROM row_macs") {
             stored[RowRef(table: row["tbl"], row: row["row"])] = row["mac"]
         }
-        guard let sealBlob = try Data.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'integrity_seal'"), sealBlob.count == 40 else {
+        guard let sealBlob = try KeystoreMeta.value(.integritySeal, db, as: Data.self), sealBlob.count == 40 else {
             return (["the keystore's integrity seal was removed"], 0)
         }
         let generation = sealBlob.prefix(8).reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
@@ -168,8 +168,7 @@ struct KeystoreIntegrity {
         for (ref, mac) in macs {
             try db.execute(sql: "INSERT INTO row_macs (tbl, row, mac) VALUES (?, ?, ?)", arguments: [ref.table, ref.row, mac])
         }
-        try db.execute(sql: "INSERT OR REPLACE INTO meta (name, value) VALUES ('integrity_seal', ?)",
-                       arguments: [seal(macs, generation: generation)])
+        try KeystoreMeta.set(.integritySeal, to: seal(macs, generation: generation), db)
     }
 
     /// A MAC binding a record that is not a protected row (a rekey intent) to this keystore.

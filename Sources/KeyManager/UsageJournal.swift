@@ -124,7 +124,7 @@ extension KeyManager {
     /// this); marks the keystore with this process's id until `stopBatchingUsage`.
     public func startBatchingUsage(interval: Double = 0.1) throws(KeyManagerError) {
         try write { db in
-            try db.execute(sql: "INSERT OR REPLACE INTO meta (name, value) VALUES ('usage_journal_pid', ?)", arguments: [Int(getpid())])
+            try KeystoreMeta.set(.usageJournalPID, to: Int(getpid()), db)
         }
         caches.withLock { $0.journal = UsageJournal(db: db, chainKey: integrity.hmac, interval: interval) }
     }
@@ -134,7 +134,7 @@ extension KeyManager {
         guard let journal = caches.withLock({ c -> UsageJournal? in defer { c.journal = nil }; return c.journal }) else { return }
         journal.stop()
         try journal.flush()
-        try write { db in try db.execute(sql: "DELETE FROM meta WHERE name = 'usage_journal_pid'") }
+        try write { db in try KeystoreMeta.remove(.usageJournalPID, db) }
     }
 
     /// Writes pending usage changes now (before anything reads the index).
@@ -147,7 +147,7 @@ extension KeyManager {
     /// Whether a mount that batched usage changes died without flushing, so
     /// the index may miss entries and no key may be destroyed on its word.
     func usageIndexMayBeIncomplete() throws(KeyManagerError) -> Bool {
-        let pid: Int? = try read { db in try Int.fetchOne(db, sql: "SELECT value FROM meta WHERE name = 'usage_journal_pid'") }
+        let pid = try read { db in try KeystoreMeta.value(.usageJournalPID, db, as: Int.self) }
         guard let pid, pid != Int(getpid()) else { return false }
         return kill(pid_t(pid), 0) != 0 && errno == ESRCH
     }
@@ -185,7 +185,7 @@ extension KeyManager {
                                arguments: [id, value.0, value.1, value.2, now])
             }
             let removed = old.keys.filter { !fresh.contains($0) }.count
-            try db.execute(sql: "DELETE FROM meta WHERE name = 'usage_journal_pid'")
+            try KeystoreMeta.remove(.usageJournalPID, db)
             try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.rebuildUsageIndex, error: "\(fresh.count) entries: \(added) added, \(removed) removed, \(changed) changed"), at: now)
             return UsageRebuild(entries: fresh.count, added: added, removed: removed, changed: changed)
         }
