@@ -107,41 +107,28 @@ extension KeyManager {
     public func recordUsage(_ object: ID128, kind: ObjectKind, key: KeyID, version: KeyVersion) throws(KeyManagerError) {
         if let journal { return try journal.append(.record(object, kind, key, version, clock())) }
         try write { db in
-            try db.execute(sql: UsageSQL.upsert, arguments: [object.hex, kind.rawValue, key.rawValue.hex, version.rawValue, clock()])
+            try UsageRow.record(object, kind, key: key, version: version, at: clock(), db)
         }
     }
 
     /// Forgets `object` (its file or directory is gone).
     public func forgetUsage(_ object: ID128) throws(KeyManagerError) {
         if let journal { return try journal.append(.forget(object)) }
-        try write { db in try db.execute(sql: UsageSQL.delete, arguments: [object.hex]) }
+        try write { db in try UsageRow.forget(object, db) }
     }
 
     /// How many files and directories each version of a key wraps.
     public func usage(of reference: String) throws(KeyManagerError) -> [KeyVersion: Int] {
         try flushUsage()
         let id = try resolve(reference)
-        return try read { db in
-            var out = [KeyVersion: Int]()
-            for row in try Row.fetchAll(db, sql: "SELECT version, COUNT(*) AS n FROM usage WHERE key_id = ? GROUP BY version",
-                                        arguments: [id.rawValue.hex]) {
-                out[KeyVersion(rawValue: UInt32(row["version"] as Int))] = row["n"]
-            }
-            return out
-        }
+        return try read { db in try UsageRow.countsByVersion(of: id, db) }
     }
 
     /// The objects whose data keys a key (optionally one version) wraps.
     public func objects(using reference: String, version: KeyVersion? = nil) throws(KeyManagerError) -> [(object: ID128, kind: ObjectKind, version: KeyVersion)] {
         try flushUsage()
         let id = try resolve(reference)
-        return try read { db in
-            try Row.fetchAll(db, sql: "SELECT object_id, kind, version FROM usage WHERE key_id = ? AND (? IS NULL OR version = ?) ORDER BY object_id",
-                             arguments: [id.rawValue.hex, version.map { Int($0.rawValue) }, version.map { Int($0.rawValue) }]).compactMap { row in
-                guard let object = ID128(hex: row["object_id"]), let kind = ObjectKind(rawValue: row["kind"]) else { return nil }
-                return (object, kind, KeyVersion(rawValue: UInt32(row["version"] as Int)))
-            }
-        }
+        return try read { db in try UsageRow.objects(of: id, version: version, db) }
     }
 }
 

@@ -229,8 +229,7 @@ extension KeyManager {
                 throw .invalidArgument("version \(version) is the current version of \(rec.displayName); rotate first")
             }
             try sealedWrite { db in
-                let n = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM usage WHERE key_id = ? AND version = ?",
-                                         arguments: [id.rawValue.hex, version.rawValue]) ?? 0
+                let n = try UsageRow.count(of: id, version: version, db)
                 guard n == 0 else { throw KeyManagerError.versionInUse(key: rec.displayName, version: version, references: n) }
                 try db.execute(sql: "UPDATE key_versions SET retired = 1, material = NULL WHERE key_id = ? AND version = ?",
                                arguments: [id.rawValue.hex, version.rawValue])
@@ -260,7 +259,7 @@ extension KeyManager {
             }
             if rec.state == .pendingDeletion, let date = rec.metadata.deletionDate, date <= now {
                 let references = try read { db in
-                    (try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM usage WHERE key_id = ?", arguments: [rec.id.rawValue.hex]) ?? 0)
+                    (try UsageRow.count(of: rec.id, db))
                         + (try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM bindings WHERE key_id = ?", arguments: [rec.id.rawValue.hex]) ?? 0)
                 }
                 if references > 0 {

@@ -324,7 +324,7 @@ extension KeyManager {
                 WHERE id = ?
                 """, arguments: [fresh, fresh * bytes, now, job])
             try db.execute(sql: "DELETE FROM rekey_intents WHERE object_id = ?", arguments: [object.hex])
-            try db.execute(sql: UsageSQL.upsert, arguments: [object.hex, kind.rawValue, key.rawValue.hex, version.rawValue, now])
+            try UsageRow.record(object, kind, key: key, version: version, at: now, db)
         }
     }
 

@@ -85,15 +85,13 @@ final class UsageJournal: @unchecked Sendable {
 
     private func write(_ batch: [Change]) throws {
         try db.write { db in
-            let insert = try db.cachedStatement(sql: UsageSQL.upsert)
-            let delete = try db.cachedStatement(sql: UsageSQL.delete)
             var chain: Data?
             for change in batch {
                 switch change {
                 case .record(let object, let kind, let key, let version, let time):
-                    try insert.execute(arguments: [object.hex, kind.rawValue, key.rawValue.hex, version.rawValue, time])
+                    try UsageRow.record(object, kind, key: key, version: version, at: time, db)
                 case .forget(let object):
-                    try delete.execute(arguments: [object.hex])
+                    try UsageRow.forget(object, db)
                 case .audit(let event, let time):
                     try AuditTrail.append(db, chain: chainKey, event, at: time, previous: &chain)
                 }
@@ -105,18 +103,6 @@ final class UsageJournal: @unchecked Sendable {
         timer?.cancel()
         timer = nil
     }
-}
-
-/// The usage index's two writes, shared by the journal, unbatched callers and rekey commits.
-enum UsageSQL {
-    /// Arguments: object id, kind, key id, version, time.
-    static let upsert = """
-        INSERT INTO usage (object_id, kind, key_id, version, updated_at) VALUES (?, ?, ?, ?, ?)
-        ON CONFLICT(object_id) DO UPDATE SET kind = excluded.kind, key_id = excluded.key_id,
-            version = excluded.version, updated_at = excluded.updated_at
-        """
-    /// Argument: object id.
-    static let delete = "DELETE FROM usage WHERE object_id = ?"
 }
 
 extension KeyManager {
@@ -170,19 +156,16 @@ extension KeyManager {
         let now = clock()
         return try write { db in
             var old = [String: (String, String, Int)]()
-            for row in try Row.fetchAll(db, sql: "SELECT object_id, kind, key_id, version FROM usage") {
-                old[row["object_id"]] = (row["kind"], row["key_id"], row["version"])
-            }
+            for row in try UsageRow.fetchAll(db) { old[row.objectID] = (row.kind, row.keyID, row.version) }
             var added = 0, changed = 0
             var fresh = Set<String>()
-            try db.execute(sql: "DELETE FROM usage")
+            try UsageRow.deleteAll(db)
             for e in entries {
                 let id = e.object.hex
                 guard fresh.insert(id).inserted else { continue }
                 let value = (e.kind.rawValue, e.key.rawValue.hex, Int(e.version.rawValue))
                 if let before = old[id] { if before != value { changed += 1 } } else { added += 1 }
-                try db.execute(sql: "INSERT INTO usage (object_id, kind, key_id, version, updated_at) VALUES (?, ?, ?, ?, ?)",
-                               arguments: [id, value.0, value.1, value.2, now])
+                try UsageRow(objectID: id, kind: value.0, keyID: value.1, version: value.2, updatedAt: now).insert(db)
             }
             let removed = old.keys.filter { !fresh.contains($0) }.count
             try KeystoreMeta.remove(.usageJournalPID, db)
