@@ -111,8 +111,7 @@ extension KeyManager {
             let seq: Int64 = row["last_seq"], hash: Data = row["last_hash"], time: Double = row["time"]
             let keyHex: String = row["key_id"]
             let version = KeyVersion(rawValue: UInt32(row["key_version"] as Int))
-            let publicKey = try Data.fetchOne(db, sql: "SELECT public_key FROM key_versions WHERE key_id = ? AND version = ?",
-                                              arguments: [keyHex, version.rawValue])
+            let publicKey = try KeyVersionRow.publicKey(of: keyHex, version, db)
             let spec = try String.fetchOne(db, sql: "SELECT spec FROM keys WHERE id = ?", arguments: [keyHex]).flatMap(KeySpec.init(rawValue:))
             guard let publicKey, let spec,
                   AsymmetricKeys.verify(digestMessage(seq: seq, hash: hash, time: time), signature: [UInt8](row["signature"] as Data),

@@ -104,8 +104,7 @@ extension KeyManager {
         out += box
         let (version, signature) = try sign(out, with: signer.rawValue.hex, by: Principal(uid: 0, gid: 0, processName: "kmsfs-backup"))
         let publicKey: Data = try read { db in
-            try Data.fetchOne(db, sql: "SELECT public_key FROM key_versions WHERE key_id = ? AND version = ?",
-                              arguments: [signer.rawValue.hex, version.rawValue]) ?? Data()
+            try KeyVersionRow.publicKey(of: signer.rawValue.hex, version, db) ?? Data()
         }
         out += signer.rawValue.bytes
         out.appendBigEndian(UInt64(version.rawValue), width: 4)
@@ -122,16 +121,15 @@ extension KeyManager {
     /// scrypt settings (a passphrase change, a backup, a restore).
     func rewrapSecrets(_ db: Database, from old: AESGCM, to new: AESGCM, salt: [UInt8], scrypt: ScryptParameters) throws {
         let fs = filesystemID
-        for row in try Row.fetchAll(db, sql: "SELECT key_id, version, material FROM key_versions WHERE material IS NOT NULL") {
-            guard let id = KeyID(hex: row["key_id"]) else { continue }
-            let version = KeyVersion(rawValue: UInt32(row["version"] as Int))
+        for row in try KeyVersionRow.withMaterial(db) {
+            guard let id = row.key, let material = row.material else { continue }
+            let version = row.keyVersion
             let context = Self.materialContext(id, version)
-            guard let secret = try KeyWrap.open([UInt8](row["material"] as Data), under: old, context: context) else {
+            guard let secret = try KeyWrap.open([UInt8](material), under: old, context: context) else {
                 throw KeyManagerError.keystoreCorrupt("material of key \(id) version \(version) does not open")
             }
             let rewrapped = try secret.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: new, context: context) }
-            try db.execute(sql: "UPDATE key_versions SET material = ? WHERE key_id = ? AND version = ?",
-                           arguments: [Data(rewrapped), id.rawValue.hex, version.rawValue])
+            try KeyVersionRow.replaceMaterial(of: id, version, with: Data(rewrapped), db)
         }
         let check = try fs.bytes.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: new, context: Self.kekCheckContext(fs)) }
         let meta = try metadataKey.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: new, context: Self.metadataKeyContext(fs)) }
@@ -244,8 +242,7 @@ extension KeyManager {
     func trustsBackupSigner(_ backup: BackupFile) throws(KeyManagerError) -> Bool {
         guard let digest = try? resolve(Self.auditDigestAlias), digest.rawValue == backup.signer else { return false }
         let stored: Data? = try verifiedRead { db in
-            try Data.fetchOne(db, sql: "SELECT public_key FROM key_versions WHERE key_id = ? AND version = ?",
-                              arguments: [digest.rawValue.hex, Int(backup.signerVersion)])
+            try KeyVersionRow.publicKey(of: digest.rawValue.hex, KeyVersion(rawValue: backup.signerVersion), db)
         }
         return stored.map { [UInt8]($0) == backup.publicKey } ?? false
     }
@@ -263,12 +260,7 @@ extension KeyManager {
 
     /// Adds to this keystore the keys and versions of `other` it lacks; refuses on any conflict.
     func merge(from other: KeyManager, signer: String, createdAt: Double, by principal: Principal) throws(KeyManagerError) -> RestoreReport {
-        struct Version { var key: String; var version: Int; var createdAt: Double; var material: Data?; var publicKey: Data?; var retired: Int }
-        let theirs: [Version] = try other.read { db in
-            try Row.fetchAll(db, sql: "SELECT * FROM key_versions").map {
-                Version(key: $0["key_id"], version: $0["version"], createdAt: $0["created_at"], material: $0["material"], publicKey: $0["public_key"], retired: $0["retired"])
-            }
-        }
+        let theirs: [KeyVersionRow] = try other.read { db in try KeyVersionRow.fetchAll(db) }
         let theirKeys: [Row] = try other.read { db in try Row.fetchAll(db, sql: "SELECT * FROM keys") }
         var conflicts: [String] = []
         var addedKeys: [String] = []
@@ -295,23 +287,23 @@ extension KeyManager {
                 }
             }
             for v in theirs {
-                guard let keyID = KeyID(hex: v.key) else { continue }
-                let version = KeyVersion(rawValue: UInt32(v.version))
+                guard let keyID = v.key else { continue }
+                let version = v.keyVersion
                 let context = Self.materialContext(keyID, version)
-                let mine = try Row.fetchOne(db, sql: "SELECT material, retired FROM key_versions WHERE key_id = ? AND version = ?", arguments: [v.key, v.version])
+                let mine = try KeyVersionRow.fetch(v.keyID, version, db)
                 let theirSecret: SecretKey?
                 if let material = v.material { theirSecret = try KeyWrap.open([UInt8](material), under: other.kek, context: context) } else { theirSecret = nil }
                 if let mine {
-                    let myMaterial: Data? = mine["material"]
+                    let myMaterial = mine.material
                     if myMaterial == nil, v.material != nil {
-                        conflicts.append("key \(v.key) version \(v.version) was destroyed or retired here; restoring would bring it back")
+                        conflicts.append("key \(v.keyID) version \(v.version) was destroyed or retired here; restoring would bring it back")
                     } else if let m = myMaterial, v.material != nil {
                         guard let mySecret = try KeyWrap.open([UInt8](m), under: kek, context: context), let t = theirSecret else {
-                            conflicts.append("key \(v.key) version \(v.version) does not open")
+                            conflicts.append("key \(v.keyID) version \(v.version) does not open")
                             continue
                         }
                         let same = mySecret.withUnsafeBytes { a in t.withUnsafeBytes { b in a.count == b.count && zip(a, b).reduce(0) { $0 | ($1.0 ^ $1.1) } == 0 } }
-                        if !same { conflicts.append("key \(v.key) version \(v.version) has different material here and in the backup") }
+                        if !same { conflicts.append("key \(v.keyID) version \(v.version) has different material here and in the backup") }
                     }
                     continue
                 }
@@ -319,8 +311,9 @@ extension KeyManager {
                 if let t = theirSecret {
                     wrapped = Data(try t.withUnsafeBytes { (raw) throws(KeyManagerError) in try KeyWrap.seal(raw, under: kek, context: context) })
                 }
-                try db.execute(sql: "INSERT INTO key_versions (key_id, version, created_at, material, public_key, retired) VALUES (?, ?, ?, ?, ?, ?)",
-                               arguments: [v.key, v.version, v.createdAt, wrapped, v.publicKey, v.retired])
+                var added = v
+                added.material = wrapped
+                try added.insert(db)
                 addedVersions += 1
             }
             guard conflicts.isEmpty else {

@@ -165,8 +165,7 @@ extension KeyManager {
             guard rec.metadata.usage == .signVerify else { throw .invalidArgument("key \(rec.displayName) is not a SIGN_VERIFY key; it has no public key") }
             try authorize(principal, .decrypt, rec)
             let der: Data? = try verifiedRead { db in
-                try Data.fetchOne(db, sql: "SELECT public_key FROM key_versions WHERE key_id = ? AND version = ?",
-                                  arguments: [id.rawValue.hex, rec.metadata.currentVersion.rawValue])
+                try KeyVersionRow.publicKey(of: id.rawValue.hex, rec.metadata.currentVersion, db)
             }
             guard let der else { throw .versionNotFound(key: rec.displayName, version: rec.metadata.currentVersion) }
             audit(AuditEvent(.getPublicKey, key: id, version: rec.metadata.currentVersion, principal: principal, request: ["keyId": id.rawValue.hex]))

@@ -141,9 +141,7 @@ extension KeyManager {
         try authorize(principal, .encrypt, rec)
         try check(.generateDataKey, rec)
         let version = rec.metadata.currentVersion
-        let wrapped: Data? = try read { db in
-            try Data.fetchOne(db, sql: "SELECT material FROM key_versions WHERE key_id = ? AND version = ?", arguments: [id.rawValue.hex, version.rawValue])
-        }
+        let wrapped = try read { db in try KeyVersionRow.material(of: id, version, liveOnly: false, db) }
         guard let wrapped else { throw .versionNotFound(key: rec.displayName, version: version) }
         return (version, try provider(for: id).sign(message, spec: rec.metadata.spec, key: id, version: version, stored: [UInt8](wrapped)))
     }
@@ -152,9 +150,7 @@ extension KeyManager {
     public func verify(_ message: [UInt8], signature: [UInt8], key reference: String, version: KeyVersion) throws(KeyManagerError) -> Bool {
         let id = try resolve(reference)
         let rec = try record(id)
-        let publicKey: Data? = try verifiedRead { db in
-            try Data.fetchOne(db, sql: "SELECT public_key FROM key_versions WHERE key_id = ? AND version = ?", arguments: [id.rawValue.hex, version.rawValue])
-        }
+        let publicKey = try verifiedRead { db in try KeyVersionRow.publicKey(of: id.rawValue.hex, version, db) }
         guard let publicKey else { throw .versionNotFound(key: rec.displayName, version: version) }
         if let answered = try provider(for: id).verify(message, signature: signature, spec: rec.metadata.spec, key: id, version: version) {
             return answered

@@ -39,8 +39,7 @@ extension KeyManager {
             // Re-check inside the transaction: another process may have rotated.
             let current = try Int.fetchOne(db, sql: "SELECT current_version FROM keys WHERE id = ?", arguments: [rec.id.rawValue.hex])
             guard current == Int(rec.metadata.currentVersion.rawValue) else { return }
-            try db.execute(sql: "INSERT INTO key_versions (key_id, version, created_at, material) VALUES (?, ?, ?, ?)",
-                           arguments: [rec.id.rawValue.hex, next.rawValue, now, Data(material)])
+            try KeyVersionRow(key: rec.id, version: next, createdAt: now, material: Data(material)).insert(db)
             try db.execute(sql: "INSERT INTO rotations (key_id, version, time, type) VALUES (?, ?, ?, ?)",
                            arguments: [rec.id.rawValue.hex, next.rawValue, now, type.rawValue])
             // last_rotated_at anchors the automatic schedule: an on-demand
@@ -231,8 +230,7 @@ extension KeyManager {
             try sealedWrite { db in
                 let n = try UsageRow.count(of: id, version: version, db)
                 guard n == 0 else { throw KeyManagerError.versionInUse(key: rec.displayName, version: version, references: n) }
-                try db.execute(sql: "UPDATE key_versions SET retired = 1, material = NULL WHERE key_id = ? AND version = ?",
-                               arguments: [id.rawValue.hex, version.rawValue])
+                try KeyVersionRow.retire(id, version: version, db)
                 guard db.changesCount == 1 else { throw KeyManagerError.versionNotFound(key: rec.displayName, version: version) }
                 try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.retireKeyVersion, key: id, version: version, principal: principal,
                                                                             request: request), at: clock())
@@ -275,7 +273,7 @@ extension KeyManager {
                     continue
                 }
                 try sealedWrite { db in
-                    try db.execute(sql: "UPDATE key_versions SET material = NULL, retired = 1 WHERE key_id = ?", arguments: [rec.id.rawValue.hex])
+                    try KeyVersionRow.retire(rec.id, version: nil, db)
                     try db.execute(sql: "UPDATE keys SET state = 'Destroyed', state_changed_at = ? WHERE id = ?", arguments: [now, rec.id.rawValue.hex])
                     try AliasRow.removeAll(of: rec.id, db)
                     try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.deleteKey, key: rec.id), at: now)

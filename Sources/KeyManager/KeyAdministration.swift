@@ -96,8 +96,8 @@ extension KeyManager {
                 INSERT INTO keys (id, spec, state, description, created_at, state_changed_at, current_version, rotation_days, last_rotated_at)
                 VALUES (?, ?, 'Enabled', ?, ?, ?, 1, ?, ?)
                 """, arguments: [id.rawValue.hex, spec.rawValue, description, now, now, rotation, now])
-            try db.execute(sql: "INSERT INTO key_versions (key_id, version, created_at, material, public_key) VALUES (?, 1, ?, ?, ?)",
-                           arguments: [id.rawValue.hex, now, Data(material), publicKey.map { Data($0) }])
+            try KeyVersionRow(key: id, version: KeyVersion(rawValue: 1), createdAt: now, material: Data(material),
+                              publicKey: publicKey.map { Data($0) }).insert(db)
             if let external {
                 let config = String(decoding: try JSONEncoder().encode(external), as: UTF8.self)
                 try db.execute(sql: "INSERT INTO external_keys (key_id, provider, config) VALUES (?, ?, ?)",
@@ -148,15 +148,7 @@ extension KeyManager {
         invalidate(id)
         try flushUsage()
         let rec = try record(id)
-        let versions: [KeyVersionInfo] = try read { db in
-            try Row.fetchAll(db, sql: """
-                SELECT v.version, v.created_at, v.retired, (SELECT COUNT(*) FROM usage u WHERE u.key_id = v.key_id AND u.version = v.version) AS n
-                FROM key_versions v WHERE v.key_id = ? ORDER BY v.version
-                """, arguments: [id.rawValue.hex]).map { row in
-                KeyVersionInfo(version: KeyVersion(rawValue: UInt32(row["version"] as Int)), createdAt: row["created_at"],
-                               retired: (row["retired"] as Int) != 0, usageCount: row["n"])
-            }
-        }
+        let versions = try read { db in try KeyVersionRow.versions(of: id, db) }
         let policy = rec.policy.mapValues { $0.map(\.description).sorted() }
         return (rec.metadata, versions, policy)
     }

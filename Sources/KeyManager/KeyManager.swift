@@ -333,10 +333,7 @@ public final class KeyManager: @unchecked Sendable {
 
     /// The stored blob of a live (not retired) version, for the provider.
     func storedMaterial(_ key: KeyID, _ version: KeyVersion) throws(KeyManagerError) -> [UInt8] {
-        let material: Data? = try read { db in
-            try Data.fetchOne(db, sql: "SELECT material FROM key_versions WHERE key_id = ? AND version = ? AND retired = 0",
-                              arguments: [key.rawValue.hex, version.rawValue])
-        }
+        let material = try read { db in try KeyVersionRow.material(of: key, version, liveOnly: true, db) }
         guard let material else { throw .versionNotFound(key: key.rawValue.hex, version: version) }
         return [UInt8](material)
     }

@@ -1,5 +1,10 @@
 import ChunkCipher
 import GRDB
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 // The tables that hang off `keys` — aliases, tags, policies, grants and
 // decryption floors — as GRDB records: one struct per row, its columns
@@ -209,5 +214,82 @@ struct FloorRow: Codable, FetchableRecord, PersistableRecord {
         } else {
             _ = try deleteOne(db, key: key.rawValue.hex)
         }
+    }
+}
+
+/// `key_versions`: each version of each key — its material sealed under the
+/// passphrase's key (nil once retired or destroyed, or for a key held
+/// outside), and for signing keys the public key.
+struct KeyVersionRow: Codable, FetchableRecord, PersistableRecord {
+    static let databaseTableName = "key_versions"
+    var keyID: String
+    var version: Int
+    var createdAt: Double
+    var material: Data?
+    var publicKey: Data?
+    var retired: Int
+
+    enum CodingKeys: String, CodingKey { case keyID = "key_id", version, createdAt = "created_at", material, publicKey = "public_key", retired }
+    enum Columns {
+        static let keyID = Column(CodingKeys.keyID)
+        static let version = Column(CodingKeys.version)
+        static let material = Column(CodingKeys.material)
+        static let publicKey = Column(CodingKeys.publicKey)
+        static let retired = Column(CodingKeys.retired)
+    }
+
+    init(key: KeyID, version: KeyVersion, createdAt: Double, material: Data?, publicKey: Data? = nil, retired: Bool = false) {
+        self.keyID = key.rawValue.hex
+        self.version = Int(version.rawValue)
+        self.createdAt = createdAt
+        self.material = material
+        self.publicKey = publicKey
+        self.retired = retired ? 1 : 0
+    }
+
+    var isRetired: Bool { retired != 0 }
+    var key: KeyID? { KeyID(hex: keyID) }
+    var keyVersion: KeyVersion { KeyVersion(rawValue: UInt32(version)) }
+
+    private static func one(_ key: String, _ version: KeyVersion) -> QueryInterfaceRequest<KeyVersionRow> {
+        filter(Columns.keyID == key && Columns.version == Int(version.rawValue))
+    }
+
+    static func fetch(_ key: String, _ version: KeyVersion, _ db: Database) throws -> KeyVersionRow? {
+        try one(key, version).fetchOne(db)
+    }
+
+    /// A signing key version's public key (DER), or nil.
+    static func publicKey(of key: String, _ version: KeyVersion, _ db: Database) throws -> Data? {
+        try fetch(key, version, db)?.publicKey
+    }
+
+    /// A version's sealed material, or nil — also nil, with `liveOnly`, once the version is retired.
+    static func material(of key: KeyID, _ version: KeyVersion, liveOnly: Bool, _ db: Database) throws -> Data? {
+        guard let row = try fetch(key.rawValue.hex, version, db), !(liveOnly && row.isRetired) else { return nil }
+        return row.material
+    }
+
+    /// Every version still holding material (for rewrapping it under a new passphrase).
+    static func withMaterial(_ db: Database) throws -> [KeyVersionRow] {
+        try filter(Columns.material != nil).fetchAll(db)
+    }
+
+    static func replaceMaterial(of key: KeyID, _ version: KeyVersion, with material: Data, _ db: Database) throws {
+        _ = try one(key.rawValue.hex, version).updateAll(db, Columns.material.set(to: material))
+    }
+
+    /// A key's versions, oldest first, each with how many objects it wraps (for `key describe`).
+    static func versions(of key: KeyID, _ db: Database) throws -> [KeyVersionInfo] {
+        let counts = try UsageRow.countsByVersion(of: key, db)
+        return try filter(Columns.keyID == key.rawValue.hex).order(Columns.version).fetchAll(db).map { row in
+            KeyVersionInfo(version: row.keyVersion, createdAt: row.createdAt, retired: row.isRetired, usageCount: counts[row.keyVersion] ?? 0)
+        }
+    }
+
+    /// Retires `version` of `key` (or, with nil, every version): its material is erased.
+    static func retire(_ key: KeyID, version: KeyVersion?, _ db: Database) throws {
+        let rows = version.map { one(key.rawValue.hex, $0) } ?? filter(Columns.keyID == key.rawValue.hex)
+        _ = try rows.updateAll(db, Columns.retired.set(to: 1), Columns.material.set(to: nil))
     }
 }
