@@ -112,7 +112,7 @@ extension KeyManager {
             let keyHex: String = row["key_id"]
             let version = KeyVersion(rawValue: UInt32(row["key_version"] as Int))
             let publicKey = try KeyVersionRow.publicKey(of: keyHex, version, db)
-            let spec = try String.fetchOne(db, sql: "SELECT spec FROM keys WHERE id = ?", arguments: [keyHex]).flatMap(KeySpec.init(rawValue:))
+            let spec = try KeyRow.fetch(keyHex, db).flatMap { KeySpec(rawValue: $0.spec) }
             guard let publicKey, let spec,
                   AsymmetricKeys.verify(digestMessage(seq: seq, hash: hash, time: time), signature: [UInt8](row["signature"] as Data),
                                         publicKey: [UInt8](publicKey), spec: spec) else {

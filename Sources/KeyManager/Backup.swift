@@ -261,19 +261,16 @@ extension KeyManager {
     /// Adds to this keystore the keys and versions of `other` it lacks; refuses on any conflict.
     func merge(from other: KeyManager, signer: String, createdAt: Double, by principal: Principal) throws(KeyManagerError) -> RestoreReport {
         let theirs: [KeyVersionRow] = try other.read { db in try KeyVersionRow.fetchAll(db) }
-        let theirKeys: [Row] = try other.read { db in try Row.fetchAll(db, sql: "SELECT * FROM keys") }
+        let theirKeys: [KeyRow] = try other.read { db in try KeyRow.fetchAll(db) }
         var conflicts: [String] = []
         var addedKeys: [String] = []
         var addedVersions = 0
         try sealedWrite { db in
-            for key in theirKeys {
-                let id: String = key["id"]
-                if try Row.fetchOne(db, sql: "SELECT id FROM keys WHERE id = ?", arguments: [id]) == nil {
-                    try db.execute(sql: """
-                        INSERT INTO keys (id, spec, state, description, created_at, state_changed_at, current_version, rotation_days,
-                                          last_rotated_at, deletion_date, successor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)
-                        """, arguments: [id, key["spec"], key["state"], key["description"], key["created_at"], key["state_changed_at"],
-                                         key["current_version"], key["rotation_days"], key["last_rotated_at"], key["deletion_date"]])
+            for var key in theirKeys {
+                let id = key.id
+                if try KeyRow.fetch(id, db) == nil {
+                    key.successor = nil  // the successor link is not carried over (as before records)
+                    try key.insert(db)
                     addedKeys.append(id)
                     for row in try other.read({ db in try PolicyRow.rows(of: id, db) }) { try row.insert(db, onConflict: .ignore) }
                     for row in try other.read({ db in try TagRow.rows(of: id, db) }) { try row.insert(db, onConflict: .ignore) }

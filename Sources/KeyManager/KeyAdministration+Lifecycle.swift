@@ -37,18 +37,15 @@ extension KeyManager {
         let (material, _) = try newMaterial(.aes256, id: rec.id, version: next)
         try sealedWrite { db in
             // Re-check inside the transaction: another process may have rotated.
-            let current = try Int.fetchOne(db, sql: "SELECT current_version FROM keys WHERE id = ?", arguments: [rec.id.rawValue.hex])
-            guard current == Int(rec.metadata.currentVersion.rawValue) else { return }
+            guard var row = try KeyRow.fetch(rec.id.rawValue.hex, db), row.currentVersion == Int(rec.metadata.currentVersion.rawValue) else { return }
             try KeyVersionRow(key: rec.id, version: next, createdAt: now, material: Data(material)).insert(db)
-            try db.execute(sql: "INSERT INTO rotations (key_id, version, time, type) VALUES (?, ?, ?, ?)",
-                           arguments: [rec.id.rawValue.hex, next.rawValue, now, type.rawValue])
+            try RotationRow(keyID: rec.id.rawValue.hex, version: Int(next.rawValue), time: now, type: type.rawValue).insert(db)
+            row.currentVersion = Int(next.rawValue)
             // last_rotated_at anchors the automatic schedule: an on-demand
             // rotation moves it only for a key that does not rotate by itself
             // (where it feeds the rotation-overdue alert).
-            try db.execute(sql: """
-                UPDATE keys SET current_version = ?,
-                    last_rotated_at = CASE WHEN ? OR rotation_days IS NULL THEN ? ELSE last_rotated_at END WHERE id = ?
-                """, arguments: [next.rawValue, type == .automatic, now, rec.id.rawValue.hex])
+            if type == .automatic || row.rotationDays == nil { row.lastRotatedAt = now }
+            try row.update(db)
             try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(type == .automatic ? .rotateKey : .rotateKeyOnDemand,
                                                                         key: rec.id, version: next, principal: principal,
                                                                         request: ["keyId": rec.id.rawValue.hex, "rotationType": type.rawValue]), at: now)
@@ -100,10 +97,11 @@ extension KeyManager {
             }
             let now = clock()
             try sealedWrite { db in
-                try db.execute(sql: """
-                    UPDATE keys SET rotation_days = ?, last_rotated_at = CASE WHEN rotation_days IS NULL AND ? IS NOT NULL THEN ? ELSE last_rotated_at END
-                    WHERE id = ?
-                    """, arguments: [days, days, now, id.rawValue.hex])
+                guard var row = try KeyRow.fetch(id.rawValue.hex, db) else { throw KeyManagerError.keyNotFound(reference) }
+                // Turning rotation on starts the period now; changing the period keeps the last rotation as the start.
+                if row.rotationDays == nil, days != nil { row.lastRotatedAt = now }
+                row.rotationDays = days
+                try row.update(db)
                 try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(event, key: id, principal: principal, request: request), at: now)
             }
             invalidate(id)
@@ -112,7 +110,7 @@ extension KeyManager {
 
     /// Enables a Disabled key, or undeprecates a Deprecated one.
     public func enable(_ reference: String, by principal: Principal) throws(KeyManagerError) {
-        try transition(reference, .enable, event: .enableKey, by: principal) { _ in ("successor", nil) }
+        try transition(reference, .enable, event: .enableKey, by: principal) { _ in KeyRow.Columns.successor.set(to: nil) }
     }
 
     /// Disables a key: no new files, no opens, until enabled again.
@@ -133,7 +131,7 @@ extension KeyManager {
             guard KeyLimits.deletionWindowDays.contains(days) else {
                 throw .invalidArgument("deletion window \(days) days is outside 7-30")
             }
-        } extra: { _ in ("deletion_date", date) }
+        } extra: { _ in KeyRow.Columns.deletionDate.set(to: date) }
         return date
     }
 
@@ -144,7 +142,7 @@ extension KeyManager {
 
     /// Cancels a scheduled deletion; the key is left Disabled.
     public func cancelDeletion(_ reference: String, by principal: Principal) throws(KeyManagerError) {
-        try transition(reference, .cancelDeletion, event: .cancelKeyDeletion, by: principal) { _ in ("deletion_date", nil) }
+        try transition(reference, .cancelDeletion, event: .cancelKeyDeletion, by: principal) { _ in KeyRow.Columns.deletionDate.set(to: nil) }
     }
 
     /// Deprecates a key in favour of `successor`: no new data keys; its files
@@ -183,7 +181,7 @@ extension KeyManager {
                 }
             }
             invalidate(next)
-        } extra: { _ in ("successor", successorHex) }
+        } extra: { _ in KeyRow.Columns.successor.set(to: successorHex) }
         return lost
     }
 
@@ -192,7 +190,7 @@ extension KeyManager {
     /// request's parameters.
     private func transition(_ reference: String, _ action: LifecycleAction, event: AuditAction, by principal: Principal,
                             request: [String: String] = [:], precheck: () throws(KeyManagerError) -> Void = {},
-                            extra: (KeyRecord) -> (column: String, value: (any DatabaseValueConvertible)?)?) throws(KeyManagerError) {
+                            extra: (KeyRecord) -> ColumnAssignment?) throws(KeyManagerError) {
         let parameters = request.merging(["keyId": reference]) { a, _ in a }
         try adminOperation(event, principal, request: parameters) { () throws(KeyManagerError) in
             let id = try resolve(reference)
@@ -201,15 +199,11 @@ extension KeyManager {
             guard case .allowed(let newState) = try check(action, rec) else { return }
             try precheck()
             let now = clock()
-            // Every value bound; the one extra column's name is a literal of the caller's.
-            let more = extra(rec)
-            let set = "state = ?, state_changed_at = ?" + (more.map { ", \($0.column) = ?" } ?? "")
-            var values: [(any DatabaseValueConvertible)?] = [newState.rawValue, now]
-            if let more { values.append(more.value) }
-            values += [id.rawValue.hex, rec.state.rawValue]
+            let also = extra(rec)
             try sealedWrite { db in
-                try db.execute(sql: "UPDATE keys SET \(set) WHERE id = ? AND state = ?", arguments: StatementArguments(values))
-                guard db.changesCount == 1 else { throw KeyManagerError.database("key \(rec.displayName) changed meanwhile; try again") }
+                guard try KeyRow.move(id, from: rec.state, to: newState, at: now, also: also, db) else {
+                    throw KeyManagerError.database("key \(rec.displayName) changed meanwhile; try again")
+                }
                 try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(event, key: id, principal: principal, request: parameters), at: now)
             }
             invalidate(id)
@@ -274,7 +268,7 @@ extension KeyManager {
                 }
                 try sealedWrite { db in
                     try KeyVersionRow.retire(rec.id, version: nil, db)
-                    try db.execute(sql: "UPDATE keys SET state = 'Destroyed', state_changed_at = ? WHERE id = ?", arguments: [now, rec.id.rawValue.hex])
+                    try KeyRow.destroy(rec.id, at: now, db)
                     try AliasRow.removeAll(of: rec.id, db)
                     try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.deleteKey, key: rec.id), at: now)
                 }

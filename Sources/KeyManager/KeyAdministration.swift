@@ -92,10 +92,8 @@ extension KeyManager {
         let now = clock()
         let (material, publicKey) = try newMaterial(spec, id: id, version: KeyVersion(rawValue: 1), provider: provider ?? local)
         try sealedWrite { db in
-            try db.execute(sql: """
-                INSERT INTO keys (id, spec, state, description, created_at, state_changed_at, current_version, rotation_days, last_rotated_at)
-                VALUES (?, ?, 'Enabled', ?, ?, ?, 1, ?, ?)
-                """, arguments: [id.rawValue.hex, spec.rawValue, description, now, now, rotation, now])
+            try KeyRow(id: id.rawValue.hex, spec: spec.rawValue, state: KeyState.enabled.rawValue, description: description, createdAt: now,
+                       stateChangedAt: now, currentVersion: 1, rotationDays: rotation, lastRotatedAt: now).insert(db)
             try KeyVersionRow(key: id, version: KeyVersion(rawValue: 1), createdAt: now, material: Data(material),
                               publicKey: publicKey.map { Data($0) }).insert(db)
             if let external {

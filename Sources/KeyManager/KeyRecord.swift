@@ -15,31 +15,28 @@ struct KeyRecord: Sendable {
     var state: KeyState { metadata.state }
 
     static func fetch(_ db: Database, _ key: KeyID) throws -> KeyRecord {
-        guard let row = try Row.fetchOne(db, sql: "SELECT * FROM keys WHERE id = ?", arguments: [key.rawValue.hex]) else {
-            throw KeyManagerError.keyNotFound(key.rawValue.hex)
-        }
+        guard let row = try KeyRow.fetch(key.rawValue.hex, db) else { throw KeyManagerError.keyNotFound(key.rawValue.hex) }
         return try decode(db, row)
     }
 
     static func fetchAll(_ db: Database) throws -> [KeyRecord] {
-        try Row.fetchAll(db, sql: "SELECT * FROM keys ORDER BY created_at, id").map { try decode(db, $0) }
+        try KeyRow.all(db).map { try decode(db, $0) }
     }
 
-    static func decode(_ db: Database, _ row: Row) throws -> KeyRecord {
-        let hex: String = row["id"]
-        guard let id = KeyID(hex: hex), let spec = KeySpec(rawValue: row["spec"]), let state = KeyState(rawValue: row["state"]) else {
+    static func decode(_ db: Database, _ row: KeyRow) throws -> KeyRecord {
+        let hex = row.id
+        guard let id = KeyID(hex: hex), let spec = KeySpec(rawValue: row.spec), let state = KeyState(rawValue: row.state) else {
             throw KeyManagerError.keystoreCorrupt("key row \(hex) is unreadable")
         }
         let aliases = try AliasRow.aliases(of: hex, db)
         let tags = try TagRow.tags(of: hex, db)
         let policy = try PolicyRow.policy(of: hex, db)
-        let successor: String? = row["successor"]
         let metadata = KeyMetadata(
-            keyID: id, spec: spec, state: state, description: row["description"], aliases: aliases, tags: tags,
-            createdAt: row["created_at"], stateChangedAt: row["state_changed_at"],
-            currentVersion: KeyVersion(rawValue: UInt32(row["current_version"] as Int)),
-            rotationPeriodDays: row["rotation_days"], lastRotatedAt: row["last_rotated_at"],
-            deletionDate: row["deletion_date"], successor: successor.flatMap { KeyID(hex: $0) })
+            keyID: id, spec: spec, state: state, description: row.description, aliases: aliases, tags: tags,
+            createdAt: row.createdAt, stateChangedAt: row.stateChangedAt,
+            currentVersion: KeyVersion(rawValue: UInt32(row.currentVersion)),
+            rotationPeriodDays: row.rotationDays, lastRotatedAt: row.lastRotatedAt,
+            deletionDate: row.deletionDate, successor: row.successor.flatMap { KeyID(hex: $0) })
         return KeyRecord(metadata: metadata, policy: policy, grants: try GrantRow.grants(of: id, db),
                          minDecryptionVersion: try FloorRow.floor(of: hex, db))
     }

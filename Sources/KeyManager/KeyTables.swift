@@ -293,3 +293,65 @@ struct KeyVersionRow: Codable, FetchableRecord, PersistableRecord {
         _ = try rows.updateAll(db, Columns.retired.set(to: 1), Columns.material.set(to: nil))
     }
 }
+
+/// `keys`: one row per master key — its spec, lifecycle state and schedule.
+struct KeyRow: Codable, FetchableRecord, PersistableRecord {
+    static let databaseTableName = "keys"
+    var id: String
+    var spec: String
+    var state: String
+    var description: String
+    var createdAt: Double
+    var stateChangedAt: Double
+    var currentVersion: Int
+    var rotationDays: Int?
+    var lastRotatedAt: Double
+    var deletionDate: Double?
+    var successor: String?
+
+    enum CodingKeys: String, CodingKey {
+        case id, spec, state, description, createdAt = "created_at", stateChangedAt = "state_changed_at",
+             currentVersion = "current_version", rotationDays = "rotation_days", lastRotatedAt = "last_rotated_at",
+             deletionDate = "deletion_date", successor
+    }
+    enum Columns {
+        static let id = Column(CodingKeys.id)
+        static let state = Column(CodingKeys.state)
+        static let stateChangedAt = Column(CodingKeys.stateChangedAt)
+        static let createdAt = Column(CodingKeys.createdAt)
+        static let currentVersion = Column(CodingKeys.currentVersion)
+        static let deletionDate = Column(CodingKeys.deletionDate)
+        static let successor = Column(CodingKeys.successor)
+    }
+
+    static func fetch(_ key: String, _ db: Database) throws -> KeyRow? { try fetchOne(db, key: key) }
+
+    /// Every key, oldest first.
+    static func all(_ db: Database) throws -> [KeyRow] { try order(Columns.createdAt, Columns.id).fetchAll(db) }
+
+    /// Moves `key` from state `from` to `to` (with `also`, one more column
+    /// the action sets); false if the key was no longer in `from` — another
+    /// process changed it meanwhile.
+    static func move(_ key: KeyID, from: KeyState, to: KeyState, at time: Double, also: ColumnAssignment?, _ db: Database) throws -> Bool {
+        var assignments = [Columns.state.set(to: to.rawValue), Columns.stateChangedAt.set(to: time)]
+        if let also { assignments.append(also) }
+        return try filter(Columns.id == key.rawValue.hex && Columns.state == from.rawValue).updateAll(db, assignments) == 1
+    }
+
+    /// Marks `key` destroyed (its versions' material is erased separately).
+    static func destroy(_ key: KeyID, at time: Double, _ db: Database) throws {
+        _ = try filter(Columns.id == key.rawValue.hex)
+            .updateAll(db, Columns.state.set(to: KeyState.destroyed.rawValue), Columns.stateChangedAt.set(to: time))
+    }
+}
+
+/// `rotations`: how each version after the first came about (AUTOMATIC or ON_DEMAND).
+struct RotationRow: Codable, FetchableRecord, PersistableRecord {
+    static let databaseTableName = "rotations"
+    var keyID: String
+    var version: Int
+    var time: Double
+    var type: String
+
+    enum CodingKeys: String, CodingKey { case keyID = "key_id", version, time, type }
+}
