@@ -252,7 +252,7 @@ extension KeyManager {
             if rec.state == .pendingDeletion, let date = rec.metadata.deletionDate, date <= now {
                 let references = try read { db in
                     (try UsageRow.count(of: rec.id, db))
-                        + (try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM bindings WHERE key_id = ?", arguments: [rec.id.rawValue.hex]) ?? 0)
+                        + (try BindingRow.count(of: rec.id, db))
                 }
                 if references > 0 {
                     report.blocked[rec.id] = references

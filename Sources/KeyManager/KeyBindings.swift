@@ -42,10 +42,7 @@ extension KeyManager {
                 try pathBytes.withUnsafeBytes { raw in try KeyWrap.seal(raw, under: sealer, context: Array("kmsfs/v1/binding-path".utf8)) }
             }
             try sealedWrite { db in
-                try db.execute(sql: """
-                    INSERT INTO bindings (path_mac, path_sealed, key_id) VALUES (?, ?, ?)
-                    ON CONFLICT(path_mac) DO UPDATE SET key_id = excluded.key_id, path_sealed = excluded.path_sealed
-                    """, arguments: [pathMAC(normalized), Data(sealed), id.rawValue.hex])
+                try BindingRow(pathMAC: pathMAC(normalized), pathSealed: Data(sealed), keyID: id.rawValue.hex).upsert(db)
                 try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.bindKey, key: id, principal: principal,
                                                                             request: ["path": normalized, "targetKeyId": id.rawValue.hex,
                                                                                       "previousKeyId": replaced?.rawValue.hex ?? "none"]), at: clock())
@@ -62,14 +59,14 @@ extension KeyManager {
         try adminOperation(.unbindKey, principal, request: ["path": normalized]) { () throws(KeyManagerError) in
             guard normalized != "/" else { throw .invalidArgument("the root must stay bound; bind it to another key instead") }
             let mac = pathMAC(normalized)
-            let hex: String? = try verifiedRead { db in try String.fetchOne(db, sql: "SELECT key_id FROM bindings WHERE path_mac = ?", arguments: [mac]) }
+            let hex = try verifiedRead { db in try BindingRow.key(at: mac, db) }
             guard let hex, let id = KeyID(hex: hex) else { throw .invalidArgument("\(normalized) is not bound; `kmsfs key bind` lists the bindings") }
             _ = try authorizeAdmin(principal, id)
             let parent = String(normalized[..<(normalized.lastIndex(of: "/") ?? normalized.startIndex)])
             let inherited = try bindingOf(parent.isEmpty ? "/" : parent)
             if inherited != id { _ = try authorizeAdmin(principal, inherited) }
             try sealedWrite { db in
-                try db.execute(sql: "DELETE FROM bindings WHERE path_mac = ?", arguments: [mac])
+                _ = try BindingRow.deleteOne(db, key: mac)
                 try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.unbindKey, key: id, principal: principal,
                                                                             request: ["path": normalized, "inheritedKeyId": inherited.rawValue.hex]),
                                       at: clock())
@@ -129,8 +126,8 @@ extension KeyManager {
         if let cached = caches.withLock({ $0.bindings }), abs(now - cached.fetchedAt) < Self.recordTTL { return cached.map }
         let map: [Data: KeyID] = try verifiedRead { db in
             var map = [Data: KeyID]()
-            for row in try Row.fetchAll(db, sql: "SELECT path_mac, key_id FROM bindings") {
-                if let id = KeyID(hex: row["key_id"]) { map[row["path_mac"]] = id }
+            for row in try BindingRow.fetchAll(db) {
+                if let id = KeyID(hex: row.keyID) { map[row.pathMAC] = id }
             }
             return map
         }
@@ -144,9 +141,7 @@ extension KeyManager {
     /// All bindings as (path, key), sorted by path.
     public func listBindings() throws(KeyManagerError) -> [(path: String, key: KeyID)] {
         let sealer = try AESGCM.make(metadataKey)
-        let rows: [(Data, String)] = try verifiedRead { db in
-            try Row.fetchAll(db, sql: "SELECT path_sealed, key_id FROM bindings").map { ($0["path_sealed"], $0["key_id"]) }
-        }
+        let rows: [(Data, String)] = try verifiedRead { db in try BindingRow.fetchAll(db).map { ($0.pathSealed, $0.keyID) } }
         var out = [(path: String, key: KeyID)]()
         for (sealed, hex) in rows {
             guard let id = KeyID(hex: hex), let secret = try KeyWrap.open([UInt8](sealed), under: sealer, context: Array("kmsfs/v1/binding-path".utf8)) else { continue }

@@ -355,3 +355,23 @@ struct RotationRow: Codable, FetchableRecord, PersistableRecord {
 
     enum CodingKeys: String, CodingKey { case keyID = "key_id", version, time, type }
 }
+
+/// `bindings`: which key governs a directory tree. The path is kept only as
+/// an HMAC (to find it) and sealed (to list it): no plaintext names at rest.
+struct BindingRow: Codable, FetchableRecord, PersistableRecord {
+    static let databaseTableName = "bindings"
+    var pathMAC: Data
+    var pathSealed: Data
+    var keyID: String
+
+    enum CodingKeys: String, CodingKey { case pathMAC = "path_mac", pathSealed = "path_sealed", keyID = "key_id" }
+    enum Columns { static let keyID = Column(CodingKeys.keyID) }
+
+    /// The key (hex) bound at the path whose HMAC is `mac`, or nil.
+    static func key(at mac: Data, _ db: Database) throws -> String? { try fetchOne(db, key: mac)?.keyID }
+
+    /// How many paths `key` is bound to.
+    static func count(of key: KeyID, _ db: Database) throws -> Int {
+        try filter(Columns.keyID == key.rawValue.hex).fetchCount(db)
+    }
+}

@@ -60,30 +60,6 @@ public struct RekeyJob: Sendable, Codable {
         if sourceKey == targetKey { return version != currentTargetVersion }
         return true
     }
-
-    init(row: Row) {
-        id = row["id"]
-        state = RekeyState(rawValue: row["state"]) ?? .failed
-        mode = RekeyMode(rawValue: row["mode"]) ?? .rewrap
-        sourceKey = KeyID(hex: row["source_key"])!
-        sourceVersion = (row["source_version"] as Int?).map { KeyVersion(rawValue: UInt32($0)) }
-        targetKey = KeyID(hex: row["target_key"])!
-        path = row["path"]
-        rate = row["rate"]
-        workers = row["workers"]
-        uid = UInt32(row["uid"] as Int)
-        gid = UInt32(row["gid"] as Int)
-        createdAt = row["created_at"]
-        updatedAt = row["updated_at"]
-        finishedAt = row["finished_at"]
-        filesTotal = row["files_total"]
-        bytesTotal = row["bytes_total"]
-        filesDone = row["files_done"]
-        bytesDone = row["bytes_done"]
-        rewrites = row["rewrites"]
-        failures = row["failures"]
-        lastError = row["last_error"]
-    }
 }
 
 /// A write-ahead record of one file being rewritten by a rekey.
@@ -158,15 +134,12 @@ extension KeyManager {
         let now = clock()
         let storedPath = try path.map { (p) throws(KeyManagerError) in try sealJobPath(p) }
         let id: Int64 = try sealedWrite { db in
-            if let active = try Row.fetchOne(db, sql: "SELECT id, state FROM rekey_jobs WHERE state IN ('queued','running','paused') LIMIT 1") {
-                throw KeyManagerError.invalidArgument("rekey job \(active["id"] as Int64) is \(active["state"] as String); cancel or finish it first")
+            if let active = try RekeyJobRow.active(db) {
+                throw KeyManagerError.invalidArgument("rekey job \(active.id ?? 0) is \(active.state); cancel or finish it first")
             }
-            try db.execute(sql: """
-                INSERT INTO rekey_jobs (state, mode, source_key, source_version, target_key, path, rate, workers, uid, gid, created_at, updated_at)
-                VALUES ('queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                """, arguments: [mode.rawValue, sourceID.rawValue.hex, version.map { Int($0.rawValue) }, targetID.rawValue.hex, storedPath, rate,
-                                 workers, Int(principal.uid), Int(principal.gid), now, now])
-            let id = db.lastInsertedRowID
+            let id = try RekeyJobRow(state: RekeyState.queued.rawValue, mode: mode.rawValue, sourceKey: sourceID.rawValue.hex,
+                                     sourceVersion: version.map { Int($0.rawValue) }, targetKey: targetID.rawValue.hex, path: storedPath, rate: rate,
+                                     workers: workers, uid: Int(principal.uid), gid: Int(principal.gid), createdAt: now, updatedAt: now).insertNew(db)
             try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.startRekey, key: sourceID, version: version, principal: principal,
                                                  error: "job \(id): \(mode.rawValue) to \(targetID.rawValue.hex)",
                                                  request: request.merging(["jobId": String(id)]) { $1 }), at: now)
@@ -178,8 +151,8 @@ extension KeyManager {
     }
 
     /// A job row, its path unsealed (paths are stored sealed under the metadata key: no names at rest).
-    func job(from row: Row) throws -> RekeyJob {
-        var job = RekeyJob(row: row)
+    func job(from row: RekeyJobRow) throws -> RekeyJob {
+        guard var job = row.job else { throw KeyManagerError.keystoreCorrupt("rekey job \(row.id ?? 0) names a key that is not a key id") }
         // A sealed path is standard base64, which may itself begin with "/"
         // (one job in 64 did, and was then taken for a plaintext path that
         // does not exist): try to open it first. Jobs from before paths were
@@ -205,19 +178,17 @@ extension KeyManager {
     }
 
     public func rekeyJob(_ id: Int64) throws(KeyManagerError) -> RekeyJob? {
-        try verifiedRead { db in try Row.fetchOne(db, sql: "SELECT * FROM rekey_jobs WHERE id = ?", arguments: [id]).map(job(from:)) }
+        try verifiedRead { db in try RekeyJobRow.fetch(id, db).map(job(from:)) }
     }
 
     /// The queued, running or paused job, if any.
     public func activeRekeyJob() throws(KeyManagerError) -> RekeyJob? {
-        try verifiedRead { db in
-            try Row.fetchOne(db, sql: "SELECT * FROM rekey_jobs WHERE state IN ('queued','running','paused') ORDER BY id LIMIT 1").map(job(from:))
-        }
+        try verifiedRead { db in try RekeyJobRow.active(db).map(job(from:)) }
     }
 
     /// The newest job, finished or not.
     public func latestRekeyJob() throws(KeyManagerError) -> RekeyJob? {
-        try verifiedRead { db in try Row.fetchOne(db, sql: "SELECT * FROM rekey_jobs ORDER BY id DESC LIMIT 1").map(job(from:)) }
+        try verifiedRead { db in try RekeyJobRow.latest(db).map(job(from:)) }
     }
 
     /// Moves a job to `state` (pause, resume, cancel, or the runner's own
@@ -230,8 +201,12 @@ extension KeyManager {
         guard job.state.isActive else { throw .invalidArgument("rekey job \(id) is \(job.state.rawValue); nothing to change") }
         let now = clock()
         try sealedWrite { db in
-            try db.execute(sql: "UPDATE rekey_jobs SET state = ?, updated_at = ?, last_error = COALESCE(?, last_error), finished_at = ? WHERE id = ?",
-                           arguments: [state.rawValue, now, error, state.isActive ? nil : now, id])
+            guard var row = try RekeyJobRow.fetch(id, db) else { throw KeyManagerError.invalidArgument("no rekey job \(id)") }
+            row.state = state.rawValue
+            row.updatedAt = now
+            if let error { row.lastError = error }
+            row.finishedAt = state.isActive ? nil : now
+            try row.update(db)
             if principal != nil || !state.isActive {
                 try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.rekey(state),
                                                      outcome: state == .failed ? .failure : .success, key: job.sourceKey,
@@ -243,8 +218,7 @@ extension KeyManager {
     /// Records the totals a scan found (files and bytes still to move).
     public func setRekeyTotals(_ id: Int64, files: Int, bytes: Int) throws(KeyManagerError) {
         try write { db in
-            try db.execute(sql: "UPDATE rekey_jobs SET files_total = files_done + ?, bytes_total = bytes_done + ?, updated_at = ? WHERE id = ?",
-                           arguments: [files, bytes, clock(), id])
+            try RekeyJobRow.setTotals(id, files: files, bytes: bytes, at: clock(), db)
         }
     }
 
@@ -253,32 +227,25 @@ extension KeyManager {
         guard let job = try rekeyJob(id) else { throw .invalidArgument("no rekey job \(id)") }
         _ = try authorizeAdmin(principal, job.sourceKey)
         if let rate, !(rate > 0) { throw .invalidArgument("--rate must be a positive number of MB/s") }
-        try sealedWrite { db in try db.execute(sql: "UPDATE rekey_jobs SET rate = ?, updated_at = ? WHERE id = ?", arguments: [rate, clock(), id]) }
+        try sealedWrite { db in try RekeyJobRow.setRate(id, rate, at: clock(), db) }
     }
 
     public func recordRekeyFailure(_ id: Int64, _ message: String) throws(KeyManagerError) {
         try write { db in
-            try db.execute(sql: "UPDATE rekey_jobs SET failures = failures + 1, last_error = ?, updated_at = ? WHERE id = ?",
-                           arguments: [message, clock(), id])
+            try RekeyJobRow.countFailure(id, message, at: clock(), db)
         }
     }
 
     /// Whether the job already finished `object`.
     public func rekeyDone(_ id: Int64) throws(KeyManagerError) -> Set<ID128> {
-        try read { db in
-            Set(try String.fetchAll(db, sql: "SELECT object_id FROM rekey_done WHERE job_id = ?", arguments: [id]).compactMap(ID128.init(hex:)))
-        }
+        try read { db in try RekeyDoneRow.objects(of: id, db) }
     }
 
     /// Writes an intent before a file is rewritten.
     public func recordRekeyIntent(_ intent: RekeyIntent) throws(KeyManagerError) {
         let mac = intentMAC(intent)
         try write { db in
-            try db.execute(sql: """
-                INSERT OR REPLACE INTO rekey_intents (object_id, job_id, mode, kind, path, old_header, new_header, old_key, old_version, backup, mac)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                """, arguments: [intent.object.hex, intent.job, intent.mode.rawValue, intent.kind.rawValue, intent.path, Data(intent.oldHeader),
-                                 Data(intent.newHeader), intent.oldKey.rawValue.hex, Int(intent.oldVersion.rawValue), intent.backup, mac])
+            try RekeyIntentRow(intent, mac: mac).insert(db, onConflict: .replace)
         }
     }
 
@@ -295,20 +262,16 @@ extension KeyManager {
     /// Intents left by a run that stopped mid-write.
     public func rekeyIntents() throws(KeyManagerError) -> [RekeyIntent] {
         try read { db in
-            try Row.fetchAll(db, sql: "SELECT * FROM rekey_intents ORDER BY object_id").compactMap { row -> RekeyIntent? in
-                guard let object = ID128(hex: row["object_id"]), let key = KeyID(hex: row["old_key"]),
-                      let mode = RekeyMode(rawValue: row["mode"]), let kind = ObjectKind(rawValue: row["kind"]) else { return nil }
-                var intent = RekeyIntent(object: object, job: row["job_id"], mode: mode, kind: kind, path: row["path"],
-                                         oldHeader: [UInt8](row["old_header"] as Data), newHeader: [UInt8](row["new_header"] as Data),
-                                         oldKey: key, oldVersion: KeyVersion(rawValue: UInt32(row["old_version"] as Int)), backup: row["backup"])
-                intent.authentic = (row["mac"] as Data?) == intentMAC(intent)
+            try RekeyIntentRow.all(db).compactMap { row -> RekeyIntent? in
+                guard var intent = row.intent else { return nil }
+                intent.authentic = row.mac == intentMAC(intent)
                 return intent
             }
         }
     }
 
     public func clearRekeyIntent(_ object: ID128) throws(KeyManagerError) {
-        try write { db in try db.execute(sql: "DELETE FROM rekey_intents WHERE object_id = ?", arguments: [object.hex]) }
+        try write { db in try RekeyIntentRow.clear(object, db) }
     }
 
     /// Checkpoints a finished file: done, counted, its intent cleared, its
@@ -317,13 +280,9 @@ extension KeyManager {
         try flushUsage()
         let now = clock()
         try write { db in
-            try db.execute(sql: "INSERT OR IGNORE INTO rekey_done (job_id, object_id) VALUES (?, ?)", arguments: [job, object.hex])
-            let fresh = db.changesCount
-            try db.execute(sql: """
-                UPDATE rekey_jobs SET files_done = files_done + ?, bytes_done = bytes_done + ?, rewrites = rewrites + 1, updated_at = ?
-                WHERE id = ?
-                """, arguments: [fresh, fresh * bytes, now, job])
-            try db.execute(sql: "DELETE FROM rekey_intents WHERE object_id = ?", arguments: [object.hex])
+            let fresh = try RekeyDoneRow.mark(object, job: job, db)
+            try RekeyJobRow.countRewrite(job, fresh: fresh, bytes: bytes, at: now, db)
+            try RekeyIntentRow.clear(object, db)
             try UsageRow.record(object, kind, key: key, version: version, at: now, db)
         }
     }
