@@ -94,6 +94,22 @@ enum AuditTrail {
         try append(db, chain: key, e, at: time, previous: &previous)
     }
 
+    /// When `subject` last used `key` successfully (any uid, for `*`), or nil.
+    static func lastSuccess(of key: KeyID, by subject: PolicySubject, _ db: Database) throws -> Double? {
+        let success = AuditOutcome.success.rawValue
+        switch subject {
+        case .uid(let n):
+            return try Double.fetchOne(db, sql: "SELECT MAX(time) FROM audit_log WHERE key_id = ? AND uid = ? AND outcome = ?",
+                                       arguments: [key.rawValue.hex, Int(n), success])
+        case .gid(let n):
+            return try Double.fetchOne(db, sql: "SELECT MAX(time) FROM audit_log WHERE key_id = ? AND gid = ? AND outcome = ?",
+                                       arguments: [key.rawValue.hex, Int(n), success])
+        case .anyone:
+            return try Double.fetchOne(db, sql: "SELECT MAX(time) FROM audit_log WHERE key_id = ? AND uid IS NOT NULL AND outcome = ?",
+                                       arguments: [key.rawValue.hex, success])
+        }
+    }
+
     /// Appends `event`, chaining to `previous` (read from the log when nil)
     /// and leaving the new record's hash there for the next append of a batch.
     static func append(_ db: Database, chain key: KeyDerivation.KeyedHMAC, _ e: AuditEvent, at time: Double,

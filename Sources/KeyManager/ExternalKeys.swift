@@ -28,12 +28,10 @@ extension KeyManager {
     /// The external provider of `key`, or nil for a local key.
     func externalProvider(_ key: KeyID) throws(KeyManagerError) -> (any ExternalProvider)? {
         if let known = externalProviders.withLock({ $0[key] }) { return known }
-        let row = try verifiedRead { db in
-            try Row.fetchOne(db, sql: "SELECT provider, config FROM external_keys WHERE key_id = ?", arguments: [key.rawValue.hex])
-        }
+        let row = try verifiedRead { db in try ExternalKeyRow.fetch(key, db) }
         var made: (any ExternalProvider)?
         if let row {
-            let text: String = row["config"]
+            let text = row.config
             guard let config = try? JSONDecoder().decode(ExternalKeyConfig.self, from: Data(text.utf8)) else {
                 throw .keystoreCorrupt("the external key of \(key.rawValue.hex) is unreadable")
             }
@@ -81,7 +79,7 @@ extension KeyManager {
     /// (`ExternalKeyStateChange`); a failed read is audited too. The daemon's
     /// schedule thread calls this every `externalPollInterval` seconds.
     public func refreshExternalKeyStates() {
-        guard let keys = try? read({ db in try String.fetchAll(db, sql: "SELECT key_id FROM external_keys") }) else { return }
+        guard let keys = try? read({ db in try ExternalKeyRow.keys(db) }) else { return }
         for hex in keys {
             guard let id = KeyID(hex: hex), let external = try? externalProvider(id) else { continue }
             let before = external.lastKnownState
@@ -164,17 +162,13 @@ final class IntermediateKeys: IntermediateStore, @unchecked Sendable {
     func saveIntermediate(_ id: ID128, key: KeyID, version: KeyVersion, blob: [UInt8]) throws(KeyManagerError) {
         guard let manager else { throw .database("the keystore is closed") }
         try manager.write { db in
-            try db.execute(sql: "INSERT INTO intermediate_keys (id, key_id, version, blob, created_at) VALUES (?, ?, ?, ?, ?)",
-                           arguments: [id.hex, key.rawValue.hex, version.rawValue, Data(blob), manager.clock()])
+            try IntermediateKeyRow(id: id.hex, keyID: key.rawValue.hex, version: Int(version.rawValue), blob: Data(blob), createdAt: manager.clock()).insert(db)
         }
     }
 
     func loadIntermediate(_ id: ID128, key: KeyID, version: KeyVersion) throws(KeyManagerError) -> [UInt8]? {
         guard let manager else { throw .database("the keystore is closed") }
-        let blob = try manager.read { db in
-            try Data.fetchOne(db, sql: "SELECT blob FROM intermediate_keys WHERE id = ? AND key_id = ? AND version = ?",
-                              arguments: [id.hex, key.rawValue.hex, version.rawValue])
-        }
+        let blob = try manager.read { db in try IntermediateKeyRow.blob(id, key: key, version: version, db) }
         return blob.map { [UInt8]($0) }
     }
 }

@@ -232,19 +232,7 @@ extension KeyManager {
             }
             for subject in operations.keys.sorted() {
                 guard let parsed = PolicySubject(argument: subject) else { continue }
-                let last: Double? = try read { db in
-                    switch parsed {
-                    case .uid(let n):
-                        try Double.fetchOne(db, sql: "SELECT MAX(time) FROM audit_log WHERE key_id = ? AND uid = ? AND outcome = 'success'",
-                                            arguments: [rec.id.rawValue.hex, Int(n)])
-                    case .gid(let n):
-                        try Double.fetchOne(db, sql: "SELECT MAX(time) FROM audit_log WHERE key_id = ? AND gid = ? AND outcome = 'success'",
-                                            arguments: [rec.id.rawValue.hex, Int(n)])
-                    case .anyone:
-                        try Double.fetchOne(db, sql: "SELECT MAX(time) FROM audit_log WHERE key_id = ? AND uid IS NOT NULL AND outcome = 'success'",
-                                            arguments: [rec.id.rawValue.hex])
-                    }
-                }
+                let last = try read { db in try AuditTrail.lastSuccess(of: rec.id, by: parsed, db) }
                 let oldEnough = now - rec.metadata.createdAt >= window
                 findings.append(AccessFinding(keyID: rec.id, aliases: rec.metadata.aliases, state: rec.state, subject: subject,
                                               operations: operations[subject, default: []].sorted(), sources: sources[subject, default: []].sorted(),

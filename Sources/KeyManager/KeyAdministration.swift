@@ -98,8 +98,7 @@ extension KeyManager {
                               publicKey: publicKey.map { Data($0) }).insert(db)
             if let external {
                 let config = String(decoding: try JSONEncoder().encode(external), as: UTF8.self)
-                try db.execute(sql: "INSERT INTO external_keys (key_id, provider, config) VALUES (?, ?, ?)",
-                               arguments: [id.rawValue.hex, external.provider, config])
+                try ExternalKeyRow(keyID: id.rawValue.hex, provider: external.provider, config: config).insert(db)
             }
             for alias in aliases {
                 guard try AliasRow.target(of: alias, db) == nil else {
