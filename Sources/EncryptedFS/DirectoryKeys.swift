@@ -24,7 +24,7 @@ final class DirectoryKeys: Sendable {
     /// extended attributes, which must not depend on where an entry lives.
     let volume: VolumeKeys?
 
-    private init(directoryID: ID128, keyID: KeyID, version: KeyVersion, nameKey: borrowing SecretKey, isRoot: Bool) throws(Errno) {
+    init(directoryID: ID128, keyID: KeyID, version: KeyVersion, nameKey: borrowing SecretKey, isRoot: Bool) throws(Errno) {
         self.directoryID = directoryID
         self.keyID = keyID
         self.version = version

@@ -43,11 +43,7 @@ extension EncryptedFileSystem {
             integrityFailure(.integrityFailure(.name), object: dir?.directoryID, what: "\(damaged) name(s) in a directory",
                              key: dir?.keyID, path: nodes.path(of: id).description, principal: principal(context))
         }
-        return open.withLock { s in
-            let handle = s.issue()
-            s.directories[handle] = Listing(items: items, damaged: damaged)
-            return handle
-        }
+        return openFiles.addListing(Listing(items: items, damaged: damaged))
     }
 
     public func readdir(_ id: NodeID, handle: HandleID, offset: Int64, _ add: (DirectoryEntry) -> Bool) throws(Errno) {
@@ -57,7 +53,7 @@ extension EncryptedFileSystem {
     /// The entries of open directory `handle` from `offset`; past the last
     /// intact entry, a directory with damaged names answers EIO.
     func listing(_ handle: HandleID, from offset: Int64) throws(Errno) -> ArraySlice<Listing.Item> {
-        guard let listing = open.withLock({ $0.directories[handle] }) else { throw .badFileDescriptor }
+        guard let listing = openFiles.listing(handle) else { throw .badFileDescriptor }
         guard Int(offset) < listing.items.count else {
             if listing.damaged > 0 { throw .ioError }
             return []
@@ -67,12 +63,8 @@ extension EncryptedFileSystem {
 
     /// What a listed backing name is to the mount, from the directory's name
     /// cache when seen before (the caller has checked the directory's keys).
-    func listedName(_ stored: FileName, in node: Node, keys dir: DirectoryKeys?) -> DecodedName {
-        guard !plaintextNames, dir != nil, let cache = node.names else { return decodeName(stored, inDirectory: node.fd, keys: dir) }
-        if let known = cache.plaintext(for: stored) { return .name(known) }
-        let decoded = decodeName(stored, inDirectory: node.fd, keys: dir)
-        if case .name(let name) = decoded { cache.remember(name, stored: stored) }
-        return decoded
+    func listedName(_ stored: FileName, in node: Node, keys dir: DirectoryKeys?) -> NameMapping.Decoded {
+        names.listed(stored, inDirectory: node.fd, keys: dir, cache: node.names)
     }
 
     /// READDIRPLUS: each entry with its lookup, so that `ls -l`, `find`
@@ -104,6 +96,6 @@ extension EncryptedFileSystem {
     }
 
     public func releasedir(_ id: NodeID, handle: HandleID) {
-        open.withLock { _ = $0.directories.removeValue(forKey: handle) }
+        openFiles.removeListing(handle)
     }
 }

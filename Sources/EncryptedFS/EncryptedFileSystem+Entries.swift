@@ -52,7 +52,7 @@ extension EncryptedFileSystem {
         if let size = changes.size {
             guard node.isRegular else { throw node.isDirectory ? .isDirectory : .invalidArgument }
             guard size >= 0 else { throw .invalidArgument }
-            if let handle, let file = open.withLock({ $0.handles[handle] }) {
+            if let handle, let file = openFiles.file(handle) {
                 try file.truncate(to: Int(size))
             } else {
                 let file = try openFile(node, flags: O_RDWR, context)

@@ -53,14 +53,7 @@ extension EncryptedFileSystem {
             try? keyManager.forgetUsage(fileID.rawValue)
             throw error
         }
-        let handle = open.withLock { s -> HandleID in
-            let shared = s.files[file.inode] ?? file
-            s.files[file.inode] = shared
-            shared.handles += 1
-            let h = s.issue()
-            s.handles[h] = shared
-            return h
-        }
+        let handle = openFiles.shareWithHandle(file)
         let node = try nodes.remember(parentFD: dir.fd, storedName: stored, st: st, parent: parent, name: name)
         nodes.noteFileID(fileID.rawValue, of: node)
         return (entry(node, st, context), OpenReply(handle: handle))
@@ -80,8 +73,8 @@ extension EncryptedFileSystem {
     func openFile(_ node: Node, flags: Int32, _ context: RequestContext) throws(Errno) -> OpenFile {
         guard node.isRegular else { throw node.isDirectory ? .isDirectory : .invalidArgument }
         let who = principal(context)
-        return try openShared(node.key) { () throws(Errno) -> OpenFile? in
-            if let shared = pinOpen(node.key) {
+        return try openFiles.shared(node.key) { () throws(Errno) -> OpenFile? in
+            if let shared = openFiles.pin(node.key) {
                 do throws(Errno) {
                     try keys { () throws(KeyManagerError) in
                         try keyManager.checkUse(who, .decrypt, key: shared.keyID, version: shared.keyVersion, object: shared.fileID.rawValue) { self.nodes.filePath(of: node) }
@@ -107,39 +100,6 @@ extension EncryptedFileSystem {
             nodes.noteFileID(file.fileID.rawValue, of: node)
             if !writable, flags & O_ACCMODE != O_RDONLY { throw .permissionDenied }
             return file
-        }
-    }
-
-    /// The open state of inode `key`: the one in the table (`existing`, which
-    /// pins it) or, if none, a new one from `make`, put in the table. Both
-    /// run under the inode's creation lock, so a state built from the disk
-    /// can never be put in the table after another state for the same inode
-    /// was created, written through and dropped meanwhile (it would hold a
-    /// stale size and tail: two states of one file, each overwriting the other's chunks).
-    func openShared(_ key: InodeKey, existing: () throws(Errno) -> OpenFile?, make: () throws(Errno) -> OpenFile) throws(Errno) -> OpenFile {
-        try creationLocks[Int(key.inode % UInt64(creationLocks.count))].writing { () throws(Errno) -> OpenFile in
-            if let shared = try existing() { return shared }
-            return share(try make())
-        }
-    }
-
-    /// Puts `file` in the open-file table, or returns the one another thread
-    /// put there first; either way with one more handle.
-    func share(_ file: OpenFile) -> OpenFile {
-        open.withLock { s in
-            let shared = s.files[file.inode] ?? file
-            s.files[file.inode] = shared
-            shared.handles += 1
-            return shared
-        }
-    }
-
-    /// The open file held for the backing inode of `fd`, with one more handle, if any.
-    func pinOpen(_ key: InodeKey) -> OpenFile? {
-        open.withLock { s in
-            guard let f = s.files[key] else { return nil }
-            f.handles += 1
-            return f
         }
     }
 
@@ -169,12 +129,7 @@ extension EncryptedFileSystem {
         do throws(Errno) { try file.sealLength() } catch {
             logger.error("could not seal a file's length at release", metadata: ["file": "\(file.fileID)", "error": "\(error)"])
         }
-        open.withLock { s in
-            file.handles -= 1
-            if file.handles <= 0, s.files[file.inode] === file {
-                s.files[file.inode] = nil
-            }
-        }
+        openFiles.unpin(file)
     }
 
     public func open(_ id: NodeID, flags: Int32, _ context: RequestContext) throws(Errno) -> OpenReply {
@@ -189,16 +144,11 @@ extension EncryptedFileSystem {
                 throw error
             }
         }
-        let handle = open.withLock { s -> HandleID in
-            let h = s.issue()
-            s.handles[h] = file
-            return h
-        }
-        return OpenReply(handle: handle)
+        return OpenReply(handle: openFiles.handle(for: file))
     }
 
     func file(_ handle: HandleID) throws(Errno) -> OpenFile {
-        guard let file = open.withLock({ $0.handles[handle] }) else { throw .badFileDescriptor }
+        guard let file = openFiles.file(handle) else { throw .badFileDescriptor }
         return file
     }
 
@@ -228,7 +178,7 @@ extension EncryptedFileSystem {
     }
 
     public func release(_ id: NodeID, handle: HandleID) {
-        guard let file = open.withLock({ $0.handles.removeValue(forKey: handle) }) else { return }
+        guard let file = openFiles.removeHandle(handle) else { return }
         releaseFile(file)
     }
 

@@ -31,7 +31,9 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     public let cipherdir: String
     public let keyManager: KeyManager
     let layout: ChunkLayout
-    let plaintextNames: Bool
+    /// How names map to CIPHERDIR's: encrypted, long-name sidecars, reserved names.
+    let names: NameMapping
+    var plaintextNames: Bool { names.plaintextNames }
     let nodes: NodeTable
     /// Set by the mount: keeps the nodes' descriptors under the limit (for statistics).
     nonisolated(unsafe) public var relief: DescriptorRelief?
@@ -43,35 +45,22 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     let timeout: Double = 1.0
     let runningAsRoot = geteuid() == 0
 
-    struct OpenState: ~Copyable {
-        var files: [InodeKey: OpenFile] = [:]
-        var handles: [HandleID: OpenFile] = [:]
-        var directories: [HandleID: Listing] = [:]
-        var next: UInt64 = 1
-
-        /// A handle not given out before in this mount.
-        mutating func issue() -> HandleID {
-            defer { next += 1 }
-            return HandleID(rawValue: next)
-        }
-    }
-    let open = Mutex(OpenState())
-    /// Striped by inode: serialises making an inode's open state (see `openShared`).
-    let creationLocks = (0..<64).map { _ in ReadWriteLock() }
+    /// Open files, their handles and directory listings.
+    let openFiles = OpenFileTable()
     let bytesRead = Atomic<Int>(0)
     let bytesWritten = Atomic<Int>(0)
     let integrityFailures = Atomic<Int>(0)
     let denied = Atomic<Int>(0)
 
     /// Names in CIPHERDIR beginning with this belong to kmsfs, never to the user.
-    static let reservedPrefix = ".kmsfs"
+    static let reservedPrefix = NameMapping.reservedPrefix
 
     /// Opens the filesystem rooted at `cipherdir` (already initialised).
     public init(cipherdir: String, keyManager: KeyManager) throws {
         self.cipherdir = cipherdir
         self.keyManager = keyManager
         self.layout = try ChunkLayout(chunkSize: keyManager.chunkSize)
-        self.plaintextNames = keyManager.plaintextNames
+        self.names = NameMapping(plaintextNames: keyManager.plaintextNames)
         let root = try Syscall.open(AT_FDCWD, cipherdir, KMSFS_O_PATH | O_DIRECTORY)
         let st = try Syscall.fstat(root.raw)
         nodes = NodeTable(root: Node(id: .root, descriptor: root, key: InodeKey(st), type: S_IFDIR, parent: nil, name: ""))
@@ -85,12 +74,12 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
                                      principal: principal, layout: layout, isRoot: true)
     }
 
-    var openFileKeys: [KeyID] { open.withLock { $0.files.values.map(\.keyID) } }
+    var openFileKeys: [KeyID] { openFiles.keys }
 
     public func entryReplied() { relief?.throttle() }
 
     public var statistics: FilesystemStatistics {
-        FilesystemStatistics(openFiles: open.withLock { $0.files.count }, nodes: nodes.count,
+        FilesystemStatistics(openFiles: openFiles.count, nodes: nodes.count,
                              bytesRead: bytesRead.load(ordering: .relaxed), bytesWritten: bytesWritten.load(ordering: .relaxed),
                              integrityFailures: integrityFailures.load(ordering: .relaxed), deniedRequests: denied.load(ordering: .relaxed),
                              forgottenOnRequest: relief?.evictions.load(ordering: .relaxed) ?? 0,
@@ -160,65 +149,27 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         }
     }
 
-    /// The name stored in CIPHERDIR for plaintext `name` in directory `node`.
+    /// The name stored in CIPHERDIR for plaintext `name` in directory `node`
+    /// (its keys loaded for, and checked against, the caller).
     func storedName(_ name: FileName, in node: Node, _ context: RequestContext) throws(Errno) -> FileName {
-        guard !name.isEmpty, !name.isDotOrDotDot else { throw .invalidArgument }
-        guard name.count <= 255 else { throw .fileNameTooLong }
-        if plaintextNames {
-            guard !name.hasPrefix(Self.reservedPrefix) else { throw .notPermitted }
-            return name
-        }
-        let dir = try directoryKeys(node, context)
-        if let known = node.names?.stored(for: name) { return known }
-        let stored: FileName
-        do throws(CipherError) { stored = FileName(LongName.storedName(for: try dir.names.encrypt(name.bytes))) } catch { throw .invalidArgument }
-        node.names?.remember(name, stored: stored)
-        return stored
+        try NameMapping.validate(name)
+        return try names.stored(for: name, keys: plaintextNames ? nil : try directoryKeys(node, context), cache: node.names)
     }
 
     /// For a hashed long name, writes the sidecar holding the full encoded name.
     func writeSidecar(_ stored: FileName, plaintext name: FileName, in node: Node, _ context: RequestContext) throws(Errno) {
         guard !plaintextNames, stored.isHashedLongName else { return }
-        let names = try directoryKeys(node, context).names
-        let encoded: String
-        do throws(CipherError) { encoded = try names.encrypt(name.bytes) } catch { throw .ioError }
-        let fd = try Syscall.open(node.fd, stored.appending(LongName.sidecarSuffix), O_WRONLY | O_CREAT | O_TRUNC, 0o400)
-        try Syscall.pwrite(fd.raw, Array(encoded.utf8), at: 0)
+        try names.writeSidecar(stored, plaintext: name, keys: try directoryKeys(node, context), inDirectory: node.fd)
     }
 
     func removeSidecar(_ stored: FileName, in node: Node) {
-        guard stored.isHashedLongName else { return }
-        Syscall.unlinkQuietly(node.fd, stored.appending(LongName.sidecarSuffix))
+        names.removeSidecar(stored, inDirectory: node.fd)
     }
 
     /// The plaintext name of a stored entry, or nil for kmsfs's own files and undecryptable names.
     func plaintextName(_ stored: FileName, inDirectory dirFD: Int32, keys dir: DirectoryKeys?) -> FileName? {
-        if case .name(let name) = decodeName(stored, inDirectory: dirFD, keys: dir) { return name }
+        if case .name(let name) = names.decode(stored, inDirectory: dirFD, keys: dir) { return name }
         return nil
-    }
-
-    /// What a backing entry's name is to the mount.
-    enum DecodedName {
-        case name(FileName)
-        /// kmsfs's own (`.kmsfs.dir`, a long name's sidecar, `.kmsfs`).
-        case internalEntry
-        /// A name that does not authenticate (or a long name whose sidecar is missing or does not match).
-        case damaged
-    }
-
-    func decodeName(_ stored: FileName, inDirectory dirFD: Int32, keys dir: DirectoryKeys?) -> DecodedName {
-        if stored.hasPrefix(Self.reservedPrefix) {
-            guard stored.isHashedLongName else { return .internalEntry }
-            guard let dir else { return plaintextNames ? .internalEntry : .damaged }
-            guard let fd = try? Syscall.open(dirFD, stored.appending(LongName.sidecarSuffix), O_RDONLY) else { return .damaged }
-            let encoded = String(decoding: (try? Syscall.pread(fd.raw, count: 4096, at: 0)) ?? [], as: UTF8.self)
-            guard LongName.storedName(for: encoded) == stored.description, let name = try? dir.names.decrypt(encoded) else { return .damaged }
-            return .name(FileName(bytes: name))
-        }
-        if plaintextNames { return .name(stored) }
-        // Encrypted names are base64url: one that is not even ASCII is damage.
-        guard let dir, let encoded = stored.text else { return .damaged }
-        do throws(CipherError) { return .name(FileName(bytes: try dir.names.decrypt(encoded))) } catch { return .damaged }
     }
 
     /// Backing attributes turned into what the application sees.
@@ -303,11 +254,8 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     }
 
     public func destroy() {
-        for file in open.withLock({ Array($0.files.values) }) { try? file.sealLength() }
-        open.withLock { s in
-            s.handles.removeAll()
-            s.files.removeAll()
-        }
+        for file in openFiles.all { try? file.sealLength() }
+        openFiles.removeAll()
     }
 }
 

@@ -201,7 +201,7 @@ public final class FilesystemCheck {
         for entry in entries where entry.kind == .entry {
             let name = entry.name
             let backingPath = backing.isEmpty ? name.description : backing + "/" + name.description
-            let decoded = fs.decodeName(name, inDirectory: dirFD, keys: keys)
+            let decoded = fs.names.decode(name, inDirectory: dirFD, keys: keys)
             if case .internalEntry = decoded { continue }
             guard case .name(let plainName) = decoded else {
                 // Its usage first: quarantined or not, the entry still exists and needs its keys.

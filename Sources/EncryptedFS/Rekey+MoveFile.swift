@@ -46,7 +46,7 @@ extension Rekeyer {
         let file: OpenFile
         do throws(Errno) {
             let key = InodeKey(try Syscall.fstat(fd))
-            file = try fs.openShared(key) { fs.pinOpen(key) } make: { () throws(Errno) -> OpenFile in
+            file = try fs.openFiles.shared(key) { fs.openFiles.pin(key) } make: { () throws(Errno) -> OpenFile in
                 try fs.makeOpenFile(Descriptor(adopting: try Syscall.call { dup(fd) }), writable: true, principal: job.principal, rekeying: true)
             }
         } catch { throw RekeyFailure(error) }
