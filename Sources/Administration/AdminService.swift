@@ -28,7 +28,7 @@ public struct AdminService: Sendable {
     /// The uid the daemon runs as (the mounting user).
     public let owner: UInt32
 
-    public init(manager: KeyManager, rekey: RekeyDriver? = nil, owner: UInt32 = geteuid()) {
+    public init(manager: KeyManager, rekey: RekeyDriver? = nil, owner: uid_t = geteuid()) {
         self.manager = manager
         self.rekey = rekey
         self.owner = owner
@@ -39,7 +39,7 @@ public struct AdminService: Sendable {
     /// Whether `principal` has the daemon's own standing: root, the mounting
     /// user, or anyone when there is no daemon (the CLI acts as its caller).
     func trusted(_ principal: Principal) -> Bool {
-        !live || principal.uid == 0 || principal.uid == owner
+        !live || principal.hasDaemonStanding(owner: owner)
     }
 
     /// Runs `request` as `principal`.
@@ -261,4 +261,12 @@ public enum SecretFile {
         guard line.count <= 1024 else { throw AdminFailure(code: "ValidationException", "the passphrase is longer than 1024 bytes") }
         return SecretKey(copying: Array(line))
     }
+}
+
+extension Principal {
+    /// Root or the uid the daemon runs as (the mounting user): the one
+    /// notion of "the daemon's own standing" that the control socket (never
+    /// turned away for capacity, sees status) and the admin service (full
+    /// audit view, alert sinks, backups, external keys) both decide by.
+    public func hasDaemonStanding(owner: uid_t = geteuid()) -> Bool { uid == 0 || uid == owner }
 }

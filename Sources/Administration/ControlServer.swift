@@ -111,7 +111,7 @@ public final class ControlServer: Sendable {
             let peer = Principal(uid: uid, gid: gid, pid: pid, processName: Self.processName(pid))
             // Root and the mounting user are never turned away for capacity;
             // any other uid holds at most `connectionsPerUser` at a time.
-            let privileged = uid == 0 || uid == geteuid()
+            let privileged = peer.hasDaemonStanding()
             let admitted = connections.withLock { open -> Bool in
                 guard open.values.reduce(0, +) < Self.maxConnections || privileged,
                       privileged || open[uid, default: 0] < Self.connectionsPerUser else { return false }
