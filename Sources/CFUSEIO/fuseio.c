@@ -63,8 +63,13 @@ static ssize_t hook_read(int fd, void *buf, size_t len, void *userdata) {
             break;
         }
         case FUSE_SETATTR: {
+            // A truncate or chown says so with FATTR_KILL_SUIDGID. A SETATTR
+            // that changes nothing at all is the kernel's file_remove_privs
+            // having found bits to remove before a write, fallocate or
+            // copy into the file: under this scheme it strips its own kill
+            // flags and sends the request empty, so empty means "remove them".
             const struct fuse_setattr_in *arg = argument(buf, n, sizeof(struct fuse_setattr_in));
-            kills_suidgid = arg && (arg->valid & FATTR_KILL_SUIDGID);
+            kills_suidgid = arg && ((arg->valid & FATTR_KILL_SUIDGID) || (arg->valid & ~(uint32_t)(FATTR_FH | FATTR_LOCKOWNER)) == 0);
             break;
         }
         case FUSE_OPEN: {

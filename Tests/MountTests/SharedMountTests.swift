@@ -80,7 +80,7 @@ struct SharedMountTests {
         ], "\(out.stdout)")
     }
 
-    @Test("set-user-ID and set-group-ID bits are cleared as on the local filesystem: a write, truncate or truncating open by another uid, a chown by root; kept for root's writes and for a group member's write to a non-executable setgid file; stat sees it while the file is still open")
+    @Test("set-user-ID and set-group-ID bits are cleared as on the local filesystem: a write, truncate, truncating open or fallocate by another uid, a chown by root; kept for root's writes and for a group member's write to a non-executable setgid file; stat sees it while the file is still open")
     func setIDBitsMatchTheLocalFilesystem() throws {
         let fs = try MountedFS(mountOptions: ["allow_other"], initOptions: ["--shared"])
         // The same steps in the mount and in a directory of the local filesystem beside it.
@@ -94,6 +94,7 @@ struct SharedMountTests {
             t 6777 sh -c "echo x >> $D/f"
             t 6777 $as4242 truncate -s 1 $D/f
             t 6777 $as4242 sh -c "echo y > $D/f"
+            t 6777 $as4242 fallocate -l 65536 $D/f
             t 6777 chown 4343 $D/f; chown 0 $D/f
             t 2745 chown 4343 $D/f; chown 0 $D/f
             chmod 6777 $D/f; $as4242 sh -c "exec 3>>$D/f; echo x >&3; stat -c %a $D/f"
@@ -101,7 +102,7 @@ struct SharedMountTests {
         let mounted = try fs.run("D=$M\n" + script)
         let local = try fs.run("mkdir -m 0777 $T/local && D=$T/local\n" + script)
         #expect(mounted.ok && local.ok, "\(mounted.stderr) \(local.stderr)")
-        let expected = ["777", "767", "2767", "6777", "777", "777", "777", "2745", "777"]
+        let expected = ["777", "767", "2767", "6777", "777", "777", "777", "777", "2745", "777"]
         #expect(local.stdout.split(separator: "\n").map(String.init) == expected, "the local filesystem: \(local.stdout)")
         #expect(mounted.stdout.split(separator: "\n").map(String.init) == expected, "kmsfs: \(mounted.stdout)")
     }

@@ -15,9 +15,10 @@ int kmsfs_fuseio_install(struct fuse_session *se);
 int kmsfs_fuseio_killpriv_v2(void);
 
 /// 1 when the request this thread is handling asks the filesystem to clear
-/// the set-user-ID bit and a group-executable set-group-ID bit: a WRITE with
-/// FUSE_WRITE_KILL_SUIDGID, a SETATTR with FATTR_KILL_SUIDGID, an OPEN or
-/// CREATE with FUSE_OPEN_KILL_SUIDGID. Only valid inside a request handler.
+/// set-ID bits: a WRITE with FUSE_WRITE_KILL_SUIDGID, a SETATTR with
+/// FATTR_KILL_SUIDGID or with nothing to change (file_remove_privs before a
+/// write or fallocate), an OPEN or CREATE with FUSE_OPEN_KILL_SUIDGID. Only
+/// valid inside a request handler.
 int kmsfs_fuseio_request_kills_suidgid(void);
 
 #endif
