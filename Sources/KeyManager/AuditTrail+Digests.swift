@@ -80,9 +80,8 @@ extension KeyManager {
         do {
             try flushUsage()
             let system = Principal(uid: 0, gid: 0, pid: getpid(), processName: "kmsfs-audit")
-            guard let last = try read({ db in try Row.fetchOne(db, sql: "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1") }) else { return false }
-            let seq: Int64 = last["seq"], hash: Data = last["hash"]
-            let covered: Int64? = try read { db in try Int64.fetchOne(db, sql: "SELECT MAX(last_seq) FROM audit_digests") }
+            guard let (seq, hash) = try read({ db in try AuditLogTable.tail(db) }) else { return false }
+            let covered = try read { db in try AuditDigestRow.covered(db) }
             if let covered, covered >= seq { return false }
             let key: KeyID
             if let existing = try? resolve(Self.auditDigestAlias) { key = existing } else {
@@ -91,8 +90,8 @@ extension KeyManager {
             let time = clock()
             let (version, signature) = try sign(digestMessage(seq: seq, hash: hash, time: time), with: key.rawValue.hex, by: system)
             try write { db in
-                try db.execute(sql: "INSERT INTO audit_digests (time, last_seq, last_hash, key_id, key_version, signature) VALUES (?, ?, ?, ?, ?, ?)",
-                               arguments: [time, seq, hash, key.rawValue.hex, Int(version.rawValue), Data(signature)])
+                try AuditDigestRow(time: time, lastSeq: seq, lastHash: hash, keyID: key.rawValue.hex, keyVersion: Int(version.rawValue),
+                                   signature: Data(signature)).insert(db)
             }
             return true
         } catch {
@@ -105,16 +104,16 @@ extension KeyManager {
     /// covered record that is gone or changed, names the digest and position.
     func verifyDigests(_ db: Database, records: Int) throws -> AuditVerification? {
         var count = 0
-        let maxSeq = try Int64.fetchOne(db, sql: "SELECT MAX(seq) FROM audit_log") ?? 0
-        for row in try Row.fetchAll(db, sql: "SELECT * FROM audit_digests ORDER BY id") {
+        let maxSeq = try AuditLogTable.lastSeq(db)
+        for row in try AuditDigestRow.inOrder(db) {
             count += 1
-            let seq: Int64 = row["last_seq"], hash: Data = row["last_hash"], time: Double = row["time"]
-            let keyHex: String = row["key_id"]
-            let version = KeyVersion(rawValue: UInt32(row["key_version"] as Int))
+            let seq = row.lastSeq, hash = row.lastHash, time = row.time
+            let keyHex = row.keyID
+            let version = KeyVersion(rawValue: UInt32(row.keyVersion))
             let publicKey = try KeyVersionRow.publicKey(of: keyHex, version, db)
             let spec = try KeyRow.fetch(keyHex, db).flatMap { KeySpec(rawValue: $0.spec) }
             guard let publicKey, let spec,
-                  AsymmetricKeys.verify(digestMessage(seq: seq, hash: hash, time: time), signature: [UInt8](row["signature"] as Data),
+                  AsymmetricKeys.verify(digestMessage(seq: seq, hash: hash, time: time), signature: [UInt8](row.signature),
                                         publicKey: [UInt8](publicKey), spec: spec) else {
                 return AuditVerification(records: records, firstBad: seq, problem: "signed digest \(count) (up to record \(seq)) has a bad signature")
             }
@@ -122,7 +121,7 @@ extension KeyManager {
                 return AuditVerification(records: records, firstBad: maxSeq + 1,
                                          problem: "records \(maxSeq + 1)–\(seq) were cut off the end of the log (signed digest \(count) covers up to \(seq))")
             }
-            let stored = try Data.fetchOne(db, sql: "SELECT hash FROM audit_log WHERE seq = ?", arguments: [seq])
+            let stored = try AuditLogTable.hash(of: seq, db)
             guard stored == hash else {
                 return AuditVerification(records: records, firstBad: seq, problem: "record \(seq), signed by digest \(count), is missing or was rewritten")
             }

@@ -94,27 +94,11 @@ enum AuditTrail {
         try append(db, chain: key, e, at: time, previous: &previous)
     }
 
-    /// When `subject` last used `key` successfully (any uid, for `*`), or nil.
-    static func lastSuccess(of key: KeyID, by subject: PolicySubject, _ db: Database) throws -> Double? {
-        let success = AuditOutcome.success.rawValue
-        switch subject {
-        case .uid(let n):
-            return try Double.fetchOne(db, sql: "SELECT MAX(time) FROM audit_log WHERE key_id = ? AND uid = ? AND outcome = ?",
-                                       arguments: [key.rawValue.hex, Int(n), success])
-        case .gid(let n):
-            return try Double.fetchOne(db, sql: "SELECT MAX(time) FROM audit_log WHERE key_id = ? AND gid = ? AND outcome = ?",
-                                       arguments: [key.rawValue.hex, Int(n), success])
-        case .anyone:
-            return try Double.fetchOne(db, sql: "SELECT MAX(time) FROM audit_log WHERE key_id = ? AND uid IS NOT NULL AND outcome = ?",
-                                       arguments: [key.rawValue.hex, success])
-        }
-    }
-
     /// Appends `event`, chaining to `previous` (read from the log when nil)
     /// and leaving the new record's hash there for the next append of a batch.
     static func append(_ db: Database, chain key: KeyDerivation.KeyedHMAC, _ e: AuditEvent, at time: Double,
                        previous chained: inout Data?) throws {
-        let previous = try chained ?? Data.fetchOne(db, sql: "SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1") ?? Data(count: 32)
+        let previous = try chained ?? AuditLogTable.tail(db)?.hash ?? Data(count: 32)
         let hash = chainHash(previous: previous, key: key, fields: [
             String(time), e.event.rawValue, e.outcome.rawValue, e.key?.rawValue.hex ?? "", e.version.map { String($0.rawValue) } ?? "",
             e.principal.map { String($0.uid) } ?? "", e.principal.map { String($0.gid) } ?? "",
@@ -175,26 +159,14 @@ extension KeyManager {
     /// The newest `limit` records matching `filter` (nil: all), oldest first.
     public func auditRecords(_ filter: AuditFilter, limit: Int?) throws(KeyManagerError) -> [AuditRecord] {
         try flushUsage()
-        var clauses: [String] = []
-        var arguments: [DatabaseValueConvertible?] = []
-        if let since = filter.since { clauses.append("time >= ?"); arguments.append(since) }
-        if let until = filter.until { clauses.append("time < ?"); arguments.append(until) }
-        if let key = filter.key { clauses.append("key_id = ?"); arguments.append(try resolve(key).rawValue.hex) }
-        if let event = filter.event { clauses.append("event = ?"); arguments.append(event) }
-        if let uid = filter.uid { clauses.append("uid = ?"); arguments.append(Int(uid)) }
-        if let outcome = filter.outcome { clauses.append("outcome = ?"); arguments.append(outcome) }
+        let key = try filter.key.map { (reference) throws(KeyManagerError) in try resolve(reference) }
+        var administered: [String]?
         if let viewer = filter.viewer, viewer.uid != 0 {
-            let administered = try verifiedRead({ db in try KeyRecord.fetchAll(db) })
+            administered = try verifiedRead({ db in try KeyRecord.fetchAll(db) })
                 .filter { rec in rec.policy[.administer, default: []].contains { $0.matches(viewer) } }
                 .map { $0.id.rawValue.hex }
-            clauses.append("(uid = ? OR key_id IN (\(administered.map { _ in "?" }.joined(separator: ", "))))")
-            arguments.append(Int(viewer.uid))
-            arguments.append(contentsOf: administered.map { $0 as DatabaseValueConvertible? })
         }
-        let condition = clauses.isEmpty ? "" : "WHERE " + clauses.joined(separator: " AND ")
-        let sql = "SELECT * FROM (SELECT * FROM audit_log \(condition) ORDER BY seq DESC" + (limit.map { " LIMIT \($0)" } ?? "") + ") ORDER BY seq"
-        let bound = StatementArguments(arguments)
-        return try read { db in try Row.fetchAll(db, sql: sql, arguments: bound).map(AuditRecord.init(row:)) }
+        return try read { db in try AuditLogTable.records(filter, key: key, administered: administered, limit: limit, db) }
     }
 }
 
@@ -225,7 +197,7 @@ extension KeyManager {
             let keyedFrom = try KeystoreMeta.value(.auditKeyedFrom, db, as: Int64.self) ?? 1
             var previous = Data(count: 32)
             var count = 0
-            let rows = try Row.fetchCursor(db, sql: "SELECT * FROM audit_log ORDER BY seq")
+            let rows = try AuditLogTable.walk(db)
             while let row = try rows.next() {
                 count += 1
                 let seq: Int64 = row["seq"]
@@ -255,7 +227,7 @@ extension KeyManager {
                 previous = recorded
             }
             if let bad = try verifyDigests(db, records: count) { return bad }
-            let digests = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM audit_digests") ?? 0
+            let digests = try AuditDigestRow.fetchCount(db)
             return AuditVerification(records: count, digests: digests, firstBad: nil, problem: nil)
         }
     }

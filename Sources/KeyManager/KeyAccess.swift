@@ -232,7 +232,7 @@ extension KeyManager {
             }
             for subject in operations.keys.sorted() {
                 guard let parsed = PolicySubject(argument: subject) else { continue }
-                let last = try read { db in try AuditTrail.lastSuccess(of: rec.id, by: parsed, db) }
+                let last = try read { db in try AuditLogTable.lastSuccess(of: rec.id, by: parsed, db) }
                 let oldEnough = now - rec.metadata.createdAt >= window
                 findings.append(AccessFinding(keyID: rec.id, aliases: rec.metadata.aliases, state: rec.state, subject: subject,
                                               operations: operations[subject, default: []].sorted(), sources: sources[subject, default: []].sorted(),

@@ -234,7 +234,7 @@ public final class KeyManager: @unchecked Sendable {
             }
             try KeystoreMeta.set(.kekCheck, to: Data(check), db)
             // Records from here on are chained with a keyed MAC; older ones keep SHA-256.
-            let next = (try Int64.fetchOne(db, sql: "SELECT MAX(seq) FROM audit_log") ?? 0) + 1
+            let next = try AuditLogTable.lastSeq(db) + 1
             try KeystoreMeta.set(.auditKeyedFrom, to: next, db)
             try integrity.reseal(db, generation: 1)
             try AuditTrail.append(db, chain: integrity.hmac, AuditEvent(.sealKeystore, error: "keystore rows authenticated for the first time"), at: clock())
