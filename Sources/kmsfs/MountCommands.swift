@@ -1,12 +1,9 @@
 import Administration
 import ArgumentParser
 import ChunkCipher
-import CLinux
 import EncryptedFS
 import Foundation
-import FUSEBridge
 import KeyManager
-import Logging
 
 struct Mount: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -50,97 +47,17 @@ struct Mount: ParsableCommand {
             return
         }
         let notify = notifyFD
+        let plan = MountPlan(cipherdir: cipher, mountpoint: mount, keystore: keystore, options: options, threads: threads,
+                             metricsFile: metricsFile, metricsInterval: metricsInterval, auditOpens: auditOpens == .on,
+                             caller: caller, clock: Clock.current)
         do {
-            kmsfs_disable_core_dumps()
-            SecureHeap.prepare()
-            // One descriptor per inode the kernel caches (as passthrough_ll):
-            // a tree of many files needs far more than the usual 1,024.
-            let descriptorLimit = kmsfs_raise_open_file_limit(1 << 20)
-            let manager = try KeyManager.open(in: keystore, passphrase: secret, clock: Clock.current)
-            _ = consume secret
-            _ = try manager.runSchedules()
-            if auditOpens == .off {
-                manager.audit(AuditEvent(.mountWithoutOpenAudit, outcome: .warning, principal: caller,
-                                         error: "successful file opens and creates are not recorded by this mount (benchmark)"))
-                manager.auditsRoutineUse.store(false, ordering: .relaxed)
+            try MountServer.serve(plan, passphrase: secret) { warnings in
+                if let notify {
+                    MountDaemon.report(notify, (["ok"] + warnings.map { "warning: " + $0 }).joined(separator: "\n"))
+                } else {
+                    warnings.forEach { Output.note("kmsfs: warning: " + $0) }
+                }
             }
-            try manager.startBatchingUsage()
-            defer {
-                try? manager.stopBatchingUsage()
-                manager.sealAuditDigest()
-            }
-            // A signed digest of the audit log every minute while mounted.
-            let digests = DispatchSource.makeTimerSource(queue: .global(qos: .utility))
-            digests.schedule(deadline: .now() + 60, repeating: 60)
-            digests.setEventHandler { [manager] in manager.sealAuditDigest() }
-            digests.resume()
-            defer { digests.cancel() }
-            // Rotations, deletion windows and overdue alerts while mounted.
-            let schedules = ScheduleRunner(manager: manager)
-            schedules.start()
-            defer { schedules.stop() }
-            let fs = try EncryptedFileSystem(cipherdir: cipher, keyManager: manager)
-            // Finish or roll back what an interrupted rekey left, before anything reads a file.
-            let rekey = RekeyService(filesystem: fs)
-            let unrepaired = try rekey.rekeyer.recover()
-            guard unrepaired.isEmpty else {
-                throw Failure("not mounted: " + unrepaired.map(\.description).joined(separator: "\n"))
-            }
-            var mountOptions = ["fsname=\(cipher)", "subtype=kmsfs"]
-            mountOptions += options.flatMap { $0.split(separator: ",").map(String.init) }
-            // When other users can reach the mount, the kernel checks mode
-            // bits for them. A private mount is reached only by the user who
-            // mounted it (the kernel refuses everyone else), whose access the
-            // backing files already check; without default_permissions the
-            // kernel skips a GETATTR of the parent before every create and
-            // unlink (as gocryptfs does).
-            if mountOptions.contains(where: { $0 == "allow_other" || $0 == "allow_root" }), !mountOptions.contains("default_permissions") {
-                mountOptions.append("default_permissions")
-            }
-            let session = try FUSESession(fileSystem: fs, mountpoint: mount, options: mountOptions)
-            try session.mount()
-            // The kernel has already applied the caller's umask to the mode of
-            // every create, mkdir and mknod; the daemon's own would mask it a
-            // second time (`umask 0; touch f` gave 0644, not 0666). Everything
-            // else the daemon creates names its mode (as libfuse's
-            // passthrough_ll and gocryptfs do it).
-            umask(0)
-            let started = Date().timeIntervalSince1970
-            let admin = AdminService(manager: manager, rekey: rekey)
-            let control = try ControlServer(directory: keystore, status: { [fs, manager] in
-                var status = MountStatus(cipherdir: cipher, mountpoint: mount, pid: getpid(), startedAt: started,
-                                         statistics: fs.statistics, keysInUse: fs.keysInUse)
-                status.governingKeys = try? manager.governingKeys()
-                return status
-            }, admit: { [manager] peer in manager.controlAdmission(peer) },
-               execute: { request, peer throws(AdminFailure) in try admin.perform(request, as: peer) })
-            rekey.start()
-            defer { rekey.stop() }
-            // However many inodes the kernel caches, the daemon stays under its descriptor limit.
-            let relief = DescriptorRelief(filesystem: fs, limit: descriptorLimit > 0 ? descriptorLimit : 1024) { [session] parent, name in
-                session.invalidateEntry(parent: parent, name: name)
-            }
-            relief.start()
-            defer { relief.stop() }
-            fs.relief = relief
-            fs.attributesChanged = { [session] node in session.invalidateAttributes(node) }
-            let metrics = metricsFile.map {
-                MetricsWriter(path: URL(fileURLWithPath: $0).standardizedFileURL.path, interval: metricsInterval, filesystem: fs,
-                              mountpoint: mount, started: started)
-            }
-            metrics?.start()
-            defer { metrics?.stop() }
-            control.start()
-            defer { control.stop() }  // first: no admin command reaches a daemon that is going away
-            // A shared mount whose keys admit only the owner: say so, with the fix.
-            let sharing = mountOptions.contains("allow_other")
-                ? (try? manager.sharingWarnings(owner: getuid(), mountpoint: mount)) ?? [] : []
-            if let notify {
-                MountDaemon.report(notify, (["ok"] + sharing.map { "warning: " + $0 }).joined(separator: "\n"))
-            } else {
-                sharing.forEach { Output.note("kmsfs: warning: " + $0) }
-            }
-            try session.run(threads: threads)
         } catch {
             let message = (error as? KeyManagerError)?.description ?? "\(error)"
             if let notify { MountDaemon.report(notify, message) }
