@@ -72,6 +72,11 @@ public enum AuditAction: String, Codable, Sendable, CaseIterable {
     /// A file's chunk or header failed authentication.
     case integrityFailure = "IntegrityFailure"
 
+    /// Names earlier builds recorded and no longer write (the first rotation
+    /// scheduler's `RotateKeyAutomatically`, now CloudTrail's `RotateKey`):
+    /// their records stay in old logs, readable and filterable.
+    public static let retiredNames: Set<String> = ["RotateKeyAutomatically"]
+
     /// A rekey job entering `state`.
     static func rekey(_ state: RekeyState) -> AuditAction {
         switch state {

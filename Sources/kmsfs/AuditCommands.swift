@@ -42,7 +42,7 @@ struct AuditCommand: ParsableCommand {
                 throw ValidationError("--outcome is one of " + AuditOutcome.allCases.map(\.rawValue).joined(separator: ", "))
             }
             // A misspelt event would match nothing and look like "no such records".
-            if let event, AuditAction(rawValue: event) == nil {
+            if let event, AuditAction(rawValue: event) == nil, !AuditAction.retiredNames.contains(event) {
                 throw ValidationError("--event \(event) is not an event kmsfs records; one of " + AuditAction.allCases.map(\.rawValue).joined(separator: ", "))
             }
         }
