@@ -69,7 +69,9 @@ static ssize_t hook_read(int fd, void *buf, size_t len, void *userdata) {
             // copy into the file: under this scheme it strips its own kill
             // flags and sends the request empty, so empty means "remove them".
             const struct fuse_setattr_in *arg = argument(buf, n, sizeof(struct fuse_setattr_in));
-            kills_suidgid = arg && ((arg->valid & FATTR_KILL_SUIDGID) || (arg->valid & ~(uint32_t)(FATTR_FH | FATTR_LOCKOWNER)) == 0);
+            // (Only under that scheme: otherwise the kernel clears the bits with a mode change itself.)
+            kills_suidgid = arg && ((arg->valid & FATTR_KILL_SUIDGID)
+                                    || (atomic_load(&killpriv_v2) && (arg->valid & ~(uint32_t)(FATTR_FH | FATTR_LOCKOWNER)) == 0));
             break;
         }
         case FUSE_OPEN: {
