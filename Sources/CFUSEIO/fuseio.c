@@ -1,6 +1,6 @@
 // Hand-written because libfuse 3.14 (Debian 12) stops short of it: the
 // kernel has offered FUSE_HANDLE_KILLPRIV_V2 since 5.11, but libfuse only
-// learned to negotiate it in 3.16, and it drops the flags that come with it
+// learned to negotiate it in 3.17, and 3.14 drops the flags that come with it
 // (FUSE_WRITE_KILL_SUIDGID, FATTR_KILL_SUIDGID, FUSE_OPEN_KILL_SUIDGID)
 // before a request reaches the filesystem.
 //
