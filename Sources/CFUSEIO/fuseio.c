@@ -113,6 +113,4 @@ int kmsfs_fuseio_install(struct fuse_session *se) {
     return fuse_session_custom_io(se, &io, fuse_session_fd(se));
 }
 
-int kmsfs_fuseio_killpriv_v2(void) { return atomic_load(&killpriv_v2); }
-
 int kmsfs_fuseio_request_kills_suidgid(void) { return kills_suidgid; }

@@ -25,7 +25,7 @@ enum CipherTree {
 
     static func kind(of name: FileName) -> Kind {
         if name == DirectoryKeys.fileName { return .directoryKeys }
-        guard name.hasPrefix(EncryptedFileSystem.reservedPrefix) else { return .entry }
+        guard name.hasPrefix(NameMapping.reservedPrefix) else { return .entry }
         return name.isHashedLongName ? .entry : .own
     }
 

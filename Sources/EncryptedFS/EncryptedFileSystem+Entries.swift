@@ -220,7 +220,7 @@ extension EncryptedFileSystem {
     }
 
     /// Where a directory's keys wait, in its parent, while the directory is removed.
-    static let setAsidePrefix = reservedPrefix + ".rmdir-"
+    static let setAsidePrefix = NameMapping.reservedPrefix + ".rmdir-"
 
     /// Removes an empty backing directory with `remove` (rmdir, or a rename
     /// over it) and returns its directory id; ENOTEMPTY if it holds more than

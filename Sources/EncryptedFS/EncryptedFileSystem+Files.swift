@@ -197,17 +197,15 @@ extension EncryptedFileSystem {
         let st = try Syscall.fstatat(node.fd, "", flags: KMSFS_AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)
         let mode = st.st_mode & 0o7777
         guard mode & (S_ISUID | S_ISGID) != 0 else { return false }
-        let cleared = Self.withoutSetID(mode, callerInGroup: context.uid == 0 || Self.caller(context, isIn: st.st_gid))
+        var cleared = mode & ~S_ISUID
+        // Group membership matters only for a set-group-ID bit without group
+        // execute; only then is the caller's group list read.
+        if mode & S_ISGID != 0, mode & S_IXGRP != 0 || !(context.uid == 0 || Self.caller(context, isIn: st.st_gid)) {
+            cleared &= ~S_ISGID
+        }
         guard cleared != mode else { return false }
         try Syscall.call { chmod(node.procPath, cleared) }
         return true
-    }
-
-    /// `mode` without the set-ID bits an unprivileged write removes (see `clearSetID`).
-    static func withoutSetID(_ mode: mode_t, callerInGroup: Bool) -> mode_t {
-        var cleared = mode & ~S_ISUID
-        if mode & S_IXGRP != 0 || !callerInGroup { cleared &= ~S_ISGID }
-        return cleared
     }
 
     /// Whether the caller's primary or supplementary groups include `gid`

@@ -52,8 +52,6 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     let integrityFailures = Atomic<Int>(0)
     let denied = Atomic<Int>(0)
 
-    /// Names in CIPHERDIR beginning with this belong to kmsfs, never to the user.
-    static let reservedPrefix = NameMapping.reservedPrefix
 
     /// Opens the filesystem rooted at `cipherdir` (already initialised).
     public init(cipherdir: String, keyManager: KeyManager) throws {
@@ -74,7 +72,6 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
                                      principal: principal, layout: layout, isRoot: true)
     }
 
-    var openFileKeys: [KeyID] { openFiles.keys }
 
     public func entryReplied() { relief?.throttle() }
 
@@ -152,8 +149,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     /// The name stored in CIPHERDIR for plaintext `name` in directory `node`
     /// (its keys loaded for, and checked against, the caller).
     func storedName(_ name: FileName, in node: Node, _ context: RequestContext) throws(Errno) -> FileName {
-        try NameMapping.validate(name)
-        return try names.stored(for: name, keys: plaintextNames ? nil : try directoryKeys(node, context), cache: node.names)
+        try names.stored(for: name, cache: node.names) { () throws(Errno) in try directoryKeys(node, context) }
     }
 
     /// For a hashed long name, writes the sidecar holding the full encoded name.
@@ -164,12 +160,6 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
 
     func removeSidecar(_ stored: FileName, in node: Node) {
         names.removeSidecar(stored, inDirectory: node.fd)
-    }
-
-    /// The plaintext name of a stored entry, or nil for kmsfs's own files and undecryptable names.
-    func plaintextName(_ stored: FileName, inDirectory dirFD: Int32, keys dir: DirectoryKeys?) -> FileName? {
-        if case .name(let name) = names.decode(stored, inDirectory: dirFD, keys: dir) { return name }
-        return nil
     }
 
     /// Backing attributes turned into what the application sees.

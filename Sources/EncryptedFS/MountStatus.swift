@@ -25,6 +25,6 @@ public struct MountStatus: Codable, Sendable {
 extension EncryptedFileSystem {
     /// Master keys whose data keys open files hold now.
     public var keysInUse: [String] {
-        Array(Set(openFileKeys.map(\.rawValue.hex))).sorted()
+        Array(Set(openFiles.keys.map(\.rawValue.hex))).sorted()
     }
 }

@@ -27,20 +27,18 @@ struct NameMapping: Sendable {
         case damaged
     }
 
-    /// Refuses what no directory may hold: "", "." and "..", and names past 255 bytes.
-    static func validate(_ name: FileName) throws(Errno) {
+    /// The stored name of plaintext `name` in a directory, through its name
+    /// cache. `keys` loads the directory's name keys (checking the caller
+    /// may use them); it runs only for a valid name with encrypted names, so
+    /// an invalid name fails as invalid whoever asks.
+    func stored(for name: FileName, cache: NameCache?, keys: () throws(Errno) -> DirectoryKeys) throws(Errno) -> FileName {
         guard !name.isEmpty, !name.isDotOrDotDot else { throw .invalidArgument }
         guard name.count <= 255 else { throw .fileNameTooLong }
-    }
-
-    /// The stored name of plaintext `name` in a directory whose name keys
-    /// are `keys` (nil only with plaintext names), through its name cache.
-    func stored(for name: FileName, keys: DirectoryKeys?, cache: NameCache?) throws(Errno) -> FileName {
-        try Self.validate(name)
-        guard !plaintextNames, let keys else {
+        if plaintextNames {
             guard !name.hasPrefix(Self.reservedPrefix) else { throw .notPermitted }
             return name
         }
+        let keys = try keys()
         if let known = cache?.stored(for: name) { return known }
         let stored: FileName
         do throws(CipherError) { stored = FileName(LongName.storedName(for: try keys.names.encrypt(name.bytes))) } catch { throw .invalidArgument }

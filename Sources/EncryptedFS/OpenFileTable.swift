@@ -76,17 +76,8 @@ final class OpenFileTable: Sendable {
         }
     }
 
-    /// Shares `file` and gives it a handle in one step (a create).
-    func shareWithHandle(_ file: OpenFile) -> HandleID {
-        state.withLock { s in
-            let shared = s.files[file.inode] ?? file
-            s.files[file.inode] = shared
-            shared.handles += 1
-            let h = s.issue()
-            s.handles[h] = shared
-            return h
-        }
-    }
+    /// Shares `file` and gives the shared state a handle (a create).
+    func shareWithHandle(_ file: OpenFile) -> HandleID { handle(for: share(file)) }
 
     func file(_ handle: HandleID) -> OpenFile? { state.withLock { $0.handles[handle] } }
 

@@ -61,10 +61,6 @@ public final class FUSESession: @unchecked Sendable {
         if hooked != 0 { logger.warning("raw FUSE I/O hooks not installed (error \(-hooked)); the kernel keeps asking for security.capability before writes") }
     }
 
-    /// Whether the kernel leaves clearing set-user-ID and set-group-ID bits
-    /// to this filesystem (FUSE_HANDLE_KILLPRIV_V2); known once INIT is answered.
-    public static var clearsSetIDItself: Bool { kmsfs_fuseio_killpriv_v2() != 0 }
-
     /// Serves requests on up to `threads` threads until unmounted or signalled, then unmounts.
     public func run(threads: Int = 4) throws {
         guard let session else { return }

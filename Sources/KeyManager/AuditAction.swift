@@ -75,7 +75,7 @@ public enum AuditAction: String, Codable, Sendable, CaseIterable {
     /// Names earlier builds recorded and no longer write (the first rotation
     /// scheduler's `RotateKeyAutomatically`, now CloudTrail's `RotateKey`):
     /// their records stay in old logs, readable and filterable.
-    public static let retiredNames: Set<String> = ["RotateKeyAutomatically"]
+    public static let retiredNames: Set<String> = [RotationRow.legacyAutomatic]
 
     /// A rekey job entering `state`.
     static func rekey(_ state: RekeyState) -> AuditAction {

@@ -62,20 +62,7 @@ extension KeyManager {
     }
 
     func rotations(of id: KeyID) throws(KeyManagerError) -> [KeyRotation] {
-        try verifiedRead { db in
-            try Row.fetchAll(db, sql: """
-                SELECT v.version, v.created_at, r.type,
-                    (SELECT a.event FROM audit_log a WHERE a.key_id = v.key_id AND a.key_version = v.version
-                        AND a.event IN ('RotateKey', 'RotateKeyAutomatically', 'RotateKeyOnDemand') ORDER BY a.seq LIMIT 1) AS event
-                FROM key_versions v LEFT JOIN rotations r ON r.key_id = v.key_id AND r.version = v.version
-                WHERE v.key_id = ? AND v.version > 1 ORDER BY v.version
-                """, arguments: [id.rawValue.hex]).map { row in
-                let recorded = (row["type"] as String?).flatMap(RotationType.init(rawValue:))
-                let legacy: RotationType = (row["event"] as String?) == "RotateKeyAutomatically" ? .automatic : .onDemand
-                return KeyRotation(keyID: id, version: KeyVersion(rawValue: UInt32(row["version"] as Int)),
-                                   rotationDate: row["created_at"], rotationType: recorded ?? legacy)
-            }
-        }
+        try verifiedRead { db in try RotationRow.history(of: id, db) }
     }
 
     /// Turns automatic rotation on with a period in days, or off with nil.

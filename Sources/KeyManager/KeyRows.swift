@@ -147,6 +147,28 @@ struct RotationRow: Codable, FetchableRecord, PersistableRecord {
     var type: String
 
     enum CodingKeys: String, CodingKey { case keyID = "key_id", version, time, type }
+
+    /// What older builds recorded an automatic rotation as, before this table kept the type.
+    static let legacyAutomatic = "RotateKeyAutomatically"
+
+    /// Every rotation of `key`, oldest first: each version after the first,
+    /// with its type from this table or, for rotations made before it
+    /// existed, from the audit record that made the version.
+    static func history(of key: KeyID, _ db: Database) throws -> [KeyRotation] {
+        let names = [AuditAction.rotateKey.rawValue, legacyAutomatic, AuditAction.rotateKeyOnDemand.rawValue]
+        return try Row.fetchAll(db, sql: """
+            SELECT v.version, v.created_at, r.type,
+                (SELECT a.event FROM audit_log a WHERE a.key_id = v.key_id AND a.key_version = v.version
+                    AND a.event IN (?, ?, ?) ORDER BY a.seq LIMIT 1) AS event
+            FROM key_versions v LEFT JOIN rotations r ON r.key_id = v.key_id AND r.version = v.version
+            WHERE v.key_id = ? AND v.version > 1 ORDER BY v.version
+            """, arguments: StatementArguments(names + [key.rawValue.hex])).map { row in
+            let recorded = (row["type"] as String?).flatMap(RotationType.init(rawValue:))
+            let legacy: RotationType = (row["event"] as String?) == legacyAutomatic ? .automatic : .onDemand
+            return KeyRotation(keyID: key, version: KeyVersion(rawValue: UInt32(row["version"] as Int)),
+                               rotationDate: row["created_at"], rotationType: recorded ?? legacy)
+        }
+    }
 }
 
 /// `external_keys`: where a key held outside the keystore lives (AWS KMS,

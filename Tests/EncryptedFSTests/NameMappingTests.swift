@@ -19,6 +19,15 @@ final class NameMappingTests {
         keys = try DirectoryKeys(directoryID: .random(), keyID: .random(), version: KeyVersion(rawValue: 1), nameKey: .random(), isRoot: false)
     }
 
+    /// The directory's keys, as the filesystem hands them over.
+    func given() throws(Errno) -> DirectoryKeys { keys }
+
+    /// Keys that must not be asked for: recorded as an issue if they are.
+    static func neverLoaded() throws(Errno) -> DirectoryKeys {
+        Issue.record("the directory's keys were loaded")
+        throw .ioError
+    }
+
     deinit {
         close(dirFD)
         try? FileManager.default.removeItem(atPath: directory)
@@ -29,13 +38,16 @@ final class NameMappingTests {
         let mapping = NameMapping(plaintextNames: false)
         let cache = NameCache()
         let name = FileName(bytes: Array("report \u{00e9}\u{0001}.txt".utf8) + [0xff])
-        let stored = try mapping.stored(for: name, keys: keys, cache: cache)
+        let stored = try mapping.stored(for: name, cache: cache, keys: given)
         #expect(stored != name && !stored.hasPrefix(NameMapping.reservedPrefix))
         guard case .name(let back) = mapping.decode(stored, inDirectory: dirFD, keys: keys) else { Issue.record("not decoded"); return }
         #expect(back == name)
         #expect(cache.stored(for: name) == stored && cache.plaintext(for: stored) == name)
-        #expect(throws: Errno.fileNameTooLong) { try mapping.stored(for: FileName(String(repeating: "a", count: 256)), keys: keys, cache: nil) }
-        #expect(throws: Errno.invalidArgument) { try mapping.stored(for: "..", keys: keys, cache: nil) }
+        // An invalid name fails as invalid before any key is loaded (a caller the keys refuse gets EINVAL, not EACCES).
+        #expect(throws: Errno.fileNameTooLong) { try mapping.stored(for: FileName(String(repeating: "a", count: 256)), cache: nil, keys: Self.neverLoaded) }
+        #expect(throws: Errno.invalidArgument) { try mapping.stored(for: "..", cache: nil, keys: Self.neverLoaded) }
+        // Keys that refuse the caller refuse even a name the cache knows.
+        #expect(throws: Errno.permissionDenied) { try mapping.stored(for: name, cache: cache) { () throws(Errno) in throw .permissionDenied } }
         // A name that does not authenticate under these keys is damage, not a name.
         let other = try DirectoryKeys(directoryID: .random(), keyID: .random(), version: KeyVersion(rawValue: 1), nameKey: .random(), isRoot: false)
         guard case .damaged = mapping.decode(stored, inDirectory: dirFD, keys: other) else { Issue.record("foreign name accepted"); return }
@@ -47,7 +59,7 @@ final class NameMappingTests {
     func longNames() throws {
         let mapping = NameMapping(plaintextNames: false)
         let name = FileName(String(repeating: "n", count: 255))
-        let stored = try mapping.stored(for: name, keys: keys, cache: nil)
+        let stored = try mapping.stored(for: name, cache: nil, keys: given)
         #expect(stored.isHashedLongName && stored.count <= 255)
         guard case .damaged = mapping.decode(stored, inDirectory: dirFD, keys: keys) else { Issue.record("decoded without a sidecar"); return }
         try mapping.writeSidecar(stored, plaintext: name, keys: keys, inDirectory: dirFD)
@@ -67,8 +79,8 @@ final class NameMappingTests {
     @Test("plaintext names: stored as given, but kmsfs's reserved prefix is refused")
     func plaintext() throws {
         let mapping = NameMapping(plaintextNames: true)
-        #expect(try mapping.stored(for: "notes", keys: nil, cache: nil) == "notes")
-        #expect(throws: Errno.notPermitted) { try mapping.stored(for: ".kmsfs-mine", keys: nil, cache: nil) }
+        #expect(try mapping.stored(for: "notes", cache: nil, keys: Self.neverLoaded) == "notes")
+        #expect(throws: Errno.notPermitted) { try mapping.stored(for: ".kmsfs-mine", cache: nil, keys: Self.neverLoaded) }
         guard case .name(let same) = mapping.decode("notes", inDirectory: dirFD, keys: nil), same == "notes" else { Issue.record("not as given"); return }
     }
 }

@@ -128,9 +128,8 @@ struct RekeyJobPathTests {
 }
 
 @Suite struct AuditActionTests {
-    @Test("audit event names are distinct, and every record a key's life writes names an AuditAction — a misspelt name cannot reach the log")
+    @Test("every record a key's life writes names an AuditAction — a misspelt name cannot reach the log")
     func everyRecordNamesAKnownAction() throws {
-        #expect(Set(AuditAction.allCases.map(\.rawValue)).count == AuditAction.allCases.count)
         let scratch = Scratch()
         let km = try scratch.create()
         let key = try km.createKey(aliases: ["alias/life"], tags: ["env": "dev"], by: owner)

@@ -10,10 +10,6 @@ struct fuse_session;
 /// does. Call after fuse_session_mount and before the loop. 0 or -errno.
 int kmsfs_fuseio_install(struct fuse_session *se);
 
-/// 1 once the kernel has been told this filesystem clears set-user-ID and
-/// set-group-ID bits itself (FUSE_HANDLE_KILLPRIV_V2 granted), else 0.
-int kmsfs_fuseio_killpriv_v2(void);
-
 /// 1 when the request this thread is handling asks the filesystem to clear
 /// set-ID bits: a WRITE with FUSE_WRITE_KILL_SUIDGID, a SETATTR with
 /// FATTR_KILL_SUIDGID or with nothing to change (file_remove_privs before a
