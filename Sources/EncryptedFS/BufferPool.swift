@@ -1,8 +1,8 @@
 import Synchronization
 
-/// Scratch buffers for the write path, reused instead of allocated per
-/// request: every write needs one for its sealed chunks and an unaligned
-/// write one more for the whole chunks it touches — up to `max_write` plus
+/// Scratch buffers for the read and write paths, reused instead of
+/// allocated per request: every read and write needs one for its sealed
+/// chunks and an unaligned write one more for the whole chunks it touches — up to `max_write` plus
 /// the chunks' overhead each, sizes at which malloc may map and unmap fresh
 /// pages every time. At most `keep` buffers of at most `largest` bytes wait
 /// here; a larger request gets its own allocation. (Buffers hold the

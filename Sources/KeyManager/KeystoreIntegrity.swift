@@ -35,8 +35,10 @@ struct KeystoreIntegrity {
         var exclude: String?
     }
 
-    /// Meta entries written on busy paths that grant nothing.
-    static let volatileMeta = "name IN ('usage_journal_pid', 'integrity_seal') OR name LIKE 'alerted_rotation_%'"
+    /// Meta entries written on busy paths that grant nothing (names from
+    /// `MetaName`, so a renamed entry cannot silently become protected).
+    static let volatileMeta = "name IN ('\(MetaName.usageJournalPID.rawValue)', '\(MetaName.integritySeal.rawValue)') "
+        + "OR name LIKE '\(MetaName.rotationAlertedPrefix)%'"
 
     static let tables: [Table] = [
         Table(name: "meta", primaryKey: ["name"], columns: ["name", "value"], exclude: volatileMeta),

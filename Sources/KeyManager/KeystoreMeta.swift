@@ -31,7 +31,8 @@ struct MetaName: RawRepresentable, Hashable, Sendable {
     /// Set while a mount batches usage changes: its process id.
     static let usageJournalPID = MetaName(rawValue: "usage_journal_pid")
     /// When the rotation-overdue alert last fired for a key.
-    static func rotationAlerted(_ key: KeyID) -> MetaName { MetaName(rawValue: "alerted_rotation_" + key.rawValue.hex) }
+    static func rotationAlerted(_ key: KeyID) -> MetaName { MetaName(rawValue: rotationAlertedPrefix + key.rawValue.hex) }
+    static let rotationAlertedPrefix = "alerted_rotation_"
 }
 
 /// The `meta` table: one value per name.
