@@ -28,6 +28,71 @@ public enum ChunkPipeline {
         return total
     }
 
+    /// Seals like `seal`, handing the output to `emit` in order, a piece of
+    /// about 32 KiB at a time (its byte range in `output`), as soon as that
+    /// piece is sealed: while one core writes a piece out, the other seals
+    /// the next, so a large write costs about its write-out, not its sealing
+    /// plus its write-out. `emit` returning false stops the run (pieces after
+    /// it are neither emitted nor, once noticed, sealed). Runs below the
+    /// parallel threshold are sealed whole and emitted once.
+    public static func sealInOrder(_ cipher: FileCipher, first: ChunkIndex, plaintext: UnsafeRawBufferPointer,
+                                   into output: UnsafeMutableRawBufferPointer, workers: Int? = nil,
+                                   emit: (Range<Int>) -> Bool) throws(CipherError) {
+        let layout = cipher.layout
+        let count = layout.chunkCount(plaintextSize: plaintext.count)
+        let total = ciphertextBytes(layout, plaintextSize: plaintext.count)
+        guard output.count >= total else { throw .invalidArgument("output of \(output.count) bytes for \(total)") }
+        let perPiece = max(1, pieceBytes / layout.chunkSize)
+        let pieces = (count + perPiece - 1) / perPiece
+        let cores = workers ?? ProcessInfoLite.activeProcessorCount
+        if plaintext.count < parallelThreshold || cores < 2 || pieces < 2 {
+            try seal(cipher, first: first, plaintext: plaintext, into: output, workers: 1)
+            _ = emit(0..<total)
+            return
+        }
+        // Pieces touch disjoint slices of the caller's buffers.
+        nonisolated(unsafe) let sealPiece = { (piece: Int) throws(CipherError) in
+            for i in (piece * perPiece)..<min(count, (piece + 1) * perPiece) {
+                let p = i * layout.chunkSize
+                let n = min(layout.chunkSize, plaintext.count - p)
+                let c = i * layout.sealedChunkSize
+                try cipher.sealChunk(first.advanced(by: i), plaintext: UnsafeRawBufferPointer(rebasing: plaintext[p..<(p + n)]),
+                                     into: UnsafeMutableRawBufferPointer(rebasing: output[c..<(c + n + ChunkLayout.overhead)]))
+            }
+        }
+        let board = PieceBoard(pieces)
+        let writerTaken = Atomic<Bool>(false)
+        withoutActuallyEscaping(emit) { escapable in
+            // Lanes seal disjoint pieces of the caller's buffers; one of them
+            // (whichever starts first) also emits, in order, and seals the
+            // next unclaimed piece itself rather than wait. concurrentPerform
+            // returns only when all lanes are done.
+            nonisolated(unsafe) let emit = escapable
+            DispatchQueue.concurrentPerform(iterations: min(cores, pieces)) { _ in
+                let writes = writerTaken.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
+                if !writes {
+                    while let piece = board.claim() { board.finish(piece, sealing: { () throws(CipherError) in try sealPiece(piece) }) }
+                    return
+                }
+                for piece in 0..<pieces {
+                    // Not sealed yet: seal the next unclaimed piece meanwhile, or
+                    // wait the few microseconds the other lane needs for this one.
+                    while case let state = board.state(of: piece), state != .sealed {
+                        if state == .failed { board.stop(); return }
+                        if let next = board.claim() { board.finish(next, sealing: { () throws(CipherError) in try sealPiece(next) }) }
+                    }
+                    let start = piece * perPiece * layout.sealedChunkSize
+                    let end = min(total, (piece + 1) * perPiece * layout.sealedChunkSize)
+                    guard emit(start..<end) else { board.stop(); return }
+                }
+            }
+        }
+        if let error = board.error { throw error }
+    }
+
+    /// The target size of the pieces `sealInOrder` emits.
+    static let pieceBytes = 16 * 1024
+
     /// Opens `sealed` (consecutive chunks as on disk, the first being chunk
     /// `first`) into `output`. Returns the plaintext byte count. The first
     /// failing chunk's error is thrown.
@@ -85,6 +150,41 @@ public enum ChunkPipeline {
         }
         if let error = firstError.error { throw error }
     }
+}
+
+/// Which pieces of a `sealInOrder` run are claimed, sealed or failed.
+final class PieceBoard: Sendable {
+    enum State { case pending, sealed, failed }
+    private struct Board: ~Copyable {
+        var next = 0
+        var stopped = false
+        var states: [State]
+        var error: (index: Int, error: CipherError)?
+    }
+    private let board: Mutex<Board>
+    init(_ pieces: Int) { board = Mutex(Board(states: Array(repeating: .pending, count: pieces))) }
+
+    /// The next piece nobody has claimed, unless the run stopped.
+    func claim() -> Int? {
+        board.withLock { b in
+            guard !b.stopped, b.next < b.states.count else { return nil }
+            defer { b.next += 1 }
+            return b.next
+        }
+    }
+
+    func finish(_ piece: Int, sealing: () throws(CipherError) -> Void) {
+        var failure: CipherError?
+        do throws(CipherError) { try sealing() } catch { failure = error }
+        board.withLock { b in
+            b.states[piece] = failure == nil ? .sealed : .failed
+            if let failure, b.error == nil || piece < b.error!.index { b.error = (piece, failure) }
+        }
+    }
+
+    func state(of piece: Int) -> State { board.withLock { $0.states[piece] } }
+    func stop() { board.withLock { $0.stopped = true } }
+    var error: CipherError? { board.withLock { $0.error?.error } }
 }
 
 /// The lowest-indexed error of a parallel run, so the result does not depend

@@ -37,12 +37,13 @@ extension CiphertextStore {
     }
 }
 
-/// The backing file of a mount: a descriptor, closed with the store.
+/// The backing file of a mount: a descriptor (the file's node's, shared),
+/// closed when the store and the node both let go.
 final class DescriptorStore: CiphertextStore {
-    private let descriptor: Descriptor
+    private let descriptor: SharedDescriptor
     var fd: Int32 { descriptor.raw }
 
-    init(_ descriptor: consuming Descriptor) { self.descriptor = descriptor }
+    init(_ descriptor: SharedDescriptor) { self.descriptor = descriptor }
 
     func attributes() throws(Errno) -> stat { try Syscall.fstat(fd) }
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws(Errno) -> Int { try Syscall.pread(fd, buffer, at: offset) }

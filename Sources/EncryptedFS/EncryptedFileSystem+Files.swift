@@ -37,8 +37,10 @@ extension EncryptedFileSystem {
         try writeSidecar(stored, plaintext: name, in: dir, context)
         let file: OpenFile
         let st: stat
+        let fd: SharedDescriptor
         do throws(Errno) {
-            let fd = try Syscall.open(dir.fd, stored, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, mode & 0o7777)
+            // One descriptor for the file, shared by its node and open file.
+            fd = SharedDescriptor(try Syscall.open(dir.fd, stored, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_NONBLOCK, mode & 0o7777))
             do throws(Errno) {
                 try Syscall.pwrite(fd.raw, headerBytes, at: 0)
                 adopt(dir, stored, context)
@@ -54,7 +56,7 @@ extension EncryptedFileSystem {
             throw error
         }
         let handle = openFiles.shareWithHandle(file)
-        let node = try nodes.remember(parentFD: dir.fd, storedName: stored, st: st, parent: parent, name: name)
+        let node = try nodes.remember(parentFD: dir.fd, storedName: stored, st: st, parent: parent, name: name, opened: fd)
         nodes.noteFileID(fileID.rawValue, of: node)
         return (entry(node, st, context), OpenReply(handle: handle))
     }
@@ -88,15 +90,24 @@ extension EncryptedFileSystem {
             }
             return nil
         } make: { () throws(Errno) -> OpenFile in
+            // A node of a regular file holds a read-write descriptor, which
+            // the open file shares; only one the backing file refused
+            // writing is reopened (through /proc, with the modes it allows).
             var writable = true
-            var raw: Int32
-            do throws(Errno) { raw = try Syscall.openat(AT_FDCWD, node.procPath, O_RDWR) } catch {
-                guard error == .permissionDenied || error == .readOnlyFileSystem else { throw error }
-                writable = false
-                raw = try Syscall.openat(AT_FDCWD, node.procPath, O_RDONLY)
+            let descriptor: SharedDescriptor
+            if node.readWrite {
+                descriptor = node.descriptor
+            } else {
+                var raw: Int32
+                do throws(Errno) { raw = try Syscall.openat(AT_FDCWD, node.procPath, O_RDWR) } catch {
+                    guard error == .permissionDenied || error == .readOnlyFileSystem else { throw error }
+                    writable = false
+                    raw = try Syscall.openat(AT_FDCWD, node.procPath, O_RDONLY)
+                }
+                descriptor = SharedDescriptor(Descriptor(adopting: raw))
             }
             let path = keyManager.auditPathMode() == .off ? nil : nodes.filePath(of: node)
-            let file = try makeOpenFile(Descriptor(adopting: raw), writable: writable, principal: who, path: path)
+            let file = try makeOpenFile(descriptor, writable: writable, principal: who, path: path)
             nodes.noteFileID(file.fileID.rawValue, of: node)
             if !writable, flags & O_ACCMODE != O_RDONLY { throw .permissionDenied }
             return file
@@ -106,7 +117,7 @@ extension EncryptedFileSystem {
     /// Reads and authenticates the header of backing file `fd`, unwraps its
     /// data key for `principal` and makes its open state, which owns `fd`.
     /// `rekeying`: opened by the rekey job, which may unwrap a cut-off version to move the file off it.
-    func makeOpenFile(_ fd: consuming Descriptor, writable: Bool, principal who: Principal, path: String? = nil, rekeying: Bool = false) throws(Errno) -> OpenFile {
+    func makeOpenFile(_ fd: SharedDescriptor, writable: Bool, principal who: Principal, path: String? = nil, rekeying: Bool = false) throws(Errno) -> OpenFile {
         let header: FileHeader
         let raw = try Syscall.pread(fd.raw, count: ChunkLayout.headerSize, at: 0)
         do throws(CipherError) { header = try FileHeader(decoding: raw) } catch {

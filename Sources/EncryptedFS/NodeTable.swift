@@ -17,17 +17,22 @@ struct InodeKey: Hashable {
     }
 }
 
-/// One inode the kernel knows about: an `KMSFS_O_PATH` descriptor of its backing
-/// entry (so renames elsewhere never invalidate it, as in libfuse's
-/// passthrough_ll), its lookup count, the plaintext name and parent it was
+/// One inode the kernel knows about: a descriptor of its backing entry (so
+/// renames elsewhere never invalidate it, as in libfuse's passthrough_ll) —
+/// for a regular file opened read-write, which its open files then share
+/// (one descriptor per file, none reopened through /proc), for anything else
+/// (or a file the daemon may not write) `O_PATH` —, its lookup count, the plaintext name and parent it was
 /// last looked up or moved by (a directory's decide its key binding; a
 /// file's are the path its audit records name), and for directories the
 /// directory's keys once loaded.
 final class Node: @unchecked Sendable {
     let id: NodeID
-    /// The node's `O_PATH` descriptor, closed with the node.
-    private let descriptor: Descriptor
+    /// The node's descriptor, closed with the node and any open file sharing it.
+    let descriptor: SharedDescriptor
     var fd: Int32 { descriptor.raw }
+    /// Whether `descriptor` is open read-write (a regular file's, unless the
+    /// backing file refused): an open of the file then shares it.
+    let readWrite: Bool
     let key: InodeKey
     let type: mode_t
     // Guarded by the table's lock.
@@ -49,10 +54,15 @@ final class Node: @unchecked Sendable {
     /// a lookup that makes a file's node allocates no cache).
     let names: NameCache?
 
-    init(id: NodeID, descriptor: consuming Descriptor, key: InodeKey, type: mode_t, parent: NodeID?, name: FileName, device: dev_t = 0) {
+    convenience init(id: NodeID, descriptor: consuming Descriptor, key: InodeKey, type: mode_t, parent: NodeID?, name: FileName) {
+        self.init(id: id, descriptor: SharedDescriptor(descriptor), readWrite: false, key: key, type: type, parent: parent, name: name)
+    }
+
+    init(id: NodeID, descriptor: SharedDescriptor, readWrite: Bool, key: InodeKey, type: mode_t, parent: NodeID?, name: FileName, device: dev_t = 0) {
         self.id = id
         self.device = device
         self.descriptor = descriptor
+        self.readWrite = readWrite
         self.key = key
         self.type = type
         self.parent = parent
@@ -146,9 +156,11 @@ final class NodeTable: Sendable {
     }
 
     /// The node of `name` in `parent` (already `fstatat`-ed as `st`, its type
-    /// as the mount shows it), its lookup count raised by one. Opens an
-    /// `KMSFS_O_PATH` descriptor for a new one.
-    func remember(parentFD: Int32, storedName: FileName, st: stat, parent: NodeID, name: FileName, device: dev_t = 0) throws(Errno) -> Node {
+    /// as the mount shows it), its lookup count raised by one. A new node
+    /// takes `opened` (a create's read-write descriptor of the file) or opens
+    /// one: read-write for a regular file, else (or if refused) `O_PATH`.
+    func remember(parentFD: Int32, storedName: FileName, st: stat, parent: NodeID, name: FileName, device: dev_t = 0,
+                  opened given: SharedDescriptor? = nil) throws(Errno) -> Node {
         let key = InodeKey(st)
         if let existing = state.withLock({ s -> Node? in
             guard let id = s.byInode[key], let node = s.nodes[id] else { return nil }
@@ -159,21 +171,20 @@ final class NodeTable: Sendable {
             node.lastUsed = s.tick
             return node
         }) { return existing }
-        let opened: Descriptor
-        do throws(Errno) {
-            opened = try Syscall.open(parentFD, storedName, KMSFS_O_PATH | O_NOFOLLOW)
-        } catch where error == .tooManyOpenFiles || error == .tooManyOpenFilesInSystem {
-            // Out of descriptors: FORGETs the relief asked for are on their
-            // way; wait for some (at most 0.5 s) rather than fail the lookup.
-            opened = try openWaitingForDescriptors(parentFD, storedName)
-        }
-        guard InodeKey(try Syscall.fstat(opened.raw)) == key else {
-            throw .noSuchFileOrDirectory // replaced between stat and open
+        let descriptor: SharedDescriptor
+        let readWrite: Bool
+        if let given {
+            (descriptor, readWrite) = (given, true)
+        } else {
+            (descriptor, readWrite) = try openBacking(parentFD, storedName, regular: st.st_mode & S_IFMT == S_IFREG)
+            guard InodeKey(try Syscall.fstat(descriptor.raw)) == key else {
+                throw .noSuchFileOrDirectory // replaced between stat and open
+            }
         }
         // Made before the lock; if another lookup of the inode won the race
         // it is dropped below, and its descriptor with it.
-        let made = Node(id: NodeID(rawValue: nextID.add(1, ordering: .relaxed).oldValue), descriptor: opened, key: key,
-                        type: st.st_mode & S_IFMT, parent: parent, name: name, device: device)
+        let made = Node(id: NodeID(rawValue: nextID.add(1, ordering: .relaxed).oldValue), descriptor: descriptor, readWrite: readWrite,
+                        key: key, type: st.st_mode & S_IFMT, parent: parent, name: name, device: device)
         let (node, count) = state.withLock { s -> (Node, Int) in
             s.tick += 1
             if let id = s.byInode[key], let node = s.nodes[id] {
@@ -193,18 +204,36 @@ final class NodeTable: Sendable {
         return node
     }
 
-    private func openWaitingForDescriptors(_ parentFD: Int32, _ storedName: FileName) throws(Errno) -> Descriptor {
+    /// Opens a backing entry for its node: a regular file read-write
+    /// (`O_NONBLOCK` so that another process's lease on it cannot stall the
+    /// daemon; it changes nothing else for a regular file), falling back to
+    /// `O_PATH` where the file refuses writing (a read-only or immutable
+    /// backing file, a lease); anything else `O_PATH`. Out of descriptors it
+    /// waits for the FORGETs the relief asks for (at most 0.5 s).
+    private func openBacking(_ parentFD: Int32, _ storedName: FileName, regular: Bool) throws(Errno) -> (SharedDescriptor, readWrite: Bool) {
         var lastError = Errno.tooManyOpenFiles
-        for _ in 0..<100 {
-            pressure?()
-            usleep(5_000)
+        for attempt in 0..<101 {
+            if attempt > 0 {
+                pressure?()
+                usleep(5_000)
+            }
             do throws(Errno) {
-                return try Syscall.open(parentFD, storedName, KMSFS_O_PATH | O_NOFOLLOW)
+                if regular {
+                    do throws(Errno) {
+                        return (SharedDescriptor(try Syscall.open(parentFD, storedName, O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY)), true)
+                    } catch where Self.refusesWriting(error) {}
+                }
+                return (SharedDescriptor(try Syscall.open(parentFD, storedName, KMSFS_O_PATH | O_NOFOLLOW)), false)
             } catch where error == .tooManyOpenFiles || error == .tooManyOpenFilesInSystem {
                 lastError = error
             }
         }
         throw lastError
+    }
+
+    /// Errors of a read-write open that an `O_PATH` one would not meet.
+    static func refusesWriting(_ error: Errno) -> Bool {
+        [.permissionDenied, .notPermitted, .readOnlyFileSystem, .textFileBusy, .wouldBlock, .resourceTemporarilyUnavailable].contains(error)
     }
 
     /// Up to `n` nodes to ask the kernel to forget, least recently looked up

@@ -1,4 +1,5 @@
 import ChunkCipher
+import Synchronization
 import KeyManager
 import CLinux
 import SystemPackage
@@ -44,8 +45,8 @@ final class OpenFile: @unchecked Sendable {
     /// `taken` is the backing file's current stat if the caller just took
     /// it; `sealedHere` the length the caller itself just sealed into
     /// `header` (a file it created), which is not authenticated again.
-    /// Owns `descriptor` (closed with the state, or at once if this throws).
-    convenience init(_ descriptor: consuming Descriptor, writable: Bool, header: FileHeader, cipher: FileCipher, stat taken: stat? = nil, sealedHere: Int? = nil,
+    /// Holds `descriptor` (shared with the file's node).
+    convenience init(_ descriptor: SharedDescriptor, writable: Bool, header: FileHeader, cipher: FileCipher, stat taken: stat? = nil, sealedHere: Int? = nil,
                      onIntegrityFailure: @escaping @Sendable (CipherError, Principal?) -> Void) throws(Errno) {
         try self.init(store: DescriptorStore(descriptor), writable: writable, header: header, cipher: cipher, stat: taken, sealedHere: sealedHere,
                       onIntegrityFailure: onIntegrityFailure)
@@ -200,12 +201,23 @@ final class OpenFile: @unchecked Sendable {
     private func sealAndWrite(_ plain: UnsafeRawBufferPointer, first: ChunkIndex, newSize: Int) throws(Errno) {
         let sealedCount = ChunkPipeline.ciphertextBytes(layout, plaintextSize: plain.count)
         try BufferPool.shared.withBuffer(sealedCount) { sealed throws(Errno) in
+            // Written out piece by piece, in order, while the rest is sealed:
+            // a failed write leaves a prefix written, as a short write would.
+            let base = layout.ciphertextOffset(of: first)
+            let store = self.store
+            let failed = Mutex<Errno?>(nil)
             do throws(CipherError) {
-                try ChunkPipeline.seal(cipher, first: first, plaintext: plain, into: sealed)
+                try ChunkPipeline.sealInOrder(cipher, first: first, plaintext: plain, into: sealed) { range in
+                    do throws(Errno) {
+                        try store.write(UnsafeRawBufferPointer(rebasing: sealed[range]), at: base + range.lowerBound)
+                        return true
+                    } catch {
+                        failed.withLock { $0 = error }
+                        return false
+                    }
+                }
             } catch { throw .ioError }
-            do throws(Errno) {
-                try store.write(UnsafeRawBufferPointer(sealed), at: layout.ciphertextOffset(of: first))
-            } catch {
+            if let error = failed.withLock({ $0 }) {
                 if newSize > size { restoreEnd(plain, first: first) }
                 throw error
             }

@@ -47,7 +47,7 @@ extension Rekeyer {
         do throws(Errno) {
             let key = InodeKey(try Syscall.fstat(fd))
             file = try fs.openFiles.shared(key) { fs.openFiles.pin(key) } make: { () throws(Errno) -> OpenFile in
-                try fs.makeOpenFile(Descriptor(adopting: try Syscall.call { dup(fd) }), writable: true, principal: job.principal, rekeying: true)
+                try fs.makeOpenFile(SharedDescriptor(Descriptor(adopting: try Syscall.call { dup(fd) })), writable: true, principal: job.principal, rekeying: true)
             }
         } catch { throw RekeyFailure(error) }
         defer { fs.releaseFile(file) }

@@ -145,9 +145,10 @@ public struct Descriptor: ~Copyable, Sendable {
     }
 }
 
-/// A descriptor that several values refer to (a rekey candidate copied
-/// into a batch and handed to a worker): closed when the last one lets go,
-/// so no path has to remember to close it.
+/// A descriptor that several values refer to (a node and the open file that
+/// shares its descriptor; a rekey candidate copied into a batch and handed
+/// to a worker): closed when the last one lets go, so no path has to
+/// remember to close it.
 final class SharedDescriptor: Sendable {
     private let descriptor: Descriptor
     var raw: Int32 { descriptor.raw }

@@ -41,6 +41,52 @@ import ChunkCipher
         }
     }
 
+    @Test("sealing in order hands out consecutive pieces covering the whole run exactly once, in order, and the bytes open back", arguments: chunkSizes)
+    func sealInOrder(chunkSize: Int) throws {
+        let file = try TestFile(chunkSize: chunkSize)
+        for size in [1000, 64 * 1024, 128 * 1024 + 5, 3 << 20] {
+            let plaintext = pattern(size, seed: UInt64(size ^ chunkSize))
+            let total = ChunkPipeline.ciphertextBytes(file.cipher.layout, plaintextSize: size)
+            for workers in [1, 2, 4] {
+                var body = [UInt8](repeating: 0, count: total)
+                var emitted: [Range<Int>] = []
+                try plaintext.withUnsafeBytes { p in
+                    try body.withUnsafeMutableBytes { c in
+                        try ChunkPipeline.sealInOrder(file.cipher, first: ChunkIndex(3), plaintext: p, into: c, workers: workers) { range in
+                            emitted.append(range)
+                            return true
+                        }
+                    }
+                }
+                #expect(emitted.first?.lowerBound == 0 && emitted.last?.upperBound == total, "size \(size) workers \(workers)")
+                #expect(zip(emitted, emitted.dropFirst()).allSatisfy { $0.upperBound == $1.lowerBound }, "pieces in order, no gap or overlap")
+                if workers > 1, size >= ChunkPipeline.parallelThreshold, size > chunkSize { #expect(emitted.count > 1, "a large run is handed out in pieces") }
+                var back = [UInt8](repeating: 0, count: size)
+                try body.withUnsafeBytes { c in try back.withUnsafeMutableBytes { p in
+                    _ = try ChunkPipeline.open(file.cipher, first: ChunkIndex(3), sealed: c, into: p, workers: 1) } }
+                #expect(back == plaintext, "size \(size) workers \(workers)")
+            }
+        }
+    }
+
+    @Test("emit refusing a piece stops the run: nothing after it is handed out")
+    func sealInOrderStops() throws {
+        let file = try TestFile(chunkSize: 4096)
+        let plaintext = pattern(1 << 20, seed: 9)
+        var body = [UInt8](repeating: 0, count: ChunkPipeline.ciphertextBytes(file.cipher.layout, plaintextSize: plaintext.count))
+        var emitted: [Range<Int>] = []
+        try plaintext.withUnsafeBytes { p in
+            try body.withUnsafeMutableBytes { c in
+                try ChunkPipeline.sealInOrder(file.cipher, first: ChunkIndex(0), plaintext: p, into: c, workers: 2) { range in
+                    emitted.append(range)
+                    return emitted.count < 5
+                }
+            }
+        }
+        #expect(emitted.count == 5)
+        #expect(emitted.first?.lowerBound == 0)
+    }
+
     @Test("a run starting at a later chunk index opens only at that index")
     func runAtOffset() throws {
         let file = try TestFile()

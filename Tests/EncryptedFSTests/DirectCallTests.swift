@@ -91,7 +91,7 @@ import SystemPackage
         var found: [NodeID] = []
         for i in 0..<40 { found.append(try fs.lookup(dir.node, FileName("f\(i)"), context).node) }
         for i in 0..<40 { #expect(try fs.lookup(dir.node, FileName("f\(i)"), context).node == found[i]) }
-        #expect(openDescriptors() == before + 40, "one O_PATH descriptor per node")
+        #expect(openDescriptors() == before + 40, "one descriptor per node")
         for node in found { fs.forget(node, 2) }
         #expect(openDescriptors() == before)
 
@@ -106,5 +106,42 @@ import SystemPackage
         let h = try fs.open(again.node, flags: O_RDONLY, context)
         #expect(try read(again.node, h.handle, 5000, at: 0) == Array(repeating: 7, count: 5000))
         fs.release(again.node, handle: h.handle)
+    }
+
+    @Test("an open file shares its node's descriptor: 30 files created and 30 looked up and opened, each by two handles, hold 60 descriptors, and none once released and forgotten")
+    func oneDescriptorPerOpenFile() throws {
+        let before = openDescriptors()
+        var created: [(NodeID, HandleID)] = []
+        for i in 0..<30 {
+            let (entry, opened) = try fs.create(.root, FileName("new\(i)"), mode: 0o644, flags: O_RDWR, context)
+            created.append((entry.node, opened.handle))
+        }
+        var older: [(NodeID, HandleID, HandleID)] = []
+        for i in 0..<30 {
+            let (entry, opened) = try fs.create(.root, FileName("old\(i)"), mode: 0o644, flags: O_RDWR, context)
+            _ = try Array(repeating: UInt8(i), count: 100).withUnsafeBytes { try fs.write(entry.node, handle: opened.handle, data: $0, offset: 0, context) }
+            fs.release(entry.node, handle: opened.handle)
+            fs.forget(entry.node, 1)
+        }
+        #expect(openDescriptors() == before + 30)
+        for i in 0..<30 {
+            let node = try fs.lookup(.root, FileName("old\(i)"), context).node
+            let reader = try fs.open(node, flags: O_RDONLY, context).handle
+            let writer = try fs.open(node, flags: O_WRONLY, context).handle
+            older.append((node, reader, writer))
+        }
+        #expect(openDescriptors() == before + 60, "one descriptor per file, not per node and open file: \(openDescriptors() - before)")
+        for (i, (node, reader, writer)) in older.enumerated() {
+            _ = try [UInt8(200)].withUnsafeBytes { try fs.write(node, handle: writer, data: $0, offset: 100, context) }
+            #expect(try read(node, reader, 200, at: 0) == Array(repeating: UInt8(i), count: 100) + [200])
+            fs.release(node, handle: reader)
+            fs.release(node, handle: writer)
+            fs.forget(node, 1)
+        }
+        for (node, handle) in created {
+            fs.release(node, handle: handle)
+            fs.forget(node, 1)
+        }
+        #expect(openDescriptors() == before, "\(openPaths())")
     }
 }

@@ -145,6 +145,26 @@ struct OpenFileTests {
         _ = try patch.withUnsafeBytes { try file.write($0, at: 50) }
         #expect(try Self.readAll(file, size: 10_000)[50..<150].allSatisfy { $0 == 0x11 })
     }
+
+    @Test("a full disk under a large write (sealed and written piece by piece, in parallel): ENOSPC, the old length and bytes kept, and the file still writable")
+    func fullDiskUnderALargeWrite() throws {
+        let store = MemoryStore()
+        let (file, _, _) = try Self.create(in: store)
+        let first = (0..<100_000).map { UInt8(truncatingIfNeeded: $0 &* 13) }
+        _ = try first.withUnsafeBytes { try file.write($0, at: 0) }
+        try file.sealLength()
+        store.capacity = store.contents.count + 70_000  // room for part of the next write only
+        let more = [UInt8](repeating: 0xCD, count: 1 << 20)
+        #expect(throws: Errno.noSpace) { _ = try more.withUnsafeBytes { try file.write($0, at: 90_000) } }
+        let back = try Self.readAll(file, size: 100_000)
+        #expect(back.count == 100_000)
+        #expect(back[..<90_000] == first[..<90_000])
+        store.capacity = .max
+        _ = try more.withUnsafeBytes { try file.write($0, at: 90_000) }
+        let grown = try Self.readAll(file, size: 90_000 + (1 << 20))
+        #expect(grown[..<90_000] == first[..<90_000])
+        #expect(grown[90_000...].allSatisfy { $0 == 0xCD })
+    }
 }
 
 /// A small seeded generator, so a failing sequence can be replayed.
