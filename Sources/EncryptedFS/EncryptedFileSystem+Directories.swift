@@ -41,7 +41,7 @@ extension EncryptedFileSystem {
             // after the intact entries, so tools see the damage instead of a
             // directory that silently looks smaller.
             integrityFailure(.integrityFailure(.name), object: dir?.directoryID, what: "\(damaged) name(s) in a directory",
-                             key: dir?.keyID, path: nodes.path(of: id).description, principal: principal(context))
+                             key: dir?.keyID, path: nodes.directoryPath(of: id).description, principal: principal(context))
         }
         return openFiles.addListing(Listing(items: items, damaged: damaged))
     }

@@ -22,7 +22,7 @@ extension EncryptedFileSystem {
         var st = try Syscall.fstatat(dir.fd, stored)
         var device: dev_t = 0
         if DeviceNode.mayBeRecord(st),
-           let node = deviceNode(in: dir.fd, stored: stored, path: self.nodes.path(of: parent).appending(name).description, context) {
+           let node = deviceNode(in: dir.fd, stored: stored, path: self.nodes.directoryPath(of: parent).text(of: name), context) {
             st.st_mode = node.type | (st.st_mode & 0o7777)
             device = node.device
         }
@@ -129,8 +129,8 @@ extension EncryptedFileSystem {
     public func mkdir(_ parent: NodeID, _ name: FileName, mode: mode_t, _ context: RequestContext) throws(Errno) -> EntryReply {
         let dir = try nodes.node(parent)
         let stored = try storedName(name, in: dir, context)
-        let path = nodes.path(of: parent).appending(name)
-        let key = try keys { () throws(KeyManagerError) in try keyManager.boundKey(forDirectory: path.bindingPath) }
+        let path = nodes.directoryPath(of: parent).child(name)
+        let key = try keys { () throws(KeyManagerError) in try keyManager.boundKey(forDirectory: path.binding) }
         try writeSidecar(stored, plaintext: name, in: dir, context)
         // The daemon needs to write .kmsfs.dir; the mode is set after.
         try Syscall.call { stored.withCString { mkdirat(dir.fd, $0, 0o700) } }

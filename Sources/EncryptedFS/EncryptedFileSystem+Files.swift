@@ -14,11 +14,11 @@ extension EncryptedFileSystem {
     public func create(_ parent: NodeID, _ name: FileName, mode: mode_t, flags: Int32, _ context: RequestContext) throws(Errno) -> (EntryReply, OpenReply) {
         let dir = try nodes.node(parent)
         let stored = try storedName(name, in: dir, context)
-        let directory = nodes.path(of: parent)
-        let key = try keys { () throws(KeyManagerError) in try keyManager.boundKey(forDirectory: directory.bindingPath) }
+        let directory = nodes.directoryPath(of: parent)
+        let key = try keys { () throws(KeyManagerError) in try keyManager.boundKey(forDirectory: directory.binding) }
         let fileID = FileID.random()
         let who = principal(context)
-        let path = directory.appending(name).description
+        let path = directory.text(of: name)
         let dataKey = try keys { () throws(KeyManagerError) in
             try keyManager.generateDataKey(for: fileID.rawValue, kind: .file, key: key, principal: who, path: path)
         }

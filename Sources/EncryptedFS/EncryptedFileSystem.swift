@@ -107,7 +107,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
                                    isRoot: node.id == .root, logger: logger)
         }
         try keys { () throws(KeyManagerError) in
-            try keyManager.checkUse(who, .decrypt, key: loaded.keyID, version: loaded.version, object: loaded.directoryID) { self.nodes.path(of: node.id).description }
+            try keyManager.checkUse(who, .decrypt, key: loaded.keyID, version: loaded.version, object: loaded.directoryID) { self.nodes.directoryPath(of: node.id).description }
         }
         return loaded
     }
@@ -141,7 +141,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         let keys = try directoryKeys(dir, context)
         if operation == .encrypt {
             try self.keys { () throws(KeyManagerError) in
-                try keyManager.checkUse(principal(context), .encrypt, key: keys.keyID, object: keys.directoryID) { self.nodes.path(of: dir.id).description }
+                try keyManager.checkUse(principal(context), .encrypt, key: keys.keyID, object: keys.directoryID) { self.nodes.directoryPath(of: dir.id).description }
             }
         }
     }

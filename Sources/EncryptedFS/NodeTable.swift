@@ -50,6 +50,9 @@ final class Node: @unchecked Sendable {
     /// descriptors run short.
     var lastUsed: UInt64 = 0
     var evictedAt: UInt64 = 0
+    /// A directory's plaintext path as last worked out (guarded by the
+    /// table's lock; valid while the table's path generation is unchanged).
+    var cachedPath: DirectoryPath?
     /// A directory's names seen before, both ways (nil for other nodes:
     /// a lookup that makes a file's node allocates no cache).
     let names: NameCache?
@@ -124,6 +127,9 @@ final class NodeTable: Sendable {
         var nodes: [NodeID: Node] = [:]
         var byInode: [InodeKey: NodeID] = [:]
         var tick: UInt64 = 0
+        /// Raised whenever a directory's parent or name changes: every
+        /// directory's cached path is then worked out again.
+        var pathGeneration: UInt64 = 0
     }
     private let state = Mutex(State())
     /// The next node id (1 is the root). Taken before the table's lock, so
@@ -165,8 +171,7 @@ final class NodeTable: Sendable {
         if let existing = state.withLock({ s -> Node? in
             guard let id = s.byInode[key], let node = s.nodes[id] else { return nil }
             node.lookups += 1
-            node.parent = parent
-            node.name = name
+            Self.place(node, in: parent, as: name, &s)
             s.tick += 1
             node.lastUsed = s.tick
             return node
@@ -276,22 +281,30 @@ final class NodeTable: Sendable {
     func moved(_ key: InodeKey, to parent: NodeID, name: FileName) {
         state.withLock { s in
             guard let id = s.byInode[key], let node = s.nodes[id] else { return }
-            node.parent = parent
-            node.name = name
+            Self.place(node, in: parent, as: name, &s)
         }
     }
 
-    /// The plaintext path of a directory node (no components for the root).
-    func path(of id: NodeID) -> PlainPath {
-        state.withLock { s in
-            var parts: [FileName] = []
-            var current = id
-            while current != .root, let node = s.nodes[current], let parent = node.parent {
-                parts.append(node.name)
-                current = parent
-            }
-            return PlainPath(components: parts.reversed())
-        }
+    private static func place(_ node: Node, in parent: NodeID, as name: FileName, _ s: inout State) {
+        if node.isDirectory, node.parent != parent || node.name != name { s.pathGeneration &+= 1 }
+        node.parent = parent
+        node.name = name
+    }
+
+    /// A directory's plaintext path, from its cached copy or its parent's
+    /// (so a file's path for an audit record costs one concatenation, not a
+    /// walk to the root).
+    func directoryPath(of id: NodeID) -> DirectoryPath {
+        state.withLock { s in Self.directoryPath(id, &s) }
+    }
+
+    private static func directoryPath(_ id: NodeID, _ s: inout State) -> DirectoryPath {
+        guard id != .root, let node = s.nodes[id], let parent = node.parent else { return DirectoryPath() }
+        if let cached = node.cachedPath, cached.generation == s.pathGeneration { return cached }
+        var path = directoryPath(parent, &s).child(node.name)
+        path.generation = s.pathGeneration
+        node.cachedPath = path
+        return path
     }
 
     /// The plaintext path a file node was last looked up by (for the audit log).
@@ -301,9 +314,10 @@ final class NodeTable: Sendable {
     }
 
     func filePath(of node: Node) -> String? {
-        guard let parent = state.withLock({ _ in node.parent }) else { return nil }
-        let name = state.withLock { _ in node.name }
-        return path(of: parent).appending(name).description
+        state.withLock { s in
+            guard let parent = node.parent else { return nil }
+            return Self.directoryPath(parent, &s).text(of: node.name)
+        }
     }
 
     /// Remembers the object id of a regular file's node.
@@ -341,32 +355,31 @@ final class NodeTable: Sendable {
 /// A path in the mount as its components' bytes. Audit records show it as
 /// text (`description`, lossy for names that are not UTF-8); key bindings,
 /// which are made from text, are resolved with `bindingPath`.
-struct PlainPath: CustomStringConvertible {
-    var components: [FileName]
-
-    func appending(_ name: FileName) -> PlainPath { PlainPath(components: components + [name]) }
-
-    /// "/a/b", "/" for the root; U+FFFD where a name is not UTF-8. For people only.
-    var description: String {
-        components.isEmpty ? "/" : components.reduce(into: "") { path, name in
-            path.append("/")
-            path.append(name.description)
-        }
-    }
-
+/// A directory's plaintext path in the two forms the filesystem uses: as
+/// text for people (audit records) and as the path its key binding is
+/// looked up by. Empty for the root.
+struct DirectoryPath {
+    /// "/a/b"; empty for the root. U+FFFD where a name is not UTF-8.
+    private(set) var text = ""
     /// The path whose binding governs this one: all of it if every name is
     /// UTF-8, else the part before the first name that is not. A binding is
     /// made from a text path, so none can lie at or below such a name, and
     /// the nearest text ancestor's binding is the one inherited. (Decoding
     /// lossily instead could match a binding on a directory whose name
     /// really contains U+FFFD.)
-    var bindingPath: String {
-        var path = ""
-        for name in components {
-            guard let text = name.text else { break }
-            path.append("/")
-            path.append(text)
-        }
-        return path.isEmpty ? "/" : path
+    private(set) var binding = ""
+    /// Whether every name so far was UTF-8 (so a child's name extends `binding`).
+    private var bindingWhole = true
+    var generation: UInt64 = 0
+
+    var description: String { text.isEmpty ? "/" : text }
+    func text(of name: FileName) -> String { text + "/" + name.description }
+
+    func child(_ name: FileName) -> DirectoryPath {
+        var path = self
+        path.text = text(of: name)
+        if bindingWhole, let t = name.text { path.binding = binding + "/" + t } else { path.bindingWhole = false }
+        return path
     }
 }
+

@@ -1,7 +1,7 @@
 import Foundation
 import Testing
 import ChunkCipher
-import EncryptedFS
+@testable import EncryptedFS
 import FUSEBridge
 import KeyManager
 import SystemPackage
@@ -106,6 +106,27 @@ import SystemPackage
         let h = try fs.open(again.node, flags: O_RDONLY, context)
         #expect(try read(again.node, h.handle, 5000, at: 0) == Array(repeating: 7, count: 5000))
         fs.release(again.node, handle: h.handle)
+    }
+
+    @Test("a file's path (for audit records) follows renames of the directories above it; binding paths stop at a name that is not UTF-8")
+    func pathsFollowDirectoryRenames() throws {
+        let a = try fs.mkdir(.root, "a", mode: 0o755, context)
+        let b = try fs.mkdir(a.node, "b", mode: 0o755, context)
+        let (entry, opened) = try fs.create(b.node, "f", mode: 0o644, flags: O_RDWR, context)
+        fs.release(entry.node, handle: opened.handle)
+        let file = try fs.nodes.node(entry.node)
+        #expect(fs.nodes.filePath(of: file) == "/a/b/f")
+        try fs.rename(.root, "a", .root, "c", flags: 0, context)
+        #expect(fs.nodes.filePath(of: file) == "/c/b/f")
+        try fs.rename(b.node, "f", .root, "g", flags: 0, context)
+        #expect(fs.nodes.filePath(of: file) == "/g")
+        try fs.rename(a.node, "b", .root, "b2", flags: 0, context)
+        #expect(fs.nodes.directoryPath(of: b.node).description == "/b2")
+        #expect(fs.nodes.directoryPath(of: .root).description == "/")
+        let odd = try fs.mkdir(b.node, FileName(bytes: [0x66, 0xFF]), mode: 0o755, context)
+        let below = try fs.mkdir(odd.node, "x", mode: 0o755, context)
+        #expect(fs.nodes.directoryPath(of: below.node).binding == "/b2", "a binding path ends before the first name that is not UTF-8")
+        #expect(fs.nodes.directoryPath(of: below.node).description == "/b2/f\u{FFFD}/x")
     }
 
     @Test("an open file shares its node's descriptor: 30 files created and 30 looked up and opened, each by two handles, hold 60 descriptors, and none once released and forgotten")
