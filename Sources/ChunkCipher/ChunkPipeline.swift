@@ -29,7 +29,7 @@ public enum ChunkPipeline {
     }
 
     /// Seals like `seal`, handing the output to `emit` in order, a piece of
-    /// about 32 KiB at a time (its byte range in `output`), as soon as that
+    /// about `pieceBytes` at a time (its byte range in `output`), as soon as that
     /// piece is sealed: while one core writes a piece out, the other seals
     /// the next, so a large write costs about its write-out, not its sealing
     /// plus its write-out. `emit` returning false stops the run (pieces after
@@ -90,7 +90,8 @@ public enum ChunkPipeline {
         if let error = board.error { throw error }
     }
 
-    /// The target size of the pieces `sealInOrder` emits.
+    /// The target size of the pieces `sealInOrder` emits (one chunk at the
+    /// default chunk size: an A/B against 32 KiB was ~2% faster, within noise).
     static let pieceBytes = 16 * 1024
 
     /// Opens `sealed` (consecutive chunks as on disk, the first being chunk
