@@ -19,13 +19,20 @@ public enum ChunkPipeline {
         let total = ciphertextBytes(layout, plaintextSize: plaintext.count)
         guard output.count >= total else { throw .invalidArgument("output of \(output.count) bytes for \(total)") }
         try run(chunks: count, bytes: plaintext.count, workers: workers) { (i) throws(CipherError) in
-            let p = i * layout.chunkSize
-            let n = min(layout.chunkSize, plaintext.count - p)
-            let c = i * layout.sealedChunkSize
-            try cipher.sealChunk(first.advanced(by: i), plaintext: UnsafeRawBufferPointer(rebasing: plaintext[p..<(p + n)]),
-                                 into: UnsafeMutableRawBufferPointer(rebasing: output[c..<(c + n + ChunkLayout.overhead)]))
+            try sealChunk(i, of: cipher, first: first, plaintext: plaintext, into: output)
         }
         return total
+    }
+
+    /// Seals chunk `i` of a run (`seal`'s and `sealInOrder`'s unit of work).
+    private static func sealChunk(_ i: Int, of cipher: FileCipher, first: ChunkIndex, plaintext: UnsafeRawBufferPointer,
+                                  into output: UnsafeMutableRawBufferPointer) throws(CipherError) {
+        let layout = cipher.layout
+        let p = i * layout.chunkSize
+        let n = min(layout.chunkSize, plaintext.count - p)
+        let c = i * layout.sealedChunkSize
+        try cipher.sealChunk(first.advanced(by: i), plaintext: UnsafeRawBufferPointer(rebasing: plaintext[p..<(p + n)]),
+                             into: UnsafeMutableRawBufferPointer(rebasing: output[c..<(c + n + ChunkLayout.overhead)]))
     }
 
     /// Seals like `seal`, handing the output to `emit` in order, a piece of
@@ -53,11 +60,7 @@ public enum ChunkPipeline {
         // Pieces touch disjoint slices of the caller's buffers.
         nonisolated(unsafe) let sealPiece = { (piece: Int) throws(CipherError) in
             for i in (piece * perPiece)..<min(count, (piece + 1) * perPiece) {
-                let p = i * layout.chunkSize
-                let n = min(layout.chunkSize, plaintext.count - p)
-                let c = i * layout.sealedChunkSize
-                try cipher.sealChunk(first.advanced(by: i), plaintext: UnsafeRawBufferPointer(rebasing: plaintext[p..<(p + n)]),
-                                     into: UnsafeMutableRawBufferPointer(rebasing: output[c..<(c + n + ChunkLayout.overhead)]))
+                try sealChunk(i, of: cipher, first: first, plaintext: plaintext, into: output)
             }
         }
         let board = PieceBoard(pieces)
@@ -160,9 +163,9 @@ final class PieceBoard: Sendable {
         var next = 0
         var stopped = false
         var states: [State]
-        var error: (index: Int, error: CipherError)?
     }
     private let board: Mutex<Board>
+    private let errors = ErrorSlot()
     init(_ pieces: Int) { board = Mutex(Board(states: Array(repeating: .pending, count: pieces))) }
 
     /// The next piece nobody has claimed, unless the run stopped.
@@ -175,17 +178,17 @@ final class PieceBoard: Sendable {
     }
 
     func finish(_ piece: Int, sealing: () throws(CipherError) -> Void) {
-        var failure: CipherError?
-        do throws(CipherError) { try sealing() } catch { failure = error }
-        board.withLock { b in
-            b.states[piece] = failure == nil ? .sealed : .failed
-            if let failure, b.error == nil || piece < b.error!.index { b.error = (piece, failure) }
+        var state = State.sealed
+        do throws(CipherError) { try sealing() } catch {
+            errors.record(error, at: piece)
+            state = .failed
         }
+        board.withLock { $0.states[piece] = state }
     }
 
     func state(of piece: Int) -> State { board.withLock { $0.states[piece] } }
     func stop() { board.withLock { $0.stopped = true } }
-    var error: CipherError? { board.withLock { $0.error?.error } }
+    var error: CipherError? { errors.error }
 }
 
 /// The lowest-indexed error of a parallel run, so the result does not depend

@@ -238,7 +238,7 @@ final class NodeTable: Sendable {
 
     /// Errors of a read-write open that an `O_PATH` one would not meet.
     static func refusesWriting(_ error: Errno) -> Bool {
-        [.permissionDenied, .notPermitted, .readOnlyFileSystem, .textFileBusy, .wouldBlock, .resourceTemporarilyUnavailable].contains(error)
+        [.permissionDenied, .notPermitted, .readOnlyFileSystem, .textFileBusy, .resourceTemporarilyUnavailable].contains(error)  // EAGAIN is EWOULDBLOCK
     }
 
     /// Up to `n` nodes to ask the kernel to forget, least recently looked up
