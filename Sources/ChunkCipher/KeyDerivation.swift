@@ -27,13 +27,32 @@ public enum KeyDerivation {
 
     nonisolated(unsafe) fileprivate static let hmacTemplate: OpaquePointer? = kmsfs_hmac_sha256_template()
 
-    /// HMAC-SHA256 of `message` under `key` (a copy of a prepared context:
-    /// the one-shot HMAC() looks both algorithms up by name on every call).
+    /// Idle one-shot HMAC contexts, scrubbed (keyed with zeros) before they
+    /// come back: a copy of the template per call cost more than the MAC
+    /// (secure-heap allocations under OpenSSL's global lock), and every file
+    /// open and create computes one.
+    private static let idleHMACs = Mutex(ContextStack())
+    private static let scrubKey = [UInt8](repeating: 0, count: 32)
+
+    /// HMAC-SHA256 of `message` under `key` (a prepared context: the
+    /// one-shot HMAC() looks both algorithms up by name on every call).
     public static func hmacSHA256(key: borrowing SecretKey, message: [UInt8]) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: 32)
         var length = 0
-        guard let ctx = KeyMemory.scope({ EVP_MAC_CTX_dup(hmacTemplate) }) else { preconditionFailure("HMAC-SHA256 context") }
-        defer { EVP_MAC_CTX_free(ctx) }
+        let ctx: OpaquePointer
+        if let idle = idleHMACs.withLock({ $0.pop() }) { ctx = idle } else {
+            guard let copy = KeyMemory.scope({ EVP_MAC_CTX_dup(hmacTemplate) }) else { preconditionFailure("HMAC-SHA256 context") }
+            ctx = copy
+        }
+        defer {
+            // Re-keying overwrites the state derived from `key`; a context
+            // that fails it is freed (which cleanses it) instead of kept.
+            if EVP_MAC_init(ctx, scrubKey, scrubKey.count, nil) == 1 {
+                idleHMACs.withLock { $0.push(ctx) }
+            } else {
+                EVP_MAC_CTX_free(ctx)
+            }
+        }
         let ok = KeyMemory.scope {
             key.withUnsafeBytes { raw in
                 out.withUnsafeMutableBufferPointer { o in

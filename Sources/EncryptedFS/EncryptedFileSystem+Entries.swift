@@ -42,9 +42,7 @@ extension EncryptedFileSystem {
 
     public func setattr(_ id: NodeID, _ changes: AttributeChanges, handle: HandleID?, _ context: RequestContext) throws(Errno) -> (stat, Double) {
         let node = try nodes.node(id)
-        if let mode = changes.mode, !node.isSymlink {
-            try Syscall.call { chmod(node.procPath, mode & 0o7777) }
-        }
+        if let mode = changes.mode, !node.isSymlink { try node.changeMode(mode & 0o7777) }
         if changes.uid != nil || changes.gid != nil {
             let uid = changes.uid ?? uid_t.max, gid = changes.gid ?? gid_t.max
             try Syscall.call { fchownat(node.fd, "", uid, gid, KMSFS_AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) }
@@ -71,6 +69,10 @@ extension EncryptedFileSystem {
             var times = [spec(changes.accessTime), spec(changes.modificationTime)]
             if node.isSymlink {
                 try Syscall.call { utimensat(node.fd, "", &times, KMSFS_AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) }
+            } else if node.readWrite {
+                // Through the descriptor: no path walk through /proc (half of
+                // an untar's SETATTR time went to resolving those paths).
+                try Syscall.call { futimens(node.fd, &times) }
             } else {
                 try Syscall.call { utimensat(AT_FDCWD, node.procPath, &times, 0) }
             }
@@ -134,14 +136,16 @@ extension EncryptedFileSystem {
         try writeSidecar(stored, plaintext: name, in: dir, context)
         // The daemon needs to write .kmsfs.dir; the mode is set after.
         try Syscall.call { stored.withCString { mkdirat(dir.fd, $0, 0o700) } }
+        let created: DirectoryKeys, made: InodeKey
         do throws(Errno) {
             let fd = try Syscall.open(dir.fd, stored, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
-            _ = try DirectoryKeys.create(in: fd.raw, key: key, keyManager: keyManager, principal: principal(context),
-                                         layout: layout, isRoot: false)
+            created = try DirectoryKeys.create(in: fd.raw, key: key, keyManager: keyManager, principal: principal(context),
+                                               layout: layout, isRoot: false)
             // mkdir(2) never passes S_ISGID: a directory made in a setgid
             // directory inherits it, as the backing one just did.
-            let inherited = try Syscall.fstat(fd.raw).st_mode & S_ISGID
-            try Syscall.call { stored.withCString { fchmodat(dir.fd, $0, (mode & 0o7777) | inherited, 0) } }
+            let st = try Syscall.fstat(fd.raw)
+            made = InodeKey(st)
+            try Syscall.call { stored.withCString { fchmodat(dir.fd, $0, (mode & 0o7777) | st.st_mode & S_ISGID, 0) } }
         } catch {
             Syscall.unlinkQuietly(dir.fd, FileName(bytes: stored.bytes + [UInt8(ascii: "/")] + DirectoryKeys.fileName.bytes))
             Syscall.unlinkQuietly(dir.fd, stored, AT_REMOVEDIR)
@@ -149,7 +153,14 @@ extension EncryptedFileSystem {
             throw error
         }
         adopt(dir, stored, context)
-        return try lookup(parent, name, context)
+        let entry = try lookup(parent, name, context)
+        // The new directory's node starts with the keys just made, so the
+        // first lookup or create in it does not read and unwrap them again
+        // (unless the name already leads elsewhere: then it loads its own).
+        if let node = try? nodes.node(entry.node), node.key == made {
+            _ = try? nodes.keys(of: node) { () throws(Errno) in created }
+        }
+        return entry
     }
 
     public func symlink(target: [UInt8], _ parent: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) -> EntryReply {

@@ -155,7 +155,9 @@ extension EncryptedFileSystem {
                 throw error
             }
         }
-        return OpenReply(handle: openFiles.handle(for: file))
+        // Closing a read-only handle has no length to seal (a writer's own
+        // close seals what it wrote), so the kernel need not send FLUSH.
+        return OpenReply(handle: openFiles.handle(for: file), noFlush: flags & O_ACCMODE == O_RDONLY)
     }
 
     func file(_ handle: HandleID) throws(Errno) -> OpenFile {
@@ -215,7 +217,7 @@ extension EncryptedFileSystem {
             cleared &= ~S_ISGID
         }
         guard cleared != mode else { return false }
-        try Syscall.call { chmod(node.procPath, cleared) }
+        try node.changeMode(cleared)
         return true
     }
 

@@ -79,6 +79,17 @@ final class Node: @unchecked Sendable {
     var isDevice: Bool { type == S_IFBLK || type == S_IFCHR }
     /// A path through /proc that reopens the backing entry with real access modes.
     var procPath: String { "/proc/self/fd/\(fd)" }
+
+    /// Sets the backing entry's permission bits: through the read-write
+    /// descriptor a regular file's node holds, else through /proc (fchmod
+    /// refuses an O_PATH descriptor), which costs a path walk.
+    func changeMode(_ mode: mode_t) throws(Errno) {
+        if readWrite {
+            try Syscall.call { fchmod(fd, mode) }
+        } else {
+            try Syscall.call { chmod(procPath, mode) }
+        }
+    }
 }
 
 /// A directory's plaintext ↔ stored names, both ways. Name encryption is

@@ -60,10 +60,14 @@ public struct OpenReply: Sendable {
     public var handle: HandleID
     public var directIO = false
     public var keepCache = false
-    public init(handle: HandleID, directIO: Bool = false, keepCache: Bool = false) {
+    /// The kernel skips FLUSH when this handle is closed (FOPEN_NOFLUSH):
+    /// for handles whose close has nothing to write or report.
+    public var noFlush = false
+    public init(handle: HandleID, directIO: Bool = false, keepCache: Bool = false, noFlush: Bool = false) {
         self.handle = handle
         self.directIO = directIO
         self.keepCache = keepCache
+        self.noFlush = noFlush
     }
 }
 

@@ -199,6 +199,7 @@ enum Operations {
                 fi.pointee.fh = opened.handle.rawValue
                 fi.pointee.direct_io = opened.directIO ? 1 : 0
                 fi.pointee.keep_cache = opened.keepCache ? 1 : 0
+                fi.pointee.noflush = opened.noFlush ? 1 : 0
                 if fuse_reply_open(req, fi) == -ENOENT {
                     // The opener was interrupted; nobody will release this handle.
                     Operations.fileSystem(req).release(NodeID(rawValue: ino), handle: opened.handle)

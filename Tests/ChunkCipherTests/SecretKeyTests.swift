@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import ChunkCipher
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -147,6 +148,25 @@ import Glibc
     func hmacVector() {
         let mac = KeyDerivation.hmacSHA256(key: key(Array("Jefe".utf8)), message: Array("what do ya want for nothing?".utf8))
         #expect(mac == hex("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"))
+    }
+
+    @Test("one-shot HMAC-SHA256 reuses its contexts: alternating keys on eight threads give RFC 4231 answers every time")
+    func hmacPooledContexts() {
+        let jefe = Array("Jefe".utf8), jefeMessage = Array("what do ya want for nothing?".utf8)
+        let jefeMAC = hex("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
+        // RFC 4231 test case 1: a 20-byte key of 0x0b.
+        let elevens = [UInt8](repeating: 0x0b, count: 20), hiThere = Array("Hi There".utf8)
+        let hiMAC = hex("b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7")
+        let wrong = Atomic<Int>(0)
+        DispatchQueue.concurrentPerform(iterations: 8) { i in
+            for round in 0..<200 {
+                let first = (i + round) % 2 == 0
+                let mac = first ? KeyDerivation.hmacSHA256(key: key(jefe), message: jefeMessage)
+                                : KeyDerivation.hmacSHA256(key: key(elevens), message: hiThere)
+                if mac != (first ? jefeMAC : hiMAC) { wrong.add(1, ordering: .relaxed) }
+            }
+        }
+        #expect(wrong.load(ordering: .relaxed) == 0)
     }
 }
 

@@ -5,6 +5,7 @@ import ChunkCipher
 import FUSEBridge
 import KeyManager
 import SystemPackage
+import CLinux
 
 /// EncryptedFS driven by direct calls to its `FileSystem` operations, without a mount.
 @Suite struct DirectCallTests {
@@ -164,5 +165,60 @@ import SystemPackage
             fs.forget(node, 1)
         }
         #expect(openDescriptors() == before, "\(openPaths())")
+    }
+
+    @Test("closing a read-only handle needs no FLUSH (FOPEN_NOFLUSH); a handle that may write still gets one")
+    func readOnlyHandlesSkipFlush() throws {
+        let (entry, opened) = try fs.create(.root, "flushed", mode: 0o644, flags: O_WRONLY, context)
+        #expect(!opened.noFlush, "a create's handle writes: its close must seal the length")
+        fs.release(entry.node, handle: opened.handle)
+        for (flags, skips) in [(O_RDONLY, true), (O_WRONLY, false), (O_RDWR, false), (O_RDONLY | O_APPEND, true)] {
+            let reply = try fs.open(entry.node, flags: flags, context)
+            #expect(reply.noFlush == skips, "flags \(flags)")
+            fs.release(entry.node, handle: reply.handle)
+        }
+    }
+
+    @Test("chmod and utimens reach the backing entry of a file (through its read-write descriptor) and of a directory (through /proc)")
+    func setattrThroughDescriptors() throws {
+        let (file, opened) = try fs.create(.root, "attrs", mode: 0o600, flags: O_RDWR, context)
+        fs.release(file.node, handle: opened.handle)
+        let dir = try fs.mkdir(.root, "attrs.d", mode: 0o700, context)
+        #expect(try fs.nodes.node(file.node).readWrite)
+        #expect(try !fs.nodes.node(dir.node).readWrite)
+        for (node, mode) in [(file.node, mode_t(0o4751)), (dir.node, mode_t(0o1750))] {
+            var changes = AttributeChanges()
+            changes.mode = mode
+            changes.accessTime = .at(timespec(tv_sec: 1_000_000, tv_nsec: 5))
+            changes.modificationTime = .at(timespec(tv_sec: 2_000_000, tv_nsec: 7))
+            let (st, _) = try fs.setattr(node, changes, handle: nil, context)
+            let backing = try Syscall.fstatat(try fs.nodes.node(node).fd, "", flags: KMSFS_AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)
+            for seen in [st, backing] {
+                #expect(seen.st_mode & 0o7777 == mode)
+                #expect(seen.st_atim.tv_sec == 1_000_000 && seen.st_atim.tv_nsec == 5)
+                #expect(seen.st_mtim.tv_sec == 2_000_000 && seen.st_mtim.tv_nsec == 7)
+            }
+        }
+    }
+
+    @Test("a new directory's node keeps the keys mkdir made: no reload, and names created in it list and read back after a fresh start")
+    func mkdirKeepsItsKeys() throws {
+        let dir = try fs.mkdir(.root, "made", mode: 0o755, context)
+        let keys = try #require(try fs.nodes.node(dir.node).keys, "mkdir left the node without keys")
+        let (entry, opened) = try fs.create(dir.node, "inside", mode: 0o644, flags: O_RDWR, context)
+        _ = try [UInt8]([1, 2, 3]).withUnsafeBytes { try fs.write(entry.node, handle: opened.handle, data: $0, offset: 0, context) }
+        fs.release(entry.node, handle: opened.handle)
+        #expect(try fs.nodes.node(dir.node).keys === keys)
+        // Another filesystem over the same directory loads the keys from disk: the same ones.
+        let other = try EncryptedFileSystem(cipherdir: root, keyManager: fs.keyManager)
+        let again = try other.lookup(.root, "made", context)
+        let found = try other.lookup(again.node, "inside", context)
+        let handle = try other.open(found.node, flags: O_RDONLY, context).handle
+        var out = [UInt8]()
+        try other.read(found.node, handle: handle, size: 10, offset: 0, context) { out = Array($0) }
+        #expect(out == [1, 2, 3])
+        other.release(found.node, handle: handle)
+        _ = try other.directoryKeys(try other.nodes.node(again.node), context)
+        #expect(try other.nodes.node(again.node).keys?.directoryID == keys.directoryID)
     }
 }
