@@ -55,7 +55,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "kmsfs-bench", dependencies: ["ChunkCipher", "KeyManager"], path: "bench/Sources/kmsfs-bench"),
-        .testTarget(name: "ChunkCipherTests", dependencies: ["ChunkCipher"], exclude: ["Fixtures"]),
+        .testTarget(name: "ChunkCipherTests", dependencies: ["ChunkCipher", "COpenSSL"], exclude: ["Fixtures"]),
         .testTarget(name: "MountTests"),
         .testTarget(name: "FUSEBridgeTests", dependencies: ["FUSEBridge", .product(name: "SystemPackage", package: "swift-system")]),
         .testTarget(name: "EncryptedFSTests", dependencies: [

@@ -50,4 +50,39 @@ static inline EVP_MAC_CTX *kmsfs_hmac_sha256_template(void) {
     return ctx;
 }
 
+/// HKDF-SHA256 (extract and expand, no salt) of `key` with `info` into
+/// `out`, through `kdf` fetched once by the caller: the EVP_PKEY route looks
+/// the KDF up by name on every call. A fresh context per call (OpenSSL 3.0
+/// can neither dup an HKDF context nor reliably reuse one); freeing it
+/// cleanses its copy of the key.
+static inline int kmsfs_hkdf_sha256(EVP_KDF *kdf, const unsigned char *key, size_t keylen,
+                                    const unsigned char *info, size_t infolen, unsigned char *out, size_t outlen) {
+    EVP_KDF_CTX *ctx = EVP_KDF_CTX_new(kdf);
+    if (ctx == NULL) return 0;
+    OSSL_PARAM params[4];
+    params[0] = OSSL_PARAM_construct_utf8_string(OSSL_KDF_PARAM_DIGEST, (char *)"SHA256", 0);
+    params[1] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_KEY, (void *)key, keylen);
+    params[2] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_INFO, (void *)info, infolen);
+    params[3] = OSSL_PARAM_construct_end();
+    int ok = EVP_KDF_derive(ctx, out, outlen, params);
+    EVP_KDF_CTX_free(ctx);
+    return ok;
+}
+
+/// An AES-CMAC context over `cipher` ("AES-256-CBC" or "AES-128-CBC") keyed
+/// with `key`, for callers that keep it and restart it per message
+/// (EVP_MAC_init with no key).
+static inline EVP_MAC_CTX *kmsfs_cmac_new(const char *cipher, const unsigned char *key, size_t keylen) {
+    EVP_MAC *mac = EVP_MAC_fetch(NULL, "CMAC", NULL);
+    if (mac == NULL) return NULL;
+    EVP_MAC_CTX *ctx = EVP_MAC_CTX_new(mac);
+    EVP_MAC_free(mac);
+    if (ctx == NULL) return NULL;
+    OSSL_PARAM params[2];
+    params[0] = OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_CIPHER, (char *)cipher, 0);
+    params[1] = OSSL_PARAM_construct_end();
+    if (EVP_MAC_init(ctx, key, keylen, params) != 1) { EVP_MAC_CTX_free(ctx); return NULL; }
+    return ctx;
+}
+
 #endif

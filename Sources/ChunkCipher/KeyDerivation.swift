@@ -4,24 +4,26 @@ import Synchronization
 /// HKDF-SHA256 and HMAC-SHA256 through OpenSSL, for subkeys with readable
 /// info strings (as gocryptfs's cryptocore does).
 public enum KeyDerivation {
-    /// Derives `count` bytes from `key` with HKDF-SHA256 (no salt) and `info`.
+    /// Fetched once (see `kmsfs_hkdf_sha256`).
+    nonisolated(unsafe) private static let hkdf: OpaquePointer? = EVP_KDF_fetch(nil, "HKDF", nil)
+
+    /// Derives `count` bytes from `key` with HKDF-SHA256 (no salt) and `info`
+    /// (the EVP_PKEY route, which looked the KDF up by name on every call,
+    /// was a fifth of loading a directory's keys).
     public static func hkdfSHA256(key: borrowing SecretKey, info: String, count: Int) throws(CipherError) -> SecretKey {
-        guard let ctx = EVP_PKEY_CTX_new_id(EVP_PKEY_HKDF, nil) else { throw .openssl("EVP_PKEY_CTX_new_id(HKDF)") }
-        defer { EVP_PKEY_CTX_free(ctx) }
+        guard let hkdf else { throw .openssl("HKDF is not available") }
         let infoBytes = Array(info.utf8)
-        let configured = KeyMemory.scope { key.withUnsafeBytes { raw in
-            EVP_PKEY_derive_init(ctx) == 1
-                && EVP_PKEY_CTX_set_hkdf_md(ctx, EVP_sha256()) == 1
-                && EVP_PKEY_CTX_set1_hkdf_key(ctx, bytes(raw), Int32(raw.count)) == 1
-                && EVP_PKEY_CTX_add1_hkdf_info(ctx, infoBytes, Int32(infoBytes.count)) == 1
-        } }
-        guard configured else { throw .openssl("HKDF setup") }
         var failed = false
         let derived = SecretKey(count: count) { out in
-            var length = out.count
-            failed = EVP_PKEY_derive(ctx, mutableBytes(out), &length) != 1 || length != out.count
+            failed = KeyMemory.scope {
+                key.withUnsafeBytes { raw in
+                    infoBytes.withUnsafeBufferPointer { i in
+                        kmsfs_hkdf_sha256(hkdf, bytes(raw), raw.count, i.baseAddress, i.count, mutableBytes(out), out.count) != 1
+                    }
+                }
+            }
         }
-        if failed { throw .openssl("EVP_PKEY_derive(HKDF)") }
+        if failed { throw .openssl("EVP_KDF_derive(HKDF)") }
         return derived
     }
 

@@ -1,5 +1,8 @@
+import Foundation
 import Testing
-import ChunkCipher
+import Synchronization
+import COpenSSL
+@testable import ChunkCipher
 
 @Suite struct NameCipherTests {
     let dirID = ID128(high: 1, low: 2)
@@ -125,5 +128,67 @@ import ChunkCipher
         for bad in ["A", "Zm9v=", "Zm+v", "Zm/v", "Zm9", "Zh"] {
             #expect(Base64URL.decode(bad) == nil, "\(bad)")
         }
+    }
+}
+
+/// The S2V composition over OpenSSL's CMAC and CTR against independent answers:
+/// RFC 5297's vector, and OpenSSL's own AES-256-SIV for the names kmsfs stores.
+@Suite struct SIVConformanceTests {
+    @Test("RFC 5297 appendix A.1 (AES-SIV with a 256-bit key): the tag and ciphertext, and the way back")
+    func rfc5297() throws {
+        let siv = try NameCipher(sivKey: key(hex("fffefdfcfbfaf9f8f7f6f5f4f3f2f1f0f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff")),
+                                 associatedData: hex("101112131415161718191a1b1c1d1e1f2021222324252627"))
+        let plain = hex("112233445566778899aabbccddee")
+        let encoded = try siv.encrypt(plain)
+        #expect(Base64URL.decode(encoded) == hex("85632d07c6e8f37f950acd320a2ecc9340c02b9690c4dc04daef7f6afe5c"))
+        #expect(try siv.decrypt(encoded) == plain)
+    }
+
+    /// OpenSSL's AES-256-SIV of `plain` with one associated-data string, as `tag ‖ ciphertext`.
+    func opensslSIV(key sivKey: [UInt8], ad: [UInt8], _ plain: [UInt8]) -> [UInt8] {
+        let ctx = EVP_CIPHER_CTX_new()
+        defer { EVP_CIPHER_CTX_free(ctx) }
+        let cipher = EVP_CIPHER_fetch(nil, "AES-256-SIV", nil)
+        defer { EVP_CIPHER_free(cipher) }
+        var out = [UInt8](repeating: 0, count: 16 + plain.count)
+        var length: Int32 = 0
+        let ok = out.withUnsafeMutableBufferPointer { o in
+            EVP_EncryptInit_ex(ctx, cipher, nil, sivKey, nil) == 1
+                && EVP_EncryptUpdate(ctx, nil, &length, ad, Int32(ad.count)) == 1
+                && EVP_EncryptUpdate(ctx, o.baseAddress! + 16, &length, plain, Int32(plain.count)) == 1
+                && EVP_EncryptFinal_ex(ctx, o.baseAddress! + 16 + Int(length), &length) == 1
+                && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, 16, o.baseAddress) == 1
+        }
+        precondition(ok)
+        return out
+    }
+
+    @Test("names of every length from 1 to 255 bytes encrypt exactly as OpenSSL's AES-256-SIV does, from eight threads, and decrypt back")
+    func matchesOpenSSL() throws {
+        let nameKey = SecretKey.random()
+        let directory = ID128.random()
+        let sivKey = try KeyDerivation.hkdfSHA256(key: nameKey, info: "kmsfs/v1/names/aes-siv", count: 64).withUnsafeBytes { Array($0) }
+        let cipher = try NameCipher(nameKey: nameKey, directoryID: directory)
+        var made: [[UInt8]] = []
+        for n in 1...255 {
+            var name = [UInt8](repeating: 0, count: n)
+            for i in 0..<n {
+                let byte = UInt8(1 + (n * 31 + i * 7) % 254)
+                name[i] = byte == UInt8(ascii: "/") ? 0x30 : byte
+            }
+            made.append(name)
+        }
+        let names = made
+        let expected = names.map { opensslSIV(key: sivKey, ad: directory.bytes, $0) }
+        let wrong = Atomic<Int>(0)
+        DispatchQueue.concurrentPerform(iterations: 8) { t in
+            for (i, name) in names.enumerated() where i % 8 == t || i < 20 {
+                guard let encoded = try? cipher.encrypt(name), Base64URL.decode(encoded) == expected[i],
+                      (try? cipher.decrypt(encoded)) == name else { wrong.add(1, ordering: .relaxed); continue }
+            }
+        }
+        #expect(wrong.load(ordering: .relaxed) == 0)
+        // And OpenSSL's output decrypts here: names written before this code are still read.
+        #expect(try cipher.decrypt(Base64URL.encode(opensslSIV(key: sivKey, ad: directory.bytes, Array("old-name.txt".utf8)))) == Array("old-name.txt".utf8))
     }
 }

@@ -144,6 +144,23 @@ import Glibc
         #expect(!xz)
     }
 
+    @Test("HKDF-SHA256 matches RFC 5869 test case 3 (no salt, no info), and a case with info, from eight threads at once")
+    func hkdfVectors() throws {
+        let ikm = [UInt8](repeating: 0x0b, count: 22)
+        let expected = hex("8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8")
+        // The same IKM with info "kmsfs" and no salt, computed with Python's hmac module (RFC 5869's steps).
+        let withInfo = hex("9c7d4e873157daf1a67bec10595034e5c86e6fa05b14587f700ebb512e8e5842")
+        #expect(try KeyDerivation.hkdfSHA256(key: key(ikm), info: "kmsfs", count: 32).withUnsafeBytes { Array($0) } == withInfo)
+        let wrong = Atomic<Int>(0)
+        DispatchQueue.concurrentPerform(iterations: 8) { _ in
+            for _ in 0..<50 {
+                guard let okm = try? KeyDerivation.hkdfSHA256(key: key(ikm), info: "", count: 42) else { wrong.add(1, ordering: .relaxed); continue }
+                if okm.withUnsafeBytes({ Array($0) }) != expected { wrong.add(1, ordering: .relaxed) }
+            }
+        }
+        #expect(wrong.load(ordering: .relaxed) == 0)
+    }
+
     @Test("HMAC-SHA256 matches RFC 4231 test case 2")
     func hmacVector() {
         let mac = KeyDerivation.hmacSHA256(key: key(Array("Jefe".utf8)), message: Array("what do ya want for nothing?".utf8))
