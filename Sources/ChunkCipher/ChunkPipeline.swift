@@ -78,11 +78,18 @@ public enum ChunkPipeline {
                     return
                 }
                 for piece in 0..<pieces {
-                    // Not sealed yet: seal the next unclaimed piece meanwhile, or
-                    // wait the few microseconds the other lane needs for this one.
+                    // Not sealed yet: seal it here if no lane has claimed it,
+                    // else wait the few microseconds the lane sealing it needs.
+                    // (Sealing a later piece meanwhile, as this did before,
+                    // kept the writer from writing: profiles showed it doing
+                    // half the sealing, serially with its writes.)
                     while case let state = board.state(of: piece), state != .sealed {
                         if state == .failed { board.stop(); return }
-                        if let next = board.claim() { board.finish(next, sealing: { () throws(CipherError) in try sealPiece(next) }) }
+                        if let next = board.claim(through: piece) {
+                            board.finish(next, sealing: { () throws(CipherError) in try sealPiece(next) })
+                        } else {
+                            sched_yield()
+                        }
                     }
                     let start = piece * perPiece * layout.sealedChunkSize
                     let end = min(total, (piece + 1) * perPiece * layout.sealedChunkSize)
@@ -168,10 +175,11 @@ final class PieceBoard: Sendable {
     private let errors = ErrorSlot()
     init(_ pieces: Int) { board = Mutex(Board(states: Array(repeating: .pending, count: pieces))) }
 
-    /// The next piece nobody has claimed, unless the run stopped.
-    func claim() -> Int? {
+    /// The next piece nobody has claimed, unless the run stopped; with
+    /// `through`, only if that piece is not past `through`.
+    func claim(through last: Int = .max) -> Int? {
         board.withLock { b in
-            guard !b.stopped, b.next < b.states.count else { return nil }
+            guard !b.stopped, b.next < b.states.count, b.next <= last else { return nil }
             defer { b.next += 1 }
             return b.next
         }
