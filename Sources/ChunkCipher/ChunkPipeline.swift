@@ -67,11 +67,11 @@ public enum ChunkPipeline {
         let writerTaken = Atomic<Bool>(false)
         withoutActuallyEscaping(emit) { escapable in
             // Lanes seal disjoint pieces of the caller's buffers; one of them
-            // (whichever starts first) also emits, in order, and seals the
-            // next unclaimed piece itself rather than wait. concurrentPerform
-            // returns only when all lanes are done.
+            // (whichever starts first) also emits, in order, sealing a piece
+            // itself only when no lane has claimed it. Both ways below
+            // return only when every lane is done.
             nonisolated(unsafe) let emit = escapable
-            DispatchQueue.concurrentPerform(iterations: min(cores, pieces)) { _ in
+            nonisolated(unsafe) let lane = { () in
                 let writes = writerTaken.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
                 if !writes {
                     while let piece = board.claim() { board.finish(piece, sealing: { () throws(CipherError) in try sealPiece(piece) }) }
@@ -96,6 +96,9 @@ public enum ChunkPipeline {
                     guard emit(start..<end) else { board.stop(); return }
                 }
             }
+            let lanes = min(cores, pieces)
+            if lanes == 2, HotLane.shared.run(lane, alongside: lane) { return }
+            DispatchQueue.concurrentPerform(iterations: lanes) { _ in lane() }
         }
         if let error = board.error { throw error }
     }
@@ -197,6 +200,116 @@ final class PieceBoard: Sendable {
     func state(of piece: Int) -> State { board.withLock { $0.states[piece] } }
     func stop() { board.withLock { $0.stopped = true } }
     var error: CipherError? { errors.error }
+}
+
+/// One helper thread that stays awake for a moment after each job, so that
+/// the second lane of a streaming write starts sealing at once: a Dispatch
+/// worker woken per request started late enough that the writing thread
+/// sealed half the pieces itself, serially with its writes (profiles of
+/// 128 KiB writes on two cores). Dispatch has no way to keep a worker
+/// spinning, so this thread is ours. It spins (yielding the core) for
+/// `spinWindow` after a job, then sleeps until the next one; one job at a
+/// time, and a caller that finds it busy uses Dispatch instead.
+final class HotLane: @unchecked Sendable {
+    static let shared = HotLane()
+    /// How long the thread keeps polling after a job: a little more than one
+    /// 128 KiB write request plus the gap before the next.
+    /// (A/B of 128 KiB writes, 5 runs each: no spinning 698 MB/s, 30 µs 752,
+    /// 80 µs 742, 200 µs 789.)
+    static let spinWindow: UInt64 = 200_000
+
+    /// A caller's lane, valid until `run` returns (which waits for it).
+    private struct Job: @unchecked Sendable { let body: () -> Void }
+    private struct Slot {
+        var job: Job?
+        var jobID: UInt64 = 0
+        var running = false
+        /// The id of the last job the thread finished.
+        var finished: UInt64 = 0
+        var sleeping = false
+    }
+    private let slot = Mutex(Slot())
+    private let wake = DispatchSemaphore(value: 0)
+
+    private init() {
+        // A plain pthread (ChunkCipher does without Foundation); it lives
+        // as long as the process, as `shared` does.
+        var thread = pthread_t()
+        let created = pthread_create(&thread, nil, { context in
+            Unmanaged<HotLane>.fromOpaque(context!).takeUnretainedValue().loop()
+            return nil
+        }, Unmanaged.passRetained(self).toOpaque())
+        precondition(created == 0, "cannot start the sealing thread: \(created)")
+        pthread_detach(thread)
+    }
+
+    /// Runs `helper` on the hot thread and `caller` on this one; returns
+    /// false (having run nothing) if the thread is busy with another job.
+    /// Returns only when both are done (or `helper` was never started).
+    func run(_ helper: () -> Void, alongside caller: () -> Void) -> Bool {
+        withoutActuallyEscaping(helper) { escapable -> Bool in
+            let job = Job(body: escapable)
+            let posted: UInt64? = slot.withLock { s in
+                guard s.job == nil, !s.running else { return nil }
+                s.job = job
+                s.jobID &+= 1
+                if s.sleeping {
+                    s.sleeping = false
+                    wake.signal()
+                }
+                return s.jobID
+            }
+            guard let posted else { return false }
+            caller()
+            // Take the job back if the thread never started it, else wait for it.
+            let retracted = slot.withLock { s -> Bool in
+                guard s.job != nil, s.jobID == posted else { return false }
+                s.job = nil
+                return true
+            }
+            if !retracted {
+                // Ids only grow, and the thread may already have finished a
+                // later caller's job too: wait for "at least", not "equal".
+                while slot.withLock({ $0.finished }) < posted { sched_yield() }
+            }
+            return true
+        }
+    }
+
+    private func loop() {
+        var idleSince = DispatchTime.now().uptimeNanoseconds
+        while true {
+            var taken: (job: Job, id: UInt64)? = slot.withLock { s in
+                guard let job = s.job else { return nil }
+                s.job = nil
+                s.running = true
+                return (job, s.jobID)
+            }
+            if let id = taken?.id {
+                taken?.job.body()
+                taken = nil  // the caller's closure is released before the caller is told
+                slot.withLock { s in
+                    s.running = false
+                    s.finished = id
+                }
+                idleSince = DispatchTime.now().uptimeNanoseconds
+                continue
+            }
+            if DispatchTime.now().uptimeNanoseconds - idleSince < Self.spinWindow {
+                sched_yield()
+                continue
+            }
+            let sleeps = slot.withLock { s -> Bool in
+                guard s.job == nil else { return false }
+                s.sleeping = true
+                return true
+            }
+            if sleeps {
+                wake.wait()
+                idleSince = DispatchTime.now().uptimeNanoseconds
+            }
+        }
+    }
 }
 
 /// The lowest-indexed error of a parallel run, so the result does not depend

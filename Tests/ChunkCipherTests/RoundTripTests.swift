@@ -1,5 +1,10 @@
 import Testing
-import ChunkCipher
+import Dispatch
+#if canImport(Glibc)
+import Glibc
+#endif
+import Synchronization
+@testable import ChunkCipher
 
 @Suite struct RoundTripTests {
     static let chunkSizes = [4096, 16384, 65536, 1 << 20]
@@ -85,6 +90,65 @@ import ChunkCipher
         }
         #expect(emitted.count == 5)
         #expect(emitted.first?.lowerBound == 0)
+    }
+
+    @Test("two-lane runs from eight threads at once, back to back and after pauses: the one kept sealing thread serves one at a time, the rest fall back, every run seals and emits all of its own bytes, and none waits forever on a job the thread finished before a later one",
+          .timeLimit(.minutes(1)))
+    func sealInOrderConcurrently() throws {
+        let file = try TestFile(chunkSize: 16384)
+        let wrong = Atomic<Int>(0)
+        DispatchQueue.concurrentPerform(iterations: 8) { t in
+            for round in 0..<24 {
+                let size = (round % 2 == 0 ? 64 * 1024 : 128 * 1024) + t * 4096 + round
+                let plaintext = pattern(size, seed: UInt64(t * 100 + round))
+                var body = [UInt8](repeating: 0, count: ChunkPipeline.ciphertextBytes(file.cipher.layout, plaintextSize: size))
+                var next = 0
+                let ok: Bool = (try? plaintext.withUnsafeBytes { p in
+                    try body.withUnsafeMutableBytes { c in
+                        try ChunkPipeline.sealInOrder(file.cipher, first: ChunkIndex(round), plaintext: p, into: c, workers: 2) { range in
+                            guard range.lowerBound == next else { return false }
+                            next = range.upperBound
+                            return true
+                        }
+                    }
+                }) != nil
+                var back = [UInt8](repeating: 0, count: size)
+                let opened = (try? body.withUnsafeBytes { c in try back.withUnsafeMutableBytes { out in
+                    try ChunkPipeline.open(file.cipher, first: ChunkIndex(round), sealed: c, into: out, workers: 1) } }) != nil
+                if !ok || !opened || next != body.count || back != plaintext { wrong.add(1, ordering: .relaxed) }
+                // A pause longer than the thread's spin window now and then, so it sleeps and is woken again.
+                if round % 8 == 7 { usleep(1000) }
+            }
+        }
+        #expect(wrong.load(ordering: .relaxed) == 0)
+    }
+
+    @Test("the kept sealing thread: a caller whose job finished before a later caller's job started and finished still returns",
+          .timeLimit(.minutes(1)))
+    func hotLaneLaterJobFinishedFirst() {
+        let firstJobDone = DispatchSemaphore(value: 0), secondRunDone = DispatchSemaphore(value: 0)
+        let secondStarted = Atomic<Bool>(false)
+        let ran = Atomic<Int>(0)
+        DispatchQueue.concurrentPerform(iterations: 2) { caller in
+            if caller == 0 {
+                // A: its job finishes at once; its own lane waits until B's whole run is over.
+                let took = HotLane.shared.run({ ran.add(1, ordering: .relaxed); firstJobDone.signal() }) {
+                    secondRunDone.wait()
+                }
+                #expect(took)
+            } else {
+                firstJobDone.wait()
+                // B: its lane waits until the thread has started B's job, so B cannot take it back.
+                var took = false
+                while !took {
+                    took = HotLane.shared.run({ ran.add(1, ordering: .relaxed); secondStarted.store(true, ordering: .releasing) }) {
+                        while !secondStarted.load(ordering: .acquiring) { sched_yield() }
+                    }
+                }
+                secondRunDone.signal()
+            }
+        }
+        #expect(ran.load(ordering: .relaxed) == 2)
     }
 
     @Test("a run starting at a later chunk index opens only at that index")
