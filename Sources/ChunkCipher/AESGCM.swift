@@ -120,6 +120,54 @@ public final class AESGCM: @unchecked Sendable {
     }
 }
 
+/// Keyed OpenSSL contexts of one key: a template and idle copies of it, each
+/// taken by one operation at a time (for MACs restarted with EVP_MAC_init
+/// and no key; for ciphers re-initialised with a new IV). The copies hold
+/// key schedules and live in the secure heap; all are freed (cleansed) with
+/// the pool. Used by NameCipher's CMAC and CTR and by KeyedHMAC.
+final class ContextPool: @unchecked Sendable {
+    enum Kind { case mac, cipher }
+    private let template: OpaquePointer
+    private let kind: Kind
+    private let idle = Mutex(ContextStack())
+
+    init(template: OpaquePointer, kind: Kind) {
+        self.template = template
+        self.kind = kind
+    }
+
+    deinit {
+        for ctx in idle.withLock({ $0.drain() }) + [template] { free(ctx) }
+    }
+
+    private func free(_ ctx: OpaquePointer) {
+        switch kind {
+        case .mac: EVP_MAC_CTX_free(ctx)
+        case .cipher: EVP_CIPHER_CTX_free(ctx)
+        }
+    }
+
+    func with<R>(_ body: (OpaquePointer) throws(CipherError) -> R) throws(CipherError) -> R {
+        let ctx: OpaquePointer
+        if let taken = idle.withLock({ $0.pop() }) { ctx = taken } else {
+            let copy: OpaquePointer? = KeyMemory.scope {
+                switch kind {
+                case .mac: return EVP_MAC_CTX_dup(template)
+                case .cipher:
+                    guard let c = EVP_CIPHER_CTX_new() else { return nil }
+                    if EVP_CIPHER_CTX_copy(c, template) == 1 { return c }
+                    EVP_CIPHER_CTX_free(c)
+                    return nil
+                }
+            }
+            guard let copy else { throw .openssl("context copy") }
+            ctx = copy
+        }
+        defer { idle.withLock { $0.push(ctx) } }
+        return try body(ctx)
+    }
+}
+
 /// The idle contexts of one key.
 struct ContextStack: ~Copyable, @unchecked Sendable {
     private var contexts: [OpaquePointer] = []

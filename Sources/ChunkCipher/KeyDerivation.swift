@@ -74,8 +74,7 @@ public enum KeyDerivation {
     /// allocation — the audit log hashes a path on every file open and create).
     /// The contexts hold key-derived state; they are freed with the object.
     public final class KeyedHMAC: @unchecked Sendable {
-        private let keyed: OpaquePointer
-        private let pool = Mutex(ContextStack())
+        private let contexts: ContextPool
 
         public init(key: borrowing SecretKey) {
             guard let ctx = KeyMemory.scope({ EVP_MAC_CTX_dup(KeyDerivation.hmacTemplate) }) else { preconditionFailure("HMAC-SHA256 context") }
@@ -85,29 +84,20 @@ public enum KeyDerivation {
                 }
             }
             precondition(ok, "HMAC-SHA256 key setup failed")
-            keyed = ctx
-        }
-
-        deinit {
-            for ctx in pool.withLock({ $0.drain() }) { EVP_MAC_CTX_free(ctx) }
-            EVP_MAC_CTX_free(keyed)
+            contexts = ContextPool(template: ctx, kind: .mac)
         }
 
         public func mac(_ message: [UInt8]) -> [UInt8] {
             var out = [UInt8](repeating: 0, count: 32)
             var length = 0
-            let ctx: OpaquePointer
-            if let idle = pool.withLock({ $0.pop() }) { ctx = idle } else {
-                guard let copy = KeyMemory.scope({ EVP_MAC_CTX_dup(keyed) }) else { preconditionFailure("HMAC-SHA256 context") }
-                ctx = copy
-            }
-            defer { pool.withLock { $0.push(ctx) } }
             // A nil key restarts the MAC under the key the context already holds.
-            let ok = out.withUnsafeMutableBufferPointer { o in
-                EVP_MAC_init(ctx, nil, 0, nil) == 1
-                    && EVP_MAC_update(ctx, message, message.count) == 1 && EVP_MAC_final(ctx, o.baseAddress, &length, 32) == 1
+            let ok = try? contexts.with { (ctx) throws(CipherError) -> Bool in
+                out.withUnsafeMutableBufferPointer { o in
+                    EVP_MAC_init(ctx, nil, 0, nil) == 1
+                        && EVP_MAC_update(ctx, message, message.count) == 1 && EVP_MAC_final(ctx, o.baseAddress, &length, 32) == 1
+                }
             }
-            precondition(ok && length == 32, "HMAC-SHA256 failed")
+            precondition(ok == true && length == 32, "HMAC-SHA256 failed")
             return out
         }
     }

@@ -1,5 +1,4 @@
 import COpenSSL
-import Synchronization
 
 /// Encrypts the entry names of one directory with AES-256-SIV (RFC 5297):
 /// deterministic (the same name always maps to the same ciphertext, so
@@ -21,8 +20,8 @@ import Synchronization
 /// id is computed once. The output is byte-for-byte OpenSSL's AES-256-SIV
 /// (tested against it, and against RFC 5297's vector for the 128-bit variant).
 public final class NameCipher: @unchecked Sendable {
-    private let macs: SIVPool
-    private let counters: SIVPool
+    private let macs: ContextPool
+    private let counters: ContextPool
     /// S2V's D after the directory id: dbl(CMAC(0¹²⁸)) ⊕ CMAC(directory id).
     private let afterDirectory: Block
     private static let tagSize = 16
@@ -44,9 +43,9 @@ public final class NameCipher: @unchecked Sendable {
             sivKey.withUnsafeBytes { raw in kmsfs_cmac_new(macCipher, bytes(raw), half) }
         }
         guard let mac else { throw .openssl("AES-CMAC") }
-        macs = SIVPool(template: mac, kind: .mac)
+        macs = ContextPool(template: mac, kind: .mac)
         guard let ctr = KeyMemory.scope({ EVP_CIPHER_CTX_new() }) else { throw .openssl("EVP_CIPHER_CTX_new") }
-        counters = SIVPool(template: ctr, kind: .cipher)
+        counters = ContextPool(template: ctr, kind: .cipher)
         let keyed = KeyMemory.scope {
             sivKey.withUnsafeBytes { raw in EVP_EncryptInit_ex(ctr, ctrCipher, nil, bytes(raw).map { $0 + half }, nil) == 1 }
         }
@@ -130,7 +129,7 @@ public final class NameCipher: @unchecked Sendable {
         return out
     }
 
-    private static func cmac(_ pool: SIVPool, _ message: ArraySlice<UInt8>) throws(CipherError) -> Block {
+    private static func cmac(_ pool: ContextPool, _ message: ArraySlice<UInt8>) throws(CipherError) -> Block {
         var out = Block.zero
         let ok = try pool.with { (ctx) throws(CipherError) -> Bool in
             var length = 0
@@ -169,52 +168,6 @@ private struct Block {
 
     mutating func withMutableBytes<R>(_ body: (UnsafeMutablePointer<UInt8>) -> R) -> R {
         bytes.withUnsafeMutableBufferPointer { body($0.baseAddress!) }
-    }
-}
-
-/// Keyed contexts of one SIV key: a template and idle copies of it, each
-/// taken by one operation at a time. The copies hold key schedules and live
-/// in the secure heap; all are freed (cleansed) with the pool.
-private final class SIVPool: @unchecked Sendable {
-    enum Kind { case mac, cipher }
-    private let template: OpaquePointer
-    private let kind: Kind
-    private let idle = Mutex(ContextStack())
-
-    init(template: OpaquePointer, kind: Kind) {
-        self.template = template
-        self.kind = kind
-    }
-
-    deinit {
-        for ctx in idle.withLock({ $0.drain() }) + [template] { free(ctx) }
-    }
-
-    private func free(_ ctx: OpaquePointer) {
-        switch kind {
-        case .mac: EVP_MAC_CTX_free(ctx)
-        case .cipher: EVP_CIPHER_CTX_free(ctx)
-        }
-    }
-
-    func with<R>(_ body: (OpaquePointer) throws(CipherError) -> R) throws(CipherError) -> R {
-        let ctx: OpaquePointer
-        if let taken = idle.withLock({ $0.pop() }) { ctx = taken } else {
-            let copy: OpaquePointer? = KeyMemory.scope {
-                switch kind {
-                case .mac: return EVP_MAC_CTX_dup(template)
-                case .cipher:
-                    guard let c = EVP_CIPHER_CTX_new() else { return nil }
-                    if EVP_CIPHER_CTX_copy(c, template) == 1 { return c }
-                    EVP_CIPHER_CTX_free(c)
-                    return nil
-                }
-            }
-            guard let copy else { throw .openssl("AES-SIV context copy") }
-            ctx = copy
-        }
-        defer { idle.withLock { $0.push(ctx) } }
-        return try body(ctx)
     }
 }
 

@@ -66,16 +66,7 @@ extension EncryptedFileSystem {
                 case .at(let t): return t
                 }
             }
-            var times = [spec(changes.accessTime), spec(changes.modificationTime)]
-            if node.isSymlink {
-                try Syscall.call { utimensat(node.fd, "", &times, KMSFS_AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) }
-            } else if node.readWrite {
-                // Through the descriptor: no path walk through /proc (half of
-                // an untar's SETATTR time went to resolving those paths).
-                try Syscall.call { futimens(node.fd, &times) }
-            } else {
-                try Syscall.call { utimensat(AT_FDCWD, node.procPath, &times, 0) }
-            }
+            try node.setTimes([spec(changes.accessTime), spec(changes.modificationTime)])
         }
         if context.clearsSetID { try clearSetID(node, context) }
         return try getattr(id, context)
