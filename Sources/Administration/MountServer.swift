@@ -25,9 +25,13 @@ public struct MountPlan: Sendable {
     /// Who runs the mount (for the audit record of `auditOpens` off).
     public var caller: Principal
     public var clock: @Sendable () -> Double
+    /// Never park node descriptors (see `DescriptorRelief`).
+    public var keepDescriptors: Bool
 
     public init(cipherdir: String, mountpoint: String, keystore: String, options: [String], threads: Int, metricsFile: String?,
-                metricsInterval: Double, auditOpens: Bool, caller: Principal, clock: @escaping @Sendable () -> Double) {
+                metricsInterval: Double, auditOpens: Bool, caller: Principal, clock: @escaping @Sendable () -> Double,
+                keepDescriptors: Bool = false) {
+        self.keepDescriptors = keepDescriptors
         self.cipherdir = cipherdir
         self.mountpoint = mountpoint
         self.keystore = keystore
@@ -84,7 +88,7 @@ public enum MountServer {
         let schedules = ScheduleRunner(manager: manager)
         schedules.start()
         defer { schedules.stop() }
-        let fs = try EncryptedFileSystem(cipherdir: plan.cipherdir, keyManager: manager)
+        let fs = try EncryptedFileSystem(cipherdir: plan.cipherdir, keyManager: manager, parkDescriptors: !plan.keepDescriptors)
         // Finish or roll back what an interrupted rekey left, before anything reads a file.
         let rekey = RekeyService(filesystem: fs)
         let unrepaired = try rekey.rekeyer.recover()

@@ -79,4 +79,24 @@ static inline long kmsfs_raise_open_file_limit(long ceiling) {
     return (long)limit.rlim_cur;
 }
 
+/// A kernel file handle (struct file_handle with room for any filesystem's:
+/// MAX_HANDLE_SZ is 128). glibc declares the calls only under _GNU_SOURCE.
+struct kmsfs_file_handle {
+    unsigned int handle_bytes;
+    int handle_type;
+    unsigned char f_handle[128];
+};
+
+/// name_to_handle_at(2) of the entry `fd` itself (AT_EMPTY_PATH).
+static inline int kmsfs_handle_of(int fd, struct kmsfs_file_handle *handle, int *mount_id) {
+    handle->handle_bytes = sizeof handle->f_handle;
+    return (int)syscall(SYS_name_to_handle_at, fd, "", handle, mount_id, 0x1000);
+}
+
+/// open_by_handle_at(2): needs CAP_DAC_READ_SEARCH; `mount_fd` any
+/// descriptor (not O_PATH) on the handle's filesystem.
+static inline int kmsfs_open_by_handle(int mount_fd, struct kmsfs_file_handle *handle, int flags) {
+    return (int)syscall(SYS_open_by_handle_at, mount_fd, handle, flags);
+}
+
 #endif

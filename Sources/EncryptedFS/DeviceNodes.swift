@@ -87,13 +87,13 @@ extension EncryptedFileSystem {
         do throws(CipherError) {
             record = try DeviceNode(type: mode & S_IFMT, device: device).sealed(with: volume.deviceNodes)
         } catch { throw .ioError }
-        try markHoldsDeviceNodes(dir.fd)
+        try markHoldsDeviceNodes(dir.dirFD)
         try writeSidecar(stored, plaintext: name, in: dir, context)
-        let fd = try Syscall.open(dir.fd, stored, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode & 0o7777)
+        let fd = try Syscall.open(dir.dirFD, stored, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode & 0o7777)
         do throws(Errno) {
             try Syscall.pwrite(fd.raw, record, at: 0)
         } catch {
-            Syscall.unlinkQuietly(dir.fd, stored)
+            Syscall.unlinkQuietly(dir.dirFD, stored)
             removeSidecar(stored, in: dir)
             throw error
         }

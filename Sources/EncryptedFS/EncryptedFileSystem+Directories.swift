@@ -15,17 +15,17 @@ extension EncryptedFileSystem {
         let node = try nodes.node(id)
         let dir = plaintextNames ? nil : try directoryKeys(node, context)
         var items = [Listing.Item(entry: DirectoryEntry(name: ".", inode: node.key.inode, type: S_IFDIR, nextOffset: 1)),
-                     Listing.Item(entry: DirectoryEntry(name: "..", inode: UInt64((try? Syscall.fstatat(node.fd, "..").st_ino) ?? 1),
+                     Listing.Item(entry: DirectoryEntry(name: "..", inode: UInt64((try? Syscall.fstatat(node.dirFD, "..").st_ino) ?? 1),
                                                         type: S_IFDIR, nextOffset: 2))]
         var damaged = 0
-        let backing = try Syscall.listDirectory(node.fd)
+        let backing = try Syscall.listDirectory(node.dirFD)
         let holdsDevices = backing.contains { $0.name == DeviceNode.marker }
         for raw in backing {
             switch listedName(raw.name, in: node, keys: dir) {
             case .name(let name):
                 var type = mode_t(raw.type) << 12
-                if holdsDevices, raw.type == DT_REG, let st = try? Syscall.fstatat(node.fd, raw.name), DeviceNode.mayBeRecord(st),
-                   let device = deviceNode(in: node.fd, stored: raw.name, path: nil, context) {
+                if holdsDevices, raw.type == DT_REG, let st = try? Syscall.fstatat(node.dirFD, raw.name), DeviceNode.mayBeRecord(st),
+                   let device = deviceNode(in: node.dirFD, stored: raw.name, path: nil, context) {
                     type = device.type
                 }
                 items.append(Listing.Item(entry: DirectoryEntry(name: name, inode: raw.inode, type: type, nextOffset: Int64(items.count + 1)),
@@ -64,7 +64,7 @@ extension EncryptedFileSystem {
     /// What a listed backing name is to the mount, from the directory's name
     /// cache when seen before (the caller has checked the directory's keys).
     func listedName(_ stored: FileName, in node: Node, keys dir: DirectoryKeys?) -> NameMapping.Decoded {
-        names.listed(stored, inDirectory: node.fd, keys: dir, cache: node.names)
+        names.listed(stored, inDirectory: node.dirFD, keys: dir, cache: node.names)
     }
 
     /// READDIRPLUS: each entry with its lookup, so that `ls -l`, `find`

@@ -19,14 +19,14 @@ extension EncryptedFileSystem {
 
     /// Looks up the entry stored as `stored` in directory node `dir` (`parent`), whose plaintext name is `name`.
     func lookup(stored: FileName, name: FileName, in dir: Node, _ parent: NodeID, _ context: RequestContext) throws(Errno) -> EntryReply {
-        var st = try Syscall.fstatat(dir.fd, stored)
+        var st = try Syscall.fstatat(dir.dirFD, stored)
         var device: dev_t = 0
         if DeviceNode.mayBeRecord(st),
-           let node = deviceNode(in: dir.fd, stored: stored, path: self.nodes.directoryPath(of: parent).text(of: name), context) {
+           let node = deviceNode(in: dir.dirFD, stored: stored, path: self.nodes.directoryPath(of: parent).text(of: name), context) {
             st.st_mode = node.type | (st.st_mode & 0o7777)
             device = node.device
         }
-        let node = try nodes.remember(parentFD: dir.fd, storedName: stored, st: st, parent: parent, name: name, device: device)
+        let node = try nodes.remember(parentFD: dir.dirFD, storedName: stored, st: st, parent: parent, name: name, device: device)
         return entry(node, st, context)
     }
 
@@ -45,7 +45,8 @@ extension EncryptedFileSystem {
         if let mode = changes.mode, !node.isSymlink { try node.changeMode(mode & 0o7777) }
         if changes.uid != nil || changes.gid != nil {
             let uid = changes.uid ?? uid_t.max, gid = changes.gid ?? gid_t.max
-            try Syscall.call { fchownat(node.fd, "", uid, gid, KMSFS_AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) }
+            let fd = try node.fd
+            try Syscall.call { fchownat(fd, "", uid, gid, KMSFS_AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) }
         }
         if let size = changes.size {
             guard node.isRegular else { throw node.isDirectory ? .isDirectory : .invalidArgument }
@@ -86,13 +87,14 @@ extension EncryptedFileSystem {
     public func access(_ id: NodeID, mask: Int32, _ context: RequestContext) throws(Errno) {
         let node = try nodes.node(id)
         guard mask != F_OK else { return }
-        try Syscall.call { faccessat(AT_FDCWD, node.procPath, mask, 0) }
+        let path = try node.procPath
+        try Syscall.call { faccessat(AT_FDCWD, path, mask, 0) }
     }
 
     public func statfs(_ id: NodeID) throws(Errno) -> statvfs {
         let root = try nodes.node(.root)
         var info = statvfs()
-        try Syscall.call { fstatvfs(root.fd, &info) }
+        try Syscall.call { fstatvfs(root.dirFD, &info) }
         info.f_namemax = 255
         return info
     }
@@ -109,7 +111,7 @@ extension EncryptedFileSystem {
             let dir = try nodes.node(parent)
             let stored = try storedName(name, in: dir, context)
             try writeSidecar(stored, plaintext: name, in: dir, context)
-            try Syscall.call { stored.withCString { mknodat(dir.fd, $0, mode, 0) } }
+            try Syscall.call { stored.withCString { mknodat(dir.dirFD, $0, mode, 0) } }
             adopt(dir, stored, context)
             return try lookup(parent, name, context)
         case S_IFBLK, S_IFCHR:
@@ -126,20 +128,20 @@ extension EncryptedFileSystem {
         let key = try keys { () throws(KeyManagerError) in try keyManager.boundKey(forDirectory: path.binding) }
         try writeSidecar(stored, plaintext: name, in: dir, context)
         // The daemon needs to write .kmsfs.dir; the mode is set after.
-        try Syscall.call { stored.withCString { mkdirat(dir.fd, $0, 0o700) } }
+        try Syscall.call { stored.withCString { mkdirat(dir.dirFD, $0, 0o700) } }
         let created: DirectoryKeys, made: InodeKey
         do throws(Errno) {
-            let fd = try Syscall.open(dir.fd, stored, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
+            let fd = try Syscall.open(dir.dirFD, stored, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
             created = try DirectoryKeys.create(in: fd.raw, key: key, keyManager: keyManager, principal: principal(context),
                                                layout: layout, isRoot: false)
             // mkdir(2) never passes S_ISGID: a directory made in a setgid
             // directory inherits it, as the backing one just did.
             let st = try Syscall.fstat(fd.raw)
             made = InodeKey(st)
-            try Syscall.call { stored.withCString { fchmodat(dir.fd, $0, (mode & 0o7777) | st.st_mode & S_ISGID, 0) } }
+            try Syscall.call { stored.withCString { fchmodat(dir.dirFD, $0, (mode & 0o7777) | st.st_mode & S_ISGID, 0) } }
         } catch {
-            Syscall.unlinkQuietly(dir.fd, FileName(bytes: stored.bytes + [UInt8(ascii: "/")] + DirectoryKeys.fileName.bytes))
-            Syscall.unlinkQuietly(dir.fd, stored, AT_REMOVEDIR)
+            Syscall.unlinkQuietly(dir.dirFD, FileName(bytes: stored.bytes + [UInt8(ascii: "/")] + DirectoryKeys.fileName.bytes))
+            Syscall.unlinkQuietly(dir.dirFD, stored, AT_REMOVEDIR)
             removeSidecar(stored, in: dir)
             throw error
         }
@@ -173,7 +175,7 @@ extension EncryptedFileSystem {
         sealed.append(0)
         do throws(Errno) {
             try writeSidecar(stored, plaintext: name, in: dir, context)
-            try Syscall.call { stored.withCString { s in sealed.withUnsafeBufferPointer { t in t.withMemoryRebound(to: CChar.self) { symlinkat($0.baseAddress!, dir.fd, s) } } } }
+            try Syscall.call { stored.withCString { s in sealed.withUnsafeBufferPointer { t in t.withMemoryRebound(to: CChar.self) { symlinkat($0.baseAddress!, dir.dirFD, s) } } } }
         } catch {
             removeLongTarget(outOfLine)
             throw error
@@ -187,12 +189,13 @@ extension EncryptedFileSystem {
         let dir = try nodes.node(newParent)
         guard !node.isDirectory else { throw .notPermitted }
         let stored = try storedName(newName, in: dir, context)
-        if node.isDevice { try markHoldsDeviceNodes(dir.fd) }
+        if node.isDevice { try markHoldsDeviceNodes(dir.dirFD) }
         try writeSidecar(stored, plaintext: newName, in: dir, context)
+        let fd = try node.fd
         if node.isSymlink {
-            try Syscall.call { stored.withCString { linkat(node.fd, "", dir.fd, $0, KMSFS_AT_EMPTY_PATH) } }
+            try Syscall.call { stored.withCString { linkat(fd, "", dir.dirFD, $0, KMSFS_AT_EMPTY_PATH) } }
         } else {
-            try Syscall.call { stored.withCString { linkat(AT_FDCWD, node.procPath, dir.fd, $0, AT_SYMLINK_FOLLOW) } }
+            try Syscall.call { stored.withCString { linkat(AT_FDCWD, "/proc/self/fd/\(fd)", dir.dirFD, $0, AT_SYMLINK_FOLLOW) } }
         }
         return try lookup(newParent, newName, context)
     }
@@ -200,12 +203,12 @@ extension EncryptedFileSystem {
     public func unlink(_ parent: NodeID, _ name: FileName, _ context: RequestContext) throws(Errno) {
         let dir = try nodes.node(parent)
         let stored = try storedName(name, in: dir, context)
-        let st = try Syscall.fstatat(dir.fd, stored)
+        let st = try Syscall.fstatat(dir.dirFD, stored)
         guard st.st_mode & S_IFMT != S_IFDIR else { throw .isDirectory }
         let lastLink = st.st_mode & S_IFMT == S_IFREG && st.st_nlink == 1 && !DeviceNode.mayBeRecord(st)
-        let object = lastLink ? nodes.fileID(of: InodeKey(st)) ?? fileID(in: dir.fd, stored: stored) : nil
-        let longTarget = lastLongTarget(in: dir.fd, stored: stored, st)
-        try Syscall.unlinkat(dir.fd, stored)
+        let object = lastLink ? nodes.fileID(of: InodeKey(st)) ?? fileID(in: dir.dirFD, stored: stored) : nil
+        let longTarget = lastLongTarget(in: dir.dirFD, stored: stored, st)
+        try Syscall.unlinkat(dir.dirFD, stored)
         removeSidecar(stored, in: dir)
         removeLongTarget(longTarget)
         if let object { try? keyManager.forgetUsage(object) }
@@ -215,7 +218,7 @@ extension EncryptedFileSystem {
         let dir = try nodes.node(parent)
         let stored = try storedName(name, in: dir, context)
         let object = try removingDirectoryKeys(dir, stored) { () throws(Errno) in
-            try Syscall.unlinkat(dir.fd, stored, AT_REMOVEDIR)
+            try Syscall.unlinkat(dir.dirFD, stored, AT_REMOVEDIR)
         }
         removeSidecar(stored, in: dir)
         if let object { try? keyManager.forgetUsage(object) }
@@ -232,7 +235,7 @@ extension EncryptedFileSystem {
     /// readable; a crash in between leaves at most a hidden set-aside file,
     /// which the parent's own removal clears.
     private func removingDirectoryKeys(_ parent: Node, _ stored: FileName, _ remove: () throws(Errno) -> Void) throws(Errno) -> ID128? {
-        let fd = try Syscall.open(parent.fd, stored, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
+        let fd = try Syscall.open(parent.dirFD, stored, KMSFS_O_PATH | O_DIRECTORY | O_NOFOLLOW)
         let entries = try Syscall.listDirectory(fd.raw)
         guard entries.allSatisfy({ $0.name == DirectoryKeys.fileName || $0.name == DeviceNode.marker || $0.name.hasPrefix(Self.setAsidePrefix) })
         else { throw .directoryNotEmpty }
@@ -243,20 +246,20 @@ extension EncryptedFileSystem {
         }
         let object = fileID(in: fd.raw, stored: DirectoryKeys.fileName)
         let aside = Self.setAsidePrefix + ID128.random().hex
-        try Syscall.call { DirectoryKeys.fileName.withCString { linkat(fd.raw, $0, parent.fd, aside, 0) } }
+        try Syscall.call { DirectoryKeys.fileName.withCString { linkat(fd.raw, $0, parent.dirFD, aside, 0) } }
         do throws(Errno) {
             try Syscall.unlinkat(fd.raw, DirectoryKeys.fileName)
             try remove()
         } catch {
             // Put the keys back (the link in the directory is gone only if the unlink ran).
-            if DirectoryKeys.fileName.withCString({ linkat(parent.fd, aside, fd.raw, $0, 0) }) != 0, errno != EEXIST {
+            if DirectoryKeys.fileName.withCString({ linkat(parent.dirFD, aside, fd.raw, $0, 0) }) != 0, errno != EEXIST {
                 logger.error("a failed rmdir could not restore the directory's keys", metadata: ["kept as": "\(aside)", "errno": "\(errno)"])
                 throw error
             }
-            unlinkat(parent.fd, aside, 0)
+            unlinkat(parent.dirFD, aside, 0)
             throw error
         }
-        unlinkat(parent.fd, aside, 0)
+        unlinkat(parent.dirFD, aside, 0)
         return object
     }
 
@@ -266,36 +269,36 @@ extension EncryptedFileSystem {
         let to = try nodes.node(newParent)
         let oldStored = try storedName(name, in: from, context)
         let newStored = try storedName(newName, in: to, context)
-        let moving = try Syscall.fstatat(from.fd, oldStored)
-        let exchanged = flags & (KMSFS_RENAME_EXCHANGE) != 0 ? try Syscall.fstatat(to.fd, newStored) : nil
+        let moving = try Syscall.fstatat(from.dirFD, oldStored)
+        let exchanged = flags & (KMSFS_RENAME_EXCHANGE) != 0 ? try Syscall.fstatat(to.dirFD, newStored) : nil
         var replacedObject: ID128?
         var replacedTarget: ID128?
         var replacingDirectory = false
-        if flags & (KMSFS_RENAME_EXCHANGE) == 0, let target = try? Syscall.fstatat(to.fd, newStored) {
+        if flags & (KMSFS_RENAME_EXCHANGE) == 0, let target = try? Syscall.fstatat(to.dirFD, newStored) {
             if flags & (KMSFS_RENAME_NOREPLACE) != 0 { throw .fileExists }
             switch target.st_mode & S_IFMT {
             case S_IFDIR:
                 guard moving.st_mode & S_IFMT == S_IFDIR else { throw .isDirectory }
                 replacingDirectory = true
             case S_IFREG where target.st_nlink == 1 && InodeKey(target) != InodeKey(moving) && !DeviceNode.mayBeRecord(target):
-                replacedObject = nodes.fileID(of: InodeKey(target)) ?? fileID(in: to.fd, stored: newStored)
+                replacedObject = nodes.fileID(of: InodeKey(target)) ?? fileID(in: to.dirFD, stored: newStored)
             case S_IFLNK where InodeKey(target) != InodeKey(moving):
-                replacedTarget = lastLongTarget(in: to.fd, stored: newStored, target)
+                replacedTarget = lastLongTarget(in: to.dirFD, stored: newStored, target)
             default: break
             }
         }
         if from.id != to.id {
-            if DeviceNode.mayBeRecord(moving) { try markHoldsDeviceNodes(to.fd) }
-            if let exchanged, DeviceNode.mayBeRecord(exchanged) { try markHoldsDeviceNodes(from.fd) }
+            if DeviceNode.mayBeRecord(moving) { try markHoldsDeviceNodes(to.dirFD) }
+            if let exchanged, DeviceNode.mayBeRecord(exchanged) { try markHoldsDeviceNodes(from.dirFD) }
         }
         try writeSidecar(newStored, plaintext: newName, in: to, context)
         if replacingDirectory {
             // The replaced directory's keys go only if the rename succeeds.
             replacedObject = try removingDirectoryKeys(to, newStored) { () throws(Errno) in
-                try Syscall.withNames(oldStored, newStored) { (a, b) throws(Errno) in _ = try Syscall.call { kmsfs_renameat2(from.fd, a, to.fd, b, flags) } }
+                try Syscall.withNames(oldStored, newStored) { (a, b) throws(Errno) in _ = try Syscall.call { kmsfs_renameat2(from.dirFD, a, to.dirFD, b, flags) } }
             }
         } else {
-            try Syscall.withNames(oldStored, newStored) { (a, b) throws(Errno) in _ = try Syscall.call { kmsfs_renameat2(from.fd, a, to.fd, b, flags) } }
+            try Syscall.withNames(oldStored, newStored) { (a, b) throws(Errno) in _ = try Syscall.call { kmsfs_renameat2(from.dirFD, a, to.dirFD, b, flags) } }
         }
         if flags & (KMSFS_RENAME_EXCHANGE) != 0 {
             try writeSidecar(oldStored, plaintext: name, in: from, context)

@@ -40,7 +40,7 @@ extension EncryptedFileSystem {
         let fd: SharedDescriptor
         do throws(Errno) {
             // One descriptor for the file, shared by its node and open file.
-            fd = SharedDescriptor(try Syscall.open(dir.fd, stored, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_NONBLOCK, mode & 0o7777))
+            fd = SharedDescriptor(try Syscall.open(dir.dirFD, stored, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_NONBLOCK, mode & 0o7777))
             do throws(Errno) {
                 try Syscall.pwrite(fd.raw, headerBytes, at: 0)
                 adopt(dir, stored, context)
@@ -48,7 +48,7 @@ extension EncryptedFileSystem {
                 file = try OpenFile(fd, writable: true, header: header, cipher: cipher, stat: st, sealedHere: 0,
                                     onIntegrityFailure: failureHandler(fileID, key, path: path, opener: who))
             } catch {
-                Syscall.unlinkQuietly(dir.fd, stored)
+                Syscall.unlinkQuietly(dir.dirFD, stored)
                 throw error
             }
         } catch {
@@ -56,7 +56,7 @@ extension EncryptedFileSystem {
             throw error
         }
         let handle = openFiles.shareWithHandle(file)
-        let node = try nodes.remember(parentFD: dir.fd, storedName: stored, st: st, parent: parent, name: name, opened: fd)
+        let node = try nodes.remember(parentFD: dir.dirFD, storedName: stored, st: st, parent: parent, name: name, opened: fd)
         nodes.noteFileID(fileID.rawValue, of: node)
         return (entry(node, st, context), OpenReply(handle: handle))
     }
@@ -95,14 +95,16 @@ extension EncryptedFileSystem {
             // writing is reopened (through /proc, with the modes it allows).
             var writable = true
             let descriptor: SharedDescriptor
-            if node.readWrite {
-                descriptor = node.descriptor
+            let held = try node.held()
+            if held.readWrite {
+                descriptor = held.descriptor
             } else {
                 var raw: Int32
-                do throws(Errno) { raw = try Syscall.openat(AT_FDCWD, node.procPath, O_RDWR) } catch {
+                let path = "/proc/self/fd/\(held.descriptor.raw)"
+                do throws(Errno) { raw = try Syscall.openat(AT_FDCWD, path, O_RDWR) } catch {
                     guard error == .permissionDenied || error == .readOnlyFileSystem else { throw error }
                     writable = false
-                    raw = try Syscall.openat(AT_FDCWD, node.procPath, O_RDONLY)
+                    raw = try Syscall.openat(AT_FDCWD, path, O_RDONLY)
                 }
                 descriptor = SharedDescriptor(Descriptor(adopting: raw))
             }

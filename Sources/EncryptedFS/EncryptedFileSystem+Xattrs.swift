@@ -36,9 +36,10 @@ extension EncryptedFileSystem {
 
     /// The raw value of backing attribute `backing`.
     func backingXattr(_ node: Node, _ backing: FileName) throws(Errno) -> [UInt8] {
-        let size = try Syscall.call { backing.withCString { CLinux.getxattr(node.procPath, $0, nil, 0) } }
+        let path = try node.procPath
+        let size = try Syscall.call { backing.withCString { CLinux.getxattr(path, $0, nil, 0) } }
         var raw = [UInt8](repeating: 0, count: size)
-        let n = try Syscall.call { backing.withCString { CLinux.getxattr(node.procPath, $0, &raw, raw.count) } }
+        let n = try Syscall.call { backing.withCString { CLinux.getxattr(path, $0, &raw, raw.count) } }
         raw.removeLast(raw.count - n)
         return raw
     }
@@ -65,7 +66,7 @@ extension EncryptedFileSystem {
             return (dir.xattrValues, dir.directoryID)
         }
         guard node.isRegular else { throw .notPermitted }
-        let fd = try Syscall.open(AT_FDCWD, node.procPath, O_RDONLY)
+        let fd = try Syscall.open(AT_FDCWD, try node.procPath, O_RDONLY)
         let raw = try Syscall.pread(fd.raw, count: ChunkLayout.headerSize, at: 0)
         let header: FileHeader
         do throws(CipherError) { header = try FileHeader(decoding: raw) } catch {
@@ -95,7 +96,8 @@ extension EncryptedFileSystem {
             do throws(CipherError) { sealed = try sealer.seal(sealed, context: Self.xattrContext(object, name)) } catch { throw .ioError }
         }
         if let leading { sealed = leading + sealed }
-        try Syscall.call { backing.withCString { CLinux.setxattr(node.procPath, $0, sealed, sealed.count, flags) } }
+        let path = try node.procPath
+        try Syscall.call { backing.withCString { CLinux.setxattr(path, $0, sealed, sealed.count, flags) } }
     }
 
     /// Only the `user.` namespace is kept (encrypted). Other namespaces are
@@ -130,9 +132,10 @@ extension EncryptedFileSystem {
     public func listxattr(_ id: NodeID, _ context: RequestContext) throws(Errno) -> [FileName] {
         let node = try nodes.node(id)
         guard !node.isSymlink else { return [] }
-        let size = try Syscall.call { CLinux.listxattr(node.procPath, nil, 0) }
+        let path = try node.procPath
+        let size = try Syscall.call { CLinux.listxattr(path, nil, 0) }
         var raw = [CChar](repeating: 0, count: size)
-        let n = try Syscall.call { CLinux.listxattr(node.procPath, &raw, raw.count) }
+        let n = try Syscall.call { CLinux.listxattr(path, &raw, raw.count) }
         let names = raw[0..<n].split(separator: 0).map { FileName(bytes: $0.map { UInt8(bitPattern: $0) }) }
         if plaintextNames { return names.filter { $0.hasPrefix("user.") } }
         guard names.contains(where: { $0.hasPrefix(Self.xattrPrefix) }) else { return [] }
@@ -158,6 +161,7 @@ extension EncryptedFileSystem {
         guard name.hasPrefix("user.") else { throw .notSupported }
         let backing = try backingXattrName(name, context).name
         if !plaintextNames { _ = try xattrSealer(node, modifying: true, context) }
-        try Syscall.call { backing.withCString { CLinux.removexattr(node.procPath, $0) } }
+        let path = try node.procPath
+        try Syscall.call { backing.withCString { CLinux.removexattr(path, $0) } }
     }
 }

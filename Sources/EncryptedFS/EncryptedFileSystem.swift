@@ -21,6 +21,11 @@ public struct FilesystemStatistics: Sendable, Codable {
     public var forgottenOnRequest: Int = 0
     /// FUSE requests answered since the mount (all daemons of this process).
     public var requests: Int = 0
+    /// Backing descriptors the nodes hold now; descriptors parked (closed,
+    /// the entry's file handle kept) and reopened from a handle since the mount.
+    public var descriptors: Int = 0
+    public var parkedDescriptors: Int = 0
+    public var reopenedDescriptors: Int = 0
 }
 
 /// The encrypted filesystem: maps the plaintext tree onto CIPHERDIR, one
@@ -41,8 +46,16 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     /// node whose mode the filesystem changed on its own (see `clearSetID`).
     nonisolated(unsafe) public var attributesChanged: (@Sendable (NodeID) -> Void)?
     let logger = Logger(label: "kmsfs.fs")
-    /// Seconds the kernel may cache attributes and names.
-    let timeout: Double = 1.0
+    /// Seconds the kernel may cache names and attributes. The daemon is the
+    /// only writer of CIPHERDIR while it is mounted, and the kernel itself
+    /// drops or refreshes what a request through the mount changes (as
+    /// libfuse's passthrough_ll with `cache=always` relies on); what the
+    /// daemon changes on its own (clearing set-ID bits) it invalidates. A
+    /// cached entry grants nothing: names are no policy gate (opens, reads
+    /// of link targets and listings are), and a looked-up name is in its
+    /// directory's name cache anyway. With 1 s, a `stat` of each of 100,000
+    /// files created a minute before was a LOOKUP round trip every time.
+    let timeout: Double = 3600
     let runningAsRoot = geteuid() == 0
 
     /// Open files, their handles and directory listings.
@@ -54,14 +67,18 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
 
 
     /// Opens the filesystem rooted at `cipherdir` (already initialised).
-    public init(cipherdir: String, keyManager: KeyManager) throws {
+    /// `parkDescriptors`: let the descriptor relief close cached inodes'
+    /// descriptors and reopen them by file handle, where this process may
+    /// (root) and the backing filesystem gives handles.
+    public init(cipherdir: String, keyManager: KeyManager, parkDescriptors: Bool = false) throws {
         self.cipherdir = cipherdir
         self.keyManager = keyManager
         self.layout = try ChunkLayout(chunkSize: keyManager.chunkSize)
         self.names = NameMapping(plaintextNames: keyManager.plaintextNames)
         let root = try Syscall.open(AT_FDCWD, cipherdir, KMSFS_O_PATH | O_DIRECTORY)
         let st = try Syscall.fstat(root.raw)
-        nodes = NodeTable(root: Node(id: .root, descriptor: root, key: InodeKey(st), type: S_IFDIR, parent: nil, name: ""))
+        nodes = NodeTable(root: Node(id: .root, descriptor: root, key: InodeKey(st), type: S_IFDIR, parent: nil, name: ""),
+                          handles: parkDescriptors && geteuid() == 0 ? BackingHandles.probe(cipherdir: cipherdir) : nil)
     }
 
     /// Writes the root directory's keys; `kmsfs init` calls this once.
@@ -80,7 +97,10 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
                              bytesRead: bytesRead.load(ordering: .relaxed), bytesWritten: bytesWritten.load(ordering: .relaxed),
                              integrityFailures: integrityFailures.load(ordering: .relaxed), deniedRequests: denied.load(ordering: .relaxed),
                              forgottenOnRequest: relief?.evictions.load(ordering: .relaxed) ?? 0,
-                             requests: RequestCounters.shared.requests.load(ordering: .relaxed))
+                             requests: RequestCounters.shared.requests.load(ordering: .relaxed),
+                             descriptors: nodes.ledger.held.load(ordering: .relaxed),
+                             parkedDescriptors: nodes.ledger.parked.load(ordering: .relaxed),
+                             reopenedDescriptors: nodes.ledger.reopened.load(ordering: .relaxed))
     }
 
     // MARK: Helpers
@@ -121,7 +141,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
         let loaded: DirectoryKeys
         do throws(Errno) {
             loaded = try nodes.keys(of: root) { () throws(Errno) in
-                try DirectoryKeys.load(from: root.fd, keyManager: keyManager, principal: daemon, layout: layout, isRoot: true, logger: logger)
+                try DirectoryKeys.load(from: root.dirFD, keyManager: keyManager, principal: daemon, layout: layout, isRoot: true, logger: logger)
             }
         } catch {
             loaded = try directoryKeys(root, context)
@@ -155,11 +175,11 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     /// For a hashed long name, writes the sidecar holding the full encoded name.
     func writeSidecar(_ stored: FileName, plaintext name: FileName, in node: Node, _ context: RequestContext) throws(Errno) {
         guard !plaintextNames, stored.isHashedLongName else { return }
-        try names.writeSidecar(stored, plaintext: name, keys: try directoryKeys(node, context), inDirectory: node.fd)
+        try names.writeSidecar(stored, plaintext: name, keys: try directoryKeys(node, context), inDirectory: node.dirFD)
     }
 
     func removeSidecar(_ stored: FileName, in node: Node) {
-        names.removeSidecar(stored, inDirectory: node.fd)
+        names.removeSidecar(stored, inDirectory: node.dirFD)
     }
 
     /// Backing attributes turned into what the application sees.
@@ -226,8 +246,8 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     /// the backing entry inherited (as on ext4).
     func adopt(_ parent: Node, _ stored: FileName, _ context: RequestContext) {
         guard runningAsRoot, context.uid != 0 || context.gid != 0 else { return }
-        let setgid = ((try? Syscall.fstat(parent.fd).st_mode) ?? 0) & S_ISGID != 0
-        _ = stored.withCString { fchownat(parent.fd, $0, context.uid, setgid ? gid_t.max : context.gid, AT_SYMLINK_NOFOLLOW) }
+        let setgid = ((try? Syscall.fstat(parent.dirFD).st_mode) ?? 0) & S_ISGID != 0
+        _ = stored.withCString { fchownat(parent.dirFD, $0, context.uid, setgid ? gid_t.max : context.gid, AT_SYMLINK_NOFOLLOW) }
     }
 
     /// The object id in the header of a backing file (a regular file, or a

@@ -84,7 +84,13 @@ public final class MetricsWriter: @unchecked Sendable {
         metric("kmsfs_integrity_failures_total", "counter", "Chunks, headers or names that did not authenticate (read as EIO).",
                [("", Double(stats.integrityFailures))])
         metric("kmsfs_open_files", "gauge", "Files open through the mount.", [("", Double(stats.openFiles))])
-        metric("kmsfs_cached_inodes", "gauge", "Inodes the kernel holds references to (a descriptor each).", [("", Double(stats.nodes))])
+        metric("kmsfs_cached_inodes", "gauge", "Inodes the kernel holds references to.", [("", Double(stats.nodes))])
+        metric("kmsfs_backing_descriptors", "gauge", "Backing descriptors the cached inodes hold (the rest are parked: a file handle each).",
+               [("", Double(stats.descriptors))])
+        metric("kmsfs_parked_descriptors_total", "counter", "Descriptors the daemon closed to stay under its limit, keeping the entry's file handle.",
+               [("", Double(stats.parkedDescriptors))])
+        metric("kmsfs_reopened_descriptors_total", "counter", "Parked descriptors opened again from their file handle.",
+               [("", Double(stats.reopenedDescriptors))])
         metric("kmsfs_forget_requests_total", "counter", "Entries the daemon asked the kernel to forget to stay under its descriptor limit.",
                [("", Double(stats.forgottenOnRequest))])
         let manager = filesystem.keyManager

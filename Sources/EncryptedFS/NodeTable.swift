@@ -21,18 +21,31 @@ struct InodeKey: Hashable {
 /// renames elsewhere never invalidate it, as in libfuse's passthrough_ll) —
 /// for a regular file opened read-write, which its open files then share
 /// (one descriptor per file, none reopened through /proc), for anything else
-/// (or a file the daemon may not write) `O_PATH` —, its lookup count, the plaintext name and parent it was
-/// last looked up or moved by (a directory's decide its key binding; a
-/// file's are the path its audit records name), and for directories the
-/// directory's keys once loaded.
+/// (or a file the daemon may not write) `O_PATH` —, its lookup count, the
+/// plaintext name and parent it was last looked up or moved by (a
+/// directory's decide its key binding; a file's are the path its audit
+/// records name), and for directories the directory's keys once loaded.
+///
+/// A node that is not a directory may have its descriptor *parked* by the
+/// descriptor relief: closed (after a `RequestGrace` period, so no request
+/// still uses it), with the entry's kernel file handle kept instead, and
+/// reopened from the handle by the next request that needs it. So the
+/// kernel may cache far more inodes than the daemon may hold descriptors.
 final class Node: @unchecked Sendable {
     let id: NodeID
-    /// The node's descriptor, closed with the node and any open file sharing it.
-    let descriptor: SharedDescriptor
-    var fd: Int32 { descriptor.raw }
-    /// Whether `descriptor` is open read-write (a regular file's, unless the
-    /// backing file refused): an open of the file then shares it.
-    let readWrite: Bool
+    private struct Backing {
+        var descriptor: SharedDescriptor?
+        /// Whether `descriptor` is (or, parked, was) open read-write.
+        var readWrite: Bool
+        var handle: ParkedHandle?
+        /// The entry gives no handle on CIPHERDIR's mount: never parked.
+        var unparkable = false
+    }
+    private let backing: Mutex<Backing>
+    /// The descriptor's number, -1 while parked (read without the lock).
+    private let raw: Atomic<Int32>
+    /// Counts the descriptor; nil for a node outside the table (never parked).
+    let ledger: DescriptorLedger?
     let key: InodeKey
     let type: mode_t
     // Guarded by the table's lock.
@@ -61,11 +74,13 @@ final class Node: @unchecked Sendable {
         self.init(id: id, descriptor: SharedDescriptor(descriptor), readWrite: false, key: key, type: type, parent: parent, name: name)
     }
 
-    init(id: NodeID, descriptor: SharedDescriptor, readWrite: Bool, key: InodeKey, type: mode_t, parent: NodeID?, name: FileName, device: dev_t = 0) {
+    init(id: NodeID, descriptor: SharedDescriptor, readWrite: Bool, key: InodeKey, type: mode_t, parent: NodeID?, name: FileName,
+         device: dev_t = 0, ledger: DescriptorLedger? = nil) {
         self.id = id
         self.device = device
-        self.descriptor = descriptor
-        self.readWrite = readWrite
+        self.backing = Mutex(Backing(descriptor: descriptor, readWrite: readWrite))
+        self.raw = Atomic(descriptor.raw)
+        self.ledger = ledger
         self.key = key
         self.type = type
         self.parent = parent
@@ -73,12 +88,90 @@ final class Node: @unchecked Sendable {
         self.names = type == S_IFDIR ? NameCache() : nil
     }
 
+    /// Whether the ledger counts this node's descriptor (set once it is in the table).
+    private let counted = Atomic<Bool>(false)
+
+    /// Enters the node's descriptor in the ledger (once it is in the table).
+    func countDescriptor() {
+        guard let ledger else { return }
+        backing.withLock { b in
+            counted.store(true, ordering: .relaxed)
+            if b.descriptor != nil { ledger.took(id) }
+        }
+    }
+
+    deinit {
+        if let ledger, counted.load(ordering: .relaxed), backing.withLock({ $0.descriptor != nil }) { ledger.gave() }
+    }
+
     var isDirectory: Bool { type == S_IFDIR }
     var isRegular: Bool { type == S_IFREG }
     var isSymlink: Bool { type == S_IFLNK }
     var isDevice: Bool { type == S_IFBLK || type == S_IFCHR }
+
+    /// The backing descriptor, reopened if parked. Valid until the calling
+    /// request ends (a parked descriptor closes only after its grace period).
+    var fd: Int32 {
+        get throws(Errno) {
+            let r = raw.load(ordering: .acquiring)
+            return r >= 0 ? r : try held().descriptor.raw
+        }
+    }
+
+    /// A directory's descriptor (directories are never parked, so this
+    /// needs no reopening; on a parked node of another type it is -1 and
+    /// the system call using it fails with EBADF, never reaching another file).
+    var dirFD: Int32 { raw.load(ordering: .acquiring) }
+
     /// A path through /proc that reopens the backing entry with real access modes.
-    var procPath: String { "/proc/self/fd/\(fd)" }
+    var procPath: String {
+        get throws(Errno) { "/proc/self/fd/\(try fd)" }
+    }
+
+    /// The descriptor object (an open file shares it) and whether it is read-write, reopened if parked.
+    func held() throws(Errno) -> (descriptor: SharedDescriptor, readWrite: Bool) {
+        try backing.withLock { (b) throws(Errno) -> (SharedDescriptor, Bool) in
+            if let d = b.descriptor { return (d, b.readWrite) }
+            guard let handle = b.handle, let handles = ledger?.handles else { throw .staleNFSFileHandle }
+            var made: SharedDescriptor? = nil
+            if b.readWrite {
+                do throws(Errno) { made = SharedDescriptor(try handles.open(handle, O_RDWR | O_NONBLOCK | O_NOCTTY)) } catch where NodeTable.refusesWriting(error) {
+                    b.readWrite = false  // as `openBacking` falls back
+                }
+            }
+            let d: SharedDescriptor
+            if let made { d = made } else { d = SharedDescriptor(try handles.open(handle, KMSFS_O_PATH | O_NOFOLLOW)) }
+            b.descriptor = d
+            raw.store(d.raw, ordering: .releasing)
+            ledger?.reopened.add(1, ordering: .relaxed)
+            if counted.load(ordering: .relaxed) { ledger?.took(id) }
+            return (d, b.readWrite)
+        }
+    }
+
+    /// Whether the descriptor is open read-write (as of now).
+    var readWrite: Bool { backing.withLock { $0.readWrite } }
+
+    var holdsDescriptor: Bool { raw.load(ordering: .relaxed) >= 0 }
+
+    /// Takes the descriptor away, keeping the entry's file handle, and
+    /// returns it for the relief to release after a grace period; nil if
+    /// the node is a directory, holds none, or its entry gives no handle.
+    func park() -> SharedDescriptor? {
+        guard !isDirectory, let ledger, let handles = ledger.handles else { return nil }
+        return backing.withLock { b -> SharedDescriptor? in
+            guard let d = b.descriptor, !b.unparkable, counted.load(ordering: .relaxed) else { return nil }
+            if b.handle == nil {
+                guard let handle = handles.handle(of: d.raw) else { b.unparkable = true; return nil }
+                b.handle = handle
+            }
+            b.descriptor = nil
+            raw.store(-1, ordering: .releasing)
+            ledger.gave()
+            ledger.parked.add(1, ordering: .relaxed)
+            return d
+        }
+    }
 
     // Attribute changes go through the read-write descriptor a regular
     // file's node holds; an O_PATH descriptor needs /proc (fchmod and
@@ -87,10 +180,11 @@ final class Node: @unchecked Sendable {
 
     /// Sets the backing entry's permission bits.
     func changeMode(_ mode: mode_t) throws(Errno) {
+        let (d, readWrite) = try held()
         if readWrite {
-            try Syscall.call { fchmod(fd, mode) }
+            try Syscall.call { fchmod(d.raw, mode) }
         } else {
-            try Syscall.call { chmod(procPath, mode) }
+            try Syscall.call { chmod("/proc/self/fd/\(d.raw)", mode) }
         }
     }
 
@@ -98,12 +192,13 @@ final class Node: @unchecked Sendable {
     /// own, not its target's).
     func setTimes(_ times: [timespec]) throws(Errno) {
         var times = times
+        let (d, readWrite) = try held()
         if isSymlink {
-            try Syscall.call { utimensat(fd, "", &times, KMSFS_AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) }
+            try Syscall.call { utimensat(d.raw, "", &times, KMSFS_AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) }
         } else if readWrite {
-            try Syscall.call { futimens(fd, &times) }
+            try Syscall.call { futimens(d.raw, &times) }
         } else {
-            try Syscall.call { utimensat(AT_FDCWD, procPath, &times, 0) }
+            try Syscall.call { utimensat(AT_FDCWD, "/proc/self/fd/\(d.raw)", &times, 0) }
         }
     }
 }
@@ -163,19 +258,18 @@ final class NodeTable: Sendable {
     /// a lookup that loses a race to the same inode leaves a gap: ids are
     /// never reused, which is all the kernel needs.
     private let nextID = Atomic<UInt64>(2)
-    /// The number of nodes, kept beside the table so the relief's checks on
-    /// request threads take no lock (written under the table's lock).
+    /// The number of nodes, kept beside the table so that statistics take
+    /// no lock (written under the table's lock).
     private let population = Atomic<Int>(1)
-    /// Above this many nodes (each holds a descriptor) `pressure` is called.
-    let highWater = Atomic<Int>(Int.max)
-    /// Called, without the table's lock, when a new node takes the count above `highWater`.
-    nonisolated(unsafe) var pressure: (@Sendable () -> Void)?
+    /// The descriptors the nodes hold, and where parked ones reopen.
+    let ledger: DescriptorLedger
 
     /// The backing root directory (an O_PATH descriptor, open for the table's life).
     let rootFD: Int32
 
-    init(root: Node) {
-        rootFD = root.fd
+    init(root: Node, handles: BackingHandles? = nil) {
+        rootFD = (try? root.fd) ?? -1
+        ledger = DescriptorLedger(handles: handles)
         root.lookups = UInt64.max / 2
         state.withLock { s in
             s.nodes[root.id] = root
@@ -216,13 +310,13 @@ final class NodeTable: Sendable {
         // Made before the lock; if another lookup of the inode won the race
         // it is dropped below, and its descriptor with it.
         let made = Node(id: NodeID(rawValue: nextID.add(1, ordering: .relaxed).oldValue), descriptor: descriptor, readWrite: readWrite,
-                        key: key, type: st.st_mode & S_IFMT, parent: parent, name: name, device: device)
-        let (node, count) = state.withLock { s -> (Node, Int) in
+                        key: key, type: st.st_mode & S_IFMT, parent: parent, name: name, device: device, ledger: ledger)
+        let (node, new) = state.withLock { s -> (Node, Bool) in
             s.tick += 1
             if let id = s.byInode[key], let node = s.nodes[id] {
                 node.lookups += 1
                 node.lastUsed = s.tick
-                return (node, s.nodes.count)
+                return (node, false)
             }
             let node = made
             node.lookups = 1
@@ -230,9 +324,11 @@ final class NodeTable: Sendable {
             s.nodes[node.id] = node
             s.byInode[key] = node.id
             population.store(s.nodes.count, ordering: .relaxed)
-            return (node, s.nodes.count)
+            return (node, true)
         }
-        if count > highWater.load(ordering: .relaxed) { pressure?() }
+        // Counted once in the table (a node that lost the race is dropped
+        // uncounted, with its descriptor).
+        if new { node.countDescriptor() }
         return node
     }
 
@@ -246,7 +342,7 @@ final class NodeTable: Sendable {
         var lastError = Errno.tooManyOpenFiles
         for attempt in 0..<101 {
             if attempt > 0 {
-                pressure?()
+                ledger.pressure?()
                 usleep(5_000)
             }
             do throws(Errno) {
@@ -278,7 +374,7 @@ final class NodeTable: Sendable {
         let (now, eligible) = state.withLock { s in
             let now = s.tick
             return (now, s.nodes.values.filter { node in
-                node.id != .root && node.parent != nil && (node.evictedAt == 0 || now - node.evictedAt > since)
+                node.id != .root && node.parent != nil && node.holdsDescriptor && (node.evictedAt == 0 || now - node.evictedAt > since)
             }.map { (node: $0, directory: $0.isDirectory, used: $0.lastUsed) })
         }
         let chosen = eligible.sorted { a, b in a.directory != b.directory ? !a.directory : a.used < b.used }.prefix(n)
@@ -382,6 +478,9 @@ final class NodeTable: Sendable {
     }
 
     var count: Int { population.load(ordering: .relaxed) }
+
+    /// The node `id` if the table has it.
+    func existing(_ id: NodeID) -> Node? { state.withLock { $0.nodes[id] } }
 }
 
 /// A path in the mount as its components' bytes. Audit records show it as

@@ -99,6 +99,9 @@ final class OpenFileTable: Sendable {
     /// How many inodes are open.
     var count: Int { state.withLock { $0.files.count } }
 
+    /// The backing inodes of the files open now.
+    var openInodes: Set<InodeKey> { state.withLock { Set($0.files.keys) } }
+
     /// The master keys whose data keys the open files hold.
     var keys: [KeyID] { state.withLock { $0.files.values.map(\.keyID) } }
 

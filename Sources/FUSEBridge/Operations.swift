@@ -50,8 +50,12 @@ enum Operations {
     }
 
     /// The one place where an `Errno` becomes `fuse_reply_err`.
+    /// Every request that reaches the filesystem's nodes runs here, inside
+    /// `RequestGrace` (descriptors taken from nodes are closed only after it).
     static func reply(_ req: fuse_req_t?, _ body: () throws(Errno) -> Void) {
         RequestCounters.shared.requests.add(1, ordering: .relaxed)
+        let grace = RequestGrace.shared.enter()
+        defer { RequestGrace.shared.leave(grace) }
         do throws(Errno) {
             try body()
         } catch {

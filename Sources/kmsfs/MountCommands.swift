@@ -20,6 +20,8 @@ struct Mount: ParsableCommand {
     @Option(name: .customShort("o"), help: "Mount options, comma-separated: allow_other (adds default_permissions), ro, default_permissions, max_read=N, ...")
     var options: [String] = []
     @Option(help: "FUSE worker threads.") var threads = 4
+    @Flag(help: "Keep a backing descriptor for every inode the kernel caches. By default a mount by root closes the oldest ones near the descriptor limit and reopens them by file handle when needed; with this flag (and always without root) the daemon asks the kernel to forget entries instead.")
+    var keepDescriptors = false
     @Option(help: "Write metrics in the Prometheus text format to this file (for node_exporter's textfile collector), replaced every --metrics-interval seconds.")
     var metricsFile: String?
     @Option(help: "Seconds between metrics snapshots.") var metricsInterval: Double = 15
@@ -42,14 +44,15 @@ struct Mount: ParsableCommand {
             let metrics = metricsFile.map { ["--metrics-file", URL(fileURLWithPath: $0).standardizedFileURL.path,
                                              "--metrics-interval", String(metricsInterval)] } ?? []
             let warnings = try MountDaemon.spawn(passphrase: secret, arguments: [cipher, mount, "-f"] + options.flatMap { ["-o", $0] }
-                                                 + ["--threads", String(threads), "--audit-opens", auditOpens.rawValue] + metrics)
+                                                 + ["--threads", String(threads), "--audit-opens", auditOpens.rawValue] + metrics
+                                                 + (keepDescriptors ? ["--keep-descriptors"] : []))
             for warning in warnings { Output.note("kmsfs: " + warning) }
             return
         }
         let notify = notifyFD
         let plan = MountPlan(cipherdir: cipher, mountpoint: mount, keystore: keystore, options: options, threads: threads,
                              metricsFile: metricsFile, metricsInterval: metricsInterval, auditOpens: auditOpens == .on,
-                             caller: caller, clock: Clock.current)
+                             caller: caller, clock: Clock.current, keepDescriptors: keepDescriptors)
         do {
             try MountServer.serve(plan, passphrase: secret) { warnings in
                 if let notify {

@@ -54,14 +54,14 @@ final class MountedFS {
     /// Runs every mount of this filesystem (e.g. "env VAR=value") unless a mount names its own.
     let launcher: String
 
-    init(mountOptions: [String] = [], initOptions: [String] = [], launcher: String = "") throws {
+    init(mountOptions: [String] = [], initOptions: [String] = [], launcher: String = "", mountArguments: [String] = []) throws {
         self.launcher = launcher
         root = FileManager.default.temporaryDirectory.appendingPathComponent("kmsfs-mnt-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: root + "/mnt", withIntermediateDirectories: true)
         try "mount test passphrase\n".write(toFile: passphraseFile, atomically: true, encoding: .utf8)
         let made = try kmsfs(["init", cipherdir, "--kdf-log-n", "10"] + initOptions)
         precondition(made.ok, "init failed: \(made.stderr)")
-        try mount(options: mountOptions)
+        try mount(options: mountOptions, arguments: mountArguments)
     }
 
     deinit {
