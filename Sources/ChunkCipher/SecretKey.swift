@@ -1,5 +1,6 @@
 import COpenSSL
 import CKeyMemory
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -26,15 +27,7 @@ public struct SecretKey: ~Copyable, @unchecked Sendable {
             self.pageBytes = 0
             return
         }
-        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
-        var pointer: UnsafeMutableRawPointer?
-        precondition(posix_memalign(&pointer, page, page) == 0, "out of memory for a secret key page")
-        guard let pointer else { preconditionFailure("posix_memalign returned no page") }
-        // Best effort: without CAP_IPC_LOCK the memlock limit may refuse; the
-        // daemon also disables core dumps process-wide.
-        _ = mlock(pointer, page)
-        _ = madvise(pointer, page, MADV_DONTDUMP)
-        memset(pointer, 0, page)
+        let (pointer, page) = KeyPages.take()
         self.base = pointer
         self.pageBytes = page
     }
@@ -100,8 +93,7 @@ public struct SecretKey: ~Copyable, @unchecked Sendable {
         }
         // Only the first `count` bytes were ever written (the page was zeroed at allocation).
         OPENSSL_cleanse(base, count)
-        _ = munlock(base, pageBytes)
-        free(base)
+        KeyPages.give(base)
     }
 }
 
@@ -124,6 +116,9 @@ public enum SecureHeap {
     /// Makes the heap now; false if OpenSSL could not (keys then get pages).
     @discardableResult
     public static func prepare() -> Bool { ready }
+
+    /// Bytes of the heap in use now (keys and key schedules).
+    public static var used: Int { CRYPTO_secure_malloc_initialized() == 1 ? Int(CRYPTO_secure_used()) : 0 }
 }
 
 /// Where OpenSSL puts the state derived from a key. Code that keys or copies
@@ -153,4 +148,42 @@ public enum KeyMemory {
     /// what keys remain in ordinary memory cannot leave through a dump.
     @discardableResult
     public static func forbidCoreDumps() -> Bool { kmsfs_keymem_forbid_core_dumps() == 0 }
+}
+
+/// Pages for keys the secure heap has no room for: locked (best effort:
+/// without CAP_IPC_LOCK the memlock limit may refuse; the daemon also
+/// disables core dumps process-wide) and left out of dumps, a page per key,
+/// carved from mappings of 256 pages and reused, never returned. A page of
+/// its own from malloc's heap, as before, split the heap's mapping in three
+/// per key (locked and excluded pages amid ordinary ones): ~30,000 such keys
+/// reached the kernel's limit of 65,530 mappings, malloc failed and the
+/// daemon stopped. Separate mappings do not merge either (each gets its
+/// own anon_vma when locked). Returned pages are zero but for what the
+/// key's deinit already wiped.
+enum KeyPages {
+    static let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
+    static let perMapping = 256
+    private static let free = Mutex<[UInt]>([])
+
+    static func take() -> (UnsafeMutableRawPointer, Int) {
+        let address = free.withLock { pages -> UInt in
+            if pages.isEmpty {
+                let bytes = pageSize * perMapping
+                guard let base = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
+                      base != UnsafeMutableRawPointer(bitPattern: -1) else { preconditionFailure("out of memory for secret key pages") }
+                _ = mlock(base, bytes)
+                _ = madvise(base, bytes, MADV_DONTDUMP)
+                let start = UInt(bitPattern: base)
+                pages = (0..<perMapping).reversed().map { start + UInt($0 * pageSize) }
+            }
+            return pages.removeLast()
+        }
+        let pointer = UnsafeMutableRawPointer(bitPattern: address)!
+        memset(pointer, 0, pageSize)
+        return (pointer, pageSize)
+    }
+
+    static func give(_ pointer: UnsafeMutableRawPointer) {
+        free.withLock { $0.append(UInt(bitPattern: pointer)) }
+    }
 }

@@ -252,8 +252,20 @@ final class NodeTable: Sendable {
         /// Raised whenever a directory's parent or name changes: every
         /// directory's cached path is then worked out again.
         var pathGeneration: UInt64 = 0
+        /// Directories whose keys are loaded (the root's aside), oldest
+        /// first; ids of nodes since forgotten or dropped are skipped.
+        var keyed: [NodeID] = []
+        var keyedHead = 0
+        var keyedCount = 0
     }
     private let state = Mutex(State())
+    /// At most this many directories keep their keys loaded (the least
+    /// recently loaded give them up; a later use loads them again, ~70 µs).
+    /// A directory's keys take ~5 KiB of the 8 MiB secure heap (name key,
+    /// the kept AES-CMAC and AES-CTR contexts, the attribute sealer): a deep
+    /// tree's 11,000 directories filled it, and keys then got a locked page
+    /// each until the process ran out of memory mappings.
+    let keyedDirectoryLimit: Int
     /// The next node id (1 is the root). Taken before the table's lock, so
     /// a lookup that loses a race to the same inode leaves a gap: ids are
     /// never reused, which is all the kernel needs.
@@ -267,7 +279,8 @@ final class NodeTable: Sendable {
     /// The backing root directory (an O_PATH descriptor, open for the table's life).
     let rootFD: Int32
 
-    init(root: Node, handles: BackingHandles? = nil) {
+    init(root: Node, handles: BackingHandles? = nil, keyedDirectoryLimit: Int = 1024) {
+        self.keyedDirectoryLimit = keyedDirectoryLimit
         rootFD = (try? root.fd) ?? -1
         ledger = DescriptorLedger(handles: handles)
         root.lookups = UInt64.max / 2
@@ -398,6 +411,7 @@ final class NodeTable: Sendable {
             guard node.lookups == 0 else { return nil }
             s.nodes[id] = nil
             if s.byInode[node.key] == id { s.byInode[node.key] = nil }
+            if node.keys != nil { s.keyedCount -= 1 }
             population.store(s.nodes.count, ordering: .relaxed)
             return node
         }
@@ -462,18 +476,54 @@ final class NodeTable: Sendable {
     func keys(of node: Node, load: () throws(Errno) -> DirectoryKeys) throws(Errno) -> DirectoryKeys {
         if let keys = state.withLock({ _ in node.keys }) { return keys }
         let loaded = try load()
-        return state.withLock { _ in
-            if let keys = node.keys { return keys }
+        // Keys another directory gives up are released after the lock (their deinit wipes them).
+        let (keys, released) = state.withLock { s -> (DirectoryKeys, [DirectoryKeys]) in
+            if let keys = node.keys { return (keys, []) }
             node.keys = loaded
-            return loaded
+            guard node.id != .root, s.nodes[node.id] === node else { return (loaded, []) }
+            s.keyed.append(node.id)
+            s.keyedCount += 1
+            return (loaded, Self.trimKeys(&s, limit: keyedDirectoryLimit))
         }
+        _ = released
+        return keys
     }
+
+    private static func trimKeys(_ s: inout State, limit: Int) -> [DirectoryKeys] {
+        var released: [DirectoryKeys] = []
+        while s.keyedCount > limit, s.keyedHead < s.keyed.count {
+            let id = s.keyed[s.keyedHead]
+            s.keyedHead += 1
+            guard let node = s.nodes[id], let keys = node.keys else { continue }
+            node.keys = nil
+            s.keyedCount -= 1
+            released.append(keys)
+        }
+        // Compacted once skipped ids dominate (forgotten directories, reloads).
+        if s.keyedHead > 1024, s.keyedHead * 2 > s.keyed.count {
+            s.keyed.removeFirst(s.keyedHead)
+            s.keyedHead = 0
+        }
+        if s.keyed.count - s.keyedHead > 4 * limit + 1024 {
+            var seen = Set<NodeID>()
+            let live = s.keyed[s.keyedHead...].reversed().filter { id in s.nodes[id]?.keys != nil && seen.insert(id).inserted }
+            s.keyed = Array(live.reversed())
+            s.keyedHead = 0
+        }
+        return released
+    }
+
+    /// Directories whose keys are loaded now (the root's aside).
+    var keyedDirectories: Int { state.withLock { $0.keyedCount } }
 
     /// Drops the cached keys of the directory `directoryID` (its `.kmsfs.dir`
     /// was rewrapped under another key), so the next use reloads them.
     func dropKeys(ofDirectory directoryID: ID128) {
         state.withLock { s in
-            for node in s.nodes.values where node.keys?.directoryID == directoryID { node.keys = nil }
+            for node in s.nodes.values where node.keys?.directoryID == directoryID {
+                node.keys = nil
+                if node.id != .root { s.keyedCount -= 1 }
+            }
         }
     }
 

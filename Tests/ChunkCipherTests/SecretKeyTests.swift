@@ -1,6 +1,6 @@
 import Foundation
 import Testing
-import ChunkCipher
+@testable import ChunkCipher
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -131,6 +131,28 @@ import Glibc
         keys.removeAll()
         let again = SecretKey.random().isInSecureHeap
         #expect(again)  // freed keys return their room
+    }
+
+    @Test("keys outside the secure heap take pages carved from large locked mappings: 5,000 such pages add ~20 mappings, not 5,000 (the kernel allows 65,530); given back, they are reused and come out zeroed")
+    func keyPagesShareMappings() throws {
+        func mappings() throws -> Int { try String(contentsOfFile: "/proc/self/maps", encoding: .utf8).split(separator: "\n").count }
+        let before = try mappings()
+        var pages: [UnsafeMutableRawPointer] = []
+        for _ in 0..<5000 {
+            let (page, size) = KeyPages.take()
+            #expect(size == KeyPages.pageSize)
+            memset(page, 0xA5, 64)
+            pages.append(page)
+        }
+        let grown = try mappings() - before
+        #expect(grown <= 5000 / KeyPages.perMapping + 8, "\(grown) new mappings")
+        #expect(Set(pages).count == 5000)
+        for page in pages { KeyPages.give(page) }
+        var again: [UnsafeMutableRawPointer] = []
+        for _ in 0..<5000 { again.append(KeyPages.take().0) }
+        #expect(try mappings() - before <= grown + 2, "pages are reused")
+        #expect(again.allSatisfy { UnsafeRawBufferPointer(start: $0, count: KeyPages.pageSize).allSatisfy { $0 == 0 } })
+        for page in again { KeyPages.give(page) }
     }
 
     @Test("HKDF is deterministic and separates info strings")

@@ -137,6 +137,32 @@ import CLinux
         fs.release(kept.node, handle: keptHandle.handle)
     }
 
+    @Test("at most 1,024 directories keep their keys loaded (~5 KiB of the secure heap each): 1,100 directories made, the oldest gave theirs up, and names in them still resolve (keys loaded again)")
+    func loadedDirectoryKeysAreBounded() throws {
+        var dirs: [NodeID] = []
+        for i in 0..<1100 {
+            let d = try fs.mkdir(.root, FileName("d\(i)"), mode: 0o755, context)
+            let (e, o) = try fs.create(d.node, "f", mode: 0o644, flags: O_RDWR, context)
+            fs.release(e.node, handle: o.handle)
+            dirs.append(d.node)
+        }
+        #expect(fs.nodes.keyedDirectories == fs.nodes.keyedDirectoryLimit)
+        #expect(try fs.nodes.node(dirs[0]).keys == nil, "the oldest gave its keys up")
+        #expect(try fs.nodes.node(dirs[1099]).keys != nil)
+        let found = try fs.lookup(dirs[0], "f", context)
+        #expect(found.attributes.st_mode & S_IFMT == S_IFREG)
+        #expect(try fs.nodes.node(dirs[0]).keys != nil, "loaded again")
+        #expect(fs.nodes.keyedDirectories == fs.nodes.keyedDirectoryLimit)
+        let listing = try fs.opendir(dirs[1], context)
+        var names: [FileName] = []
+        try fs.readdir(dirs[1], handle: listing, offset: 0) { names.append($0.name); return true }
+        fs.releasedir(dirs[1], handle: listing)
+        #expect(names == [".", "..", "f"])
+        // Forgotten directories leave the count.
+        for d in dirs { fs.forget(d, 1) }
+        #expect(fs.nodes.keyedDirectories == 0)
+    }
+
     @Test("RequestGrace: synchronize returns only after a request that entered before it has left")
     func graceWaitsForRequests() throws {
         let grace = RequestGrace()
@@ -166,3 +192,4 @@ import CLinux
         grace.synchronize()
     }
 }
+
