@@ -104,7 +104,8 @@ final class DescriptorLedger: Sendable {
     /// A node took a descriptor (made, or reopened after parking).
     func took(_ id: NodeID) {
         let count = held.add(1, ordering: .relaxed).newValue
-        let long = queue.withLock { q -> Bool in
+        // Without handles nothing is parked: no queue to keep.
+        let long = handles != nil && queue.withLock { q -> Bool in
             q.ids.append(id)
             return q.ids.count - q.head > 4 * count + 4096
         }

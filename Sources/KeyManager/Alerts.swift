@@ -204,19 +204,34 @@ extension KeyManager {
         alertQueue.sync {}
     }
 
+    /// A command that exits without reading its stdin (`touch FILE`) made
+    /// the write below raise SIGPIPE, which killed the process raising the
+    /// alert — the daemon, or a test run. Ignored, the write fails with EPIPE.
+    private static let ignoreBrokenPipes: Void = { _ = signal(SIGPIPE, SIG_IGN) }()
+
     /// `/bin/sh -c command` with `input` on its stdin (called on the alert queue).
     static func run(_ command: String, input: String) {
+        _ = ignoreBrokenPipes
         var fds: [Int32] = [0, 0]
         guard pipe(&fds) == 0 else { return }
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
+        // The command gets SIGPIPE's default action back (it is ignored here, see below).
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        sigaddset(&defaults, SIGPIPE)
+        posix_spawnattr_setsigdefault(&attributes, &defaults)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGDEF))
         posix_spawn_file_actions_adddup2(&actions, fds[0], 0)
         posix_spawn_file_actions_addclose(&actions, fds[1])
         var argv: [UnsafeMutablePointer<CChar>?] = [strdup("/bin/sh"), strdup("-c"), strdup(command), nil]
         defer { argv.forEach { free($0) } }
         var pid: pid_t = 0
-        let status = posix_spawn(&pid, "/bin/sh", &actions, nil, &argv, environ)
+        let status = posix_spawn(&pid, "/bin/sh", &actions, &attributes, &argv, environ)
         close(fds[0])
         if status == 0 {
             let bytes = Array(input.utf8)

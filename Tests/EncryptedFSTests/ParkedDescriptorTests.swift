@@ -163,6 +163,14 @@ import CLinux
         #expect(fs.nodes.keyedDirectories == 0)
     }
 
+    @Test("without file handles (no root, --keep-descriptors) the ledger counts descriptors but keeps no parking queue")
+    func noQueueWithoutHandles() {
+        let ledger = DescriptorLedger(handles: nil)
+        for i in 0..<5000 { ledger.took(NodeID(rawValue: UInt64(i + 2))) }
+        #expect(ledger.held.load(ordering: .relaxed) == 5000)
+        #expect(ledger.queued == 0)
+    }
+
     @Test("RequestGrace: synchronize returns only after a request that entered before it has left")
     func graceWaitsForRequests() throws {
         let grace = RequestGrace()
