@@ -89,11 +89,7 @@ final class DescriptorLedger: Sendable {
     let reopened = Atomic<Int>(0)
     /// Where parked nodes reopen; nil: nodes keep their descriptors.
     let handles: BackingHandles?
-    private struct Queue: ~Copyable {
-        var ids: [NodeID] = []
-        var head = 0
-    }
-    private let queue = Mutex(Queue())
+    private let queue = Mutex(NodeQueue())
     /// Called (without locks) when a node takes a descriptor and the count
     /// passes `highWater`, or when the queue wants compacting.
     let highWater = Atomic<Int>(Int.max)
@@ -106,8 +102,8 @@ final class DescriptorLedger: Sendable {
         let count = held.add(1, ordering: .relaxed).newValue
         // Without handles nothing is parked: no queue to keep.
         let long = handles != nil && queue.withLock { q -> Bool in
-            q.ids.append(id)
-            return q.ids.count - q.head > 4 * count + 4096
+            q.append(id)
+            return q.count > 4 * count + 4096
         }
         if count > highWater.load(ordering: .relaxed) || long { pressure?() }
     }
@@ -116,41 +112,60 @@ final class DescriptorLedger: Sendable {
     func gave() { held.subtract(1, ordering: .relaxed) }
 
     /// Up to `n` ids from the front of the queue, oldest first.
-    func oldest(_ n: Int) -> [NodeID] {
-        queue.withLock { q in
-            let end = min(q.ids.count, q.head + n)
-            let taken = Array(q.ids[q.head..<end])
-            q.head = end
-            if q.head > 4096, q.head * 2 > q.ids.count {
-                q.ids.removeFirst(q.head)
-                q.head = 0
-            }
-            return taken
-        }
-    }
+    func oldest(_ n: Int) -> [NodeID] { queue.withLock { $0.removeFirst(upTo: n) } }
 
     /// Puts ids back at the end (nodes kept: an open file holds them).
     func requeue(_ ids: [NodeID]) {
         guard !ids.isEmpty else { return }
-        queue.withLock { $0.ids.append(contentsOf: ids) }
+        queue.withLock { $0.append(contentsOf: ids) }
     }
 
-    /// Keeps only the ids `keep` accepts (once each), in order.
+    /// Once stale ids dominate, keeps only those `keep` accepts. (`keep`
+    /// takes the node table's lock: the table never takes this one.)
     func compact(_ keep: (NodeID) -> Bool) {
-        let ids = queue.withLock { q -> [NodeID] in
-            let ids = Array(q.ids[q.head...])
-            return ids
-        }
-        guard ids.count > 4 * held.load(ordering: .relaxed) + 4096 else { return }
-        var seen = Set<NodeID>()
-        let kept = ids.filter { seen.insert($0).inserted && keep($0) }
         queue.withLock { q in
-            // Ids taken since the copy stay behind the kept ones.
-            let later = q.ids.count - q.head > ids.count ? Array(q.ids[(q.head + ids.count)...]) : []
-            q.ids = kept + later
-            q.head = 0
+            guard q.count > 4 * held.load(ordering: .relaxed) + 4096 else { return }
+            q.compact(keeping: keep)
         }
     }
 
-    var queued: Int { queue.withLock { $0.ids.count - $0.head } }
+    var queued: Int { queue.withLock { $0.count } }
+}
+
+/// Node ids in the order they were added, taken from the front; an id whose
+/// node no longer matters is skipped by the reader when it comes up, and
+/// `compact` drops such ids once they pile up. Keeps ids, not nodes, so it
+/// holds nothing alive. (The relief's descriptor queue and the node table's
+/// queue of directories with loaded keys.)
+struct NodeQueue: ~Copyable {
+    private var ids: [NodeID] = []
+    private var head = 0
+
+    var count: Int { ids.count - head }
+
+    mutating func append(_ id: NodeID) { ids.append(id) }
+    mutating func append(contentsOf more: [NodeID]) { ids.append(contentsOf: more) }
+
+    /// Takes up to `n` ids from the front.
+    mutating func removeFirst(upTo n: Int) -> [NodeID] {
+        let end = min(ids.count, head + n)
+        let taken = Array(ids[head..<end])
+        head = end
+        if head > 4096, head * 2 > ids.count {
+            ids.removeFirst(head)
+            head = 0
+        }
+        return taken
+    }
+
+    /// The front id, if any.
+    mutating func removeFirst() -> NodeID? { removeFirst(upTo: 1).first }
+
+    /// Keeps the ids `keep` accepts, each once (where it was added last), in order.
+    mutating func compact(keeping keep: (NodeID) -> Bool) {
+        var seen = Set<NodeID>()
+        let live = ids[head...].reversed().filter { seen.insert($0).inserted && keep($0) }
+        ids = live.reversed()
+        head = 0
+    }
 }

@@ -195,7 +195,7 @@ extension EncryptedFileSystem {
         if node.isSymlink {
             try Syscall.call { stored.withCString { linkat(fd, "", dir.dirFD, $0, KMSFS_AT_EMPTY_PATH) } }
         } else {
-            try Syscall.call { stored.withCString { linkat(AT_FDCWD, "/proc/self/fd/\(fd)", dir.dirFD, $0, AT_SYMLINK_FOLLOW) } }
+            try Syscall.call { stored.withCString { linkat(AT_FDCWD, Node.procPath(fd), dir.dirFD, $0, AT_SYMLINK_FOLLOW) } }
         }
         return try lookup(newParent, newName, context)
     }

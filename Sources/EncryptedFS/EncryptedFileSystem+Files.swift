@@ -100,7 +100,7 @@ extension EncryptedFileSystem {
                 descriptor = held.descriptor
             } else {
                 var raw: Int32
-                let path = "/proc/self/fd/\(held.descriptor.raw)"
+                let path = Node.procPath(held.descriptor.raw)
                 do throws(Errno) { raw = try Syscall.openat(AT_FDCWD, path, O_RDWR) } catch {
                     guard error == .permissionDenied || error == .readOnlyFileSystem else { throw error }
                     writable = false

@@ -125,8 +125,11 @@ final class Node: @unchecked Sendable {
 
     /// A path through /proc that reopens the backing entry with real access modes.
     var procPath: String {
-        get throws(Errno) { "/proc/self/fd/\(try fd)" }
+        get throws(Errno) { Self.procPath(try fd) }
     }
+
+    /// The /proc path of descriptor `fd` (reopens with real access modes; works for `O_PATH`).
+    static func procPath(_ fd: Int32) -> String { "/proc/self/fd/\(fd)" }
 
     /// The descriptor object (an open file shares it) and whether it is read-write, reopened if parked.
     func held() throws(Errno) -> (descriptor: SharedDescriptor, readWrite: Bool) {
@@ -184,7 +187,7 @@ final class Node: @unchecked Sendable {
         if readWrite {
             try Syscall.call { fchmod(d.raw, mode) }
         } else {
-            try Syscall.call { chmod("/proc/self/fd/\(d.raw)", mode) }
+            try Syscall.call { chmod(Self.procPath(d.raw), mode) }
         }
     }
 
@@ -198,7 +201,7 @@ final class Node: @unchecked Sendable {
         } else if readWrite {
             try Syscall.call { futimens(d.raw, &times) }
         } else {
-            try Syscall.call { utimensat(AT_FDCWD, "/proc/self/fd/\(d.raw)", &times, 0) }
+            try Syscall.call { utimensat(AT_FDCWD, Self.procPath(d.raw), &times, 0) }
         }
     }
 }
@@ -254,8 +257,7 @@ final class NodeTable: Sendable {
         var pathGeneration: UInt64 = 0
         /// Directories whose keys are loaded (the root's aside), oldest
         /// first; ids of nodes since forgotten or dropped are skipped.
-        var keyed: [NodeID] = []
-        var keyedHead = 0
+        var keyed = NodeQueue()
         var keyedCount = 0
     }
     private let state = Mutex(State())
@@ -491,24 +493,16 @@ final class NodeTable: Sendable {
 
     private static func trimKeys(_ s: inout State, limit: Int) -> [DirectoryKeys] {
         var released: [DirectoryKeys] = []
-        while s.keyedCount > limit, s.keyedHead < s.keyed.count {
-            let id = s.keyed[s.keyedHead]
-            s.keyedHead += 1
+        while s.keyedCount > limit, let id = s.keyed.removeFirst() {
             guard let node = s.nodes[id], let keys = node.keys else { continue }
             node.keys = nil
             s.keyedCount -= 1
             released.append(keys)
         }
         // Compacted once skipped ids dominate (forgotten directories, reloads).
-        if s.keyedHead > 1024, s.keyedHead * 2 > s.keyed.count {
-            s.keyed.removeFirst(s.keyedHead)
-            s.keyedHead = 0
-        }
-        if s.keyed.count - s.keyedHead > 4 * limit + 1024 {
-            var seen = Set<NodeID>()
-            let live = s.keyed[s.keyedHead...].reversed().filter { id in s.nodes[id]?.keys != nil && seen.insert(id).inserted }
-            s.keyed = Array(live.reversed())
-            s.keyedHead = 0
+        if s.keyed.count > 4 * limit + 1024 {
+            let nodes = s.nodes
+            s.keyed.compact { nodes[$0]?.keys != nil }
         }
         return released
     }

@@ -44,14 +44,6 @@ public final class RequestGrace: Sendable {
         if token == 0 { inPhase0.subtract(1, ordering: .releasing) } else { inPhase1.subtract(1, ordering: .releasing) }
     }
 
-    /// Runs `body` as a request.
-    @inline(__always)
-    public func serving<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
-        let token = enter()
-        defer { leave(token) }
-        return try body()
-    }
-
     /// Returns once every request that entered before the call has left.
     /// Never call it from inside a request (it would wait for itself).
     public func synchronize() {
