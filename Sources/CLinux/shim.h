@@ -4,6 +4,7 @@
 #define KMSFS_CLINUX_SHIM_H
 
 #include <sys/syscall.h>
+#include <sys/vfs.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
@@ -23,6 +24,18 @@ static inline int kmsfs_renameat2(int olddirfd, const char *oldpath, int newdirf
 #include <fcntl.h>
 
 /// pipe2(2) with O_CLOEXEC; glibc declares pipe2 only under _GNU_SOURCE.
+/// Reserves [offset, offset + length) without changing the size (keep) or
+/// frees it again (punch): fallocate(2)'s KEEP_SIZE and PUNCH_HOLE modes.
+static inline int kmsfs_reserve(int fd, long long offset, long long length, int punch) {
+    return (int)syscall(SYS_fallocate, fd, punch ? 0x03 : 0x01, (long long)offset, (long long)length);
+}
+
+/// The filesystem type (statfs's f_type, a *_MAGIC) `fd` is on; 0 if unknown.
+static inline long kmsfs_filesystem_type(int fd) {
+    struct statfs fs;
+    return fstatfs(fd, &fs) == 0 ? (long)fs.f_type : 0;
+}
+
 static inline int kmsfs_pipe_cloexec(int fds[2]) {
     return (int)syscall(SYS_pipe2, fds, O_CLOEXEC);
 }

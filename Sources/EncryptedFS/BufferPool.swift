@@ -36,6 +36,16 @@ final class BufferPool: Sendable {
         return try body(UnsafeMutableRawBufferPointer(rebasing: buffer.memory[0..<count]))
     }
 
+    /// A buffer of at least the asked size that outlives a scope (a write
+    /// handed to `WriteBehind`); `give` returns it to the pool, once.
+    struct Lease: @unchecked Sendable {
+        let memory: UnsafeMutableRawBufferPointer
+        fileprivate let pool: BufferPool
+        func give() { pool.give(Buffer(memory: memory)) }
+    }
+
+    func lease(_ count: Int) -> Lease { Lease(memory: take(count).memory, pool: self) }
+
     /// Buffers waiting for reuse (for tests).
     var waiting: Int { free.withLock { $0.count } }
 

@@ -19,6 +19,15 @@ protocol CiphertextStore: AnyObject, Sendable {
     /// Sets the modification and change times to now (a truncate to the same size).
     func touch() throws(Errno)
     func sync(dataOnly: Bool) throws(Errno)
+    /// Reserves space for `count` bytes at `offset`, past the end, without
+    /// changing the size (so that writing them later cannot meet a full disk).
+    func reserve(at offset: Int, count: Int) throws(Errno)
+    /// Gives back space reserved past the end, from `offset` on.
+    func unreserve(from offset: Int, count: Int)
+    /// True if `unreserve` frees space (tmpfs): only then is space reserved
+    /// ahead of a stream. ext4, for one, punches nothing past the end of a
+    /// file, and only a truncate (which sets the times) would free it.
+    var reservesAhead: Bool { get }
 }
 
 extension CiphertextStore {
@@ -60,5 +69,15 @@ final class DescriptorStore: CiphertextStore {
     func sync(dataOnly: Bool) throws(Errno) {
         let fd = self.fd
         try Syscall.call { dataOnly ? fdatasync(fd) : fsync(fd) }
+    }
+    func reserve(at offset: Int, count: Int) throws(Errno) {
+        let fd = self.fd
+        try Syscall.call { kmsfs_reserve(fd, Int64(offset), Int64(count), 0) }
+    }
+    func unreserve(from offset: Int, count: Int) {
+        _ = kmsfs_reserve(fd, Int64(offset), Int64(count), 1)
+    }
+    var reservesAhead: Bool {
+        kmsfs_filesystem_type(fd) == 0x0102_1994  // TMPFS_MAGIC
     }
 }

@@ -42,6 +42,7 @@ extension EncryptedFileSystem {
 
     public func setattr(_ id: NodeID, _ changes: AttributeChanges, handle: HandleID?, _ context: RequestContext) throws(Errno) -> (stat, Double) {
         let node = try nodes.node(id)
+        settleWrites(node)
         if let mode = changes.mode, !node.isSymlink { try node.changeMode(mode & 0o7777) }
         if changes.uid != nil || changes.gid != nil {
             let uid = changes.uid ?? uid_t.max, gid = changes.gid ?? gid_t.max

@@ -26,6 +26,9 @@ public struct FilesystemStatistics: Sendable, Codable {
     public var descriptors: Int = 0
     public var parkedDescriptors: Int = 0
     public var reopenedDescriptors: Int = 0
+    /// Streaming appends answered before they reached the backing file
+    /// (WriteBehind; all mounts of this process).
+    public var writesBehind: Int = 0
 }
 
 /// The encrypted filesystem: maps the plaintext tree onto CIPHERDIR, one
@@ -100,7 +103,8 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
                              requests: RequestCounters.shared.requests.load(ordering: .relaxed),
                              descriptors: nodes.ledger.held.load(ordering: .relaxed),
                              parkedDescriptors: nodes.ledger.parked.load(ordering: .relaxed),
-                             reopenedDescriptors: nodes.ledger.reopened.load(ordering: .relaxed))
+                             reopenedDescriptors: nodes.ledger.reopened.load(ordering: .relaxed),
+                             writesBehind: WriteBehind.shared.handedOver.load(ordering: .relaxed))
     }
 
     // MARK: Helpers
@@ -197,6 +201,10 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
 
     /// What the mount shows of `node`, whose backing entry's stat is `st`.
     func attributes(_ node: Node, _ st: stat, _ context: RequestContext) -> stat {
+        var st = st
+        // A file with appends still on their way to the backing file
+        // (WriteBehind) is stat'ed again once they landed: its size and times.
+        if let file = settleWrites(node) { st = (try? file.store.attributes()) ?? st }
         var attributes = plaintextAttributes(st) { node.isSymlink ? try? self.decryptedTarget(of: node, context) : nil }
         if node.isDevice {
             // Its record is a regular file in CIPHERDIR (DeviceNode).
@@ -206,6 +214,16 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
             attributes.st_blocks = 0
         }
         return attributes
+    }
+
+    /// Lets the appends of `node`'s open file that are still on their way to
+    /// the backing file (WriteBehind) land, before its attributes are read
+    /// or its times changed. Returns the file if it had any.
+    @discardableResult
+    func settleWrites(_ node: Node) -> OpenFile? {
+        guard WriteBehind.shared.active, node.isRegular, let file = openFiles.current(node.key), file.writesInFlight else { return nil }
+        file.settle()
+        return file
     }
 
     func entry(_ node: Node, _ st: stat, _ context: RequestContext) -> EntryReply {

@@ -31,7 +31,14 @@ final class OpenFile: @unchecked Sendable {
     /// that appends in pieces smaller than a chunk do not read and open it
     /// again each time. Guarded by `lock`.
     private var tail: (index: ChunkIndex, bytes: [UInt8])?
-    let lock = ReadWriteLock()
+    /// Every use takes it through `exclusive` or `shared`, which first let
+    /// the file's writes in flight land (`WriteBehind`).
+    private let lock = ReadWriteLock()
+    /// This file's streaming appends handed to `WriteBehind`.
+    private let behind = WriteBehind.Ledger()
+    /// False once the backing file refused to reserve space (`fallocate`
+    /// unsupported): its appends are written in the request. Guarded by `lock`.
+    private var reservable = true
     /// Handles open on it; guarded by the filesystem's open-file table.
     var handles = 0
     /// Called with the error, and the reader when known, when a chunk fails authentication (audit, counters).
@@ -73,11 +80,56 @@ final class OpenFile: @unchecked Sendable {
         }
     }
 
+    // MARK: Locking
+
+    /// Runs `body` alone on the file, after its writes in flight landed; a
+    /// write that failed after its reply is reported here (once).
+    private func exclusive<T>(_ body: () throws(Errno) -> T) throws(Errno) -> T {
+        try lock.writing { () throws(Errno) -> T in
+            try land()
+            return try body()
+        }
+    }
+
+    /// Runs `body` beside other readers, after the file's writes in flight
+    /// landed. A failed one, unreported, is left to the next exclusive use
+    /// (which cuts the file back); readers meanwhile get EIO.
+    private func shared<T>(_ body: () throws(Errno) -> T) throws(Errno) -> T {
+        try lock.reading { () throws(Errno) -> T in
+            if behind.busy, behind.waitLanded() { throw .ioError }
+            return try body()
+        }
+    }
+
+    /// Waits for the file's writes in flight. If one failed (an I/O error:
+    /// its space was reserved), the file is cut back to where that write
+    /// began, the chunks after it being missing or partial, and the error
+    /// is thrown. Under the write lock.
+    private func land() throws(Errno) {
+        guard let failure = behind.settle() else { return }
+        if failure.offset < size {
+            size = failure.offset
+            tail = nil
+            _ = try? store.truncate(to: layout.ciphertextSize(plaintextSize: size))
+            behind.reservedEnd = 0
+        }
+        throw failure.error
+    }
+
+    /// True if this file has writes in flight (attribute replies wait for them).
+    var writesInFlight: Bool { behind.busy }
+
+    /// Waits for this file's writes in flight (an attribute reply is about
+    /// to stat the backing file).
+    func settle() {
+        lock.reading { _ = behind.waitLanded() }
+    }
+
     // MARK: Reading
 
     /// Reads up to `count` bytes at `offset` and passes them to `reply`.
     func read(offset: Int, count: Int, by reader: Principal? = nil, _ reply: (UnsafeRawBufferPointer) -> Void) throws(Errno) {
-        try lock.reading { () throws(Errno) in
+        try shared { () throws(Errno) in
             guard offset < size, count > 0 else { reply(UnsafeRawBufferPointer(start: nil, count: 0)); return }
             let end = min(size, offset + count)
             let chunks = layout.chunks(covering: offset..<end)
@@ -116,16 +168,65 @@ final class OpenFile: @unchecked Sendable {
     func write(_ data: UnsafeRawBufferPointer, at offset: Int) throws(Errno) -> Int {
         guard writable else { throw .badFileDescriptor }
         return try lock.writing { () throws(Errno) in
+            if try handOver(data, at: offset) { return data.count }
+            try land()
             if offset > size { try extend(to: offset) }
             try writeRange(data, at: offset)
             return data.count
         }
     }
 
+    /// Hands a streaming append (at the end, from a chunk boundary, at least
+    /// `WriteBehind.minimum` bytes) to the writer thread, sealed here into a
+    /// buffer of its own, once its space is reserved. False if this write is
+    /// not one, an earlier one failed, or the space cannot be reserved: the
+    /// caller then writes it itself (meeting a full disk there). Under the write lock.
+    private func handOver(_ data: UnsafeRawBufferPointer, at offset: Int) throws(Errno) -> Bool {
+        guard WriteBehind.enabled, reservable, offset == size, offset % layout.chunkSize == 0,
+              data.count >= WriteBehind.minimum, !behind.failed else { return false }
+        let first = ChunkIndex(offset / layout.chunkSize)
+        let start = layout.ciphertextOffset(of: first)
+        let count = ChunkPipeline.ciphertextBytes(layout, plaintextSize: data.count)
+        behind.learnReservation(from: store)
+        guard reserve(through: start + count) else { return false }
+        let lease = BufferPool.shared.lease(count)
+        do throws(CipherError) {
+            // On this core alone: the other one is the writer's.
+            try ChunkPipeline.seal(cipher, first: first, plaintext: data, into: UnsafeMutableRawBufferPointer(rebasing: lease.memory[0..<count]),
+                                   workers: 1)
+        } catch {
+            lease.give()
+            throw .ioError
+        }
+        WriteBehind.shared.submit(.init(store: store, ledger: behind, buffer: lease, count: count, offset: start, plaintextOffset: offset))
+        size = offset + data.count
+        rememberTail(data, first: first)
+        return true
+    }
+
+    /// Makes sure space is reserved up to ciphertext offset `end`: the
+    /// writer thread reserves ahead of a stream (`WriteBehind`); what it
+    /// has not is reserved here. False if the disk is full or cannot reserve.
+    private func reserve(through end: Int) -> Bool {
+        let have = behind.reservedEnd
+        if end <= have { return true }
+        let from = max(have, layout.ciphertextSize(plaintextSize: size))
+        do throws(Errno) {
+            try store.reserve(at: from, count: end - from)
+            behind.reserved(through: end)
+            return true
+        } catch .noSpace, .diskQuotaExceeded {
+            return false
+        } catch {
+            reservable = false
+            return false
+        }
+    }
+
     /// Sets the size: shrinking re-seals the length first, growing appends sealed zeros.
     func truncate(to newSize: Int) throws(Errno) {
         guard writable else { throw .badFileDescriptor }
-        try lock.writing { () throws(Errno) in
+        try exclusive { () throws(Errno) in
             if newSize > size {
                 try extend(to: newSize)
             } else if newSize < size {
@@ -223,7 +324,12 @@ final class OpenFile: @unchecked Sendable {
             }
         }
         size = newSize
-        // Remember the new partial last chunk for the next append.
+        rememberTail(plain, first: first)
+    }
+
+    /// Keeps the plaintext of the file's new partial last chunk, if `plain`
+    /// (the plaintext just written from chunk `first`) holds it, for the next append.
+    private func rememberTail(_ plain: UnsafeRawBufferPointer, first: ChunkIndex) {
         let base = layout.plaintextOffset(of: first)
         let endChunk = ChunkIndex(size / layout.chunkSize)
         let endCount = size % layout.chunkSize
@@ -246,6 +352,7 @@ final class OpenFile: @unchecked Sendable {
     /// EIO, as a crash in the middle of the write would have left it.
     private func restoreEnd(_ plain: UnsafeRawBufferPointer, first: ChunkIndex) {
         tail = nil
+        behind.reservedEnd = 0  // the cut frees space reserved past the end too
         guard (try? store.truncate(to: layout.ciphertextSize(plaintextSize: size))) != nil else { return }
         let index = ChunkIndex(size / layout.chunkSize)
         let keep = size % layout.chunkSize
@@ -273,8 +380,13 @@ final class OpenFile: @unchecked Sendable {
     /// last seal (on flush, fsync and release: the chunks are already written).
     func sealLength() throws(Errno) {
         guard writable else { return }
-        try lock.writing { () throws(Errno) in
+        try exclusive { () throws(Errno) in
             if size > sealedLength { try persistLength(size) }
+            // Space reserved for appends past the end goes back.
+            let end = layout.ciphertextSize(plaintextSize: size)
+            let reserved = behind.reservedEnd
+            if reserved > end { store.unreserve(from: end, count: reserved - end) }
+            behind.reservedEnd = 0
         }
     }
 
@@ -282,6 +394,7 @@ final class OpenFile: @unchecked Sendable {
         tail = nil
         // Seal the smaller length first: a crash before the cut reads as the old, longer file.
         try persistLength(newSize)
+        behind.reservedEnd = 0  // the cut frees space reserved past the end too
         let keep = newSize % layout.chunkSize
         if keep == 0 {
             try store.truncate(to: layout.ciphertextSize(plaintextSize: newSize))
@@ -324,7 +437,7 @@ final class OpenFile: @unchecked Sendable {
     func rewrap(writeFD: Int32, selects: (FileHeader) -> Bool,
                 wrap: (FileHeader) throws(Errno) -> (KeyID, KeyVersion, [UInt8]),
                 intent: (_ old: [UInt8], _ new: [UInt8]) throws(Errno) -> Void) throws(Errno) -> (key: KeyID, version: KeyVersion)? {
-        try lock.writing { () throws(Errno) -> (key: KeyID, version: KeyVersion)? in
+        try exclusive { () throws(Errno) -> (key: KeyID, version: KeyVersion)? in
             guard selects(header) else { return nil }
             let (key, version, wrapped) = try wrap(header)
             var next = header
@@ -355,7 +468,7 @@ final class OpenFile: @unchecked Sendable {
                    backup: (_ st: stat) throws(Errno) -> String,
                    intent: (_ old: [UInt8], _ new: [UInt8], _ backup: String) throws(Errno) -> Void)
         throws(Errno) -> (bytes: Int, key: KeyID, version: KeyVersion)? {
-        try lock.writing { () throws(Errno) -> (bytes: Int, key: KeyID, version: KeyVersion)? in
+        try exclusive { () throws(Errno) -> (bytes: Int, key: KeyID, version: KeyVersion)? in
             guard selects(header) else { return nil }
             let st = try Syscall.fstat(writeFD)
             let fresh = try newKey(header)

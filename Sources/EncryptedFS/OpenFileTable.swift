@@ -56,6 +56,9 @@ final class OpenFileTable: Sendable {
         }
     }
 
+    /// The open file of inode `key`, if there is one (no hold taken).
+    func current(_ key: InodeKey) -> OpenFile? { state.withLock { $0.files[key] } }
+
     /// Drops one hold of `file`; after the last it leaves the table. True if that was the last.
     @discardableResult
     func unpin(_ file: OpenFile) -> Bool {

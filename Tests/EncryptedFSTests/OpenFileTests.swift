@@ -8,7 +8,7 @@ import SystemPackage
 /// Ciphertext in memory, with a capacity past which writes fail as on a
 /// full disk (the part that fits is written, then ENOSPC).
 final class MemoryStore: CiphertextStore, @unchecked Sendable {
-    private let lock = NSLock()
+    let lock = NSLock()
     private var bytes: [UInt8] = []
     var capacity: Int
 
@@ -33,6 +33,7 @@ final class MemoryStore: CiphertextStore, @unchecked Sendable {
     }
 
     func write(_ buffer: UnsafeRawBufferPointer, at offset: Int) throws(Errno) {
+        if lock.withLock({ failWrites }) { throw .ioError }
         let full: Bool = lock.withLock {
             let fits = max(0, min(buffer.count, capacity - offset))
             if offset + fits > bytes.count { bytes += [UInt8](repeating: 0, count: offset + fits - bytes.count) }
@@ -53,6 +54,23 @@ final class MemoryStore: CiphertextStore, @unchecked Sendable {
 
     func touch() throws(Errno) {}
     func sync(dataOnly: Bool) throws(Errno) {}
+
+    /// Space reserved past the end (counted against the capacity, as a
+    /// disk would), and writes that fail although their space was reserved.
+    var reservedTo = 0
+    var failWrites = false
+
+    func reserve(at offset: Int, count: Int) throws(Errno) {
+        lock.lock()
+        defer { lock.unlock() }
+        guard offset + count <= capacity else { throw .noSpace }
+        reservedTo = max(reservedTo, offset + count)
+    }
+
+    func unreserve(from offset: Int, count: Int) {
+        lock.withLock { reservedTo = min(reservedTo, offset) }
+    }
+    var reservesAhead: Bool { true }
 }
 
 /// OpenFile against a reference model, without a mount: every write,
@@ -164,6 +182,94 @@ struct OpenFileTests {
         let grown = try Self.readAll(file, size: 90_000 + (1 << 20))
         #expect(grown[..<90_000] == first[..<90_000])
         #expect(grown[90_000...].allSatisfy { $0 == 0xCD })
+    }
+}
+
+/// Streaming appends handed to the write-behind thread, against the memory store.
+@Suite(.serialized) struct WriteBehindUnitTests {
+    static func piece(_ n: Int, _ seed: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ seed) } }
+
+    @Test("64 KiB appends are handed over and read back at once, byte for byte, with reads and a small write between them; the length seal and a reopen see them all; reserved space goes back")
+    func appendsHandedOver() throws {
+        let store = MemoryStore()
+        let (file, cipher, _) = try OpenFileTests.create(in: store)
+        let before = WriteBehind.shared.handedOver.load(ordering: .relaxed)
+        var model: [UInt8] = []
+        for i in 0..<40 {
+            let data = Self.piece(65536 + (i % 3 == 0 ? 4096 : 0), i)  // some end a chunk past 64 KiB
+            #expect(try data.withUnsafeBytes { try file.write($0, at: model.count) } == data.count)
+            model += data
+            #expect(file.size == model.count)
+            var got: [UInt8] = []
+            let from = max(0, model.count - 70_000)
+            try file.read(offset: from, count: 70_000) { got = Array($0) }
+            #expect(got == Array(model[from...]), "append \(i)")
+            if i == 20 {
+                // Not an append at a chunk boundary: written in the request, after the ones in flight land.
+                let patch = [UInt8](repeating: 0x5A, count: 100)
+                _ = try patch.withUnsafeBytes { try file.write($0, at: 1000) }
+                model.replaceSubrange(1000..<1100, with: patch)
+            }
+        }
+        #expect(WriteBehind.shared.handedOver.load(ordering: .relaxed) - before >= 39)
+        try file.sealLength()
+        #expect(store.reservedTo <= store.contents.count, "space reserved ahead went back at the seal")
+        let header = try FileHeader(decoding: try store.read(count: ChunkLayout.headerSize, at: 0))
+        let again = try OpenFile(store: store, writable: false, header: header, cipher: cipher, onIntegrityFailure: { _, _ in })
+        #expect(try OpenFileTests.readAll(again, size: model.count) == model)
+    }
+
+    @Test("a write that fails after its reply (an I/O error, its space reserved): the next use reports EIO once, the file is cut back to where that write began, and it stays usable")
+    func failureAfterTheReply() throws {
+        let store = MemoryStore()
+        let (file, cipher, _) = try OpenFileTests.create(in: store)
+        var model: [UInt8] = []
+        for i in 0..<3 {
+            let data = Self.piece(65536, i)
+            _ = try data.withUnsafeBytes { try file.write($0, at: model.count) }
+            model += data
+        }
+        try file.sealLength()
+        store.lock.withLock { store.failWrites = true }
+        let lost = Self.piece(65536, 9)
+        // Accepted: its space is reserved, the failure comes later.
+        #expect(try lost.withUnsafeBytes { try file.write($0, at: model.count) } == lost.count)
+        #expect(throws: Errno.ioError) { try file.sealLength() }
+        store.lock.withLock { store.failWrites = false }
+        #expect(file.size == model.count)
+        #expect(try OpenFileTests.readAll(file, size: model.count) == model)
+        try file.sealLength()  // reported once
+        let more = Self.piece(65536, 11)
+        _ = try more.withUnsafeBytes { try file.write($0, at: model.count) }
+        model += more
+        try file.sealLength()
+        let header = try FileHeader(decoding: try store.read(count: ChunkLayout.headerSize, at: 0))
+        let again = try OpenFile(store: store, writable: false, header: header, cipher: cipher, onIntegrityFailure: { _, _ in })
+        #expect(try OpenFileTests.readAll(again, size: model.count) == model)
+    }
+
+    @Test("a full disk under 64 KiB appends: ENOSPC from the write that does not fit, every accepted byte kept")
+    func fullDisk() throws {
+        let store = MemoryStore()
+        let (file, _, _) = try OpenFileTests.create(in: store)
+        store.capacity = store.contents.count + 1_000_000
+        var model: [UInt8] = []
+        var refused = false
+        for i in 0..<40 {
+            let data = Self.piece(65536, i)
+            do {
+                _ = try data.withUnsafeBytes { try file.write($0, at: model.count) }
+                model += data
+            } catch let error as Errno {
+                #expect(error == .noSpace)
+                refused = true
+                break
+            }
+        }
+        #expect(refused)
+        #expect(model.count >= 900_000)
+        try file.sealLength()
+        #expect(try OpenFileTests.readAll(file, size: model.count) == model)
     }
 }
 
