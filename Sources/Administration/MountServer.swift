@@ -27,11 +27,14 @@ public struct MountPlan: Sendable {
     public var clock: @Sendable () -> Double
     /// Never park node descriptors (see `DescriptorRelief`).
     public var keepDescriptors: Bool
+    /// How long a worker polls for the next request before it sleeps (µs; 0: never).
+    public var pollMicroseconds: Int
 
     public init(cipherdir: String, mountpoint: String, keystore: String, options: [String], threads: Int, metricsFile: String?,
                 metricsInterval: Double, auditOpens: Bool, caller: Principal, clock: @escaping @Sendable () -> Double,
-                keepDescriptors: Bool = false) {
+                keepDescriptors: Bool = false, pollMicroseconds: Int = 0) {
         self.keepDescriptors = keepDescriptors
+        self.pollMicroseconds = pollMicroseconds
         self.cipherdir = cipherdir
         self.mountpoint = mountpoint
         self.keystore = keystore
@@ -132,7 +135,7 @@ public enum MountServer {
         defer { control.stop() }  // first: no admin command reaches a daemon that is going away
         // A shared mount whose keys admit only the owner: say so, with the fix.
         ready(mountOptions.contains("allow_other") ? (try? manager.sharingWarnings(owner: getuid(), mountpoint: plan.mountpoint)) ?? [] : [])
-        try session.run(threads: plan.threads)
+        try session.run(threads: plan.threads, pollMicroseconds: plan.pollMicroseconds)
     }
 
     /// The session's `-o` options: the filesystem's name and type, the

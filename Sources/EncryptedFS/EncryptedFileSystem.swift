@@ -29,6 +29,8 @@ public struct FilesystemStatistics: Sendable, Codable {
     /// Streaming appends answered before they reached the backing file
     /// (WriteBehind; all mounts of this process).
     public var writesBehind: Int = 0
+    /// Requests found by polling after the last one instead of by a wake-up (`kmsfs mount --poll-us`).
+    public var polledRequests: Int = 0
 }
 
 /// The encrypted filesystem: maps the plaintext tree onto CIPHERDIR, one
@@ -104,7 +106,8 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
                              descriptors: nodes.ledger.held.load(ordering: .relaxed),
                              parkedDescriptors: nodes.ledger.parked.load(ordering: .relaxed),
                              reopenedDescriptors: nodes.ledger.reopened.load(ordering: .relaxed),
-                             writesBehind: WriteBehind.shared.handedOver.load(ordering: .relaxed))
+                             writesBehind: WriteBehind.shared.handedOver.load(ordering: .relaxed),
+                             polledRequests: RequestCounters.shared.polled)
     }
 
     // MARK: Helpers

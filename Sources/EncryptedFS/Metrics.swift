@@ -91,6 +91,8 @@ public final class MetricsWriter: @unchecked Sendable {
                [("", Double(stats.parkedDescriptors))])
         metric("kmsfs_reopened_descriptors_total", "counter", "Parked descriptors opened again from their file handle.",
                [("", Double(stats.reopenedDescriptors))])
+        metric("kmsfs_polled_requests_total", "counter", "FUSE requests a worker found by polling after its last one, not by waking up.",
+               [("", Double(stats.polledRequests))])
         metric("kmsfs_writes_behind_total", "counter", "Streaming appends answered before their ciphertext reached the backing file (space reserved first).",
                [("", Double(stats.writesBehind))])
         metric("kmsfs_forget_requests_total", "counter", "Entries the daemon asked the kernel to forget to stay under its descriptor limit.",

@@ -62,8 +62,11 @@ public final class FUSESession: @unchecked Sendable {
     }
 
     /// Serves requests on up to `threads` threads until unmounted or signalled, then unmounts.
-    public func run(threads: Int = 4) throws {
+    /// After each request one worker polls for the next for up to
+    /// `pollMicroseconds` before it sleeps (0: never; see CFUSEIO's fuseio.c).
+    public func run(threads: Int = 4, pollMicroseconds: Int = 0) throws {
         guard let session else { return }
+        kmsfs_fuseio_set_poll(pollMicroseconds)
         let config = fuse_loop_cfg_create()
         defer { fuse_loop_cfg_destroy(config) }
         fuse_loop_cfg_set_max_threads(config, UInt32(threads))

@@ -17,6 +17,9 @@ public final class RequestCounters: Sendable {
     func error(_ code: Int32) { errors.withLock { $0[code, default: 0] += 1 } }
     /// Errors answered so far, by errno.
     public var errorCounts: [Int32: Int] { errors.withLock { $0 } }
+    /// Requests a worker found by polling the device after its last one
+    /// (`FUSESession.run`'s poll window), not by waking from read(2).
+    public var polled: Int { Int(kmsfs_fuseio_polled()) }
 }
 
 /// Holds the filesystem for the C callbacks, which reach it through

@@ -144,3 +144,27 @@ import Testing
         #expect(after.stdout.contains("ok"))
     }
 }
+
+/// `kmsfs mount --poll-us`: after answering a request one worker polls the
+/// device for the next before it sleeps (CFUSEIO's fuseio.c).
+@Suite("polling for the next request", .serialized) struct PollingTests {
+    @Test("by default requests that follow closely (an untar of 300 files) are found by polling, and the files are intact; with --poll-us 0 none is", arguments: [nil, 0])
+    func polls(window: Int?) throws {
+        let fs = try MountedFS(mountArguments: window.map { ["--poll-us", String($0)] } ?? [])
+        let r = try fs.run("""
+            mkdir -p $T/src && cd $T/src && for i in $(seq 300); do echo "file $i" > f$i; done && tar -cf $T/s.tar .
+            cd $M && tar -xf $T/s.tar && cat f* | md5sum | cut -c1-32 && cat $T/src/f* | md5sum | cut -c1-32
+            """)
+        #expect(r.ok, "\(r.stderr)")
+        let sums = r.stdout.split(separator: "\n")
+        #expect(sums.count == 2 && sums[0] == sums[1], "\(r.stdout)")
+        let stats = (jsonObject(try fs.run("$K status --json --fs $M").stdout)["daemon"] as? [String: Any])?["statistics"] as? [String: Any]
+        // (Polls also find FORGETs, which `requests` does not count: no bound above.)
+        let polled = stats?["polledRequests"] as? Int ?? -1
+        if window == 0 {
+            #expect(polled == 0, "\(String(describing: stats))")
+        } else {
+            #expect(polled > 0, "\(String(describing: stats))")
+        }
+    }
+}
