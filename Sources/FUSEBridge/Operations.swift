@@ -109,6 +109,15 @@ enum Operations {
             // second scheme (FUSE_HANDLE_KILLPRIV_V2, offered by CFUSEIO's
             // hooks), not the first, whose requests carry no flag to act on.
             conn.pointee.want &= ~UInt32(FUSE_CAP_HANDLE_KILLPRIV)
+            // The daemon is CIPHERDIR's only writer while mounted (as the
+            // 3600 s attribute time-out assumes), so the kernel need not ask
+            // for attributes before each read to see whether the file changed
+            // behind it; libfuse's default makes it do so whenever a write
+            // invalidated them. Each such GETATTR also cleared the inode's
+            // "no set-ID bits, no capabilities" mark, so the next write asked
+            // for security.capability again: a random read/write mix paid
+            // two round trips per write. (Reads past the cached size still ask.)
+            conn.pointee.want &= ~UInt32(FUSE_CAP_AUTO_INVAL_DATA)
         }
         ops.destroy = { userdata in
             guard let userdata else { return }

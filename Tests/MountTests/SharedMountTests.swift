@@ -124,4 +124,34 @@ struct SharedMountTests {
         // attribute requests; with a GETXATTR before every write it would be over 400.
         #expect(delta >= 200 && delta < 260, "\(delta) requests for 200 writes")
     }
+
+    @Test("reads between writes do not make the kernel ask again: 100 reads and 100 writes at random 4 KiB offsets cost no GETATTR before each read and no security.capability query before each write, and read back what was written")
+    func readsBetweenWrites() throws {
+        let fs = try MountedFS()
+        let out = try fs.run("""
+            requests() { $K status --json --fs $M | python3 -c 'import json,sys; print(json.load(sys.stdin)["daemon"]["statistics"]["requests"])'; }
+            head -c 4M /dev/urandom > $M/r
+            a=$(requests)
+            python3 - $M/r <<'PY'
+            import os, random, sys
+            fd = os.open(sys.argv[1], os.O_RDWR); rng = random.Random(3); model = {}
+            for i in range(200):
+                off = rng.randrange(0, 1024) * 4096
+                if i % 2:
+                    data = os.urandom(4096); os.pwrite(fd, data, off); model[off] = data
+                else:
+                    got = os.pread(fd, 4096, off)
+                    assert off not in model or got == model[off], off
+            os.close(fd)
+            PY
+            b=$(requests)
+            echo $((b - a))
+            """)
+        #expect(out.ok, "\(out.stderr)")
+        let delta = Int(out.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? -1
+        // 100 WRITEs, up to 100 READs (some pages are cached), OPEN, FLUSH,
+        // RELEASE, one GETXATTR, a lookup or two; with a GETATTR before every
+        // read and a GETXATTR before every write it was over 400.
+        #expect(delta >= 100 && delta < 230, "\(delta) requests for 100 reads and 100 writes")
+    }
 }
