@@ -46,6 +46,7 @@ final class WriteBehind: @unchecked Sendable {
         /// Whether the file's store can give back space reserved past its
         /// end (`CiphertextStore.reservesAhead`); nil until its first append is handed over.
         fileprivate var ahead: Bool?
+        fileprivate unowned(unsafe) let writer: WriteBehind
 
         init(_ writer: WriteBehind = .shared) { self.writer = writer }
 
@@ -55,8 +56,6 @@ final class WriteBehind: @unchecked Sendable {
             let answer = store.reservesAhead
             writer.locked { ahead = answer }
         }
-        fileprivate unowned(unsafe) let writer: WriteBehind
-
 
         /// True while writes are in flight or a failure is unreported (a
         /// racy read: callers settle under their file's lock).
