@@ -225,7 +225,7 @@ public final class EncryptedFileSystem: FileSystem, @unchecked Sendable {
     @discardableResult
     func settleWrites(_ node: Node) -> OpenFile? {
         guard WriteBehind.shared.active, node.isRegular, let file = openFiles.current(node.key), file.writesInFlight else { return nil }
-        file.settle()
+        file.waitForWrites()
         return file
     }
 

@@ -121,7 +121,7 @@ final class OpenFile: @unchecked Sendable {
 
     /// Waits for this file's writes in flight (an attribute reply is about
     /// to stat the backing file).
-    func settle() {
+    func waitForWrites() {
         lock.reading { _ = behind.waitLanded() }
     }
 

@@ -57,15 +57,24 @@ final class WriteBehind: @unchecked Sendable {
             writer.locked { ahead = answer }
         }
 
+        /// Writes in flight or a failure unreported; under the writer's mutex.
+        fileprivate var isBusy: Bool { inFlight > 0 || failure != nil }
+
         /// True while writes are in flight or a failure is unreported (a
-        /// racy read: callers settle under their file's lock).
-        var busy: Bool { writer.locked { inFlight > 0 || failure != nil } }
+        /// racy read: callers settle under their file's lock). No lock is
+        /// taken while no file at all is busy: reads ask this every time.
+        var busy: Bool { writer.active && writer.locked { isBusy } }
+
+        /// Under the writer's mutex: waits until none of this file's writes is in flight.
+        fileprivate func waitInFlight() {
+            while inFlight > 0 { pthread_cond_wait(writer.landed, writer.mutex) }
+        }
 
         /// Waits until none of this file's writes is in flight; true if one
         /// failed and was not reported yet (kept for `settle`).
         func waitLanded() -> Bool {
             writer.locked {
-                while inFlight > 0 { pthread_cond_wait(writer.landed, writer.mutex) }
+                waitInFlight()
                 return failure != nil
             }
         }
@@ -82,15 +91,16 @@ final class WriteBehind: @unchecked Sendable {
         func reserved(through end: Int) { writer.locked { reservedTo = max(reservedTo, end) } }
 
         /// True if a write failed and was not reported yet.
-        var failed: Bool { writer.locked { failure != nil } }
+        var failed: Bool { writer.active && writer.locked { failure != nil } }
 
         /// Waits until none of this file's writes is in flight; returns (and
         /// clears) the first failure since the last call.
         func settle() -> (offset: Int, error: Errno)? {
             writer.locked {
-                while inFlight > 0 { pthread_cond_wait(writer.landed, writer.mutex) }
-                defer { failure = nil }
-                return failure
+                waitInFlight()
+                guard let reported = failure else { return nil }
+                writer.changing(self) { failure = nil }
+                return reported
             }
         }
     }
@@ -114,9 +124,10 @@ final class WriteBehind: @unchecked Sendable {
     private var jobs: [Job] = []
     private var head = 0
     private var queuedBytes = 0
-    /// Files with writes in flight, for a cheap "nothing pending" check.
-    private let pendingFiles = Atomic<Int>(0)
-    /// Writes handed over and written (for statistics and tests).
+    /// Files with writes in flight or a failure unreported (`Ledger.isBusy`),
+    /// for a check without the mutex that nothing is pending.
+    private let busyFiles = Atomic<Int>(0)
+    /// Appends handed over (for statistics and tests).
     let handedOver = Atomic<Int>(0)
 
     init() {
@@ -132,8 +143,15 @@ final class WriteBehind: @unchecked Sendable {
         pthread_detach(thread)
     }
 
-    /// True if some file may have writes in flight.
-    var active: Bool { pendingFiles.load(ordering: .acquiring) > 0 }
+    /// True if some file may have writes in flight or a failure unreported.
+    var active: Bool { busyFiles.load(ordering: .acquiring) > 0 }
+
+    /// Under the mutex: runs `body` on `ledger`'s state and keeps `busyFiles` counting it.
+    private func changing(_ ledger: Ledger, _ body: () -> Void) {
+        let was = ledger.isBusy
+        body()
+        if was != ledger.isBusy { busyFiles.add(was ? -1 : 1, ordering: .releasing) }
+    }
 
     private func locked<T>(_ body: () throws -> T) rethrows -> T {
         pthread_mutex_lock(mutex)
@@ -145,8 +163,7 @@ final class WriteBehind: @unchecked Sendable {
     func submit(_ job: Job) {
         locked {
             while queuedBytes > 0 && queuedBytes + job.count > Self.queueLimit { pthread_cond_wait(landed, mutex) }
-            if job.ledger.inFlight == 0 { pendingFiles.add(1, ordering: .releasing) }
-            job.ledger.inFlight += 1
+            changing(job.ledger) { job.ledger.inFlight += 1 }
             jobs.append(job)
             queuedBytes += job.count
             pthread_cond_signal(queued)
@@ -187,9 +204,10 @@ final class WriteBehind: @unchecked Sendable {
             job.buffer.give()
             if error == nil { reserveAhead(of: job) }
             locked {
-                if let error, job.ledger.failure == nil { job.ledger.failure = (job.plaintextOffset, error) }
-                job.ledger.inFlight -= 1
-                if job.ledger.inFlight == 0 { pendingFiles.subtract(1, ordering: .releasing) }
+                changing(job.ledger) {
+                    if let error, job.ledger.failure == nil { job.ledger.failure = (job.plaintextOffset, error) }
+                    job.ledger.inFlight -= 1
+                }
                 queuedBytes -= job.count
                 pthread_cond_broadcast(landed)
             }

@@ -7,18 +7,9 @@ import Testing
 @Suite(.serialized) struct DiskFullTests {
     @Test("a full disk: ENOSPC for the writer, every file written before reads back intact, the usage index and audit log catch up")
     func fullDisk() throws {
-        let root = FileManager.default.temporaryDirectory.appendingPathComponent("kmsfs-full-\(UUID().uuidString.prefix(8))").path
-        let disk = root + "/disk", cipher = disk + "/cipher", mnt = root + "/mnt", pw = root + "/passphrase"
-        try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: true)
-        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
-        try "disk full passphrase\n".write(toFile: pw, atomically: true, encoding: .utf8)
-        #expect(try sh("mount -t tmpfs -o size=4m kmsfs-full \(q(disk))").ok)
-        defer {
-            _ = try? sh("{ fusermount3 -u \(q(mnt)) || fusermount3 -uz \(q(mnt)); } 2>/dev/null || true; umount \(q(disk)) || umount -l \(q(disk))")
-            try? FileManager.default.removeItem(atPath: root)
-        }
-        let k = "\(q(kmsfsBinary))", p = "--passphrase-file \(q(pw))"
-        #expect(try sh("\(k) init \(q(cipher)) --kdf-log-n 10 \(p) >/dev/null && \(k) mount \(q(cipher)) \(q(mnt)) \(p)").ok)
+        let small = try SmallDisk(size: "4m")
+        defer { small.remove() }
+        let root = small.root, cipher = small.cipherdir, mnt = small.mountpoint, k = small.kmsfs, p = small.passphrase
 
         let script = root + "/fill.py"
         try """

@@ -89,6 +89,12 @@ final class MountedFS {
         mounted = result.ok
     }
 
+    /// Mounts again after the daemon was killed (its dead mount detached first).
+    func remountAfterKill() throws {
+        _ = try sh("fusermount3 -uz \(q(mountpoint))")
+        try mount()
+    }
+
     func unmount() throws {
         let result = try sh("\(q(kmsfsBinary)) umount \(q(mountpoint))")
         #expect(result.ok, "unmount failed: \(result.stderr)")
@@ -102,13 +108,51 @@ final class MountedFS {
         return try sh("cd \(q(mountpoint)); M=\(q(mountpoint)); C=\(q(cipherdir)); T=\(q(root + "/tmp")); K=\(q(kmsfsBinary)); P=\(q(passphraseFile))\n" + script)
     }
 
-    /// Runs Python code inside the mountpoint; `M`, `C` and `T` are set as variables.
+    /// Runs Python code inside the mountpoint; `M`, `C` and `T` are set as
+    /// variables, and `kill_daemon()` kills the mount's daemon with SIGKILL,
+    /// returning the `kmsfs status --json` it read first.
     @discardableResult
     func python(_ code: String) throws -> Output {
         try FileManager.default.createDirectory(atPath: root + "/tmp", withIntermediateDirectories: true)
         let file = root + "/tmp/script-\(UUID().uuidString.prefix(6)).py"
         let prelude = "import os, sys, errno\nM = \(q(mountpoint))\nC = \(q(cipherdir))\nT = \(q(root + "/tmp"))\nos.chdir(M)\n"
+            + "def kill_daemon():\n"
+            + "    import json, signal, subprocess\n"
+            + "    status = json.loads(subprocess.run([\(q(kmsfsBinary)), 'status', '--fs', M, '--json'], capture_output=True, check=True).stdout)\n"
+            + "    os.kill(status['daemon']['pid'], signal.SIGKILL)\n"
+            + "    return status\n"
         try (prelude + code).write(toFile: file, atomically: true, encoding: .utf8)
         return try sh("python3 \(q(file))")
+    }
+}
+
+/// A kmsfs made and mounted on a tmpfs of `size` of its own, for full-disk
+/// tests. Call `remove()` (in a `defer`) to unmount both and delete it.
+struct SmallDisk {
+    struct SetupFailed: Error { let output: Output }
+    let root: String
+    var disk: String { root + "/disk" }
+    var cipherdir: String { disk + "/cipher" }
+    var mountpoint: String { root + "/mnt" }
+    /// `kmsfs`, quoted for a shell, and the passphrase argument.
+    let kmsfs = q(kmsfsBinary)
+    var passphrase: String { "--passphrase-file \(q(root + "/passphrase"))" }
+
+    init(size: String) throws {
+        root = FileManager.default.temporaryDirectory.appendingPathComponent("kmsfs-small-\(UUID().uuidString.prefix(8))").path
+        try FileManager.default.createDirectory(atPath: root + "/disk", withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: root + "/mnt", withIntermediateDirectories: true)
+        try "small disk passphrase\n".write(toFile: root + "/passphrase", atomically: true, encoding: .utf8)
+        let made = try sh("mount -t tmpfs -o size=\(size) kmsfs-small \(q(disk)) && \(kmsfs) init \(q(cipherdir)) --kdf-log-n 10 \(passphrase) >/dev/null"
+                          + " && \(kmsfs) mount \(q(cipherdir)) \(q(mountpoint)) \(passphrase)")
+        guard made.ok else {
+            remove()
+            throw SetupFailed(output: made)
+        }
+    }
+
+    func remove() {
+        _ = try? sh("{ fusermount3 -u \(q(mountpoint)) || fusermount3 -uz \(q(mountpoint)); } 2>/dev/null || true; umount \(q(disk)) 2>/dev/null || umount -l \(q(disk)) 2>/dev/null || true")
+        try? FileManager.default.removeItem(atPath: root)
     }
 }

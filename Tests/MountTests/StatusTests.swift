@@ -85,7 +85,6 @@ import Testing
     func killedMidAppend() throws {
         let fs = try MountedFS()
         let r = try fs.python("""
-            import json, signal, subprocess, time
             open("done", "wb").write(b"sealed and closed" * 1000)
             fd = os.open("growing", os.O_WRONLY | os.O_CREAT, 0o644)
             written = b""
@@ -93,14 +92,11 @@ import Testing
                 piece = os.urandom(10000)
                 os.write(fd, piece); written += piece
             open(os.path.join(T, "expected"), "wb").write(written)
-            status = json.loads(subprocess.run([os.environ.get("KMSFS", "kmsfs"), "status", "--fs", M, "--json"],
-                                               capture_output=True, check=True).stdout)
-            os.kill(status["daemon"]["pid"], signal.SIGKILL)
+            kill_daemon()
             print("killed")
-            """.replacingOccurrences(of: "os.environ.get(\"KMSFS\", \"kmsfs\")", with: "\"\(kmsfsBinary)\""))
+            """)
         #expect(r.ok, "\(r.stderr)")
-        _ = try sh("fusermount3 -uz \(q(fs.mountpoint))")
-        try fs.mount()
+        try fs.remountAfterKill()
         let after = try fs.run("""
             cmp "$M/growing" "$T/expected"
             [ "$(head -c 17 "$M/done")" = "sealed and closed" ]

@@ -40,24 +40,15 @@ import Testing
             """)
         #expect(r.ok, "\(r.stderr)")
         #expect(r.stdout.contains("ok"))
-        let stats = try fs.kmsfs(["status", "--fs", fs.mountpoint, "--json"])
-        #expect(stats.stdout.contains("\"writesBehind\""), "\(stats.stdout)")
+        let status = jsonObject(try fs.run("$K status --json --fs $M").stdout)
+        #expect(((status["daemon"] as? [String: Any])?["statistics"] as? [String: Any])?["writesBehind"] as? Int ?? 0 >= 48, "\(status)")
     }
 
     @Test("a full disk under 128 KiB appends: ENOSPC from the write itself, never later; every byte a write accepted reads back; no reserved space outlives the close")
     func fullDisk() throws {
-        let root = FileManager.default.temporaryDirectory.appendingPathComponent("kmsfs-wbfull-\(UUID().uuidString.prefix(8))").path
-        let disk = root + "/disk", cipher = disk + "/cipher", mnt = root + "/mnt", pw = root + "/passphrase"
-        try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: true)
-        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
-        try "write-behind passphrase\n".write(toFile: pw, atomically: true, encoding: .utf8)
-        #expect(try sh("mount -t tmpfs -o size=16m kmsfs-wbfull \(q(disk))").ok)
-        defer {
-            _ = try? sh("{ fusermount3 -u \(q(mnt)) || fusermount3 -uz \(q(mnt)); } 2>/dev/null || true; umount \(q(disk)) || umount -l \(q(disk))")
-            try? FileManager.default.removeItem(atPath: root)
-        }
-        let k = q(kmsfsBinary), p = "--passphrase-file \(q(pw))"
-        #expect(try sh("\(k) init \(q(cipher)) --kdf-log-n 10 \(p) >/dev/null && \(k) mount \(q(cipher)) \(q(mnt)) \(p)").ok)
+        let small = try SmallDisk(size: "16m")
+        defer { small.remove() }
+        let root = small.root, disk = small.disk, mnt = small.mountpoint
         let script = root + "/fill.py"
         try """
             import os, sys, errno
@@ -94,13 +85,15 @@ import Testing
         let fill = try sh("python3 \(q(script)) \(q(mnt)) \(q(disk))")
         #expect(fill.ok, "\(fill.stderr)")
         #expect(fill.stdout.contains("ok"))
+        // The appends were handed over (else this tests the old path).
+        let status = jsonObject(try sh("\(small.kmsfs) status --json --fs \(q(mnt))").stdout)
+        #expect(((status["daemon"] as? [String: Any])?["statistics"] as? [String: Any])?["writesBehind"] as? Int ?? 0 > 20, "\(status)")
     }
 
     @Test("a daemon killed with SIGKILL in a stream of 128 KiB appends: after remount the file holds every byte up to the last fsync, and what follows is a prefix of what was written")
     func killedMidStream() throws {
         let fs = try MountedFS()
         let r = try fs.python("""
-            import json, signal, subprocess
             fd = os.open("stream", os.O_WRONLY | os.O_CREAT, 0o644)
             written = bytearray()
             for i in range(40):
@@ -113,13 +106,13 @@ import Testing
                 os.write(fd, piece); written += piece
             open(os.path.join(T, "expected"), "wb").write(written)
             open(os.path.join(T, "synced"), "w").write(str(synced))
-            status = json.loads(subprocess.run([KMSFS, "status", "--fs", M, "--json"], capture_output=True, check=True).stdout)
-            os.kill(status["daemon"]["pid"], signal.SIGKILL)
+            status = kill_daemon()
+            # The appends were handed over (else this tests the old path).
+            assert status["daemon"]["statistics"]["writesBehind"] >= 24, status["daemon"]["statistics"]
             print("killed")
-            """.replacingOccurrences(of: "[KMSFS,", with: "[\"\(kmsfsBinary)\","))
+            """)
         #expect(r.ok, "\(r.stderr)")
-        _ = try sh("fusermount3 -uz \(q(fs.mountpoint))")
-        try fs.mount()
+        try fs.remountAfterKill()
         let after = try fs.python("""
             expected = open(os.path.join(T, "expected"), "rb").read()
             synced = int(open(os.path.join(T, "synced")).read())
